@@ -1,0 +1,425 @@
+//! Node configuration: read in two steps — a raw serde struct from TOML plus `FEDQ_NODE__*`
+//! environment overrides, with unknown keys rejected — then [`RawNodeConfig::validate`] into
+//! the typed [`NodeConfig`], checking everything that can be checked before data is loaded
+//! (names, floor, accepted identities, file existence, column mappings against the model).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use fedq_proto::model::{DataModel, Domain};
+use fedq_proto::tls::TlsFiles;
+use serde::Deserialize;
+
+use crate::NodeError;
+
+/// Prefix of environment variables that override config keys, e.g.
+/// `FEDQ_NODE__POLICY__MIN_CELL_COUNT=15`.
+pub const ENV_PREFIX: &str = "FEDQ_NODE";
+
+/// The disclosure floor when the config names none.
+pub const DEFAULT_MIN_CELL_COUNT: u32 = 10;
+
+/// No node may run with a floor below this.
+pub const LOWEST_MIN_CELL_COUNT: u32 = 3;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNodeConfig {
+    site_id: String,
+    listen: String,
+    tls: RawTls,
+    policy: RawPolicy,
+    #[serde(default)]
+    datasets: Vec<RawDataset>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    accepted_coordinators: Vec<String>,
+    min_cell_count: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDataset {
+    name: String,
+    path: PathBuf,
+    format: Option<FileFormat>,
+    #[serde(default)]
+    identifiers: Vec<String>,
+    #[serde(default)]
+    on_domain_violation: DomainViolationPolicy,
+    columns: BTreeMap<String, RawColumnMapping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawColumnMapping {
+    source: String,
+    #[serde(default)]
+    codes: BTreeMap<String, String>,
+    #[serde(default)]
+    missing: Vec<String>,
+    scale: Option<f64>,
+    offset: Option<f64>,
+    date_format: Option<String>,
+}
+
+/// File formats a dataset can be read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    Csv,
+    Parquet,
+}
+
+/// What the node does when local values fall outside the model's declared domain.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DomainViolationPolicy {
+    /// Refuse to start and list every affected column with its count (the default).
+    #[default]
+    RefuseToStart,
+    /// Count and report them, then treat those values as missing.
+    TreatAsMissing,
+}
+
+/// A validated node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub site_id: String,
+    pub listen: SocketAddr,
+    pub tls: TlsFiles,
+    pub policy: Policy,
+    pub datasets: Vec<DatasetConfig>,
+    pub data_model: DataModel,
+}
+
+/// The node's own disclosure and access policy.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Certificate identities (DNS names) allowed to send queries.
+    pub accepted_coordinators: BTreeSet<String>,
+    /// The disclosure floor k: counts from 1 to k-1 are never released.
+    pub min_cell_count: u32,
+}
+
+/// One dataset the node serves.
+#[derive(Debug, Clone)]
+pub struct DatasetConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub format: FileFormat,
+    /// Local columns that identify a person; never loaded, never mappable.
+    pub identifiers: Vec<String>,
+    pub on_domain_violation: DomainViolationPolicy,
+    /// Common-model column name → how to derive it from the local file.
+    pub columns: BTreeMap<String, ColumnMapping>,
+}
+
+/// How one common-model column is derived from a local column.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ColumnMapping {
+    pub source: String,
+    /// Local code → model category (category columns). Empty: local values are model names.
+    pub codes: BTreeMap<String, String>,
+    /// Local values that mean "not recorded".
+    pub missing: Vec<String>,
+    /// Unit conversion for numeric columns: model = local * scale + offset.
+    pub scale: f64,
+    pub offset: f64,
+    /// `strftime` format of local dates written as text.
+    pub date_format: String,
+}
+
+impl NodeConfig {
+    /// Reads, overrides from the environment and validates a node configuration file.
+    pub fn load(path: &Path) -> Result<NodeConfig, NodeError> {
+        let raw: RawNodeConfig = fedq_proto::config::load_layered(path, ENV_PREFIX)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        raw.validate(base, DataModel::builtin())
+    }
+}
+
+impl RawNodeConfig {
+    /// Checks every value and resolves relative paths against `base` (the config file's folder).
+    pub fn validate(self, base: &Path, data_model: DataModel) -> Result<NodeConfig, NodeError> {
+        let mut problems = Vec::new();
+        if !is_site_id(&self.site_id) {
+            problems.push(format!(
+                "site_id '{}' must be lowercase letters, digits and '-' (e.g. 'site-a')",
+                self.site_id
+            ));
+        }
+        let listen = self.listen.parse::<SocketAddr>().map_err(|_| {
+            problems.push(format!(
+                "listen '{}' is not an address with port (e.g. '0.0.0.0:7443')",
+                self.listen
+            ))
+        });
+        let tls = TlsFiles {
+            ca_cert: resolve(base, &self.tls.ca_cert),
+            cert: resolve(base, &self.tls.cert),
+            key: resolve(base, &self.tls.key),
+        };
+        for (key, path) in [("tls.ca_cert", &tls.ca_cert), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+            if !path.is_file() {
+                problems.push(format!("{key}: file {} does not exist", path.display()));
+            }
+        }
+        let min_cell_count = self.policy.min_cell_count.unwrap_or(DEFAULT_MIN_CELL_COUNT);
+        if min_cell_count < LOWEST_MIN_CELL_COUNT {
+            problems.push(format!(
+                "policy.min_cell_count is {min_cell_count}; it must be at least {LOWEST_MIN_CELL_COUNT}"
+            ));
+        }
+        if self.policy.accepted_coordinators.is_empty() {
+            problems.push(
+                "policy.accepted_coordinators is empty: list the certificate names of the coordinators allowed to query this node".into(),
+            );
+        }
+        let mut datasets: Vec<DatasetConfig> = Vec::new();
+        if self.datasets.is_empty() {
+            problems.push("no [[datasets]] configured: this node would have nothing to answer from".into());
+        }
+        for raw in self.datasets {
+            if datasets.iter().any(|seen| seen.name == raw.name) {
+                problems.push(format!("dataset '{}' is configured twice", raw.name));
+                continue;
+            }
+            match raw.validate(base, &data_model) {
+                Ok(dataset) => datasets.push(dataset),
+                Err(mut found) => problems.append(&mut found),
+            }
+        }
+        match (problems.is_empty(), listen) {
+            (true, Ok(listen)) => Ok(NodeConfig {
+                site_id: self.site_id,
+                listen,
+                tls,
+                policy: Policy {
+                    accepted_coordinators: self.policy.accepted_coordinators.into_iter().collect(),
+                    min_cell_count,
+                },
+                datasets,
+                data_model,
+            }),
+            _ => Err(NodeError::Config(problems)),
+        }
+    }
+}
+
+impl RawDataset {
+    fn validate(self, base: &Path, model: &DataModel) -> Result<DatasetConfig, Vec<String>> {
+        let at = format!("dataset '{}'", self.name);
+        let mut problems = Vec::new();
+        let Some(spec) = model.dataset(&self.name) else {
+            return Err(vec![format!(
+                "{at}: data model '{}' has no such dataset (it has: {})",
+                model.key(),
+                model.datasets.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+            )]);
+        };
+        let path = resolve(base, &self.path);
+        if !path.is_file() {
+            problems.push(format!("{at}: data file {} does not exist", path.display()));
+        }
+        let format = match self.format.or_else(|| format_from_extension(&path)) {
+            Some(format) => format,
+            None => {
+                problems.push(format!(
+                    "{at}: cannot tell the format of {}; set format = \"csv\" or \"parquet\"",
+                    path.display()
+                ));
+                FileFormat::Csv
+            }
+        };
+        let mut columns = BTreeMap::new();
+        for (model_name, raw) in self.columns {
+            let Some(column) = spec.column(&model_name) else {
+                problems.push(format!(
+                    "{at}: columns.{model_name}: the data model has no column '{model_name}' in this dataset"
+                ));
+                continue;
+            };
+            if column.identifier {
+                problems.push(format!(
+                    "{at}: columns.{model_name}: '{model_name}' is an identifier in the data model; identifiers are never loaded, so do not map it"
+                ));
+                continue;
+            }
+            if self.identifiers.contains(&raw.source) {
+                problems.push(format!(
+                    "{at}: columns.{model_name}: local column '{}' is declared an identifier and cannot be mapped",
+                    raw.source
+                ));
+                continue;
+            }
+            let is_category = matches!(column.domain, Domain::Category { .. });
+            if !raw.codes.is_empty() && !is_category {
+                problems.push(format!("{at}: columns.{model_name}: 'codes' applies only to category columns"));
+            }
+            if let Domain::Category { categories } = &column.domain {
+                for (local, target) in &raw.codes {
+                    if !categories.contains(target) {
+                        problems.push(format!(
+                            "{at}: columns.{model_name}: code '{local}' maps to '{target}', which is not a category of '{model_name}' ({})",
+                            categories.join(", ")
+                        ));
+                    }
+                }
+            }
+            if (raw.scale.is_some() || raw.offset.is_some()) && !column.domain.is_numeric() {
+                problems.push(format!("{at}: columns.{model_name}: 'scale'/'offset' apply only to numeric columns"));
+            }
+            let scale = raw.scale.unwrap_or(1.0);
+            let offset = raw.offset.unwrap_or(0.0);
+            if !scale.is_finite() || scale == 0.0 || !offset.is_finite() {
+                problems.push(format!("{at}: columns.{model_name}: 'scale' must be a non-zero number and 'offset' a number"));
+            }
+            if raw.date_format.is_some() && !matches!(column.domain, Domain::Date { .. }) {
+                problems.push(format!("{at}: columns.{model_name}: 'date_format' applies only to date columns"));
+            }
+            columns.insert(
+                model_name,
+                ColumnMapping {
+                    source: raw.source,
+                    codes: raw.codes,
+                    missing: raw.missing,
+                    scale,
+                    offset,
+                    date_format: raw.date_format.unwrap_or_else(|| "%Y-%m-%d".to_string()),
+                },
+            );
+        }
+        if columns.is_empty() {
+            problems.push(format!("{at}: map at least one column under [datasets.columns]"));
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(DatasetConfig {
+            name: self.name,
+            path,
+            format,
+            identifiers: self.identifiers,
+            on_domain_violation: self.on_domain_violation,
+            columns,
+        })
+    }
+}
+
+fn resolve(base: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
+fn format_from_extension(path: &Path) -> Option<FileFormat> {
+    match path.extension()?.to_str()?.to_ascii_lowercase().as_str() {
+        "csv" => Some(FileFormat::Csv),
+        "parquet" | "pq" => Some(FileFormat::Parquet),
+        _ => None,
+    }
+}
+
+fn is_site_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    fn config_text(extra_policy: &str, columns: &str) -> String {
+        format!(
+            r#"
+site_id = "site-a"
+listen = "127.0.0.1:0"
+[tls]
+ca_cert = "ca.pem"
+cert = "node.pem"
+key = "node.key"
+[policy]
+accepted_coordinators = ["coordinator.test"]
+{extra_policy}
+[[datasets]]
+name = "trauma_admissions"
+path = "a.csv"
+identifiers = ["NAME"]
+[datasets.columns]
+{columns}
+"#
+        )
+    }
+
+    fn validate(text: &str) -> Result<NodeConfig, NodeError> {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["ca.pem", "node.pem", "node.key", "a.csv"] {
+            write(dir.path(), file, "x");
+        }
+        let raw: RawNodeConfig = fedq_proto::config::parse_layered(text, "node.toml", &[])?;
+        raw.validate(dir.path(), DataModel::builtin())
+    }
+
+    #[test]
+    fn valid_config_gets_default_floor_of_ten() {
+        let config = validate(&config_text("", "age = { source = \"AGE\" }")).unwrap();
+        assert_eq!(config.policy.min_cell_count, 10);
+        assert_eq!(config.datasets[0].format, FileFormat::Csv);
+        assert_eq!(config.datasets[0].columns["age"].scale, 1.0);
+    }
+
+    #[test]
+    fn floor_below_three_is_rejected() {
+        let err = validate(&config_text("min_cell_count = 2", "age = { source = \"AGE\" }"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.min_cell_count is 2; it must be at least 3"), "{err}");
+    }
+
+    #[test]
+    fn mapping_an_identifier_is_rejected_either_way() {
+        let err = validate(&config_text(
+            "",
+            "national_id = { source = \"ID\" }\nage = { source = \"NAME\" }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("'national_id' is an identifier"), "{err}");
+        assert!(err.contains("local column 'NAME' is declared an identifier"), "{err}");
+    }
+
+    #[test]
+    fn code_to_unknown_category_is_rejected() {
+        let err = validate(&config_text("", "sex = { source = \"SEX\", codes = { F = \"woman\" } }"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("code 'F' maps to 'woman'"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let text = config_text("min_cel_count = 5", "age = { source = \"AGE\" }");
+        let err = validate(&text).unwrap_err().to_string();
+        assert!(err.contains("min_cel_count"), "{err}");
+    }
+}

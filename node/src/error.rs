@@ -1,0 +1,53 @@
+//! The node's error type. Every message is safe to send to the coordinator: it names
+//! templates, parameters, columns and counts of problems, never a data value.
+
+use fedq_proto::wire::RefusalCode;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is invalid; one line per problem.
+    #[error("invalid node configuration:\n  {}", .0.join("\n  "))]
+    Config(Vec<String>),
+    /// The site's data could not be loaded; one line per problem.
+    #[error("cannot load this site's data:\n  {}", .0.join("\n  "))]
+    Data(Vec<String>),
+    /// A template, parameter or TLS problem found by the shared contract.
+    #[error(transparent)]
+    Contract(#[from] fedq_proto::Error),
+    /// The caller's certificate names no identity this node accepts.
+    #[error(
+        "caller identity {presented} is not an accepted coordinator of this site; the site's administrator lists accepted identities in policy.accepted_coordinators"
+    )]
+    CallerNotAccepted { presented: String },
+    /// The template's dataset is in the data model but this site does not hold it.
+    #[error("this site does not hold dataset '{0}'")]
+    DatasetNotHeld(String),
+    /// The template uses a column this site does not record.
+    #[error("this site does not record column '{column}' of dataset '{dataset}', which template '{template}' uses")]
+    ColumnNotHeld {
+        template: String,
+        dataset: String,
+        column: String,
+    },
+    /// The query engine failed. The cause is logged at the node; nothing was released.
+    #[error("the query could not be computed at this site; nothing was released (the site's administrator can find the cause in the node log)")]
+    Engine,
+    /// A listener or server could not run.
+    #[error("server: {0}")]
+    Server(String),
+}
+
+impl NodeError {
+    /// The typed reason sent with a refusal.
+    pub fn refusal_code(&self) -> RefusalCode {
+        match self {
+            NodeError::Contract(inner) => inner.refusal_code(),
+            NodeError::CallerNotAccepted { .. } => RefusalCode::CallerNotAccepted,
+            NodeError::DatasetNotHeld(_) => RefusalCode::UnknownDataset,
+            NodeError::ColumnNotHeld { .. } => RefusalCode::UnknownColumn,
+            NodeError::Config(_) | NodeError::Data(_) | NodeError::Engine | NodeError::Server(_) => {
+                RefusalCode::Internal
+            }
+        }
+    }
+}

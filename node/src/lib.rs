@@ -1,0 +1,25 @@
+//! fedq hospital node: answers approved aggregate queries from the site's own data and releases
+//! only thresholded summaries.
+//!
+//! A query's path through this crate ([`query::QueryEngine::run`]):
+//! caller authorisation and document verification ([`verify`]) → template check and parameter
+//! binding against the site's data (`fedq_proto::template`) → a polars plan over the in-memory
+//! snapshot ([`plan`]) → disclosure control on true counts ([`disclosure`]) → the audit record
+//! ([`audit`]) → the reply ([`service`]).
+//!
+//! - [`config`]: the node's TOML configuration and its validation.
+//! - [`data`]: loading Parquet/CSV files and mapping local columns onto the common data model.
+//! - [`server`]: serving the `fedq.v1.Node` gRPC service over mutual TLS.
+
+pub mod audit;
+pub mod config;
+pub mod data;
+pub mod disclosure;
+mod error;
+pub mod plan;
+pub mod query;
+pub mod server;
+pub mod service;
+pub mod verify;
+
+pub use error::NodeError;

@@ -1,0 +1,223 @@
+//! Compiling a bound template into a polars plan over a snapshot, and running it into the full
+//! grid of true counts. Parameter values enter the plan only as typed literals; no query text
+//! is ever built.
+//!
+//! Records whose stratum value is null fall into the axis' last ("missing") level; null never
+//! satisfies a filter condition.
+
+use fedq_proto::model::days_since_epoch;
+use fedq_proto::template::{Axis, BoundFilter, BoundQuery, BoundStratum, CompareOp, Scalar};
+use polars::prelude::*;
+
+use crate::data::Snapshot;
+
+/// True counts over the full grid of strata, before any disclosure control. Never leaves the
+/// node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawTable {
+    /// Level counts per axis, in axis order.
+    pub shape: Vec<usize>,
+    /// One count per cell, row-major over `shape` (the last axis varies fastest).
+    pub counts: Vec<u64>,
+}
+
+impl RawTable {
+    pub fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+}
+
+const COUNT: &str = "__fedq_count";
+
+/// The lazy plan for a query: filter, then count per stratum combination.
+pub fn compile(query: &BoundQuery, snapshot: &Snapshot) -> LazyFrame {
+    let mut plan = snapshot.frame.clone().lazy();
+    if let Some(filter) = &query.filter {
+        plan = plan.filter(filter_expr(filter));
+    }
+    let count = len().cast(DataType::UInt64).alias(COUNT);
+    if query.strata.is_empty() {
+        return plan.select([count]);
+    }
+    let keys: Vec<Expr> = query
+        .strata
+        .iter()
+        .enumerate()
+        .map(|(index, stratum)| stratum_expr(stratum).alias(stratum_key(index)))
+        .collect();
+    plan.group_by(keys).agg([count])
+}
+
+/// Runs the plan and lays the counts out on the full grid (empty cells are zeros).
+pub fn count_grid(query: &BoundQuery, axes: &[Axis], snapshot: &Snapshot) -> PolarsResult<RawTable> {
+    let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+    let cells: usize = shape.iter().product();
+    let mut counts = vec![0u64; cells];
+    let frame = compile(query, snapshot).collect()?;
+    let count_column = frame.column(COUNT)?.u64()?;
+    let key_columns = (0..query.strata.len())
+        .map(|index| frame.column(&stratum_key(index)).and_then(|column| column.u32().cloned()))
+        .collect::<PolarsResult<Vec<_>>>()?;
+    for row in 0..frame.height() {
+        let mut cell = 0usize;
+        for (axis, keys) in key_columns.iter().enumerate() {
+            let missing_level = shape[axis] - 1;
+            let level = keys.get(row).map_or(missing_level, |level| level as usize);
+            cell = cell * shape[axis] + level.min(missing_level);
+        }
+        counts[cell] += count_column.get(row).unwrap_or(0);
+    }
+    Ok(RawTable { shape, counts })
+}
+
+fn stratum_key(index: usize) -> String {
+    format!("__fedq_stratum_{index}")
+}
+
+fn stratum_expr(stratum: &BoundStratum) -> Expr {
+    match stratum {
+        BoundStratum::Categories { column, .. } => col(column.as_str()),
+        BoundStratum::Bands {
+            column,
+            integer,
+            bands,
+        } => {
+            let bound = |value: f64| if *integer { lit(value as i64) } else { lit(value) };
+            let conditions: Vec<Expr> = bands
+                .iter()
+                .map(|(at_least, below)| {
+                    let value = col(column.as_str());
+                    let lower = at_least.map(|edge| value.clone().gt_eq(bound(edge)));
+                    let upper = below.map(|edge| value.clone().lt(bound(edge)));
+                    match (lower, upper) {
+                        (Some(lower), Some(upper)) => lower.and(upper),
+                        (Some(only), None) | (None, Some(only)) => only,
+                        (None, None) => value.is_not_null(),
+                    }
+                })
+                .collect();
+            let null_level = lit(Null {}).cast(DataType::UInt32);
+            let level = |index: usize| lit(index as u32);
+            match conditions.as_slice() {
+                [] => null_level,
+                [only] => when(only.clone()).then(level(0)).otherwise(null_level),
+                [first, second, rest @ ..] => {
+                    let mut chain = when(first.clone())
+                        .then(level(0))
+                        .when(second.clone())
+                        .then(level(1));
+                    for (offset, condition) in rest.iter().enumerate() {
+                        chain = chain.when(condition.clone()).then(level(offset + 2));
+                    }
+                    chain.otherwise(null_level)
+                }
+            }
+        }
+    }
+}
+
+fn filter_expr(filter: &BoundFilter) -> Expr {
+    match filter {
+        BoundFilter::All(children) => children
+            .iter()
+            .map(filter_expr)
+            .reduce(Expr::and)
+            .unwrap_or_else(|| lit(true)),
+        BoundFilter::Any(children) => children
+            .iter()
+            .map(filter_expr)
+            .reduce(Expr::or)
+            .unwrap_or_else(|| lit(false)),
+        BoundFilter::Compare { column, op, value } => {
+            let column = col(column.as_str());
+            let value = scalar(value);
+            match op {
+                CompareOp::Eq => column.eq(value),
+                CompareOp::Ne => column.neq(value),
+                CompareOp::Lt => column.lt(value),
+                CompareOp::Le => column.lt_eq(value),
+                CompareOp::Gt => column.gt(value),
+                CompareOp::Ge => column.gt_eq(value),
+            }
+        }
+        BoundFilter::OneOf { column, values } => values
+            .iter()
+            .map(|value| col(column.as_str()).eq(scalar(value)))
+            .reduce(Expr::or)
+            .unwrap_or_else(|| lit(false)),
+        BoundFilter::Between { column, low, high } => col(column.as_str())
+            .gt_eq(scalar(low))
+            .and(col(column.as_str()).lt_eq(scalar(high))),
+    }
+}
+
+/// A typed literal matching the snapshot's column representation.
+fn scalar(value: &Scalar) -> Expr {
+    match value {
+        Scalar::Integer(value) => lit(*value),
+        Scalar::Float(value) => lit(*value),
+        Scalar::Date(date) => lit(days_since_epoch(*date)),
+        Scalar::Category(position) => lit(*position),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+
+    fn snapshot() -> Snapshot {
+        let age = Series::new("age".into(), [Some(5i64), Some(30), Some(70), None, Some(30)]);
+        let sex = Series::new("sex".into(), [Some(0u32), Some(1), Some(0), Some(1), None]);
+        Snapshot {
+            dataset: "trauma_admissions".into(),
+            version: "sha256:test".into(),
+            frame: DataFrame::new(5, vec![age.into(), sex.into()]).unwrap(),
+            columns: BTreeSet::from(["age".to_string(), "sex".to_string()]),
+        }
+    }
+
+    fn axes() -> Vec<Axis> {
+        vec![
+            Axis { column: "age".into(), levels: vec!["<18".into(), "18+".into(), "missing".into()] },
+            Axis { column: "sex".into(), levels: vec!["female".into(), "male".into(), "other".into(), "missing".into()] },
+        ]
+    }
+
+    fn strata() -> Vec<BoundStratum> {
+        vec![
+            BoundStratum::Bands { column: "age".into(), integer: true, bands: vec![(None, Some(18.0)), (Some(18.0), None)] },
+            BoundStratum::Categories { column: "sex".into(), count: 3 },
+        ]
+    }
+
+    #[test]
+    fn counts_fill_the_full_grid_with_missing_levels_and_zeros() {
+        let query = BoundQuery { dataset: "trauma_admissions".into(), filter: None, strata: strata() };
+        let table = count_grid(&query, &axes(), &snapshot()).unwrap();
+        assert_eq!(table.shape, [3, 4]);
+        // rows: <18, 18+, missing; columns: female, male, other, missing
+        assert_eq!(table.counts, [1, 0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0]);
+        assert_eq!(table.total(), 5);
+        assert_eq!(fedq_proto::template::cell_coordinates(&table.shape, 7), [1, 3]);
+    }
+
+    #[test]
+    fn null_matches_no_filter_condition() {
+        let filter = BoundFilter::Compare { column: "age".into(), op: CompareOp::Ne, value: Scalar::Integer(30) };
+        let query = BoundQuery { dataset: "trauma_admissions".into(), filter: Some(filter), strata: Vec::new() };
+        let table = count_grid(&query, &[], &snapshot()).unwrap();
+        assert_eq!(table.counts, [2]);
+    }
+
+    #[test]
+    fn between_and_one_of_are_inclusive_sets() {
+        let filter = BoundFilter::All(vec![
+            BoundFilter::Between { column: "age".into(), low: Scalar::Integer(5), high: Scalar::Integer(30) },
+            BoundFilter::OneOf { column: "sex".into(), values: vec![Scalar::Category(0), Scalar::Category(1)] },
+        ]);
+        let query = BoundQuery { dataset: "trauma_admissions".into(), filter: Some(filter), strata: Vec::new() };
+        let table = count_grid(&query, &[], &snapshot()).unwrap();
+        assert_eq!(table.counts, [2]);
+    }
+}

@@ -1,0 +1,170 @@
+//! The query engine: one node's loaded snapshots and policy, and the path every query takes
+//! through them — verify, check, bind, compute, disclose, audit — in that order.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use fedq_proto::model::DataModel;
+use fedq_proto::template::{Axis, Template, TemplateRef, Value};
+use fedq_proto::wire;
+
+use crate::NodeError;
+use crate::audit::{self, AuditOutcome, AuditRecord};
+use crate::config::{NodeConfig, Policy};
+use crate::data::{self, Snapshot};
+use crate::disclosure::{self, DisclosedTable};
+use crate::plan;
+use crate::verify;
+
+/// A loaded node: its identity, policy, data model and data snapshots.
+#[derive(Debug)]
+pub struct QueryEngine {
+    pub site_id: String,
+    pub policy: Policy,
+    pub data_model: DataModel,
+    snapshots: BTreeMap<String, Snapshot>,
+}
+
+/// What a study lead's request carries into the node, already out of its wire form.
+#[derive(Debug, Clone)]
+pub struct QueryRequest {
+    pub request_id: String,
+    pub template: Option<wire::SignedDocument>,
+    pub parameters: Vec<wire::ParameterValue>,
+    pub requester: String,
+}
+
+/// A released answer: only disclosed values.
+#[derive(Debug, Clone)]
+pub struct SiteAnswer {
+    pub template: TemplateRef,
+    pub snapshot_version: String,
+    pub axes: Vec<Axis>,
+    pub table: DisclosedTable,
+}
+
+impl QueryEngine {
+    /// Loads every configured dataset. Returns the engine and warning lines for the log.
+    pub fn load(config: &NodeConfig) -> Result<(QueryEngine, Vec<String>), NodeError> {
+        let mut snapshots = BTreeMap::new();
+        let mut warnings = Vec::new();
+        let mut problems = Vec::new();
+        for dataset in &config.datasets {
+            let Some(spec) = config.data_model.dataset(&dataset.name) else {
+                problems.push(format!("dataset '{}' is not in the data model", dataset.name));
+                continue;
+            };
+            match data::load(dataset, spec) {
+                Ok((snapshot, mut found)) => {
+                    warnings.append(&mut found);
+                    snapshots.insert(dataset.name.clone(), snapshot);
+                }
+                Err(NodeError::Data(mut found)) => problems.append(&mut found),
+                Err(other) => return Err(other),
+            }
+        }
+        if !problems.is_empty() {
+            return Err(NodeError::Data(problems));
+        }
+        Ok((
+            QueryEngine::new(config.site_id.clone(), config.policy.clone(), config.data_model.clone(), snapshots),
+            warnings,
+        ))
+    }
+
+    /// An engine over snapshots already in memory.
+    pub fn new(
+        site_id: String,
+        policy: Policy,
+        data_model: DataModel,
+        snapshots: BTreeMap<String, Snapshot>,
+    ) -> QueryEngine {
+        QueryEngine {
+            site_id,
+            policy,
+            data_model,
+            snapshots,
+        }
+    }
+
+    pub fn snapshots(&self) -> impl Iterator<Item = &Snapshot> {
+        self.snapshots.values()
+    }
+
+    /// Runs one query for a caller presenting `caller_identities`, and records it in the audit
+    /// log whatever the outcome.
+    pub fn run(&self, caller_identities: &[String], request: &QueryRequest) -> Result<SiteAnswer, NodeError> {
+        let caller = caller_identities.join(",");
+        let mut template_seen: Option<Template> = None;
+        let result = self.answer(caller_identities, request, &mut template_seen);
+        let reference = template_seen.as_ref().map(TemplateRef::of);
+        let outcome = match &result {
+            Ok(answer) => AuditOutcome::Released {
+                cells_released: answer.table.cells.len() - answer.table.withheld_cells(),
+                cells_withheld: answer.table.withheld_cells(),
+                total_withheld: answer.table.total == disclosure::Outcome::Withheld,
+            },
+            Err(err) => AuditOutcome::Refused(err.refusal_code()),
+        };
+        audit::record(&AuditRecord {
+            request_id: &request.request_id,
+            caller: &caller,
+            requester: &request.requester,
+            template: reference
+                .as_ref()
+                .map(|reference| (reference.id.as_str(), reference.version, reference.content_hash.as_str())),
+            outcome,
+        });
+        result
+    }
+
+    fn answer(
+        &self,
+        caller_identities: &[String],
+        request: &QueryRequest,
+        template_seen: &mut Option<Template>,
+    ) -> Result<SiteAnswer, NodeError> {
+        verify::authorize_caller(caller_identities, &self.policy.accepted_coordinators)?;
+        let template: &Template = template_seen.insert(verify::open_template(request.template.as_ref())?);
+        let snapshot = self
+            .snapshots
+            .get(&template.dataset)
+            .ok_or_else(|| NodeError::DatasetNotHeld(template.dataset.clone()))?;
+        let checked = template.check(&self.data_model, &BTreeSet::new())?;
+        if let Some(column) = template
+            .columns_used()
+            .into_iter()
+            .find(|column| !snapshot.columns.contains(column))
+        {
+            return Err(NodeError::ColumnNotHeld {
+                template: template.id.clone(),
+                dataset: template.dataset.clone(),
+                column,
+            });
+        }
+        let values: Vec<(String, Value)> = request
+            .parameters
+            .iter()
+            .map(fedq_proto::convert::parameter_from_wire)
+            .collect::<Result<_, _>>()?;
+        let query = checked.bind(&values)?;
+        let raw = plan::count_grid(&query, &checked.axes, snapshot).map_err(|err| {
+            // Plans run over already-typed columns, so polars errors here describe the plan,
+            // not data; still, only the error's kind is logged.
+            tracing::error!(
+                template_id = %template.id,
+                error = %data::describe_polars_error(&err),
+                "query plan failed"
+            );
+            NodeError::Engine
+        })?;
+        let k = disclosure::effective_k(self.policy.min_cell_count, template.min_cell_count);
+        let table = disclosure::apply(&raw, k);
+        Ok(SiteAnswer {
+            template: TemplateRef::of(template),
+            snapshot_version: snapshot.version.clone(),
+            axes: checked.axes,
+            table,
+        })
+    }
+}
+

@@ -1,0 +1,39 @@
+//! Serving the node: mutual TLS (client certificates from the alliance CA are required; which
+//! identities may query is the engine's policy check), message-size limits, and a graceful
+//! stop when `shutdown` completes. The caller binds the listener.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use fedq_proto::tls::{self, TlsFiles};
+use fedq_proto::wire::node_server::NodeServer;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::NodeError;
+use crate::query::QueryEngine;
+use crate::service::NodeService;
+
+/// Largest request a node accepts (a template and its parameters are a few kilobytes).
+pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// Largest answer a node sends (10,000 cells fit easily).
+pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
+
+/// Serves `engine` on an already bound `listener` until `shutdown` completes.
+pub async fn run(
+    engine: Arc<QueryEngine>,
+    tls_files: &TlsFiles,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    let tls_config = tls::mutual_tls_server_config(tls_files)?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
+    let service = NodeServer::new(NodeService::new(engine))
+        .max_decoding_message_size(MAX_REQUEST_BYTES)
+        .max_encoding_message_size(MAX_RESPONSE_BYTES);
+    tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming_shutdown(tls::accept_tls(listener, acceptor), shutdown)
+        .await
+        .map_err(|err| NodeError::Server(err.to_string()))
+}

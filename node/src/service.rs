@@ -1,0 +1,183 @@
+//! The `fedq.v1.Node` gRPC service: reads the caller's certificate identity, hands the request
+//! to the [`QueryEngine`] on a blocking thread, and converts the answer — or the error, through
+//! [`status_of`], the one mapping from [`NodeError`] to a gRPC status — into wire form.
+
+use std::sync::Arc;
+
+use fedq_proto::template::cell_coordinates;
+use fedq_proto::wire::{self, node_server::Node};
+use prost::Message;
+use tonic::{Code, Request, Response, Status};
+
+use crate::NodeError;
+use crate::disclosure::Outcome;
+use crate::query::{QueryEngine, QueryRequest, SiteAnswer};
+
+/// The gRPC face of one node.
+#[derive(Debug, Clone)]
+pub struct NodeService {
+    engine: Arc<QueryEngine>,
+}
+
+impl NodeService {
+    pub fn new(engine: Arc<QueryEngine>) -> NodeService {
+        NodeService { engine }
+    }
+}
+
+/// The certificate identities of the caller (empty when it presented none).
+fn caller_identities<T>(request: &Request<T>) -> Vec<String> {
+    request
+        .peer_certs()
+        .and_then(|chain| fedq_proto::tls::peer_identities(&chain).ok())
+        .unwrap_or_default()
+}
+
+/// The single mapping from node errors to gRPC statuses. The status carries a message a person
+/// can act on and, in its details, the encoded [`wire::Refusal`] with the typed reason.
+pub fn status_of(err: &NodeError) -> Status {
+    use fedq_proto::TemplateProblem;
+    let code = match err {
+        NodeError::CallerNotAccepted { .. } => Code::PermissionDenied,
+        NodeError::Contract(fedq_proto::Error::Template { code, .. }) => match code {
+            TemplateProblem::IdentifierColumn => Code::PermissionDenied,
+            TemplateProblem::DataModelMismatch => Code::FailedPrecondition,
+            TemplateProblem::Malformed | TemplateProblem::UnknownColumn | TemplateProblem::UnknownDataset => {
+                Code::InvalidArgument
+            }
+        },
+        NodeError::Contract(fedq_proto::Error::Parameter { .. } | fedq_proto::Error::Syntax { .. }) => {
+            Code::InvalidArgument
+        }
+        NodeError::DatasetNotHeld(_) | NodeError::ColumnNotHeld { .. } => Code::FailedPrecondition,
+        NodeError::Contract(_)
+        | NodeError::Config(_)
+        | NodeError::Data(_)
+        | NodeError::Engine
+        | NodeError::Server(_) => Code::Internal,
+    };
+    let message = err.to_string();
+    let refusal = wire::Refusal {
+        code: err.refusal_code() as i32,
+        message: message.clone(),
+    };
+    Status::with_details(code, message, refusal.encode_to_vec().into())
+}
+
+fn outcome_to_cell(coordinates: Vec<u32>, outcome: Outcome) -> wire::Cell {
+    let outcome = match outcome {
+        Outcome::Released(count) => wire::cell::Outcome::Released(wire::Released { count }),
+        Outcome::Withheld => wire::cell::Outcome::Withheld(wire::Withheld {}),
+    };
+    wire::Cell {
+        coordinates,
+        outcome: Some(outcome),
+    }
+}
+
+fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
+    let shape: Vec<usize> = answer.axes.iter().map(|axis| axis.levels.len()).collect();
+    let cells = answer
+        .table
+        .cells
+        .iter()
+        .enumerate()
+        .map(|(index, outcome)| outcome_to_cell(cell_coordinates(&shape, index), *outcome))
+        .collect();
+    wire::SiteResult {
+        site_id: site_id.to_string(),
+        template: Some((&answer.template).into()),
+        snapshot_version: answer.snapshot_version,
+        applied_min_cell_count: answer.table.k,
+        axes: answer.axes.iter().map(Into::into).collect(),
+        cells,
+        total: Some(outcome_to_cell(Vec::new(), answer.table.total)),
+        mechanisms: answer.table.mechanisms.iter().map(|mechanism| *mechanism as i32).collect(),
+    }
+}
+
+fn describe(engine: &QueryEngine) -> wire::SiteDescription {
+    let model = &engine.data_model;
+    let datasets = engine
+        .snapshots()
+        .map(|snapshot| {
+            let spec = model.dataset(&snapshot.dataset);
+            let columns = spec
+                .into_iter()
+                .flat_map(|spec| spec.columns.iter())
+                .filter(|column| snapshot.columns.contains(&column.name))
+                .map(|column| {
+                    let (minimum, maximum) = column.domain.range_text().unwrap_or_default();
+                    wire::ColumnDescription {
+                        name: column.name.clone(),
+                        column_type: column.domain.type_name().to_string(),
+                        categories: match &column.domain {
+                            fedq_proto::model::Domain::Category { categories } => categories.clone(),
+                            _ => Vec::new(),
+                        },
+                        minimum,
+                        maximum,
+                    }
+                })
+                .collect();
+            let identifier_columns = spec
+                .into_iter()
+                .flat_map(|spec| spec.columns.iter())
+                .filter(|column| column.identifier)
+                .map(|column| column.name.clone())
+                .collect();
+            wire::DatasetDescription {
+                name: snapshot.dataset.clone(),
+                snapshot_version: snapshot.version.clone(),
+                columns,
+                identifier_columns,
+            }
+        })
+        .collect();
+    wire::SiteDescription {
+        site_id: engine.site_id.clone(),
+        software_version: fedq_proto::SOFTWARE_VERSION.to_string(),
+        protocol_version: fedq_proto::PROTOCOL_VERSION.to_string(),
+        data_model: model.key(),
+        min_cell_count: engine.policy.min_cell_count,
+        datasets,
+    }
+}
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    #[tracing::instrument(skip_all, fields(site = %self.engine.site_id))]
+    async fn describe(
+        &self,
+        request: Request<wire::DescribeRequest>,
+    ) -> Result<Response<wire::SiteDescription>, Status> {
+        let identities = caller_identities(&request);
+        crate::verify::authorize_caller(&identities, &self.engine.policy.accepted_coordinators)
+            .map_err(|err| status_of(&err))?;
+        Ok(Response::new(describe(&self.engine)))
+    }
+
+    #[tracing::instrument(skip_all, fields(site = %self.engine.site_id, request_id))]
+    async fn run_query(
+        &self,
+        request: Request<wire::QueryRequest>,
+    ) -> Result<Response<wire::SiteResult>, Status> {
+        let identities = caller_identities(&request);
+        let message = request.into_inner();
+        tracing::Span::current().record("request_id", message.request_id.as_str());
+        let query = QueryRequest {
+            request_id: message.request_id,
+            template: message.template,
+            parameters: message.parameters,
+            requester: message.requester,
+        };
+        let engine = Arc::clone(&self.engine);
+        let outcome = tokio::task::spawn_blocking(move || engine.run(&identities, &query))
+            .await
+            .map_err(|_| status_of(&NodeError::Engine))?;
+        match outcome {
+            Ok(answer) => Ok(Response::new(answer_to_wire(&self.engine.site_id, answer))),
+            Err(err) => Err(status_of(&err)),
+        }
+    }
+}

@@ -1,0 +1,35 @@
+//! fedq's shared contract: everything a hospital node and the alliance coordinator must agree on.
+//!
+//! - [`wire`]: the gRPC services and messages generated from `proto/fedq/v1/*.proto`, and the
+//!   one place ([`convert`]) where wire messages become domain values and back.
+//! - [`model`]: the alliance's common data model (datasets, columns, types, domains).
+//! - [`template`]: the query-template language: parsing, validation against the data model,
+//!   canonical bytes and content hash, typed parameter binding.
+//! - [`document`]: the signed-document envelope templates travel in.
+//! - [`tls`]: certificate loading, mutual-TLS configuration and certificate identities.
+//! - [`config`]: layered configuration (TOML file, then environment overrides).
+//!
+//! Neither side trusts the other's parsing: the node re-parses and re-validates the canonical
+//! template bytes it receives against its own copy of the data model.
+
+pub mod config;
+pub mod convert;
+pub mod document;
+mod error;
+pub mod model;
+pub mod template;
+pub mod tls;
+
+pub use error::{Error, TemplateProblem};
+
+/// Generated gRPC code for package `fedq.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod wire {
+    tonic::include_proto!("fedq.v1");
+}
+
+/// The wire protocol version both sides announce.
+pub const PROTOCOL_VERSION: &str = "fedq.v1";
+
+/// The fedq software version of this build.
+pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,1362 @@
+//! The query-template language: what alliance experts write, sign and review, and what a node
+//! agrees to run.
+//!
+//! A template is a parameterised aggregate over one dataset of the common data model: typed
+//! parameters with limits, a filter tree of conditions on columns, strata (category columns or
+//! numeric columns cut into declared bands), and one statistic. Its life:
+//!
+//! 1. [`Template::from_toml`] parses the file an expert writes (errors name line and column).
+//! 2. [`Template::check`] validates it against a [`DataModel`], giving a [`CheckedTemplate`].
+//! 3. [`Template::canonical_bytes`] is the exact encoding signatures cover and the wire carries;
+//!    [`Template::from_canonical`] refuses anything that is not in canonical form.
+//! 4. [`CheckedTemplate::bind`] checks typed parameter values against their declarations and
+//!    yields a [`BoundQuery`], from which a node builds its plan. Values are never turned into
+//!    query text.
+
+use std::collections::BTreeSet;
+
+use chrono::NaiveDate;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::{ColumnSpec, DataModel, DatasetSpec, Domain, MISSING_LEVEL, parse_date};
+use crate::{Error, TemplateProblem};
+
+/// The most cells one answer may have (product of the strata's level counts).
+pub const MAX_GRID_CELLS: usize = 10_000;
+
+/// The `kind` of the signed document a template travels in.
+pub const DOCUMENT_KIND: &str = "fedq.template/1";
+
+/// A query template as written by alliance experts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Template {
+    /// Stable identifier, e.g. `cohort-by-age-sex`.
+    pub id: String,
+    /// Incremented on every change; signatures pin id, version and content hash.
+    pub version: u32,
+    pub title: String,
+    /// What the template answers and why, for study leads and reviewers.
+    pub description: String,
+    /// The common data model it is written for, as "name/version".
+    pub data_model: String,
+    pub dataset: String,
+    /// The template's own disclosure threshold; a node applies the larger of this and its floor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_cell_count: Option<u32>,
+    #[serde(default)]
+    pub parameters: Vec<ParameterSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<Filter>,
+    #[serde(default)]
+    pub strata: Vec<Stratum>,
+    pub statistic: Statistic,
+}
+
+/// A typed parameter the study lead fills in, with the limits experts approved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParameterSpec {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(rename = "type")]
+    pub parameter_type: ParameterType,
+    /// Lower limit (inclusive) of an integer, float or date parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<Literal>,
+    /// Upper limit (inclusive) of an integer, float or date parameter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<Literal>,
+    /// For category parameters: the column whose categories the value is drawn from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub column: Option<String>,
+    /// For category parameters: the categories allowed (default: all of the column's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed: Option<Vec<String>>,
+    /// Value used when the study lead gives none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default: Option<Literal>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParameterType {
+    Integer,
+    Float,
+    Date,
+    /// Exactly one category.
+    Category,
+    /// One or more categories (for `in`).
+    Categories,
+}
+
+impl ParameterType {
+    pub fn name(self) -> &'static str {
+        match self {
+            ParameterType::Integer => "integer",
+            ParameterType::Float => "float",
+            ParameterType::Date => "date",
+            ParameterType::Category => "category",
+            ParameterType::Categories => "categories",
+        }
+    }
+}
+
+/// A constant written in a template: a number, a text (category or date) or a list of texts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Literal {
+    Integer(i64),
+    Float(f64),
+    Text(String),
+    List(Vec<String>),
+}
+
+impl std::fmt::Display for Literal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Literal::Integer(value) => write!(f, "{value}"),
+            Literal::Float(value) => write!(f, "{value}"),
+            Literal::Text(value) => write!(f, "{value}"),
+            Literal::List(values) => write!(f, "{}", values.join(", ")),
+        }
+    }
+}
+
+/// A filter tree: `all` (and), `any` (or), or one condition on a column.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawFilter", into = "RawFilter")]
+pub enum Filter {
+    All(Vec<Filter>),
+    Any(Vec<Filter>),
+    Condition(Condition),
+}
+
+/// `column op operand(s)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub column: String,
+    pub op: Operator,
+    /// One operand for comparisons, two for `between`, one or more for `in`.
+    pub operands: Vec<Operand>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operand {
+    /// A parameter the study lead fills in.
+    Param(String),
+    /// A constant fixed by the template's authors.
+    Value(Literal),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Operator {
+    #[serde(rename = "=")]
+    Eq,
+    #[serde(rename = "!=")]
+    Ne,
+    #[serde(rename = "<")]
+    Lt,
+    #[serde(rename = "<=")]
+    Le,
+    #[serde(rename = ">")]
+    Gt,
+    #[serde(rename = ">=")]
+    Ge,
+    /// Column value is one of a set of categories.
+    #[serde(rename = "in")]
+    In,
+    /// Inclusive range: `low <= column <= high`.
+    #[serde(rename = "between")]
+    Between,
+}
+
+impl Operator {
+    fn symbol(self) -> &'static str {
+        match self {
+            Operator::Eq => "=",
+            Operator::Ne => "!=",
+            Operator::Lt => "<",
+            Operator::Le => "<=",
+            Operator::Gt => ">",
+            Operator::Ge => ">=",
+            Operator::In => "in",
+            Operator::Between => "between",
+        }
+    }
+}
+
+/// How a filter appears in files: one table with optional keys, checked into a [`Filter`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    all: Option<Vec<Filter>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    any: Option<Vec<Filter>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    column: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    op: Option<Operator>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    param: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    params: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    value: Option<Literal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    values: Option<Vec<Literal>>,
+}
+
+impl TryFrom<RawFilter> for Filter {
+    type Error = String;
+
+    fn try_from(raw: RawFilter) -> Result<Filter, String> {
+        let shapes = [raw.all.is_some(), raw.any.is_some(), raw.column.is_some()];
+        if shapes.iter().filter(|set| **set).count() != 1 {
+            return Err("a filter needs exactly one of 'all', 'any' or 'column'".into());
+        }
+        if let Some(children) = raw.all.or(raw.any.clone()) {
+            let operand_keys = raw.op.is_some()
+                || raw.param.is_some()
+                || raw.params.is_some()
+                || raw.value.is_some()
+                || raw.values.is_some();
+            if operand_keys {
+                return Err("'all'/'any' filters take no 'op', 'param(s)' or 'value(s)'".into());
+            }
+            if children.is_empty() {
+                return Err("'all'/'any' needs at least one filter".into());
+            }
+            return Ok(if raw.any.is_some() {
+                Filter::Any(children)
+            } else {
+                Filter::All(children)
+            });
+        }
+        let column = raw.column.unwrap_or_default();
+        let op = raw
+            .op
+            .ok_or_else(|| format!("condition on '{column}' needs an 'op'"))?;
+        let given = [
+            raw.param.is_some(),
+            raw.params.is_some(),
+            raw.value.is_some(),
+            raw.values.is_some(),
+        ];
+        if given.iter().filter(|set| **set).count() != 1 {
+            return Err(format!(
+                "condition on '{column}' needs exactly one of 'param', 'params', 'value' or 'values'"
+            ));
+        }
+        let operands: Vec<Operand> = if let Some(name) = raw.param {
+            vec![Operand::Param(name)]
+        } else if let Some(names) = raw.params {
+            names.into_iter().map(Operand::Param).collect()
+        } else if let Some(value) = raw.value {
+            vec![Operand::Value(value)]
+        } else {
+            raw.values
+                .unwrap_or_default()
+                .into_iter()
+                .map(Operand::Value)
+                .collect()
+        };
+        let arity_ok = match op {
+            Operator::Between => operands.len() == 2,
+            Operator::In => !operands.is_empty(),
+            _ => operands.len() == 1,
+        };
+        if !arity_ok {
+            let expected = match op {
+                Operator::Between => "two operands ('params' or 'values' with two entries)",
+                Operator::In => "a categories 'param' or a non-empty list of 'values'",
+                _ => "one operand ('param' or 'value')",
+            };
+            return Err(format!(
+                "condition '{column} {}' needs {expected}",
+                op.symbol()
+            ));
+        }
+        Ok(Filter::Condition(Condition {
+            column,
+            op,
+            operands,
+        }))
+    }
+}
+
+impl From<Filter> for RawFilter {
+    fn from(filter: Filter) -> RawFilter {
+        match filter {
+            Filter::All(children) => RawFilter {
+                all: Some(children),
+                ..RawFilter::default()
+            },
+            Filter::Any(children) => RawFilter {
+                any: Some(children),
+                ..RawFilter::default()
+            },
+            Filter::Condition(condition) => {
+                let mut raw = RawFilter {
+                    column: Some(condition.column),
+                    op: Some(condition.op),
+                    ..RawFilter::default()
+                };
+                let all_params = condition
+                    .operands
+                    .iter()
+                    .all(|operand| matches!(operand, Operand::Param(_)));
+                let mut names = Vec::new();
+                let mut literals = Vec::new();
+                for operand in condition.operands {
+                    match operand {
+                        Operand::Param(name) => names.push(name),
+                        Operand::Value(literal) => literals.push(literal),
+                    }
+                }
+                let multiple = matches!(condition.op, Operator::Between | Operator::In)
+                    && (names.len() + literals.len() > 1 || condition.op == Operator::Between);
+                match (all_params, multiple) {
+                    (true, false) => raw.param = names.pop(),
+                    (true, true) => raw.params = Some(names),
+                    (false, false) => raw.value = literals.pop(),
+                    (false, true) => raw.values = Some(literals),
+                }
+                raw
+            }
+        }
+    }
+}
+
+/// One stratification axis: a category column, or a numeric column cut into declared bands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Stratum {
+    pub column: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bands: Option<Vec<Band>>,
+}
+
+/// A numeric band `at_least <= value < below`; an open end is omitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Band {
+    pub label: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_least: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub below: Option<f64>,
+}
+
+/// The statistic computed per cell.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Statistic {
+    /// Number of records.
+    Count,
+}
+
+impl Statistic {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Statistic::Count => "count",
+        }
+    }
+}
+
+/// A typed parameter value supplied by a study lead.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Integer(i64),
+    Float(f64),
+    Date(NaiveDate),
+    Category(String),
+    Categories(Vec<String>),
+}
+
+impl Value {
+    fn type_name(&self) -> &'static str {
+        match self {
+            Value::Integer(_) => "integer",
+            Value::Float(_) => "float",
+            Value::Date(_) => "date",
+            Value::Category(_) => "category",
+            Value::Categories(_) => "categories",
+        }
+    }
+}
+
+/// A value resolved against a column's domain, ready for a plan.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scalar {
+    Integer(i64),
+    Float(f64),
+    Date(NaiveDate),
+    /// A category, as its position in the column's category list.
+    Category(u32),
+}
+
+/// A filter with every operand resolved to typed values.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BoundFilter {
+    All(Vec<BoundFilter>),
+    Any(Vec<BoundFilter>),
+    Compare {
+        column: String,
+        op: CompareOp,
+        value: Scalar,
+    },
+    OneOf {
+        column: String,
+        values: Vec<Scalar>,
+    },
+    Between {
+        column: String,
+        low: Scalar,
+        high: Scalar,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompareOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// A stratum resolved against the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BoundStratum {
+    /// Level `i` is the column's category `i`; nulls go to the missing level.
+    Categories { column: String, count: u32 },
+    /// Level `i` is band `i`; nulls go to the missing level.
+    Bands {
+        column: String,
+        integer: bool,
+        bands: Vec<(Option<f64>, Option<f64>)>,
+    },
+}
+
+/// One axis of a result grid; its last level is always [`MISSING_LEVEL`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Axis {
+    pub column: String,
+    pub levels: Vec<String>,
+}
+
+/// A template with parameter values bound: everything a node needs to build its plan.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoundQuery {
+    pub dataset: String,
+    pub filter: Option<BoundFilter>,
+    pub strata: Vec<BoundStratum>,
+}
+
+/// Identifies exactly which template a result came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateRef {
+    pub id: String,
+    pub version: u32,
+    /// "sha256:<hex>" of the canonical bytes.
+    pub content_hash: String,
+}
+
+impl TemplateRef {
+    pub fn of(template: &Template) -> TemplateRef {
+        TemplateRef {
+            id: template.id.clone(),
+            version: template.version,
+            content_hash: template.content_hash(),
+        }
+    }
+}
+
+/// A template that passed [`Template::check`] against a data model.
+#[derive(Debug, Clone)]
+pub struct CheckedTemplate<'a> {
+    pub template: &'a Template,
+    pub dataset: &'a DatasetSpec,
+    pub axes: Vec<Axis>,
+}
+
+impl Template {
+    /// Parses a template file. Syntax errors and unknown keys name the line and column.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Template, Error> {
+        toml::from_str(text).map_err(|err| Error::Syntax {
+            what: format!("template file {origin}"),
+            message: err.to_string().trim_end().to_string(),
+        })
+    }
+
+    /// Decodes the canonical bytes a template travels as; refuses non-canonical encodings, so
+    /// two different byte strings never carry the same template.
+    pub fn from_canonical(bytes: &[u8]) -> Result<Template, Error> {
+        let malformed = |message: String| Error::Template {
+            template: "(unreadable)".into(),
+            code: TemplateProblem::Malformed,
+            message,
+        };
+        let template: Template = serde_json::from_slice(bytes)
+            .map_err(|err| malformed(format!("the template document cannot be decoded: {err}")))?;
+        if template.canonical_bytes() != bytes {
+            return Err(malformed(
+                "the template document is not in canonical form".to_string(),
+            ));
+        }
+        Ok(template)
+    }
+
+    /// The canonical encoding: compact JSON with fields in declaration order. Reformatting or
+    /// reordering the TOML source does not change it; changing any value does.
+    pub fn canonical_bytes(&self) -> Vec<u8> {
+        // Serialising plain data structs to a Vec cannot fail.
+        serde_json::to_vec(self).expect("templates always serialise")
+    }
+
+    /// "sha256:<hex>" of the canonical bytes.
+    pub fn content_hash(&self) -> String {
+        content_hash(&self.canonical_bytes())
+    }
+
+    /// Every column the template uses, in any role (filters, parameters, strata).
+    pub fn columns_used(&self) -> BTreeSet<String> {
+        fn walk(filter: &Filter, columns: &mut BTreeSet<String>) {
+            match filter {
+                Filter::All(children) | Filter::Any(children) => {
+                    children.iter().for_each(|child| walk(child, columns))
+                }
+                Filter::Condition(condition) => {
+                    columns.insert(condition.column.clone());
+                }
+            }
+        }
+        let mut columns = BTreeSet::new();
+        if let Some(filter) = &self.filter {
+            walk(filter, &mut columns);
+        }
+        columns.extend(self.parameters.iter().filter_map(|parameter| parameter.column.clone()));
+        columns.extend(self.strata.iter().map(|stratum| stratum.column.clone()));
+        columns
+    }
+
+    fn problem(&self, code: TemplateProblem, message: impl Into<String>) -> Error {
+        Error::Template {
+            template: self.id.clone(),
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Validates the template against a data model. `forbidden_columns` are extra columns the
+    /// checking party treats as identifiers (a node adds the columns it maps from its own
+    /// identifier columns); the model's identifier columns are always forbidden.
+    pub fn check<'a>(
+        &'a self,
+        model: &'a DataModel,
+        forbidden_columns: &BTreeSet<String>,
+    ) -> Result<CheckedTemplate<'a>, Error> {
+        use TemplateProblem::*;
+        if !is_name(&self.id) {
+            return Err(self.problem(
+                Malformed,
+                "'id' must be lowercase letters, digits, '-' or '_'",
+            ));
+        }
+        if self.version == 0 {
+            return Err(self.problem(Malformed, "'version' starts at 1"));
+        }
+        if self.title.trim().is_empty() || self.description.trim().is_empty() {
+            return Err(self.problem(Malformed, "'title' and 'description' must not be empty"));
+        }
+        if self.data_model != model.key() {
+            return Err(self.problem(
+                DataModelMismatch,
+                format!(
+                    "written for data model '{}' but this side uses '{}'",
+                    self.data_model,
+                    model.key()
+                ),
+            ));
+        }
+        if self.min_cell_count == Some(0) {
+            return Err(self.problem(Malformed, "'min_cell_count' must be at least 1"));
+        }
+        let dataset = model.dataset(&self.dataset).ok_or_else(|| {
+            self.problem(
+                UnknownDataset,
+                format!(
+                    "dataset '{}' is not in data model '{}'",
+                    self.dataset,
+                    model.key()
+                ),
+            )
+        })?;
+        let checker = Checker {
+            template: self,
+            dataset,
+            forbidden: forbidden_columns,
+        };
+        checker.check_parameters()?;
+        let mut used = BTreeSet::new();
+        if let Some(filter) = &self.filter {
+            checker.check_filter(filter, "filter", &mut used)?;
+        }
+        for parameter in &self.parameters {
+            if !used.contains(&parameter.name) {
+                return Err(self.problem(
+                    Malformed,
+                    format!(
+                        "parameter '{}' is declared but no filter uses it",
+                        parameter.name
+                    ),
+                ));
+            }
+        }
+        let mut axes = Vec::new();
+        let mut cells: usize = 1;
+        for (index, stratum) in self.strata.iter().enumerate() {
+            if self.strata[..index]
+                .iter()
+                .any(|earlier| earlier.column == stratum.column)
+            {
+                return Err(self.problem(
+                    Malformed,
+                    format!("strata[{index}]: column '{}' is stratified twice", stratum.column),
+                ));
+            }
+            let axis = checker.check_stratum(stratum, &format!("strata[{index}]"))?;
+            cells = cells.saturating_mul(axis.levels.len());
+            axes.push(axis);
+        }
+        if cells > MAX_GRID_CELLS {
+            return Err(self.problem(
+                Malformed,
+                format!("the strata make {cells} cells; at most {MAX_GRID_CELLS} are allowed"),
+            ));
+        }
+        Ok(CheckedTemplate {
+            template: self,
+            dataset,
+            axes,
+        })
+    }
+}
+
+/// The coordinates of cell `index` in a row-major grid of the given shape (level counts per
+/// axis; the last axis varies fastest).
+pub fn cell_coordinates(shape: &[usize], index: usize) -> Vec<u32> {
+    let mut remainder = index;
+    let mut coordinates = vec![0u32; shape.len()];
+    for (axis, levels) in shape.iter().enumerate().rev() {
+        coordinates[axis] = (remainder % levels.max(&1)) as u32;
+        remainder /= levels.max(&1);
+    }
+    coordinates
+}
+
+/// "sha256:<hex>" of some bytes.
+pub fn content_hash(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+struct Checker<'a> {
+    template: &'a Template,
+    dataset: &'a DatasetSpec,
+    forbidden: &'a BTreeSet<String>,
+}
+
+impl<'a> Checker<'a> {
+    fn problem(&self, code: TemplateProblem, message: impl Into<String>) -> Error {
+        self.template.problem(code, message)
+    }
+
+    /// Resolves a column a template uses in some role, refusing unknown and identifier columns.
+    fn column(&self, name: &str, at: &str) -> Result<&'a ColumnSpec, Error> {
+        let column = self.dataset.column(name).ok_or_else(|| {
+            self.problem(
+                TemplateProblem::UnknownColumn,
+                format!(
+                    "{at}: column '{name}' is not in dataset '{}'",
+                    self.dataset.name
+                ),
+            )
+        })?;
+        if column.identifier || self.forbidden.contains(name) {
+            return Err(self.problem(
+                TemplateProblem::IdentifierColumn,
+                format!(
+                    "{at}: column '{name}' is an identifier and may not be used in any template"
+                ),
+            ));
+        }
+        Ok(column)
+    }
+
+    fn check_parameters(&self) -> Result<(), Error> {
+        for (index, parameter) in self.template.parameters.iter().enumerate() {
+            let at = format!("parameters[{index}] '{}'", parameter.name);
+            let malformed = |message: String| self.problem(TemplateProblem::Malformed, message);
+            if !is_name(&parameter.name) {
+                return Err(malformed(format!(
+                    "{at}: names use lowercase letters, digits, '-' or '_'"
+                )));
+            }
+            if self.template.parameters[..index]
+                .iter()
+                .any(|earlier| earlier.name == parameter.name)
+            {
+                return Err(malformed(format!("{at}: declared twice")));
+            }
+            match parameter.parameter_type {
+                ParameterType::Integer | ParameterType::Float | ParameterType::Date => {
+                    if parameter.column.is_some() || parameter.allowed.is_some() {
+                        return Err(malformed(format!(
+                            "{at}: 'column' and 'allowed' apply only to category parameters"
+                        )));
+                    }
+                    let (Some(min), Some(max)) = (&parameter.min, &parameter.max) else {
+                        return Err(malformed(format!(
+                            "{at}: {} parameters need both 'min' and 'max' limits",
+                            parameter.parameter_type.name()
+                        )));
+                    };
+                    let min = literal_scalar(parameter.parameter_type, min)
+                        .ok_or_else(|| malformed(format!("{at}: 'min' is not a {}", parameter.parameter_type.name())))?;
+                    let max = literal_scalar(parameter.parameter_type, max)
+                        .ok_or_else(|| malformed(format!("{at}: 'max' is not a {}", parameter.parameter_type.name())))?;
+                    if scalar_gt(&min, &max) {
+                        return Err(malformed(format!("{at}: 'min' is greater than 'max'")));
+                    }
+                }
+                ParameterType::Category | ParameterType::Categories => {
+                    if parameter.min.is_some() || parameter.max.is_some() {
+                        return Err(malformed(format!(
+                            "{at}: category parameters take 'allowed', not 'min'/'max'"
+                        )));
+                    }
+                    let Some(column_name) = &parameter.column else {
+                        return Err(malformed(format!(
+                            "{at}: category parameters name the 'column' whose categories they use"
+                        )));
+                    };
+                    let column = self.column(column_name, &at)?;
+                    let Domain::Category { categories } = &column.domain else {
+                        return Err(malformed(format!(
+                            "{at}: column '{column_name}' is not a category column"
+                        )));
+                    };
+                    if let Some(allowed) = &parameter.allowed {
+                        if allowed.is_empty() {
+                            return Err(malformed(format!("{at}: 'allowed' must not be empty")));
+                        }
+                        if let Some(unknown) = allowed.iter().find(|value| !categories.contains(value)) {
+                            return Err(malformed(format!(
+                                "{at}: allowed category '{unknown}' is not a category of '{column_name}' ({})",
+                                categories.join(", ")
+                            )));
+                        }
+                    }
+                }
+            }
+            if let Some(default) = &parameter.default {
+                let value = literal_value(parameter.parameter_type, default).ok_or_else(|| {
+                    malformed(format!(
+                        "{at}: 'default' is not a {}",
+                        parameter.parameter_type.name()
+                    ))
+                })?;
+                self.resolve_parameter(parameter, &value)
+                    .map_err(|err| malformed(format!("{at}: 'default' is not allowed: {err}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn parameter(&self, name: &str, at: &str) -> Result<&'a ParameterSpec, Error> {
+        self.template
+            .parameters
+            .iter()
+            .find(|parameter| parameter.name == name)
+            .ok_or_else(|| {
+                self.problem(
+                    TemplateProblem::Malformed,
+                    format!("{at}: parameter '{name}' is not declared in 'parameters'"),
+                )
+            })
+    }
+
+    fn check_filter(
+        &self,
+        filter: &Filter,
+        at: &str,
+        used: &mut BTreeSet<String>,
+    ) -> Result<(), Error> {
+        let condition = match filter {
+            Filter::All(children) | Filter::Any(children) => {
+                let key = if matches!(filter, Filter::All(_)) { "all" } else { "any" };
+                for (index, child) in children.iter().enumerate() {
+                    self.check_filter(child, &format!("{at}.{key}[{index}]"), used)?;
+                }
+                return Ok(());
+            }
+            Filter::Condition(condition) => condition,
+        };
+        let column = self.column(&condition.column, at)?;
+        let malformed = |message: String| self.problem(TemplateProblem::Malformed, message);
+        let is_category = matches!(column.domain, Domain::Category { .. });
+        let op_fits = match condition.op {
+            Operator::Eq | Operator::Ne => true,
+            Operator::In => is_category,
+            Operator::Lt | Operator::Le | Operator::Gt | Operator::Ge | Operator::Between => {
+                !is_category
+            }
+        };
+        if !op_fits {
+            return Err(malformed(format!(
+                "{at}: operator '{}' does not apply to {} column '{}'",
+                condition.op.symbol(),
+                column.domain.type_name(),
+                column.name
+            )));
+        }
+        for operand in &condition.operands {
+            match operand {
+                Operand::Param(name) => {
+                    let parameter = self.parameter(name, at)?;
+                    used.insert(name.clone());
+                    if !parameter_fits(parameter, column, condition.op) {
+                        return Err(malformed(format!(
+                            "{at}: {} parameter '{name}' cannot be used with '{} {}'",
+                            parameter.parameter_type.name(),
+                            column.name,
+                            condition.op.symbol()
+                        )));
+                    }
+                }
+                Operand::Value(literal) => {
+                    resolve_literal(column, literal).map_err(|message| {
+                        malformed(format!("{at}: value '{literal}': {message}"))
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check_stratum(&self, stratum: &Stratum, at: &str) -> Result<Axis, Error> {
+        let column = self.column(&stratum.column, at)?;
+        let malformed = |message: String| self.problem(TemplateProblem::Malformed, message);
+        let mut levels = match (&column.domain, &stratum.bands) {
+            (Domain::Category { categories }, None) => categories.clone(),
+            (Domain::Category { .. }, Some(_)) => {
+                return Err(malformed(format!(
+                    "{at}: category column '{}' is stratified by its categories; remove 'bands'",
+                    column.name
+                )));
+            }
+            (Domain::Integer { min, max }, Some(bands)) => {
+                check_bands(bands, *min as f64, *max as f64, true).map_err(|message| {
+                    malformed(format!("{at}: bands on '{}': {message}", column.name))
+                })?;
+                bands.iter().map(|band| band.label.clone()).collect()
+            }
+            (Domain::Float { min, max }, Some(bands)) => {
+                check_bands(bands, *min, *max, false).map_err(|message| {
+                    malformed(format!("{at}: bands on '{}': {message}", column.name))
+                })?;
+                bands.iter().map(|band| band.label.clone()).collect()
+            }
+            (Domain::Integer { .. } | Domain::Float { .. }, None) => {
+                return Err(malformed(format!(
+                    "{at}: numeric column '{}' needs 'bands' to be used as a stratum",
+                    column.name
+                )));
+            }
+            (Domain::Date { .. } | Domain::Text, _) => {
+                return Err(malformed(format!(
+                    "{at}: {} column '{}' cannot be a stratum",
+                    column.domain.type_name(),
+                    column.name
+                )));
+            }
+        };
+        levels.push(MISSING_LEVEL.to_string());
+        Ok(Axis {
+            column: column.name.clone(),
+            levels,
+        })
+    }
+
+    /// Checks a value against a parameter's declaration.
+    fn resolve_parameter(&self, parameter: &ParameterSpec, value: &Value) -> Result<(), String> {
+        let out_of_limits = |shown: String| {
+            let min = parameter.min.as_ref().map(ToString::to_string).unwrap_or_default();
+            let max = parameter.max.as_ref().map(ToString::to_string).unwrap_or_default();
+            format!("{shown} is outside its limits {min} to {max}")
+        };
+        match (parameter.parameter_type, value) {
+            (ParameterType::Integer, Value::Integer(given)) => {
+                let (min, max) = (
+                    parameter.min.as_ref().and_then(literal_i64),
+                    parameter.max.as_ref().and_then(literal_i64),
+                );
+                if min.is_some_and(|min| *given < min) || max.is_some_and(|max| *given > max) {
+                    return Err(out_of_limits(given.to_string()));
+                }
+                Ok(())
+            }
+            (ParameterType::Float, Value::Float(_) | Value::Integer(_)) => {
+                let given = match value {
+                    Value::Float(given) => *given,
+                    Value::Integer(given) => *given as f64,
+                    _ => unreachable!("matched above"),
+                };
+                if !given.is_finite() {
+                    return Err("must be a finite number".into());
+                }
+                let (min, max) = (
+                    parameter.min.as_ref().and_then(literal_f64),
+                    parameter.max.as_ref().and_then(literal_f64),
+                );
+                if min.is_some_and(|min| given < min) || max.is_some_and(|max| given > max) {
+                    return Err(out_of_limits(given.to_string()));
+                }
+                Ok(())
+            }
+            (ParameterType::Date, Value::Date(given)) => {
+                let limit = |literal: &Option<Literal>| match literal {
+                    Some(Literal::Text(text)) => parse_date(text).ok(),
+                    _ => None,
+                };
+                let (min, max) = (limit(&parameter.min), limit(&parameter.max));
+                if min.is_some_and(|min| *given < min) || max.is_some_and(|max| *given > max) {
+                    return Err(out_of_limits(given.to_string()));
+                }
+                Ok(())
+            }
+            (ParameterType::Category, Value::Category(given)) => {
+                self.check_categories(parameter, std::slice::from_ref(given))
+            }
+            (ParameterType::Categories, Value::Categories(given)) => {
+                if given.is_empty() {
+                    return Err("give at least one category".into());
+                }
+                self.check_categories(parameter, given)
+            }
+            (ParameterType::Categories, Value::Category(given)) => {
+                self.check_categories(parameter, std::slice::from_ref(given))
+            }
+            (expected, given) => Err(format!(
+                "expects a {} value, got a {} value",
+                expected.name(),
+                given.type_name()
+            )),
+        }
+    }
+
+    fn check_categories(&self, parameter: &ParameterSpec, given: &[String]) -> Result<(), String> {
+        let allowed = allowed_categories(parameter, self.dataset);
+        for (index, category) in given.iter().enumerate() {
+            if !allowed.contains(category) {
+                return Err(format!(
+                    "'{category}' is not allowed; choose from: {}",
+                    allowed.join(", ")
+                ));
+            }
+            if given[..index].contains(category) {
+                return Err(format!("'{category}' is given twice"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The categories a category parameter may take.
+pub fn allowed_categories(parameter: &ParameterSpec, dataset: &DatasetSpec) -> Vec<String> {
+    if let Some(allowed) = &parameter.allowed {
+        return allowed.clone();
+    }
+    let column = parameter.column.as_deref().and_then(|name| dataset.column(name));
+    match column.map(|column| &column.domain) {
+        Some(Domain::Category { categories }) => categories.clone(),
+        _ => Vec::new(),
+    }
+}
+
+impl CheckedTemplate<'_> {
+    /// The effective parameter values: given ones, then defaults. Unknown, duplicate, missing,
+    /// mistyped and out-of-limits values are refused with a message naming the parameter.
+    pub fn bind(&self, given: &[(String, Value)]) -> Result<BoundQuery, Error> {
+        let checker = Checker {
+            template: self.template,
+            dataset: self.dataset,
+            forbidden: &BTreeSet::new(),
+        };
+        for (index, (name, _)) in given.iter().enumerate() {
+            if !self.template.parameters.iter().any(|spec| &spec.name == name) {
+                let known: Vec<&str> = self
+                    .template
+                    .parameters
+                    .iter()
+                    .map(|spec| spec.name.as_str())
+                    .collect();
+                return Err(Error::Parameter {
+                    parameter: name.clone(),
+                    message: format!(
+                        "template '{}' has no such parameter; it takes: {}",
+                        self.template.id,
+                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                    ),
+                });
+            }
+            if given[..index].iter().any(|(earlier, _)| earlier == name) {
+                return Err(Error::Parameter {
+                    parameter: name.clone(),
+                    message: "given more than once".into(),
+                });
+            }
+        }
+        let mut values: Vec<(&str, Value)> = Vec::new();
+        for spec in &self.template.parameters {
+            let value = match given.iter().find(|(name, _)| name == &spec.name) {
+                Some((_, value)) => value.clone(),
+                None => spec
+                    .default
+                    .as_ref()
+                    .and_then(|default| literal_value(spec.parameter_type, default))
+                    .ok_or_else(|| Error::Parameter {
+                        parameter: spec.name.clone(),
+                        message: format!("is required ({})", describe_limits(spec, self.dataset)),
+                    })?,
+            };
+            checker
+                .resolve_parameter(spec, &value)
+                .map_err(|message| Error::Parameter {
+                    parameter: spec.name.clone(),
+                    message,
+                })?;
+            values.push((spec.name.as_str(), value));
+        }
+        let filter = match &self.template.filter {
+            Some(filter) => Some(bind_filter(filter, self.dataset, &values)?),
+            None => None,
+        };
+        let strata = self
+            .template
+            .strata
+            .iter()
+            .map(|stratum| bind_stratum(stratum, self.dataset))
+            .collect();
+        Ok(BoundQuery {
+            dataset: self.template.dataset.clone(),
+            filter,
+            strata,
+        })
+    }
+}
+
+/// Human-readable limits of a parameter, e.g. "integer from 0 to 75".
+pub fn describe_limits(parameter: &ParameterSpec, dataset: &DatasetSpec) -> String {
+    match parameter.parameter_type {
+        ParameterType::Category => format!(
+            "one of: {}",
+            allowed_categories(parameter, dataset).join(", ")
+        ),
+        ParameterType::Categories => format!(
+            "one or more of: {}",
+            allowed_categories(parameter, dataset).join(", ")
+        ),
+        kind => format!(
+            "{} from {} to {}",
+            kind.name(),
+            parameter.min.as_ref().map(ToString::to_string).unwrap_or_default(),
+            parameter.max.as_ref().map(ToString::to_string).unwrap_or_default()
+        ),
+    }
+}
+
+fn bind_filter(
+    filter: &Filter,
+    dataset: &DatasetSpec,
+    values: &[(&str, Value)],
+) -> Result<BoundFilter, Error> {
+    let condition = match filter {
+        Filter::All(children) => {
+            return Ok(BoundFilter::All(
+                children
+                    .iter()
+                    .map(|child| bind_filter(child, dataset, values))
+                    .collect::<Result<_, _>>()?,
+            ));
+        }
+        Filter::Any(children) => {
+            return Ok(BoundFilter::Any(
+                children
+                    .iter()
+                    .map(|child| bind_filter(child, dataset, values))
+                    .collect::<Result<_, _>>()?,
+            ));
+        }
+        Filter::Condition(condition) => condition,
+    };
+    let internal = |message: String| Error::Parameter {
+        parameter: condition.column.clone(),
+        message,
+    };
+    let column = dataset
+        .column(&condition.column)
+        .ok_or_else(|| internal("column vanished after checking".into()))?;
+    let mut scalars = Vec::new();
+    for operand in &condition.operands {
+        match operand {
+            Operand::Value(literal) => scalars.push(resolve_literal(column, literal).map_err(internal)?),
+            Operand::Param(name) => {
+                let (_, value) = values
+                    .iter()
+                    .find(|(candidate, _)| candidate == name)
+                    .ok_or_else(|| internal(format!("parameter '{name}' has no value")))?;
+                scalars.extend(resolve_value(column, value).map_err(internal)?);
+            }
+        }
+    }
+    let column_name = condition.column.clone();
+    let single = |mut scalars: Vec<Scalar>| {
+        scalars
+            .pop()
+            .ok_or_else(|| internal("a condition lost its operand".into()))
+    };
+    Ok(match condition.op {
+        Operator::In => BoundFilter::OneOf {
+            column: column_name,
+            values: scalars,
+        },
+        Operator::Between => {
+            let high = single(scalars.clone())?;
+            let low = scalars
+                .first()
+                .cloned()
+                .ok_or_else(|| internal("between lost its lower bound".into()))?;
+            BoundFilter::Between {
+                column: column_name,
+                low,
+                high,
+            }
+        }
+        op => BoundFilter::Compare {
+            column: column_name,
+            op: match op {
+                Operator::Eq => CompareOp::Eq,
+                Operator::Ne => CompareOp::Ne,
+                Operator::Lt => CompareOp::Lt,
+                Operator::Le => CompareOp::Le,
+                Operator::Gt => CompareOp::Gt,
+                _ => CompareOp::Ge,
+            },
+            value: single(scalars)?,
+        },
+    })
+}
+
+fn bind_stratum(stratum: &Stratum, dataset: &DatasetSpec) -> BoundStratum {
+    let domain = dataset.column(&stratum.column).map(|column| &column.domain);
+    match (domain, &stratum.bands) {
+        (Some(Domain::Category { categories }), _) => BoundStratum::Categories {
+            column: stratum.column.clone(),
+            count: categories.len() as u32,
+        },
+        (domain, bands) => BoundStratum::Bands {
+            column: stratum.column.clone(),
+            integer: matches!(domain, Some(Domain::Integer { .. })),
+            bands: bands
+                .iter()
+                .flatten()
+                .map(|band| (band.at_least, band.below))
+                .collect(),
+        },
+    }
+}
+
+fn parameter_fits(parameter: &ParameterSpec, column: &ColumnSpec, op: Operator) -> bool {
+    match (parameter.parameter_type, &column.domain) {
+        (ParameterType::Integer, Domain::Integer { .. } | Domain::Float { .. }) => true,
+        (ParameterType::Float, Domain::Float { .. }) => true,
+        (ParameterType::Date, Domain::Date { .. }) => true,
+        (ParameterType::Category, Domain::Category { .. }) => {
+            parameter.column.as_deref() == Some(column.name.as_str())
+        }
+        (ParameterType::Categories, Domain::Category { .. }) => {
+            op == Operator::In && parameter.column.as_deref() == Some(column.name.as_str())
+        }
+        _ => false,
+    }
+}
+
+fn resolve_literal(column: &ColumnSpec, literal: &Literal) -> Result<Scalar, String> {
+    let value = match (&column.domain, literal) {
+        (Domain::Integer { .. }, Literal::Integer(v)) => Value::Integer(*v),
+        (Domain::Float { .. }, Literal::Integer(v)) => Value::Float(*v as f64),
+        (Domain::Float { .. }, Literal::Float(v)) => Value::Float(*v),
+        (Domain::Date { .. }, Literal::Text(text)) => Value::Date(
+            parse_date(text).map_err(|_| "dates are written YYYY-MM-DD".to_string())?,
+        ),
+        (Domain::Category { .. }, Literal::Text(text)) => Value::Category(text.clone()),
+        (domain, _) => {
+            return Err(format!(
+                "is not a valid {} for column '{}'",
+                domain.type_name(),
+                column.name
+            ));
+        }
+    };
+    resolve_value(column, &value)?
+        .pop()
+        .ok_or_else(|| "is empty".to_string())
+}
+
+/// Resolves a typed value against a column's domain (categories become their positions).
+fn resolve_value(column: &ColumnSpec, value: &Value) -> Result<Vec<Scalar>, String> {
+    let category = |name: &String| match &column.domain {
+        Domain::Category { categories } => categories
+            .iter()
+            .position(|known| known == name)
+            .map(|index| Scalar::Category(index as u32))
+            .ok_or_else(|| {
+                format!(
+                    "'{name}' is not a category of '{}' ({})",
+                    column.name,
+                    categories.join(", ")
+                )
+            }),
+        _ => Err(format!("column '{}' has no categories", column.name)),
+    };
+    Ok(match value {
+        Value::Integer(v) if matches!(column.domain, Domain::Float { .. }) => {
+            vec![Scalar::Float(*v as f64)]
+        }
+        Value::Integer(v) => vec![Scalar::Integer(*v)],
+        Value::Float(v) => vec![Scalar::Float(*v)],
+        Value::Date(v) => vec![Scalar::Date(*v)],
+        Value::Category(name) => vec![category(name)?],
+        Value::Categories(names) => names.iter().map(category).collect::<Result<_, _>>()?,
+    })
+}
+
+fn literal_i64(literal: &Literal) -> Option<i64> {
+    match literal {
+        Literal::Integer(value) => Some(*value),
+        _ => None,
+    }
+}
+
+fn literal_f64(literal: &Literal) -> Option<f64> {
+    match literal {
+        Literal::Integer(value) => Some(*value as f64),
+        Literal::Float(value) if value.is_finite() => Some(*value),
+        _ => None,
+    }
+}
+
+fn literal_scalar(parameter_type: ParameterType, literal: &Literal) -> Option<Scalar> {
+    match parameter_type {
+        ParameterType::Integer => literal_i64(literal).map(Scalar::Integer),
+        ParameterType::Float => literal_f64(literal).map(Scalar::Float),
+        ParameterType::Date => match literal {
+            Literal::Text(text) => parse_date(text).ok().map(Scalar::Date),
+            _ => None,
+        },
+        ParameterType::Category | ParameterType::Categories => None,
+    }
+}
+
+fn literal_value(parameter_type: ParameterType, literal: &Literal) -> Option<Value> {
+    match (parameter_type, literal) {
+        (ParameterType::Integer, Literal::Integer(value)) => Some(Value::Integer(*value)),
+        (ParameterType::Float, _) => literal_f64(literal).map(Value::Float),
+        (ParameterType::Date, Literal::Text(text)) => parse_date(text).ok().map(Value::Date),
+        (ParameterType::Category, Literal::Text(text)) => Some(Value::Category(text.clone())),
+        (ParameterType::Categories, Literal::List(values)) => Some(Value::Categories(values.clone())),
+        (ParameterType::Categories, Literal::Text(text)) => Some(Value::Categories(vec![text.clone()])),
+        _ => None,
+    }
+}
+
+fn scalar_gt(left: &Scalar, right: &Scalar) -> bool {
+    match (left, right) {
+        (Scalar::Integer(l), Scalar::Integer(r)) => l > r,
+        (Scalar::Float(l), Scalar::Float(r)) => l > r,
+        (Scalar::Date(l), Scalar::Date(r)) => l > r,
+        (Scalar::Category(l), Scalar::Category(r)) => l > r,
+        _ => false,
+    }
+}
+
+/// Bands must be labelled, ascending, contiguous, and cover the column's whole domain, so
+/// every non-null value falls in exactly one band.
+fn check_bands(bands: &[Band], min: f64, max: f64, integer: bool) -> Result<(), String> {
+    if bands.len() < 2 {
+        return Err("give at least two bands".into());
+    }
+    for (index, band) in bands.iter().enumerate() {
+        if band.label.trim().is_empty() || band.label == MISSING_LEVEL {
+            return Err(format!("band {index} needs a label other than '{MISSING_LEVEL}'"));
+        }
+        if bands[..index].iter().any(|earlier| earlier.label == band.label) {
+            return Err(format!("label '{}' is used twice", band.label));
+        }
+        for edge in [band.at_least, band.below].into_iter().flatten() {
+            if !edge.is_finite() || (integer && edge.fract() != 0.0) {
+                return Err(format!(
+                    "band '{}' has edge {edge}; edges of an integer column are whole numbers",
+                    band.label
+                ));
+            }
+        }
+        if let (Some(low), Some(high)) = (band.at_least, band.below) {
+            if low >= high {
+                return Err(format!("band '{}' is empty ({low} to below {high})", band.label));
+            }
+        }
+        let first = index == 0;
+        let last = index == bands.len() - 1;
+        if !first && band.at_least != bands[index - 1].below {
+            return Err(format!(
+                "band '{}' must start where band '{}' ends, so no value falls between bands",
+                band.label,
+                bands[index - 1].label
+            ));
+        }
+        if !first && band.at_least.is_none() || !last && band.below.is_none() {
+            return Err(format!("only the first band may be open below and only the last open above (band '{}')", band.label));
+        }
+        if first && band.at_least.is_some_and(|low| low > min) {
+            return Err(format!(
+                "the first band starts at {} but the column's values start at {min}",
+                band.at_least.unwrap_or(min)
+            ));
+        }
+        if last && band.below.is_some_and(|high| high <= max) {
+            return Err(format!(
+                "the last band ends below {} but the column's values go up to {max}",
+                band.below.unwrap_or(max)
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,298 @@
+//! Unit tests of the template language: parsing, checking, canonical form, binding.
+
+use super::*;
+
+const COHORT: &str = r#"
+id = "cohort-by-age-sex"
+version = 1
+title = "Admissions by age band and sex"
+description = "Trauma admissions in a period, by age band and sex."
+data_model = "fedq-trauma/1"
+dataset = "trauma_admissions"
+
+[statistic]
+kind = "count"
+
+[[parameters]]
+name = "from"
+type = "date"
+min = "2010-01-01"
+max = "2030-12-31"
+
+[[parameters]]
+name = "to"
+type = "date"
+min = "2010-01-01"
+max = "2030-12-31"
+
+[[parameters]]
+name = "min_iss"
+type = "integer"
+min = 0
+max = 75
+default = 0
+
+[filter]
+all = [
+  { column = "admission_date", op = "between", params = ["from", "to"] },
+  { column = "iss", op = ">=", param = "min_iss" },
+]
+
+[[strata]]
+column = "age"
+bands = [
+  { label = "0-17", below = 18 },
+  { label = "18-64", at_least = 18, below = 65 },
+  { label = "65+", at_least = 65 },
+]
+
+[[strata]]
+column = "sex"
+"#;
+
+fn model() -> DataModel {
+    DataModel::builtin()
+}
+
+fn cohort() -> Template {
+    Template::from_toml(COHORT, "cohort.toml").unwrap()
+}
+
+fn date(text: &str) -> Value {
+    Value::Date(parse_date(text).unwrap())
+}
+
+fn no_extra() -> BTreeSet<String> {
+    BTreeSet::new()
+}
+
+#[test]
+fn valid_template_checks_and_has_missing_level_on_every_axis() {
+    let template = cohort();
+    let model = model();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    assert_eq!(checked.axes.len(), 2);
+    assert_eq!(checked.axes[0].levels, ["0-17", "18-64", "65+", "missing"]);
+    assert_eq!(
+        checked.axes[1].levels,
+        ["female", "male", "other", "missing"]
+    );
+}
+
+#[test]
+fn reformatted_and_reordered_toml_has_the_same_canonical_bytes() {
+    let reordered = COHORT
+        .replace(
+            "id = \"cohort-by-age-sex\"\nversion = 1\n",
+            "version   =   1\nid = \"cohort-by-age-sex\"   # comment\n",
+        )
+        .replace("min = 0\nmax = 75", "max = 75\nmin = 0");
+    let again = Template::from_toml(&reordered, "reordered.toml").unwrap();
+    assert_ne!(reordered, COHORT);
+    assert_eq!(again.canonical_bytes(), cohort().canonical_bytes());
+    assert_eq!(again.content_hash(), cohort().content_hash());
+}
+
+#[test]
+fn changing_any_value_changes_the_content_hash() {
+    let changed = Template::from_toml(&COHORT.replace("max = 75", "max = 74"), "x").unwrap();
+    assert_ne!(changed.content_hash(), cohort().content_hash());
+}
+
+#[test]
+fn canonical_bytes_round_trip_and_non_canonical_bytes_are_refused() {
+    let template = cohort();
+    let bytes = template.canonical_bytes();
+    assert_eq!(Template::from_canonical(&bytes).unwrap(), template);
+
+    let mut pretty = serde_json::to_vec_pretty(&template).unwrap();
+    let err = Template::from_canonical(&pretty).unwrap_err().to_string();
+    assert!(err.contains("not in canonical form"), "{err}");
+
+    pretty.truncate(10);
+    let err = Template::from_canonical(&pretty).unwrap_err();
+    assert_eq!(err.refusal_code(), crate::wire::RefusalCode::MalformedTemplate);
+}
+
+#[test]
+fn malformed_toml_reports_the_line() {
+    let broken = COHORT.replace("max = 75", "max = = 75");
+    let err = Template::from_toml(&broken, "broken.toml").unwrap_err().to_string();
+    assert!(err.contains("broken.toml"), "{err}");
+    assert!(err.contains("line 28"), "{err}");
+}
+
+#[test]
+fn unknown_key_is_rejected_with_its_name() {
+    let extra = COHORT.replace("version = 1\n", "version = 1\nowner = \"me\"\n");
+    let err = Template::from_toml(&extra, "extra.toml").unwrap_err().to_string();
+    assert!(err.contains("owner"), "{err}");
+}
+
+#[test]
+fn identifier_column_is_refused_in_every_role() {
+    let model = model();
+    let in_filter = COHORT.replace(
+        "{ column = \"iss\", op = \">=\", param = \"min_iss\" },",
+        "{ column = \"iss\", op = \">=\", param = \"min_iss\" },\n  { column = \"national_id\", op = \"=\", value = \"x\" },",
+    );
+    let in_strata = format!("{COHORT}\n[[strata]]\ncolumn = \"case_number\"\n");
+    for text in [in_filter, in_strata] {
+        let template = Template::from_toml(&text, "t").unwrap();
+        let err = template.check(&model, &no_extra()).unwrap_err();
+        assert_eq!(err.refusal_code(), crate::wire::RefusalCode::IdentifierColumn);
+        assert!(err.to_string().contains("is an identifier"), "{err}");
+    }
+}
+
+#[test]
+fn column_a_site_marks_as_identifier_is_refused() {
+    let model = model();
+    let template = cohort();
+    let site_identifiers = BTreeSet::from(["sex".to_string()]);
+    let err = template.check(&model, &site_identifiers).unwrap_err();
+    assert_eq!(err.refusal_code(), crate::wire::RefusalCode::IdentifierColumn);
+}
+
+#[test]
+fn unknown_column_is_refused_with_its_name() {
+    let model = model();
+    let template = Template::from_toml(&COHORT.replace("column = \"sex\"", "column = \"gender\""), "t").unwrap();
+    let err = template.check(&model, &no_extra()).unwrap_err();
+    assert_eq!(err.refusal_code(), crate::wire::RefusalCode::UnknownColumn);
+    assert!(err.to_string().contains("'gender'"), "{err}");
+}
+
+#[test]
+fn bands_that_leave_a_gap_are_refused() {
+    let model = model();
+    let gap = COHORT.replace("at_least = 18, below = 65", "at_least = 19, below = 65");
+    let template = Template::from_toml(&gap, "t").unwrap();
+    let err = template.check(&model, &no_extra()).unwrap_err().to_string();
+    assert!(err.contains("must start where band '0-17' ends"), "{err}");
+}
+
+#[test]
+fn bands_that_do_not_cover_the_domain_are_refused() {
+    let model = model();
+    let short = COHORT.replace("{ label = \"65+\", at_least = 65 }", "{ label = \"65-99\", at_least = 65, below = 100 }");
+    let template = Template::from_toml(&short, "t").unwrap();
+    let err = template.check(&model, &no_extra()).unwrap_err().to_string();
+    assert!(err.contains("go up to 120"), "{err}");
+}
+
+#[test]
+fn undeclared_and_unused_parameters_are_refused() {
+    let model = model();
+    let undeclared = Template::from_toml(&COHORT.replace("param = \"min_iss\"", "param = \"max_iss\""), "t").unwrap();
+    let err = undeclared.check(&model, &no_extra()).unwrap_err().to_string();
+    assert!(err.contains("parameter 'max_iss' is not declared"), "{err}");
+}
+
+#[test]
+fn binding_resolves_values_and_defaults() {
+    let model = model();
+    let template = cohort();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    let bound = checked
+        .bind(&[
+            ("from".into(), date("2020-01-01")),
+            ("to".into(), date("2020-12-31")),
+        ])
+        .unwrap();
+    let Some(BoundFilter::All(conditions)) = bound.filter else {
+        panic!("expected an 'all' filter");
+    };
+    assert_eq!(
+        conditions[1],
+        BoundFilter::Compare {
+            column: "iss".into(),
+            op: CompareOp::Ge,
+            value: Scalar::Integer(0)
+        }
+    );
+}
+
+#[test]
+fn out_of_range_parameter_is_refused_naming_it() {
+    let model = model();
+    let template = cohort();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    let err = checked
+        .bind(&[
+            ("from".into(), date("2020-01-01")),
+            ("to".into(), date("2020-12-31")),
+            ("min_iss".into(), Value::Integer(99)),
+        ])
+        .unwrap_err();
+    assert_eq!(err.refusal_code(), crate::wire::RefusalCode::InvalidParameter);
+    let message = err.to_string();
+    assert!(message.contains("'min_iss'") && message.contains("outside its limits 0 to 75"), "{message}");
+}
+
+#[test]
+fn missing_unknown_and_mistyped_parameters_are_refused() {
+    let model = model();
+    let template = cohort();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    let missing = checked.bind(&[("from".into(), date("2020-01-01"))]).unwrap_err().to_string();
+    assert!(missing.contains("'to'") && missing.contains("is required"), "{missing}");
+
+    let unknown = checked.bind(&[("colour".into(), Value::Integer(1))]).unwrap_err().to_string();
+    assert!(unknown.contains("'colour'") && unknown.contains("it takes: from, to, min_iss"), "{unknown}");
+
+    let mistyped = checked
+        .bind(&[("from".into(), Value::Integer(2020)), ("to".into(), date("2020-12-31"))])
+        .unwrap_err()
+        .to_string();
+    assert!(mistyped.contains("expects a date value, got a integer"), "{mistyped}");
+}
+
+#[test]
+fn category_parameter_outside_allowed_set_is_refused() {
+    let text = r#"
+id = "deaths"
+version = 2
+title = "Deaths"
+description = "Deaths by mechanism."
+data_model = "fedq-trauma/1"
+dataset = "trauma_admissions"
+[statistic]
+kind = "count"
+[[parameters]]
+name = "mechanisms"
+type = "categories"
+column = "injury_mechanism"
+allowed = ["fall", "assault"]
+[filter]
+column = "injury_mechanism"
+op = "in"
+param = "mechanisms"
+"#;
+    let model = model();
+    let template = Template::from_toml(text, "t").unwrap();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    let err = checked
+        .bind(&[("mechanisms".into(), Value::Categories(vec!["self_harm".into()]))])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("'self_harm' is not allowed; choose from: fall, assault"), "{err}");
+    let bound = checked
+        .bind(&[("mechanisms".into(), Value::Categories(vec!["assault".into()]))])
+        .unwrap();
+    assert_eq!(
+        bound.filter,
+        Some(BoundFilter::OneOf {
+            column: "injury_mechanism".into(),
+            values: vec![Scalar::Category(2)]
+        })
+    );
+}
+
+#[test]
+fn wrong_data_model_version_is_refused() {
+    let model = model();
+    let template = Template::from_toml(&COHORT.replace("fedq-trauma/1", "fedq-trauma/2"), "t").unwrap();
+    let err = template.check(&model, &no_extra()).unwrap_err();
+    assert_eq!(err.refusal_code(), crate::wire::RefusalCode::DataModelMismatch);
+}

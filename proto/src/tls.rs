@@ -1,0 +1,187 @@
+//! Transport security shared by node and coordinator: the one rustls crypto provider (ring),
+//! PEM loading, mutual-TLS server configuration, the accept loop that performs handshakes off
+//! the critical path, and how a certificate's identity is read (its DNS subject alternative
+//! names).
+//!
+//! Clients (coordinator → node, CLI → coordinator) use tonic's `ClientTlsConfig`, which
+//! verifies the server against the alliance CA and the expected identity.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::Error;
+
+/// How long a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Installs ring as the process-wide rustls crypto provider. Call once at start-up (tests may
+/// call it repeatedly; later calls do nothing).
+pub fn install_crypto_provider() {
+    // Err means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// PEM files a TLS endpoint needs: the alliance CA, its own certificate chain and key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca_cert: std::path::PathBuf,
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+/// Reads the certificates in a PEM file.
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .map_err(|err| Error::Tls(format!("cannot read certificates from {}: {err}", path.display())))?
+        .collect::<Result<_, _>>()
+        .map_err(|err| Error::Tls(format!("{} holds an unreadable certificate: {err}", path.display())))?;
+    if certs.is_empty() {
+        return Err(Error::Tls(format!("{} holds no PEM certificate", path.display())));
+    }
+    Ok(certs)
+}
+
+/// Reads the private key in a PEM file.
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_file(path)
+        .map_err(|err| Error::Tls(format!("cannot read a private key from {}: {err}", path.display())))
+}
+
+/// Reads a PEM file as text (for tonic's client configuration).
+pub fn read_pem(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn root_store(ca_cert: &Path) -> Result<RootCertStore, Error> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca_cert)? {
+        roots
+            .add(cert)
+            .map_err(|err| Error::Tls(format!("{} is not a usable CA certificate: {err}", ca_cert.display())))?;
+    }
+    Ok(roots)
+}
+
+/// A server configuration that *requires* a client certificate issued by the CA in
+/// `files.ca_cert` (mutual TLS). Which identities are then allowed is the caller's decision.
+pub fn mutual_tls_server_config(files: &TlsFiles) -> Result<rustls::ServerConfig, Error> {
+    let roots = root_store(&files.ca_cert)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|err| Error::Tls(format!("cannot build the client-certificate verifier: {err}")))?;
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| Error::Tls(err.to_string()))?
+        .with_client_cert_verifier(verifier);
+    finish_server_config(config, files)
+}
+
+/// A server configuration for clients that authenticate by other means (study-lead CLIs):
+/// the server proves its identity; client certificates are not requested.
+pub fn server_only_tls_config(files: &TlsFiles) -> Result<rustls::ServerConfig, Error> {
+    let config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| Error::Tls(err.to_string()))?
+        .with_no_client_auth();
+    finish_server_config(config, files)
+}
+
+fn finish_server_config(
+    builder: rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>,
+    files: &TlsFiles,
+) -> Result<rustls::ServerConfig, Error> {
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let mut config = builder.with_single_cert(certs, key).map_err(|err| {
+        Error::Tls(format!(
+            "certificate {} and key {} do not form a usable pair: {err}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The identities a certificate asserts: its DNS subject alternative names.
+pub fn certificate_identities(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|err| Error::Tls(format!("unreadable certificate: {err}")))?;
+    let mut names = Vec::new();
+    if let Ok(Some(extension)) = parsed.subject_alternative_name() {
+        for name in &extension.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+                names.push(dns.to_string());
+            }
+        }
+    }
+    Ok(names)
+}
+
+/// The identities of a peer: the DNS names of the first certificate of its chain.
+pub fn peer_identities(chain: &[CertificateDer<'_>]) -> Result<Vec<String>, Error> {
+    let leaf = chain
+        .first()
+        .ok_or_else(|| Error::Tls("the peer presented no certificate".into()))?;
+    certificate_identities(leaf)
+}
+
+/// Accepts TCP connections on `listener` and completes TLS handshakes in their own tasks, so a
+/// slow or hostile client never holds up others. Yields established streams for
+/// `tonic::transport::Server::serve_with_incoming*`. Failed handshakes are logged (they are
+/// how wrong or missing client certificates show up) and dropped.
+pub fn accept_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = sender.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    tracing::warn!(error = %err, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let acceptor = acceptor.clone();
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = sender.send(Ok(stream)).await;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::warn!(%peer, error = %err, "tls handshake failed; connection dropped");
+                    }
+                    Err(_) => {
+                        tracing::warn!(%peer, "tls handshake timed out; connection dropped");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(receiver)
+}
