@@ -1,1 +1,25 @@
-//! placeholder
+//! fedq coordinator: holds the alliance's catalogue of approved templates, fans a study lead's
+//! query out to every hospital node over mutual TLS with a per-site deadline, pools the
+//! released cells, and reports each site's status. Also the study lead's client side (the
+//! `fedq` CLI) and development certificates.
+//!
+//! - [`config`]: the coordinator's TOML configuration.
+//! - [`catalogue`]: approved templates loaded from a folder and checked against the data model.
+//! - [`fanout`]: calling every node concurrently, each bounded by its deadline.
+//! - [`pool`]: summing released cells across sites; incomplete cells stay marked.
+//! - [`service`] / [`server`]: the `fedq.v1.Coordinator` gRPC service over TLS.
+//! - [`client`] / [`render`]: the CLI's connection to the coordinator and its tables and JSON.
+//! - [`certs`]: a development certificate authority (`fedq certs`).
+
+pub mod catalogue;
+pub mod certs;
+pub mod client;
+pub mod config;
+mod error;
+pub mod fanout;
+pub mod pool;
+pub mod render;
+pub mod server;
+pub mod service;
+
+pub use error::CoordinatorError;

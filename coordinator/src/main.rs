@@ -1,1 +1,237 @@
-fn main() {}
+//! `fedq`: the coordinator service (`fedq serve`) and the study lead's and expert's command
+//! line (templates, sites, query, certs). Parses arguments, starts tracing, installs the TLS
+//! crypto provider, runs one command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fedq_coordinator::config::CoordinatorConfig;
+use fedq_coordinator::{CoordinatorError, certs, client, render};
+use fedq_proto::wire;
+
+#[derive(Parser)]
+#[command(name = "fedq", version, about = "fedq: federated aggregate queries across an alliance of hospitals")]
+struct Cli {
+    /// Coordinator address (for every command but serve and certs).
+    #[arg(long, global = true, env = "FEDQ_COORDINATOR", default_value = "https://localhost:7700")]
+    coordinator: String,
+    /// CA certificate that signed the coordinator's certificate.
+    #[arg(long, global = true, env = "FEDQ_CA_CERT", default_value = "certs/ca.pem")]
+    ca_cert: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator service until SIGTERM or Ctrl-C.
+    Serve {
+        #[arg(long, env = "FEDQ_COORDINATOR_CONFIG")]
+        config: PathBuf,
+    },
+    /// The catalogue of approved templates.
+    Templates {
+        #[command(subcommand)]
+        command: TemplatesCommand,
+    },
+    /// Every configured site and what it holds.
+    Sites,
+    /// Run an approved template at every site and show the pooled result.
+    Query {
+        /// Template id (see `fedq templates list`).
+        template: String,
+        /// A parameter value, `name=value`; repeat for each. Categories: `a,b,c`.
+        #[arg(long = "param", short = 'p')]
+        params: Vec<String>,
+        /// Per-site deadline in milliseconds (default: the coordinator's).
+        #[arg(long)]
+        deadline_ms: Option<u32>,
+        /// Print the documented JSON result instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a development CA and certificates (for demos and tests, not production).
+    Certs {
+        /// Folder to write ca.pem, ca.key and <identity>.pem/.key into.
+        #[arg(long)]
+        out: PathBuf,
+        /// A certificate identity (DNS name) to issue; repeat for each.
+        #[arg(long = "identity", required = true)]
+        identities: Vec<String>,
+        #[arg(long, default_value = "fedq development CA")]
+        ca_name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplatesCommand {
+    /// List approved templates.
+    List,
+    /// Show one template: purpose, parameters and their limits, strata.
+    Show { id: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    fedq_proto::tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("fedq: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("fedq: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CoordinatorError> {
+    match cli.command {
+        Command::Serve { config } => {
+            let config = CoordinatorConfig::load(&config)?;
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .map_err(|err| CoordinatorError::Server(format!("cannot listen on {}: {err}", config.listen)))?;
+            tracing::info!(address = %config.listen, "coordinator serving");
+            fedq_coordinator::server::run(&config, listener, shutdown_signal()).await
+        }
+        Command::Certs { out, identities, ca_name } => {
+            let pki = certs::create_dev_pki(&out, &ca_name, &identities)?;
+            println!("CA certificate: {}", pki.ca_cert.display());
+            for issued in pki.identities {
+                println!("{}: {} {}", issued.identity, issued.cert.display(), issued.key.display());
+            }
+            Ok(())
+        }
+        Command::Templates { command } => {
+            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            match command {
+                TemplatesCommand::List => {
+                    let list = coordinator
+                        .list_templates(wire::ListTemplatesRequest {})
+                        .await
+                        .map_err(|status| client::status_message(&status))?
+                        .into_inner();
+                    for template in list.templates {
+                        let reference = template.reference.unwrap_or_default();
+                        println!("{:<28} v{:<3} {:<8} {}", reference.id, reference.version, template.statistic, template.title);
+                    }
+                }
+                TemplatesCommand::Show { id } => {
+                    let detail = coordinator
+                        .get_template(wire::GetTemplateRequest { id })
+                        .await
+                        .map_err(|status| client::status_message(&status))?
+                        .into_inner();
+                    print!("{}", describe_template(&detail));
+                }
+            }
+            Ok(())
+        }
+        Command::Sites => {
+            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            let sites = coordinator
+                .list_sites(wire::ListSitesRequest {})
+                .await
+                .map_err(|status| client::status_message(&status))?
+                .into_inner();
+            for site in sites.sites {
+                match site.description {
+                    Some(description) => {
+                        println!(
+                            "{:<10} {} fedq {} model {} floor k={}",
+                            site.site_id, site.address, description.software_version, description.data_model, description.min_cell_count
+                        );
+                        for dataset in description.datasets {
+                            println!(
+                                "           dataset {} ({} columns, snapshot {})",
+                                dataset.name,
+                                dataset.columns.len(),
+                                dataset.snapshot_version
+                            );
+                        }
+                    }
+                    None => println!("{:<10} {} {}", site.site_id, site.address, site.error),
+                }
+            }
+            Ok(())
+        }
+        Command::Query { template, params, deadline_ms, json } => {
+            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            let detail = coordinator
+                .get_template(wire::GetTemplateRequest { id: template.clone() })
+                .await
+                .map_err(|status| client::status_message(&status))?
+                .into_inner();
+            let parameters = client::parse_parameters(&params, &detail.parameters)?;
+            let request = wire::RunQueryRequest {
+                template_id: template,
+                parameters,
+                deadline_ms: deadline_ms.unwrap_or(0),
+            };
+            let result = client::run_query(&mut coordinator, request, |site| {
+                eprintln!("{}", render::site_line(site));
+            })
+            .await?;
+            if json {
+                let text = serde_json::to_string_pretty(&render::json(&result))
+                    .map_err(|err| CoordinatorError::Client(err.to_string()))?;
+                println!("{text}");
+            } else {
+                let title = detail.summary.map(|summary| summary.title).unwrap_or_default();
+                print!("{}", render::table(&title, &result));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn describe_template(detail: &wire::TemplateDetail) -> String {
+    let summary = detail.summary.clone().unwrap_or_default();
+    let reference = summary.reference.unwrap_or_default();
+    let mut text = format!(
+        "{} (v{}, {})\n{}\n\ndataset: {}\nstatistic: {}\nstrata: {}\nminimum cell count: {}\nsigned by: {}\n\nparameters:\n",
+        reference.id,
+        reference.version,
+        reference.content_hash,
+        detail.description,
+        summary.dataset,
+        summary.statistic,
+        if detail.strata.is_empty() { "none".to_string() } else { detail.strata.join(", ") },
+        if detail.min_cell_count == 0 { "the site's floor".to_string() } else { detail.min_cell_count.to_string() },
+        if summary.signer_key_ids.is_empty() { "(no signatures)".to_string() } else { summary.signer_key_ids.join(", ") },
+    );
+    for parameter in &detail.parameters {
+        text.push_str(&format!("  {:<12} {} — {}\n", parameter.name, parameter.limits, parameter.description));
+    }
+    text
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

@@ -1,1 +1,37 @@
-//! placeholder
+//! The local-alliance launcher: everything needed to run fedq on one machine without a
+//! hospital — synthetic data, development certificates, real nodes and a real coordinator on
+//! loopback — plus the demo and the benchmark built on them. It sits above the node and
+//! coordinator crates, which never depend on each other.
+//!
+//! - [`synth`]: seeded synthetic trauma-registry data in each site's local format.
+//! - [`alliance`]: writing configurations and starting nodes and a coordinator.
+//! - [`demo`]: the main job (`cargo run --release -- demo`).
+//! - [`bench`]: node query speed end to end versus the bare polars plan.
+
+pub mod alliance;
+pub mod bench;
+pub mod demo;
+pub mod synth;
+
+use std::path::Path;
+
+use fedq_proto::wire::node_client::NodeClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// A direct mutual-TLS client to one node, presenting `cert`/`key` and expecting the node to
+/// prove `node_identity`. Used by the benchmark and by tests that bypass the coordinator.
+pub async fn node_client(
+    address: &str,
+    ca_cert: &Path,
+    client_cert: Option<(&Path, &Path)>,
+    node_identity: &str,
+) -> anyhow::Result<NodeClient<Channel>> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca_cert)?))
+        .domain_name(node_identity);
+    if let Some((cert, key)) = client_cert {
+        tls = tls.identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+    }
+    let channel = Channel::from_shared(address.to_string())?.tls_config(tls)?.connect().await?;
+    Ok(NodeClient::new(channel))
+}

@@ -1,1 +1,70 @@
-fn main() {}
+//! `fedq-alliance`: runs a local alliance on this machine — the demo (the project's main job)
+//! or the benchmark. The default run target of the workspace: `cargo run --release -- demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fedq-alliance", version, about = "Run a local fedq alliance: demo or benchmark")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start three hospital nodes and a coordinator on loopback, ask showcase questions, print
+    /// the pooled tables, stop.
+    Demo {
+        /// Folder for certificates, data and configs (recreated).
+        #[arg(long, default_value = "demo-output")]
+        out: PathBuf,
+        /// Site sizes relative to 200,000 / 50,000 / 2,000 admissions.
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+    },
+    /// Time a three-strata count at one node end to end against the bare polars plan.
+    Bench {
+        #[arg(long, default_value = "bench-output")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        #[arg(long, default_value_t = 20)]
+        iterations: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    fedq_proto::tls::install_crypto_provider();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("fedq-alliance: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut stdout = std::io::stdout();
+    let outcome = runtime.block_on(async {
+        match cli.command {
+            Command::Demo { out, scale } => fedq_deploy::demo::run(&out, scale, &mut stdout).await,
+            Command::Bench { out, rows, iterations } => fedq_deploy::bench::run(&out, rows, iterations, &mut stdout).await,
+        }
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("fedq-alliance: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

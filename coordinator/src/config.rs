@@ -1,0 +1,186 @@
+//! Coordinator configuration: raw TOML plus `FEDQ_COORDINATOR__*` environment overrides with
+//! unknown keys rejected, then [`RawCoordinatorConfig::validate`] into [`CoordinatorConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fedq_proto::tls::TlsFiles;
+use serde::Deserialize;
+
+use crate::CoordinatorError;
+
+/// Prefix of environment overrides, e.g. `FEDQ_COORDINATOR__QUERY__DEFAULT_DEADLINE_MS=5000`.
+pub const ENV_PREFIX: &str = "FEDQ_COORDINATOR";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCoordinatorConfig {
+    listen: String,
+    templates: PathBuf,
+    tls: RawTls,
+    #[serde(default)]
+    query: RawQuery,
+    nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuery {
+    default_deadline_ms: Option<u64>,
+    max_deadline_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    site_id: String,
+    address: String,
+    identity: String,
+}
+
+/// A validated coordinator configuration.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub listen: SocketAddr,
+    /// Folder of approved template files (`*.toml`).
+    pub templates: PathBuf,
+    /// The alliance CA, and the coordinator's certificate: presented to study-lead clients as a
+    /// server and to nodes as a client.
+    pub tls: TlsFiles,
+    pub default_deadline: Duration,
+    pub max_deadline: Duration,
+    pub nodes: Vec<NodeEntry>,
+}
+
+/// One hospital node the coordinator queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeEntry {
+    pub site_id: String,
+    /// `https://host:port`.
+    pub address: String,
+    /// The DNS name the node's certificate must carry.
+    pub identity: String,
+}
+
+impl CoordinatorConfig {
+    /// Reads, overrides from the environment and validates a coordinator configuration file.
+    pub fn load(path: &Path) -> Result<CoordinatorConfig, CoordinatorError> {
+        let raw: RawCoordinatorConfig = fedq_proto::config::load_layered(path, ENV_PREFIX)?;
+        raw.validate(path.parent().unwrap_or(Path::new(".")))
+    }
+}
+
+impl RawCoordinatorConfig {
+    /// Checks every value; relative paths are resolved against `base`.
+    pub fn validate(self, base: &Path) -> Result<CoordinatorConfig, CoordinatorError> {
+        let mut problems = Vec::new();
+        let listen = self.listen.parse::<SocketAddr>();
+        if listen.is_err() {
+            problems.push(format!("listen '{}' is not an address with port (e.g. '0.0.0.0:7700')", self.listen));
+        }
+        let resolve = |path: &Path| if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
+        let templates = resolve(&self.templates);
+        if !templates.is_dir() {
+            problems.push(format!("templates: folder {} does not exist", templates.display()));
+        }
+        let tls = TlsFiles {
+            ca_cert: resolve(&self.tls.ca_cert),
+            cert: resolve(&self.tls.cert),
+            key: resolve(&self.tls.key),
+        };
+        for (key, path) in [("tls.ca_cert", &tls.ca_cert), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+            if !path.is_file() {
+                problems.push(format!("{key}: file {} does not exist", path.display()));
+            }
+        }
+        let default_deadline = self.query.default_deadline_ms.unwrap_or(10_000);
+        let max_deadline = self.query.max_deadline_ms.unwrap_or(60_000);
+        if default_deadline == 0 || default_deadline > max_deadline {
+            problems.push(format!(
+                "query.default_deadline_ms ({default_deadline}) must be above 0 and at most query.max_deadline_ms ({max_deadline})"
+            ));
+        }
+        if self.nodes.is_empty() {
+            problems.push("no [[nodes]] configured".into());
+        }
+        let mut nodes: Vec<NodeEntry> = Vec::new();
+        for node in self.nodes {
+            if nodes.iter().any(|seen| seen.site_id == node.site_id) {
+                problems.push(format!("nodes: site '{}' is listed twice", node.site_id));
+            }
+            if !node.address.starts_with("https://") {
+                problems.push(format!(
+                    "nodes: site '{}': address '{}' must start with https:// (nodes are reached over mutual TLS only)",
+                    node.site_id, node.address
+                ));
+            }
+            if node.identity.is_empty() {
+                problems.push(format!("nodes: site '{}': identity (the node certificate's DNS name) is required", node.site_id));
+            }
+            nodes.push(NodeEntry {
+                site_id: node.site_id,
+                address: node.address,
+                identity: node.identity,
+            });
+        }
+        match listen {
+            Ok(listen) if problems.is_empty() => Ok(CoordinatorConfig {
+                listen,
+                templates,
+                tls,
+                default_deadline: Duration::from_millis(default_deadline),
+                max_deadline: Duration::from_millis(max_deadline),
+                nodes,
+            }),
+            _ => Err(CoordinatorError::Config(problems)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(text: &str) -> Result<CoordinatorConfig, CoordinatorError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("templates")).unwrap();
+        for file in ["ca.pem", "c.pem", "c.key"] {
+            std::fs::write(dir.path().join(file), "x").unwrap();
+        }
+        let raw: RawCoordinatorConfig = fedq_proto::config::parse_layered(text, "c.toml", &[])?;
+        raw.validate(dir.path())
+    }
+
+    const BASE: &str = r#"
+listen = "127.0.0.1:0"
+templates = "templates"
+[tls]
+ca_cert = "ca.pem"
+cert = "c.pem"
+key = "c.key"
+"#;
+
+    #[test]
+    fn plaintext_node_address_is_refused() {
+        let text = format!("{BASE}[[nodes]]\nsite_id = \"a\"\naddress = \"http://127.0.0.1:1\"\nidentity = \"a.test\"\n");
+        let err = validate(&text).unwrap_err().to_string();
+        assert!(err.contains("must start with https://"), "{err}");
+    }
+
+    #[test]
+    fn valid_config_has_default_deadlines() {
+        let text = format!("{BASE}[[nodes]]\nsite_id = \"a\"\naddress = \"https://127.0.0.1:1\"\nidentity = \"a.test\"\n");
+        let config = validate(&text).unwrap();
+        assert_eq!(config.default_deadline, Duration::from_secs(10));
+        assert_eq!(config.nodes[0].identity, "a.test");
+    }
+}

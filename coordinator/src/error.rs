@@ -1,0 +1,41 @@
+//! The coordinator's error type and its one mapping to gRPC statuses.
+
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// Invalid configuration; one line per problem.
+    #[error("invalid coordinator configuration:\n  {}", .0.join("\n  "))]
+    Config(Vec<String>),
+    /// The template catalogue could not be loaded; one line per file problem.
+    #[error("cannot load the template catalogue:\n  {}", .0.join("\n  "))]
+    Catalogue(Vec<String>),
+    /// A template, parameter, TLS or configuration problem found by the shared contract.
+    #[error(transparent)]
+    Contract(#[from] fedq_proto::Error),
+    /// The study lead asked for a template the catalogue does not hold.
+    #[error("no approved template '{0}' in the catalogue; `fedq templates list` shows the approved ones")]
+    UnknownTemplate(String),
+    /// Certificates could not be created or written.
+    #[error("certificates: {0}")]
+    Certificates(String),
+    /// Talking to the coordinator (CLI side) failed.
+    #[error("{0}")]
+    Client(String),
+    /// A listener or server could not run.
+    #[error("server: {0}")]
+    Server(String),
+}
+
+impl CoordinatorError {
+    /// The single mapping to a gRPC status for study-lead clients.
+    pub fn to_status(&self) -> Status {
+        let code = match self {
+            CoordinatorError::UnknownTemplate(_) => Code::NotFound,
+            CoordinatorError::Contract(fedq_proto::Error::Parameter { .. }) => Code::InvalidArgument,
+            CoordinatorError::Contract(fedq_proto::Error::Template { .. }) => Code::FailedPrecondition,
+            _ => Code::Internal,
+        };
+        Status::new(code, self.to_string())
+    }
+}

@@ -1,0 +1,156 @@
+//! Calling every node: one lazily connected mutual-TLS channel per node (verified against the
+//! alliance CA and the node's expected identity), requests sent to all nodes at once, each
+//! bounded by its deadline, so a dead or slow node never holds up the answer. Replies are
+//! classified into the per-site statuses a study lead sees.
+
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, Stream};
+use prost::Message;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::{Code, Status};
+
+use fedq_proto::tls;
+use fedq_proto::wire::{self, RefusalCode, node_client::NodeClient};
+
+use crate::CoordinatorError;
+use crate::config::{CoordinatorConfig, NodeEntry};
+
+/// How one site's call ended.
+#[derive(Debug, Clone)]
+pub enum SiteCall {
+    Answered(Box<wire::SiteResult>),
+    Refused { code: RefusalCode, message: String },
+    TimedOut,
+    Unreachable(String),
+    Failed(String),
+}
+
+/// One site's reply with how long it took.
+#[derive(Debug, Clone)]
+pub struct SiteReply {
+    pub site_id: String,
+    pub call: SiteCall,
+    pub elapsed: Duration,
+}
+
+/// Clients for every configured node.
+#[derive(Debug, Clone)]
+pub struct NodeClients {
+    nodes: Vec<(NodeEntry, NodeClient<Channel>)>,
+}
+
+impl NodeClients {
+    /// Prepares a channel per node; connections are made on first use and re-made after loss.
+    pub fn new(config: &CoordinatorConfig) -> Result<NodeClients, CoordinatorError> {
+        let ca = Certificate::from_pem(tls::read_pem(&config.tls.ca_cert)?);
+        let identity = Identity::from_pem(tls::read_pem(&config.tls.cert)?, tls::read_pem(&config.tls.key)?);
+        let mut nodes = Vec::new();
+        for entry in &config.nodes {
+            let tls_config = ClientTlsConfig::new()
+                .ca_certificate(ca.clone())
+                .identity(identity.clone())
+                .domain_name(entry.identity.clone());
+            let channel = Channel::from_shared(entry.address.clone())
+                .map_err(|err| CoordinatorError::Config(vec![format!("nodes: site '{}': address: {err}", entry.site_id)]))?
+                .tls_config(tls_config)
+                .map_err(|err| CoordinatorError::Config(vec![format!("nodes: site '{}': tls: {err}", entry.site_id)]))?
+                .connect_timeout(config.default_deadline)
+                .connect_lazy();
+            let client = NodeClient::new(channel)
+                .max_decoding_message_size(16 * 1024 * 1024)
+                .max_encoding_message_size(1024 * 1024);
+            nodes.push((entry.clone(), client));
+        }
+        Ok(NodeClients { nodes })
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &NodeEntry> {
+        self.nodes.iter().map(|(entry, _)| entry)
+    }
+
+    /// Sends `request` to every node at once; yields each reply as it arrives. Every node
+    /// yields exactly one reply, at the latest when `deadline` has passed.
+    pub fn run_query(&self, request: wire::QueryRequest, deadline: Duration) -> impl Stream<Item = SiteReply> + use<> {
+        self.nodes
+            .iter()
+            .map(|(entry, client)| {
+                let mut client = client.clone();
+                let site_id = entry.site_id.clone();
+                let mut call = tonic::Request::new(request.clone());
+                call.set_timeout(deadline);
+                async move {
+                    let started = Instant::now();
+                    let call = match tokio::time::timeout(deadline, client.run_query(call)).await {
+                        Ok(Ok(response)) => SiteCall::Answered(Box::new(response.into_inner())),
+                        Ok(Err(status)) => classify(status),
+                        Err(_) => SiteCall::TimedOut,
+                    };
+                    SiteReply { site_id, call, elapsed: started.elapsed() }
+                }
+            })
+            .collect::<FuturesUnordered<_>>()
+    }
+
+    /// Asks every node to describe itself, concurrently, each within `deadline`.
+    pub async fn describe_all(&self, deadline: Duration) -> Vec<(NodeEntry, Result<wire::SiteDescription, String>)> {
+        let calls = self.nodes.iter().map(|(entry, client)| {
+            let mut client = client.clone();
+            async move {
+                let mut request = tonic::Request::new(wire::DescribeRequest {});
+                request.set_timeout(deadline);
+                let outcome = match tokio::time::timeout(deadline, client.describe(request)).await {
+                    Ok(Ok(response)) => Ok(response.into_inner()),
+                    Ok(Err(status)) => Err(describe_call(&classify(status))),
+                    Err(_) => Err(describe_call(&SiteCall::TimedOut)),
+                };
+                (entry.clone(), outcome)
+            }
+        });
+        futures::future::join_all(calls).await
+    }
+}
+
+/// Sorts a failed call into refused (the node's own typed reason), timed out, unreachable or
+/// failed.
+pub fn classify(status: Status) -> SiteCall {
+    if !status.details().is_empty() {
+        if let Ok(refusal) = wire::Refusal::decode(status.details()) {
+            return SiteCall::Refused {
+                code: RefusalCode::try_from(refusal.code).unwrap_or(RefusalCode::Unspecified),
+                message: refusal.message,
+            };
+        }
+    }
+    match status.code() {
+        Code::DeadlineExceeded | Code::Cancelled => SiteCall::TimedOut,
+        Code::Unavailable => SiteCall::Unreachable(error_chain(&status)),
+        _ => SiteCall::Failed(error_chain(&status)),
+    }
+}
+
+/// The status message with its underlying causes (TLS and connection errors hide there).
+fn error_chain(status: &Status) -> String {
+    let mut parts = vec![status.message().to_string()];
+    let mut source = std::error::Error::source(status);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.contains(&text) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.retain(|part| !part.is_empty());
+    parts.join(": ")
+}
+
+/// A one-line description of a call's outcome for a person.
+pub fn describe_call(call: &SiteCall) -> String {
+    match call {
+        SiteCall::Answered(_) => "answered".into(),
+        SiteCall::Refused { message, .. } => format!("refused: {message}"),
+        SiteCall::TimedOut => "no answer within the deadline".into(),
+        SiteCall::Unreachable(reason) => format!("unreachable: {reason}"),
+        SiteCall::Failed(reason) => format!("failed: {reason}"),
+    }
+}

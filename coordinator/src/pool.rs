@@ -1,0 +1,121 @@
+//! Pooling per-site answers into one result: a cell's pooled count is the sum of the counts the
+//! sites released; every pooled cell says how many sites released and how many withheld it, and
+//! a cell that any answering site withheld is marked incomplete — its sum is a lower bound,
+//! never presented as exact. Pooling is linear in sites × cells.
+
+use fedq_proto::template::{Axis, TemplateRef};
+use fedq_proto::wire;
+
+/// One site's answer in domain form: `None` is a withheld value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteCells {
+    pub cells: Vec<Option<u64>>,
+    pub total: Option<u64>,
+}
+
+/// A pooled cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PooledCell {
+    /// Sum of released counts; `None` when no site released the cell.
+    pub count: Option<u64>,
+    pub sites_released: u32,
+    pub sites_withheld: u32,
+}
+
+impl PooledCell {
+    /// True only when every answering site released the cell.
+    pub fn complete(&self) -> bool {
+        self.sites_withheld == 0 && self.sites_released > 0
+    }
+
+    fn add(&mut self, value: Option<u64>) {
+        match value {
+            Some(count) => {
+                self.count = Some(self.count.unwrap_or(0) + count);
+                self.sites_released += 1;
+            }
+            None => self.sites_withheld += 1,
+        }
+    }
+}
+
+/// The pooled grid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PooledTable {
+    pub cells: Vec<PooledCell>,
+    pub total: PooledCell,
+}
+
+fn released(cell: &wire::Cell) -> Result<Option<u64>, String> {
+    match &cell.outcome {
+        Some(wire::cell::Outcome::Released(released)) => Ok(Some(released.count)),
+        Some(wire::cell::Outcome::Withheld(_)) => Ok(None),
+        None => Err("a cell has neither a released value nor a withheld mark".into()),
+    }
+}
+
+impl SiteCells {
+    /// Checks that a site answered the template and grid that were asked, and converts it.
+    pub fn from_wire(result: &wire::SiteResult, template: &TemplateRef, axes: &[Axis]) -> Result<SiteCells, String> {
+        let answered = result.template.as_ref().map(|reference| reference.content_hash.as_str());
+        if answered != Some(template.content_hash.as_str()) {
+            return Err("the site answered a different template version".into());
+        }
+        let wire_axes: Vec<wire::Axis> = axes.iter().map(Into::into).collect();
+        if result.axes != wire_axes {
+            return Err("the site answered on a different grid of strata".into());
+        }
+        let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+        let expected: usize = shape.iter().product();
+        if result.cells.len() != expected {
+            return Err(format!("the site sent {} cells; the grid has {expected}", result.cells.len()));
+        }
+        let mut cells = Vec::with_capacity(expected);
+        for (index, cell) in result.cells.iter().enumerate() {
+            if cell.coordinates != fedq_proto::template::cell_coordinates(&shape, index) {
+                return Err("the site's cells are not in grid order".into());
+            }
+            cells.push(released(cell)?);
+        }
+        let total = released(result.total.as_ref().ok_or("the site sent no total")?)?;
+        Ok(SiteCells { cells, total })
+    }
+}
+
+/// Pools the answers of the sites that answered.
+pub fn pool(cell_count: usize, answers: &[&SiteCells]) -> PooledTable {
+    let mut cells = vec![PooledCell::default(); cell_count];
+    let mut total = PooledCell::default();
+    for answer in answers {
+        for (pooled, value) in cells.iter_mut().zip(&answer.cells) {
+            pooled.add(*value);
+        }
+        total.add(answer.total);
+    }
+    PooledTable { cells, total }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn released_cells_are_summed_and_withheld_ones_mark_the_cell_incomplete() {
+        let a = SiteCells { cells: vec![Some(100), Some(20), None], total: None };
+        let b = SiteCells { cells: vec![Some(50), None, None], total: None };
+        let pooled = pool(3, &[&a, &b]);
+        assert_eq!(pooled.cells[0], PooledCell { count: Some(150), sites_released: 2, sites_withheld: 0 });
+        assert!(pooled.cells[0].complete());
+        assert_eq!(pooled.cells[1], PooledCell { count: Some(20), sites_released: 1, sites_withheld: 1 });
+        assert!(!pooled.cells[1].complete());
+        assert_eq!(pooled.cells[2], PooledCell { count: None, sites_released: 0, sites_withheld: 2 });
+        assert_eq!(pooled.total.count, None);
+    }
+
+    #[test]
+    fn no_answering_site_means_no_value_and_not_complete() {
+        let pooled = pool(2, &[]);
+        assert_eq!(pooled.cells[0].count, None);
+        assert!(!pooled.cells[0].complete());
+    }
+}

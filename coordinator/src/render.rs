@@ -1,0 +1,311 @@
+//! Presenting a pooled result to a study lead: a readable table with one column per site and a
+//! pooled column, suppression marks and per-site status; or the documented JSON form (see
+//! README, "JSON result") for scripts.
+
+use std::fmt::Write;
+
+use fedq_proto::wire::{self, SiteStatus};
+use serde::Serialize;
+
+/// Mark for a value a site withheld.
+pub const WITHHELD: &str = "*";
+/// Suffix on a pooled value that is a lower bound because some site withheld its part.
+pub const INCOMPLETE: &str = "+";
+
+fn site_status_name(status: i32) -> &'static str {
+    match SiteStatus::try_from(status).unwrap_or(SiteStatus::Unspecified) {
+        SiteStatus::Ok => "ok",
+        SiteStatus::Refused => "refused",
+        SiteStatus::TimedOut => "timed_out",
+        SiteStatus::Unreachable => "unreachable",
+        SiteStatus::Failed => "failed",
+        SiteStatus::Unspecified => "unknown",
+    }
+}
+
+fn mechanism_name(mechanism: i32) -> &'static str {
+    match wire::Mechanism::try_from(mechanism).unwrap_or(wire::Mechanism::Unspecified) {
+        wire::Mechanism::SmallCellSuppression => "small_cell_suppression",
+        wire::Mechanism::ComplementarySuppression => "complementary_suppression",
+        wire::Mechanism::Unspecified => "unspecified",
+    }
+}
+
+/// A site's value for one cell: `Some(Some(n))` released, `Some(None)` withheld, `None` no
+/// answer from that site.
+fn site_value(site: &wire::SiteProgress, cell_index: Option<usize>) -> Option<Option<u64>> {
+    let result = site.result.as_ref()?;
+    let cell = match cell_index {
+        Some(index) => result.cells.get(index)?,
+        None => result.total.as_ref()?,
+    };
+    match &cell.outcome {
+        Some(wire::cell::Outcome::Released(released)) => Some(Some(released.count)),
+        _ => Some(None),
+    }
+}
+
+fn format_count(count: u64) -> String {
+    let digits = count.to_string();
+    let mut grouped = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    grouped
+}
+
+fn pooled_text(cell: &wire::PooledCell) -> String {
+    match cell.count {
+        None if cell.sites_withheld > 0 => WITHHELD.to_string(),
+        None => "-".to_string(),
+        Some(count) if cell.complete => format_count(count),
+        Some(count) => format!("{}{INCOMPLETE}", format_count(count)),
+    }
+}
+
+/// The result as a text table with a legend and per-site status lines.
+pub fn table(title: &str, result: &wire::PooledResult) -> String {
+    let mut out = String::new();
+    let reference = result.template.clone().unwrap_or_default();
+    let _ = writeln!(out, "{title}");
+    let _ = writeln!(
+        out,
+        "template {} v{} ({}), query {}",
+        reference.id, reference.version, short_hash(&reference.content_hash), result.query_id
+    );
+    let mut header: Vec<String> = result.axes.iter().map(|axis| axis.column.clone()).collect();
+    header.extend(result.sites.iter().map(|site| site.site_id.clone()));
+    header.push("pooled".into());
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut hidden = 0usize;
+    for (index, cell) in result.cells.iter().enumerate() {
+        let all_zero = cell.complete && cell.count == Some(0);
+        if all_zero {
+            hidden += 1;
+            continue;
+        }
+        let mut row: Vec<String> = cell
+            .coordinates
+            .iter()
+            .zip(&result.axes)
+            .map(|(level, axis)| axis.levels.get(*level as usize).cloned().unwrap_or_default())
+            .collect();
+        row.extend(result.sites.iter().map(|site| site_cell_text(site_value(site, Some(index)))));
+        row.push(pooled_text(cell));
+        rows.push(row);
+    }
+    if let Some(total) = &result.total {
+        let mut row = vec![String::new(); result.axes.len()];
+        if let Some(first) = row.first_mut() {
+            *first = "total".into();
+        } else {
+            row.push("total".into());
+            header.insert(0, String::new());
+        }
+        row.extend(result.sites.iter().map(|site| site_cell_text(site_value(site, None))));
+        row.push(pooled_text(total));
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..header.len())
+        .map(|column| {
+            rows.iter()
+                .map(|row| row.get(column).map_or(0, String::len))
+                .chain([header[column].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let label_columns = result.axes.len().max(1);
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(column, text)| {
+                if column < label_columns {
+                    format!("{text:<width$}", width = widths[column])
+                } else {
+                    format!("{text:>width$}", width = widths[column])
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    let _ = writeln!(out);
+    let _ = writeln!(out, "{}", line(&header));
+    let _ = writeln!(out, "{}", "-".repeat(widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1)));
+    for row in &rows {
+        let _ = writeln!(out, "{}", line(row));
+    }
+    if hidden > 0 {
+        let _ = writeln!(out, "({hidden} combinations with zero records at every site not shown)");
+    }
+    let _ = writeln!(
+        out,
+        "\n{WITHHELD} withheld by the site (too few records, or to protect another withheld cell)\n{INCOMPLETE} incomplete: some site withheld its part; the pooled value is a lower bound\n- no site answered"
+    );
+    let _ = writeln!(out, "\nsites:");
+    for site in &result.sites {
+        let _ = writeln!(out, "  {}", site_line(site));
+    }
+    out
+}
+
+fn site_cell_text(value: Option<Option<u64>>) -> String {
+    match value {
+        Some(Some(count)) => format_count(count),
+        Some(None) => WITHHELD.to_string(),
+        None => "-".to_string(),
+    }
+}
+
+fn short_hash(hash: &str) -> String {
+    hash.chars().take(19).collect()
+}
+
+/// One line describing a site's outcome.
+pub fn site_line(site: &wire::SiteProgress) -> String {
+    let status = site_status_name(site.status);
+    match &site.result {
+        Some(result) => {
+            let mechanisms: Vec<&str> = result.mechanisms.iter().map(|m| mechanism_name(*m)).collect();
+            format!(
+                "{:<10} {status:<11} k={} snapshot {} {} ms{}",
+                site.site_id,
+                result.applied_min_cell_count,
+                short_hash(&result.snapshot_version),
+                site.elapsed_ms,
+                if mechanisms.is_empty() { String::new() } else { format!(", {}", mechanisms.join(", ")) }
+            )
+        }
+        None => format!("{:<10} {status:<11} {}", site.site_id, site.message),
+    }
+}
+
+/// The documented JSON form of a result (README, "JSON result").
+#[derive(Debug, Serialize)]
+pub struct JsonResult {
+    pub query_id: String,
+    pub template: JsonTemplate,
+    pub axes: Vec<JsonAxis>,
+    pub cells: Vec<JsonCell>,
+    pub total: JsonCell,
+    pub sites: Vec<JsonSite>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonTemplate {
+    pub id: String,
+    pub version: u32,
+    pub content_hash: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonAxis {
+    pub column: String,
+    pub levels: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonCell {
+    /// Axis column → level; empty for the total.
+    pub levels: std::collections::BTreeMap<String, String>,
+    /// Sum of released counts; null when no site released the cell.
+    pub pooled: Option<u64>,
+    /// True only when every answering site released this cell.
+    pub complete: bool,
+    pub sites_released: u32,
+    pub sites_withheld: u32,
+    /// Site id → released count, or null when that site withheld it. Sites that did not answer
+    /// are absent.
+    pub by_site: std::collections::BTreeMap<String, Option<u64>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonSite {
+    pub site_id: String,
+    /// ok, refused, timed_out, unreachable or failed.
+    pub status: String,
+    pub message: String,
+    pub snapshot_version: Option<String>,
+    pub min_cell_count: Option<u32>,
+    pub mechanisms: Vec<String>,
+    pub elapsed_ms: u64,
+}
+
+/// Builds the JSON form.
+pub fn json(result: &wire::PooledResult) -> JsonResult {
+    let reference = result.template.clone().unwrap_or_default();
+    let cell = |index: Option<usize>, pooled: &wire::PooledCell| JsonCell {
+        levels: pooled
+            .coordinates
+            .iter()
+            .zip(&result.axes)
+            .map(|(level, axis)| {
+                (axis.column.clone(), axis.levels.get(*level as usize).cloned().unwrap_or_default())
+            })
+            .collect(),
+        pooled: pooled.count,
+        complete: pooled.complete,
+        sites_released: pooled.sites_released,
+        sites_withheld: pooled.sites_withheld,
+        by_site: result
+            .sites
+            .iter()
+            .filter_map(|site| site_value(site, index).map(|value| (site.site_id.clone(), value)))
+            .collect(),
+    };
+    JsonResult {
+        query_id: result.query_id.clone(),
+        template: JsonTemplate {
+            id: reference.id,
+            version: reference.version,
+            content_hash: reference.content_hash,
+        },
+        axes: result
+            .axes
+            .iter()
+            .map(|axis| JsonAxis { column: axis.column.clone(), levels: axis.levels.clone() })
+            .collect(),
+        cells: result.cells.iter().enumerate().map(|(index, pooled)| cell(Some(index), pooled)).collect(),
+        total: cell(None, &result.total.clone().unwrap_or_default()),
+        sites: result
+            .sites
+            .iter()
+            .map(|site| JsonSite {
+                site_id: site.site_id.clone(),
+                status: site_status_name(site.status).to_string(),
+                message: site.message.clone(),
+                snapshot_version: site.result.as_ref().map(|result| result.snapshot_version.clone()),
+                min_cell_count: site.result.as_ref().map(|result| result.applied_min_cell_count),
+                mechanisms: site
+                    .result
+                    .iter()
+                    .flat_map(|result| result.mechanisms.iter().map(|m| mechanism_name(*m).to_string()))
+                    .collect(),
+                elapsed_ms: site.elapsed_ms,
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        assert_eq!(format_count(1234567), "1,234,567");
+        assert_eq!(format_count(999), "999");
+    }
+
+    #[test]
+    fn pooled_cell_with_a_withheld_part_is_marked_incomplete() {
+        let cell = wire::PooledCell { coordinates: vec![], count: Some(40), sites_released: 1, sites_withheld: 1, complete: false };
+        assert_eq!(pooled_text(&cell), "40+");
+        let none = wire::PooledCell { coordinates: vec![], count: None, sites_released: 0, sites_withheld: 2, complete: false };
+        assert_eq!(pooled_text(&none), "*");
+    }
+}

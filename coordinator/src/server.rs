@@ -1,0 +1,36 @@
+//! Serving the coordinator to study-lead clients over TLS, and running it from a configuration.
+//! The caller binds the listener.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use fedq_proto::model::DataModel;
+use fedq_proto::tls;
+use fedq_proto::wire::coordinator_server::CoordinatorServer;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::CoordinatorError;
+use crate::catalogue::Catalogue;
+use crate::config::CoordinatorConfig;
+use crate::fanout::NodeClients;
+use crate::service::CoordinatorService;
+
+/// Loads the catalogue, prepares node channels and serves until `shutdown` completes.
+pub async fn run(
+    config: &CoordinatorConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), CoordinatorError> {
+    let catalogue = Arc::new(Catalogue::load(&config.templates, DataModel::builtin())?);
+    let nodes = NodeClients::new(config)?;
+    let tls_config = tls::server_only_tls_config(&config.tls)?;
+    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
+    tracing::info!(templates = catalogue.entries().len(), nodes = config.nodes.len(), "coordinator ready");
+    let service = CoordinatorService::new(catalogue, nodes, config.default_deadline, config.max_deadline);
+    tonic::transport::Server::builder()
+        .add_service(CoordinatorServer::new(service).max_decoding_message_size(1024 * 1024))
+        .serve_with_incoming_shutdown(tls::accept_tls(listener, acceptor), shutdown)
+        .await
+        .map_err(|err| CoordinatorError::Server(err.to_string()))
+}

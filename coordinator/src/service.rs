@@ -1,0 +1,260 @@
+//! The `fedq.v1.Coordinator` gRPC service for study-lead clients: the catalogue, site
+//! descriptions, and queries — checked here first, then fanned out to every node, streamed back
+//! as per-site progress, and finally pooled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedq_proto::convert::parameter_from_wire;
+use fedq_proto::template::{Axis, TemplateRef, describe_limits};
+use fedq_proto::wire::{self, coordinator_server::Coordinator};
+use futures::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::CoordinatorError;
+use crate::catalogue::{Catalogue, CatalogueEntry};
+use crate::fanout::{NodeClients, SiteCall, SiteReply, describe_call};
+use crate::pool::{self, PooledCell, SiteCells};
+
+/// Shared state of the coordinator service.
+#[derive(Debug)]
+pub struct CoordinatorService {
+    catalogue: Arc<Catalogue>,
+    nodes: NodeClients,
+    default_deadline: Duration,
+    max_deadline: Duration,
+}
+
+impl CoordinatorService {
+    pub fn new(catalogue: Arc<Catalogue>, nodes: NodeClients, default_deadline: Duration, max_deadline: Duration) -> Self {
+        CoordinatorService {
+            catalogue,
+            nodes,
+            default_deadline,
+            max_deadline,
+        }
+    }
+
+    fn deadline(&self, requested_ms: u32) -> Duration {
+        if requested_ms == 0 {
+            self.default_deadline
+        } else {
+            Duration::from_millis(u64::from(requested_ms)).min(self.max_deadline)
+        }
+    }
+}
+
+fn summary(entry: &CatalogueEntry) -> wire::TemplateSummary {
+    wire::TemplateSummary {
+        reference: Some((&TemplateRef::of(&entry.template)).into()),
+        title: entry.template.title.clone(),
+        dataset: entry.template.dataset.clone(),
+        statistic: entry.template.statistic.name().to_string(),
+        signer_key_ids: entry.signatures.iter().map(|signature| signature.key_id.clone()).collect(),
+    }
+}
+
+fn detail(entry: &CatalogueEntry, catalogue: &Catalogue) -> wire::TemplateDetail {
+    let template = &entry.template;
+    let dataset = catalogue.data_model.dataset(&template.dataset);
+    let parameters = template
+        .parameters
+        .iter()
+        .map(|parameter| wire::ParameterSpec {
+            name: parameter.name.clone(),
+            parameter_type: parameter.parameter_type.name().to_string(),
+            limits: dataset
+                .map(|dataset| describe_limits(parameter, dataset))
+                .unwrap_or_default(),
+            description: parameter.description.clone(),
+        })
+        .collect();
+    wire::TemplateDetail {
+        summary: Some(summary(entry)),
+        description: template.description.clone(),
+        canonical_json: String::from_utf8_lossy(&template.canonical_bytes()).into_owned(),
+        parameters,
+        strata: template.strata.iter().map(|stratum| stratum.column.clone()).collect(),
+        min_cell_count: template.min_cell_count.unwrap_or(0),
+    }
+}
+
+fn progress(reply: &SiteReply) -> wire::SiteProgress {
+    let status = match &reply.call {
+        SiteCall::Answered(_) => wire::SiteStatus::Ok,
+        SiteCall::Refused { .. } => wire::SiteStatus::Refused,
+        SiteCall::TimedOut => wire::SiteStatus::TimedOut,
+        SiteCall::Unreachable(_) => wire::SiteStatus::Unreachable,
+        SiteCall::Failed(_) => wire::SiteStatus::Failed,
+    };
+    let (message, refusal, result) = match &reply.call {
+        SiteCall::Answered(result) => (String::new(), wire::RefusalCode::Unspecified, Some((**result).clone())),
+        SiteCall::Refused { code, .. } => (describe_call(&reply.call), *code, None),
+        call => (describe_call(call), wire::RefusalCode::Unspecified, None),
+    };
+    wire::SiteProgress {
+        site_id: reply.site_id.clone(),
+        status: status as i32,
+        message,
+        refusal: refusal as i32,
+        result,
+        elapsed_ms: reply.elapsed.as_millis() as u64,
+    }
+}
+
+fn pooled_cell(coordinates: Vec<u32>, cell: &PooledCell) -> wire::PooledCell {
+    wire::PooledCell {
+        coordinates,
+        count: cell.count,
+        sites_released: cell.sites_released,
+        sites_withheld: cell.sites_withheld,
+        complete: cell.complete(),
+    }
+}
+
+/// Pools the sites' final progress records (checking each answer against the asked grid; a
+/// site whose answer does not fit is marked failed and left out).
+fn pool_result(query_id: String, template: &TemplateRef, axes: &[Axis], sites: &mut [wire::SiteProgress]) -> wire::PooledResult {
+    let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+    let cell_count: usize = shape.iter().product();
+    let mut answers = Vec::new();
+    for site in sites.iter_mut() {
+        let Some(result) = &site.result else { continue };
+        match SiteCells::from_wire(result, template, axes) {
+            Ok(cells) => answers.push(cells),
+            Err(problem) => {
+                tracing::warn!(site = %site.site_id, %problem, "site answer does not fit the query");
+                site.status = wire::SiteStatus::Failed as i32;
+                site.message = format!("failed: {problem}");
+                site.result = None;
+            }
+        }
+    }
+    let pooled = pool::pool(cell_count, &answers.iter().collect::<Vec<_>>());
+    wire::PooledResult {
+        query_id,
+        template: Some(template.into()),
+        axes: axes.iter().map(Into::into).collect(),
+        cells: pooled
+            .cells
+            .iter()
+            .enumerate()
+            .map(|(index, cell)| pooled_cell(fedq_proto::template::cell_coordinates(&shape, index), cell))
+            .collect(),
+        total: Some(pooled_cell(Vec::new(), &pooled.total)),
+        sites: sites.to_vec(),
+    }
+}
+
+fn new_query_id() -> String {
+    format!("q-{:016x}", rand::random::<u64>())
+}
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn list_templates(
+        &self,
+        _request: Request<wire::ListTemplatesRequest>,
+    ) -> Result<Response<wire::ListTemplatesResponse>, Status> {
+        Ok(Response::new(wire::ListTemplatesResponse {
+            templates: self.catalogue.entries().iter().map(summary).collect(),
+        }))
+    }
+
+    async fn get_template(
+        &self,
+        request: Request<wire::GetTemplateRequest>,
+    ) -> Result<Response<wire::TemplateDetail>, Status> {
+        let entry = self
+            .catalogue
+            .get(&request.get_ref().id)
+            .map_err(|err| err.to_status())?;
+        Ok(Response::new(detail(entry, &self.catalogue)))
+    }
+
+    async fn list_sites(
+        &self,
+        _request: Request<wire::ListSitesRequest>,
+    ) -> Result<Response<wire::ListSitesResponse>, Status> {
+        let described = self.nodes.describe_all(self.default_deadline).await;
+        let sites = described
+            .into_iter()
+            .map(|(entry, outcome)| {
+                let (description, error) = match outcome {
+                    Ok(description) => (Some(description), String::new()),
+                    Err(error) => (None, error),
+                };
+                wire::SiteEntry {
+                    site_id: entry.site_id,
+                    address: entry.address,
+                    description,
+                    error,
+                }
+            })
+            .collect();
+        Ok(Response::new(wire::ListSitesResponse { sites }))
+    }
+
+    type RunQueryStream = ReceiverStream<Result<wire::QueryEvent, Status>>;
+
+    #[tracing::instrument(skip_all, fields(template = %request.get_ref().template_id, query_id))]
+    async fn run_query(
+        &self,
+        request: Request<wire::RunQueryRequest>,
+    ) -> Result<Response<Self::RunQueryStream>, Status> {
+        let request = request.into_inner();
+        let entry = self
+            .catalogue
+            .get(&request.template_id)
+            .map_err(|err| err.to_status())?;
+        let template = &entry.template;
+        let checked = template
+            .check(&self.catalogue.data_model, &Default::default())
+            .map_err(|err| CoordinatorError::from(err).to_status())?;
+        let values = request
+            .parameters
+            .iter()
+            .map(parameter_from_wire)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| CoordinatorError::from(err).to_status())?;
+        checked
+            .bind(&values)
+            .map_err(|err| CoordinatorError::from(err).to_status())?;
+        let axes = checked.axes.clone();
+        let reference = TemplateRef::of(template);
+        let query_id = new_query_id();
+        tracing::Span::current().record("query_id", query_id.as_str());
+        let node_request = wire::QueryRequest {
+            request_id: query_id.clone(),
+            template: Some(fedq_proto::document::template_document(template, entry.signatures.clone())),
+            parameters: request.parameters,
+            requester: "unauthenticated study lead".to_string(),
+        };
+        let deadline = self.deadline(request.deadline_ms);
+        let mut replies = self.nodes.run_query(node_request, deadline);
+        let order: Vec<String> = self.nodes.entries().map(|entry| entry.site_id.clone()).collect();
+        let (sender, receiver) = tokio::sync::mpsc::channel(order.len() + 1);
+        tokio::spawn(async move {
+            let mut finished: Vec<wire::SiteProgress> = Vec::new();
+            while let Some(reply) = replies.next().await {
+                tracing::info!(site = %reply.site_id, outcome = %describe_call(&reply.call), elapsed_ms = reply.elapsed.as_millis() as u64, "site finished");
+                let site = progress(&reply);
+                let event = wire::QueryEvent {
+                    event: Some(wire::query_event::Event::Site(site.clone())),
+                };
+                // A client that went away stops receiving; the pooled result is still computed
+                // so the log shows the query's end.
+                let _ = sender.send(Ok(event)).await;
+                finished.push(site);
+            }
+            finished.sort_by_key(|site| order.iter().position(|id| id == &site.site_id));
+            let result = pool_result(query_id, &reference, &axes, &mut finished);
+            let event = wire::QueryEvent {
+                event: Some(wire::query_event::Event::Result(result)),
+            };
+            let _ = sender.send(Ok(event)).await;
+        });
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}

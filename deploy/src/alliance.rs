@@ -1,0 +1,306 @@
+//! A local alliance on loopback: development certificates, each site's synthetic data file and
+//! node configuration, real nodes and a real coordinator serving over mutual TLS on
+//! `127.0.0.1:0`. The demo, the benchmark and the end-to-end tests all build on these pieces;
+//! every piece is the production code path (config files are written and loaded like a
+//! hospital's own).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use fedq_coordinator::certs::{self, DevPki};
+use fedq_coordinator::config::CoordinatorConfig;
+use fedq_node::config::NodeConfig;
+use fedq_node::query::QueryEngine;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::synth::{self, SiteProfile};
+
+/// The coordinator's certificate identity in a local alliance.
+pub const COORDINATOR_IDENTITY: &str = "coordinator.fedq.local";
+
+/// A site's certificate identity in a local alliance.
+pub fn site_identity(site_id: &str) -> String {
+    format!("{site_id}.fedq.local")
+}
+
+/// The approved templates shipped with fedq (`deploy/templates`).
+pub fn bundled_templates() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("templates")
+}
+
+/// A server running in this process; stops when [`Running::stop`] is called or it is dropped.
+#[derive(Debug)]
+pub struct Running {
+    pub address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), String>>,
+}
+
+impl Running {
+    /// Stops gracefully and waits for the server to finish.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await?.map_err(anyhow::Error::msg)
+    }
+
+    /// Stops abruptly, as if the process died.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn loopback() -> anyhow::Result<TcpListener> {
+    TcpListener::bind("127.0.0.1:0").await.context("binding 127.0.0.1:0")
+}
+
+/// Loads a node's configuration and data and serves it on a fresh loopback port.
+pub async fn start_node(config_path: &Path) -> anyhow::Result<Running> {
+    let config = NodeConfig::load(config_path)?;
+    let (engine, _warnings) = tokio::task::spawn_blocking({
+        let config = config.clone();
+        move || QueryEngine::load(&config)
+    })
+    .await??;
+    let listener = loopback().await?;
+    let address = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        fedq_node::server::run(Arc::new(engine), &config.tls, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .map_err(|err| err.to_string())
+    });
+    Ok(Running { address, stop: Some(stop), task })
+}
+
+/// Loads a coordinator's configuration and serves it on a fresh loopback port.
+pub async fn start_coordinator(config_path: &Path) -> anyhow::Result<Running> {
+    let config = CoordinatorConfig::load(config_path)?;
+    // Load the catalogue up front so a broken template fails here, not inside the task.
+    fedq_coordinator::catalogue::Catalogue::load(&config.templates, fedq_proto::model::DataModel::builtin())?;
+    let listener = loopback().await?;
+    let address = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        fedq_coordinator::server::run(&config, listener, async {
+            let _ = stopped.await;
+        })
+        .await
+        .map_err(|err| err.to_string())
+    });
+    Ok(Running { address, stop: Some(stop), task })
+}
+
+/// Options for one node's configuration file.
+#[derive(Debug, Clone)]
+pub struct NodeFiles<'a> {
+    pub site_id: &'a str,
+    pub data_file: &'a Path,
+    pub format: synth::LocalFormat,
+    pub ca_cert: &'a Path,
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub accepted_coordinators: &'a [&'a str],
+    pub min_cell_count: u32,
+}
+
+/// Writes a node configuration file (as a hospital administrator would) and returns its path.
+pub fn write_node_config(folder: &Path, files: &NodeFiles<'_>) -> anyhow::Result<PathBuf> {
+    let identifiers: Vec<String> = synth::identifier_columns(files.format)
+        .iter()
+        .map(|name| format!("\"{name}\""))
+        .collect();
+    let accepted: Vec<String> = files
+        .accepted_coordinators
+        .iter()
+        .map(|name| format!("\"{name}\""))
+        .collect();
+    let text = format!(
+        r#"# fedq node configuration for {site} (generated for a local alliance)
+site_id = "{site}"
+listen = "127.0.0.1:0"
+
+[tls]
+ca_cert = "{ca}"
+cert = "{cert}"
+key = "{key}"
+
+[policy]
+accepted_coordinators = [{accepted}]
+min_cell_count = {floor}
+
+[[datasets]]
+name = "trauma_admissions"
+path = "{data}"
+identifiers = [{identifiers}]
+
+[datasets.columns]
+{mapping}"#,
+        site = files.site_id,
+        ca = files.ca_cert.display(),
+        cert = files.cert.display(),
+        key = files.key.display(),
+        accepted = accepted.join(", "),
+        floor = files.min_cell_count,
+        data = files.data_file.display(),
+        identifiers = identifiers.join(", "),
+        mapping = synth::column_mapping(files.format),
+    );
+    let path = folder.join(format!("{}.toml", files.site_id));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// One node as the coordinator's configuration lists it.
+#[derive(Debug, Clone)]
+pub struct NodeListing {
+    pub site_id: String,
+    pub address: SocketAddr,
+    pub identity: String,
+}
+
+/// Writes a coordinator configuration file and returns its path.
+pub fn write_coordinator_config(
+    folder: &Path,
+    templates: &Path,
+    pki: &DevPki,
+    coordinator_identity: &str,
+    nodes: &[NodeListing],
+    default_deadline_ms: u64,
+) -> anyhow::Result<PathBuf> {
+    let issued = pki
+        .identities
+        .iter()
+        .find(|issued| issued.identity == coordinator_identity)
+        .context("no certificate issued for the coordinator")?;
+    let mut text = format!(
+        r#"# fedq coordinator configuration (generated for a local alliance)
+listen = "127.0.0.1:0"
+templates = "{templates}"
+
+[tls]
+ca_cert = "{ca}"
+cert = "{cert}"
+key = "{key}"
+
+[query]
+default_deadline_ms = {default_deadline_ms}
+max_deadline_ms = 120000
+"#,
+        templates = templates.display(),
+        ca = pki.ca_cert.display(),
+        cert = issued.cert.display(),
+        key = issued.key.display(),
+    );
+    for node in nodes {
+        text.push_str(&format!(
+            "\n[[nodes]]\nsite_id = \"{}\"\naddress = \"https://localhost:{}\"\nidentity = \"{}\"\n",
+            node.site_id,
+            node.address.port(),
+            node.identity
+        ));
+    }
+    let path = folder.join("coordinator.toml");
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// A whole local alliance: certificates, data, nodes and a coordinator.
+#[derive(Debug)]
+pub struct LocalAlliance {
+    pub root: PathBuf,
+    pub pki: DevPki,
+    pub data_files: Vec<PathBuf>,
+    pub node_configs: Vec<PathBuf>,
+    pub nodes: Vec<(String, Running)>,
+    pub coordinator: Running,
+}
+
+impl LocalAlliance {
+    /// Creates everything under `root` (which must be empty or absent) and starts it.
+    pub async fn start(root: &Path, sites: &[SiteProfile], templates: &Path, min_cell_count: u32) -> anyhow::Result<LocalAlliance> {
+        let certs_dir = root.join("certs");
+        let data_dir = root.join("data");
+        let config_dir = root.join("config");
+        for folder in [&data_dir, &config_dir] {
+            std::fs::create_dir_all(folder)?;
+        }
+        let mut identities = vec![COORDINATOR_IDENTITY.to_string()];
+        identities.extend(sites.iter().map(|site| site_identity(&site.site_id)));
+        let pki = certs::create_dev_pki(&certs_dir, "fedq local alliance CA", &identities)?;
+
+        let mut data_files = Vec::new();
+        let mut node_configs = Vec::new();
+        let mut nodes = Vec::new();
+        let mut listings = Vec::new();
+        for site in sites {
+            let data_file = {
+                let site = site.clone();
+                let data_dir = data_dir.clone();
+                tokio::task::spawn_blocking(move || synth::write_site(&site, &data_dir)).await??
+            };
+            let issued = &pki.identities[identities.iter().position(|id| *id == site_identity(&site.site_id)).context("issued")?];
+            let config = write_node_config(
+                &config_dir,
+                &NodeFiles {
+                    site_id: &site.site_id,
+                    data_file: &data_file,
+                    format: site.format,
+                    ca_cert: &pki.ca_cert,
+                    cert: &issued.cert,
+                    key: &issued.key,
+                    accepted_coordinators: &[COORDINATOR_IDENTITY],
+                    min_cell_count,
+                },
+            )?;
+            let running = start_node(&config).await.with_context(|| format!("starting node {}", site.site_id))?;
+            listings.push(NodeListing {
+                site_id: site.site_id.clone(),
+                address: running.address,
+                identity: site_identity(&site.site_id),
+            });
+            data_files.push(data_file);
+            node_configs.push(config);
+            nodes.push((site.site_id.clone(), running));
+        }
+        let coordinator_config = write_coordinator_config(&config_dir, templates, &pki, COORDINATOR_IDENTITY, &listings, 30_000)?;
+        let coordinator = start_coordinator(&coordinator_config).await.context("starting the coordinator")?;
+        Ok(LocalAlliance {
+            root: root.to_path_buf(),
+            pki,
+            data_files,
+            node_configs,
+            nodes,
+            coordinator,
+        })
+    }
+
+    /// The address study-lead clients use.
+    pub fn coordinator_url(&self) -> String {
+        format!("https://localhost:{}", self.coordinator.address.port())
+    }
+
+    /// Stops every server gracefully.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.coordinator.stop().await?;
+        for (_, node) in self.nodes {
+            node.stop().await?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! Benchmark (not a test): a three-strata count over a large synthetic dataset at one node,
+//! end to end through gRPC and mutual TLS, against the same polars plan run directly on the
+//! same in-memory snapshot. Prints both medians and their ratio.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fedq_node::config::NodeConfig;
+use fedq_node::plan;
+use fedq_node::query::QueryEngine;
+use fedq_proto::template::Template;
+use fedq_proto::wire;
+
+use crate::alliance::{COORDINATOR_IDENTITY, NodeFiles, site_identity, start_node, write_node_config};
+use crate::synth::{self, LocalFormat, SiteProfile};
+
+const BENCH_TEMPLATE: &str = r#"
+id = "bench-age-sex-mechanism"
+version = 1
+title = "Admissions by age band, sex and mechanism"
+description = "Benchmark: a three-strata count over every admission with ISS >= min_iss."
+data_model = "fedq-trauma/1"
+dataset = "trauma_admissions"
+[statistic]
+kind = "count"
+[[parameters]]
+name = "min_iss"
+type = "integer"
+min = 0
+max = 75
+[filter]
+column = "iss"
+op = ">="
+param = "min_iss"
+[[strata]]
+column = "age"
+bands = [
+  { label = "0-17", below = 18 },
+  { label = "18-39", at_least = 18, below = 40 },
+  { label = "40-64", at_least = 40, below = 65 },
+  { label = "65+", at_least = 65 },
+]
+[[strata]]
+column = "sex"
+[[strata]]
+column = "injury_mechanism"
+"#;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// Runs the benchmark in `out` (recreated) over `rows` admissions, `iterations` times each.
+pub async fn run(out: &Path, rows: usize, iterations: usize, output: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+    if out.exists() {
+        std::fs::remove_dir_all(out)?;
+    }
+    std::fs::create_dir_all(out)?;
+    let site = SiteProfile {
+        site_id: "bench".into(),
+        admissions: rows,
+        seed: 7,
+        elderly_share: 0.3,
+        mechanism_weights: [0.3, 0.4, 0.15, 0.05, 0.1],
+        severity_shift: 2.0,
+        format: LocalFormat::ModelLikeParquet,
+    };
+    writeln!(output, "generating {rows} admissions ...")?;
+    let data_file = {
+        let (site, out) = (site.clone(), out.to_path_buf());
+        tokio::task::spawn_blocking(move || synth::write_site(&site, &out)).await??
+    };
+    let identity = site_identity(&site.site_id);
+    let pki = fedq_coordinator::certs::create_dev_pki(&out.join("certs"), "bench CA", &[COORDINATOR_IDENTITY.into(), identity.clone()])?;
+    let config_path = write_node_config(
+        out,
+        &NodeFiles {
+            site_id: &site.site_id,
+            data_file: &data_file,
+            format: site.format,
+            ca_cert: &pki.ca_cert,
+            cert: &pki.identities[1].cert,
+            key: &pki.identities[1].key,
+            accepted_coordinators: &[COORDINATOR_IDENTITY],
+            min_cell_count: 10,
+        },
+    )?;
+
+    // The direct plan: the same snapshot type and plan the node runs, without gRPC.
+    let config = NodeConfig::load(&config_path)?;
+    let (engine, _) = QueryEngine::load(&config)?;
+    let snapshot = engine.snapshots().next().context("snapshot")?;
+    let template = Template::from_toml(BENCH_TEMPLATE, "bench template")?;
+    let checked = template.check(&config.data_model, &BTreeSet::new())?;
+    let query = checked.bind(&[("min_iss".into(), fedq_proto::template::Value::Integer(0))])?;
+    let mut direct = Vec::new();
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let table = plan::count_grid(&query, &checked.axes, snapshot)?;
+        direct.push(started.elapsed());
+        anyhow::ensure!(table.total() == rows as u64, "direct plan counted {} of {rows}", table.total());
+    }
+
+    // End to end: a real node over mutual TLS.
+    let node = start_node(&config_path).await?;
+    let address = format!("https://localhost:{}", node.address.port());
+    let coordinator = &pki.identities[0];
+    let mut client =
+        crate::node_client(&address, &pki.ca_cert, Some((&coordinator.cert, &coordinator.key)), &identity).await?;
+    let request = wire::QueryRequest {
+        request_id: "bench".into(),
+        template: Some(fedq_proto::document::template_document(&template, Vec::new())),
+        parameters: vec![fedq_proto::convert::parameter_to_wire("min_iss", &fedq_proto::template::Value::Integer(0))],
+        requester: "benchmark".into(),
+    };
+    let mut end_to_end = Vec::new();
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let answer = client.run_query(request.clone()).await?.into_inner();
+        end_to_end.push(started.elapsed());
+        anyhow::ensure!(answer.cells.len() == checked.axes.iter().map(|axis| axis.levels.len()).product::<usize>());
+    }
+    node.stop().await?;
+
+    let direct = median(direct);
+    let end_to_end = median(end_to_end);
+    writeln!(output, "\nthree-strata count (age band x sex x mechanism = {} cells), {rows} rows, median of {iterations}:", checked.axes.iter().map(|axis| axis.levels.len()).product::<usize>())?;
+    writeln!(output, "  {:<34} {:>10.2} ms", "polars plan, direct", direct.as_secs_f64() * 1e3)?;
+    writeln!(output, "  {:<34} {:>10.2} ms", "node end to end (gRPC + mTLS)", end_to_end.as_secs_f64() * 1e3)?;
+    writeln!(output, "  {:<34} {:>10.2} x   (target <= 1.5 x)", "ratio", end_to_end.as_secs_f64() / direct.as_secs_f64())?;
+    Ok(())
+}
