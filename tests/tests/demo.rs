@@ -1,0 +1,25 @@
+//! The main job, scaled down: the demo starts a local alliance, prints pooled tables with
+//! per-site columns and suppression marks, shows a refusal, and stops cleanly.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_prints_pooled_tables_with_suppression_marks_and_a_refusal() -> anyhow::Result<()> {
+    fedq_proto::tls::install_crypto_provider();
+    let dir = tempfile::tempdir()?;
+    let mut output = Vec::new();
+    fedq_deploy::demo::run(&dir.path().join("demo"), 0.02, &mut output).await?;
+    let text = String::from_utf8(output)?;
+    for expected in [
+        "Trauma admissions by age band and sex",
+        "In-hospital deaths among severely injured patients, by injury mechanism",
+        "site-a  site-b  site-c  pooled",
+        "site-c     ok",
+        "* withheld by the site",
+        "parameter 'min_age': 30 is outside its limits 50 to 100",
+        "the alliance has stopped",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+    }
+    // site-c (40 admissions at this scale) must have withheld something.
+    assert!(text.lines().any(|line| line.starts_with("  site-c") && line.contains("small_cell_suppression")), "{text}");
+    Ok(())
+}
