@@ -34,7 +34,10 @@ impl Catalogue {
         })?;
         let mut paths: Vec<PathBuf> = listing
             .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-            .filter(|path| path.extension().is_some_and(|extension| extension == "toml"))
+            .filter(|path| {
+                path.extension()
+                    .is_some_and(|extension| extension == "toml")
+            })
             .collect();
         paths.sort();
         let mut problems = Vec::new();
@@ -42,7 +45,10 @@ impl Catalogue {
         for path in paths {
             match load_one(&path, &data_model) {
                 Ok(template) => {
-                    if let Some(earlier) = entries.iter().find(|entry| entry.template.id == template.id) {
+                    if let Some(earlier) = entries
+                        .iter()
+                        .find(|entry| entry.template.id == template.id)
+                    {
                         problems.push(format!(
                             "{}: template id '{}' is already used by {}",
                             path.display(),
@@ -64,7 +70,10 @@ impl Catalogue {
             return Err(CoordinatorError::Catalogue(problems));
         }
         entries.sort_by(|left, right| left.template.id.cmp(&right.template.id));
-        Ok(Catalogue { data_model, entries })
+        Ok(Catalogue {
+            data_model,
+            entries,
+        })
     }
 
     pub fn entries(&self) -> &[CatalogueEntry] {
@@ -97,7 +106,9 @@ mod tests {
     fn malformed_template_file_is_reported_with_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("bad.toml"), "id = \"x\"\nversion = \n").unwrap();
-        let err = Catalogue::load(dir.path(), DataModel::builtin()).unwrap_err().to_string();
+        let err = Catalogue::load(dir.path(), DataModel::builtin())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad.toml") && err.contains("line 2"), "{err}");
     }
 }

@@ -33,12 +33,19 @@ fn cert_error(err: rcgen::Error) -> CoordinatorError {
 
 /// Creates a new CA named `ca_name` in `out_dir` and issues a certificate for each identity.
 /// Refuses to overwrite existing files.
-pub fn create_dev_pki(out_dir: &Path, ca_name: &str, identities: &[String]) -> Result<DevPki, CoordinatorError> {
-    std::fs::create_dir_all(out_dir)
-        .map_err(|err| CoordinatorError::Certificates(format!("cannot create {}: {err}", out_dir.display())))?;
+pub fn create_dev_pki(
+    out_dir: &Path,
+    ca_name: &str,
+    identities: &[String],
+) -> Result<DevPki, CoordinatorError> {
+    std::fs::create_dir_all(out_dir).map_err(|err| {
+        CoordinatorError::Certificates(format!("cannot create {}: {err}", out_dir.display()))
+    })?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(cert_error)?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, ca_name);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, ca_name);
     ca_params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
@@ -56,10 +63,19 @@ pub fn create_dev_pki(out_dir: &Path, ca_name: &str, identities: &[String]) -> R
 
     let mut issued = Vec::new();
     for identity in identities {
-        let names = vec![identity.clone(), "localhost".to_string(), "127.0.0.1".to_string()];
+        let names = vec![
+            identity.clone(),
+            "localhost".to_string(),
+            "127.0.0.1".to_string(),
+        ];
         let mut params = CertificateParams::new(names).map_err(cert_error)?;
-        params.distinguished_name.push(DnType::CommonName, identity.as_str());
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, identity.as_str());
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         let key = KeyPair::generate().map_err(cert_error)?;
         let cert = params.signed_by(&key, &issuer).map_err(cert_error)?;
@@ -88,10 +104,14 @@ fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), Coordinat
         options.mode(0o600);
     }
     let mut file = options.open(path).map_err(|err| {
-        CoordinatorError::Certificates(format!("cannot create {} (it must not exist yet): {err}", path.display()))
+        CoordinatorError::Certificates(format!(
+            "cannot create {} (it must not exist yet): {err}",
+            path.display()
+        ))
     })?;
-    file.write_all(contents.as_bytes())
-        .map_err(|err| CoordinatorError::Certificates(format!("cannot write {}: {err}", path.display())))
+    file.write_all(contents.as_bytes()).map_err(|err| {
+        CoordinatorError::Certificates(format!("cannot write {}: {err}", path.display()))
+    })
 }
 
 #[cfg(test)]
@@ -105,7 +125,9 @@ mod tests {
         let certs = fedq_proto::tls::load_certs(&pki.identities[0].cert).unwrap();
         let names = fedq_proto::tls::certificate_identities(&certs[0]).unwrap();
         assert!(names.contains(&"site-a.fedq.test".to_string()), "{names:?}");
-        let again = create_dev_pki(dir.path(), "test CA", &[]).unwrap_err().to_string();
+        let again = create_dev_pki(dir.path(), "test CA", &[])
+            .unwrap_err()
+            .to_string();
         assert!(again.contains("must not exist yet"), "{again}");
     }
 }

@@ -13,7 +13,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use crate::CoordinatorError;
 
 /// Connects to the coordinator at `address` (`https://host:port`), trusting `ca_cert`.
-pub async fn connect(address: &str, ca_cert: &Path) -> Result<CoordinatorClient<Channel>, CoordinatorError> {
+pub async fn connect(
+    address: &str,
+    ca_cert: &Path,
+) -> Result<CoordinatorClient<Channel>, CoordinatorError> {
     let ca = Certificate::from_pem(fedq_proto::tls::read_pem(ca_cert)?);
     let channel = Channel::from_shared(address.to_string())
         .map_err(|err| CoordinatorError::Client(format!("coordinator address '{address}': {err}")))?
@@ -53,26 +56,39 @@ pub fn parse_parameters(
 ) -> Result<Vec<wire::ParameterValue>, CoordinatorError> {
     let mut values = Vec::new();
     for assignment in assignments {
-        let (name, text) = assignment
-            .split_once('=')
-            .ok_or_else(|| CoordinatorError::Client(format!("parameter '{assignment}' must be written name=value")))?;
+        let (name, text) = assignment.split_once('=').ok_or_else(|| {
+            CoordinatorError::Client(format!(
+                "parameter '{assignment}' must be written name=value"
+            ))
+        })?;
         let (name, text) = (name.trim(), text.trim());
         let spec = specs.iter().find(|spec| spec.name == name).ok_or_else(|| {
             let known: Vec<&str> = specs.iter().map(|spec| spec.name.as_str()).collect();
             CoordinatorError::Client(format!(
                 "this template has no parameter '{name}'; it takes: {}",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             ))
         })?;
         let invalid = |expected: &str| {
-            CoordinatorError::Client(format!("parameter '{name}': '{text}' is not {expected} ({})", spec.limits))
+            CoordinatorError::Client(format!(
+                "parameter '{name}': '{text}' is not {expected} ({})",
+                spec.limits
+            ))
         };
         let value = match spec.parameter_type.as_str() {
             "integer" => Value::Integer(text.parse().map_err(|_| invalid("a whole number"))?),
             "float" => Value::Float(text.parse().map_err(|_| invalid("a number"))?),
             "date" => Value::Date(parse_date(text).map_err(|_| invalid("a date YYYY-MM-DD"))?),
             "category" => Value::Category(text.to_string()),
-            _ => Value::Categories(text.split(',').map(|part| part.trim().to_string()).collect()),
+            _ => Value::Categories(
+                text.split(',')
+                    .map(|part| part.trim().to_string())
+                    .collect(),
+            ),
         };
         values.push(parameter_to_wire(name, &value));
     }
@@ -90,7 +106,11 @@ pub async fn run_query(
         .await
         .map_err(|status| status_message(&status))?
         .into_inner();
-    while let Some(event) = stream.message().await.map_err(|status| status_message(&status))? {
+    while let Some(event) = stream
+        .message()
+        .await
+        .map_err(|status| status_message(&status))?
+    {
         match event.event {
             Some(wire::query_event::Event::Site(site)) => on_site(&site),
             Some(wire::query_event::Event::Result(result)) => return Ok(result),

@@ -85,19 +85,35 @@ impl RawCoordinatorConfig {
         let mut problems = Vec::new();
         let listen = self.listen.parse::<SocketAddr>();
         if listen.is_err() {
-            problems.push(format!("listen '{}' is not an address with port (e.g. '0.0.0.0:7700')", self.listen));
+            problems.push(format!(
+                "listen '{}' is not an address with port (e.g. '0.0.0.0:7700')",
+                self.listen
+            ));
         }
-        let resolve = |path: &Path| if path.is_absolute() { path.to_path_buf() } else { base.join(path) };
+        let resolve = |path: &Path| {
+            if path.is_absolute() {
+                path.to_path_buf()
+            } else {
+                base.join(path)
+            }
+        };
         let templates = resolve(&self.templates);
         if !templates.is_dir() {
-            problems.push(format!("templates: folder {} does not exist", templates.display()));
+            problems.push(format!(
+                "templates: folder {} does not exist",
+                templates.display()
+            ));
         }
         let tls = TlsFiles {
             ca_cert: resolve(&self.tls.ca_cert),
             cert: resolve(&self.tls.cert),
             key: resolve(&self.tls.key),
         };
-        for (key, path) in [("tls.ca_cert", &tls.ca_cert), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+        for (key, path) in [
+            ("tls.ca_cert", &tls.ca_cert),
+            ("tls.cert", &tls.cert),
+            ("tls.key", &tls.key),
+        ] {
             if !path.is_file() {
                 problems.push(format!("{key}: file {} does not exist", path.display()));
             }
@@ -124,7 +140,10 @@ impl RawCoordinatorConfig {
                 ));
             }
             if node.identity.is_empty() {
-                problems.push(format!("nodes: site '{}': identity (the node certificate's DNS name) is required", node.site_id));
+                problems.push(format!(
+                    "nodes: site '{}': identity (the node certificate's DNS name) is required",
+                    node.site_id
+                ));
             }
             nodes.push(NodeEntry {
                 site_id: node.site_id,
@@ -171,14 +190,18 @@ key = "c.key"
 
     #[test]
     fn plaintext_node_address_is_refused() {
-        let text = format!("{BASE}[[nodes]]\nsite_id = \"a\"\naddress = \"http://127.0.0.1:1\"\nidentity = \"a.test\"\n");
+        let text = format!(
+            "{BASE}[[nodes]]\nsite_id = \"a\"\naddress = \"http://127.0.0.1:1\"\nidentity = \"a.test\"\n"
+        );
         let err = validate(&text).unwrap_err().to_string();
         assert!(err.contains("must start with https://"), "{err}");
     }
 
     #[test]
     fn valid_config_has_default_deadlines() {
-        let text = format!("{BASE}[[nodes]]\nsite_id = \"a\"\naddress = \"https://127.0.0.1:1\"\nidentity = \"a.test\"\n");
+        let text = format!(
+            "{BASE}[[nodes]]\nsite_id = \"a\"\naddress = \"https://127.0.0.1:1\"\nidentity = \"a.test\"\n"
+        );
         let config = validate(&text).unwrap();
         assert_eq!(config.default_deadline, Duration::from_secs(10));
         assert_eq!(config.nodes[0].identity, "a.test");

@@ -14,7 +14,9 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Contract(#[from] fedq_proto::Error),
     /// The study lead asked for a template the catalogue does not hold.
-    #[error("no approved template '{0}' in the catalogue; `fedq templates list` shows the approved ones")]
+    #[error(
+        "no approved template '{0}' in the catalogue; `fedq templates list` shows the approved ones"
+    )]
     UnknownTemplate(String),
     /// Certificates could not be created or written.
     #[error("certificates: {0}")]
@@ -32,8 +34,12 @@ impl CoordinatorError {
     pub fn to_status(&self) -> Status {
         let code = match self {
             CoordinatorError::UnknownTemplate(_) => Code::NotFound,
-            CoordinatorError::Contract(fedq_proto::Error::Parameter { .. }) => Code::InvalidArgument,
-            CoordinatorError::Contract(fedq_proto::Error::Template { .. }) => Code::FailedPrecondition,
+            CoordinatorError::Contract(fedq_proto::Error::Parameter { .. }) => {
+                Code::InvalidArgument
+            }
+            CoordinatorError::Contract(fedq_proto::Error::Template { .. }) => {
+                Code::FailedPrecondition
+            }
             _ => Code::Internal,
         };
         Status::new(code, self.to_string())

@@ -44,7 +44,10 @@ impl NodeClients {
     /// Prepares a channel per node; connections are made on first use and re-made after loss.
     pub fn new(config: &CoordinatorConfig) -> Result<NodeClients, CoordinatorError> {
         let ca = Certificate::from_pem(tls::read_pem(&config.tls.ca_cert)?);
-        let identity = Identity::from_pem(tls::read_pem(&config.tls.cert)?, tls::read_pem(&config.tls.key)?);
+        let identity = Identity::from_pem(
+            tls::read_pem(&config.tls.cert)?,
+            tls::read_pem(&config.tls.key)?,
+        );
         let mut nodes = Vec::new();
         for entry in &config.nodes {
             let tls_config = ClientTlsConfig::new()
@@ -52,9 +55,19 @@ impl NodeClients {
                 .identity(identity.clone())
                 .domain_name(entry.identity.clone());
             let channel = Channel::from_shared(entry.address.clone())
-                .map_err(|err| CoordinatorError::Config(vec![format!("nodes: site '{}': address: {err}", entry.site_id)]))?
+                .map_err(|err| {
+                    CoordinatorError::Config(vec![format!(
+                        "nodes: site '{}': address: {err}",
+                        entry.site_id
+                    )])
+                })?
                 .tls_config(tls_config)
-                .map_err(|err| CoordinatorError::Config(vec![format!("nodes: site '{}': tls: {err}", entry.site_id)]))?
+                .map_err(|err| {
+                    CoordinatorError::Config(vec![format!(
+                        "nodes: site '{}': tls: {err}",
+                        entry.site_id
+                    )])
+                })?
                 .connect_timeout(config.default_deadline)
                 .connect_lazy();
             let client = NodeClient::new(channel)
@@ -71,7 +84,11 @@ impl NodeClients {
 
     /// Sends `request` to every node at once; yields each reply as it arrives. Every node
     /// yields exactly one reply, at the latest when `deadline` has passed.
-    pub fn run_query(&self, request: wire::QueryRequest, deadline: Duration) -> impl Stream<Item = SiteReply> + use<> {
+    pub fn run_query(
+        &self,
+        request: wire::QueryRequest,
+        deadline: Duration,
+    ) -> impl Stream<Item = SiteReply> + use<> {
         self.nodes
             .iter()
             .map(|(entry, client)| {
@@ -86,14 +103,21 @@ impl NodeClients {
                         Ok(Err(status)) => classify(status),
                         Err(_) => SiteCall::TimedOut,
                     };
-                    SiteReply { site_id, call, elapsed: started.elapsed() }
+                    SiteReply {
+                        site_id,
+                        call,
+                        elapsed: started.elapsed(),
+                    }
                 }
             })
             .collect::<FuturesUnordered<_>>()
     }
 
     /// Asks every node to describe itself, concurrently, each within `deadline`.
-    pub async fn describe_all(&self, deadline: Duration) -> Vec<(NodeEntry, Result<wire::SiteDescription, String>)> {
+    pub async fn describe_all(
+        &self,
+        deadline: Duration,
+    ) -> Vec<(NodeEntry, Result<wire::SiteDescription, String>)> {
         let calls = self.nodes.iter().map(|(entry, client)| {
             let mut client = client.clone();
             async move {
@@ -114,13 +138,13 @@ impl NodeClients {
 /// Sorts a failed call into refused (the node's own typed reason), timed out, unreachable or
 /// failed.
 pub fn classify(status: Status) -> SiteCall {
-    if !status.details().is_empty() {
-        if let Ok(refusal) = wire::Refusal::decode(status.details()) {
-            return SiteCall::Refused {
-                code: RefusalCode::try_from(refusal.code).unwrap_or(RefusalCode::Unspecified),
-                message: refusal.message,
-            };
-        }
+    if !status.details().is_empty()
+        && let Ok(refusal) = wire::Refusal::decode(status.details())
+    {
+        return SiteCall::Refused {
+            code: RefusalCode::try_from(refusal.code).unwrap_or(RefusalCode::Unspecified),
+            message: refusal.message,
+        };
     }
     match status.code() {
         Code::DeadlineExceeded | Code::Cancelled => SiteCall::TimedOut,

@@ -11,13 +11,27 @@ use fedq_coordinator::{CoordinatorError, certs, client, render};
 use fedq_proto::wire;
 
 #[derive(Parser)]
-#[command(name = "fedq", version, about = "fedq: federated aggregate queries across an alliance of hospitals")]
+#[command(
+    name = "fedq",
+    version,
+    about = "fedq: federated aggregate queries across an alliance of hospitals"
+)]
 struct Cli {
     /// Coordinator address (for every command but serve and certs).
-    #[arg(long, global = true, env = "FEDQ_COORDINATOR", default_value = "https://localhost:7700")]
+    #[arg(
+        long,
+        global = true,
+        env = "FEDQ_COORDINATOR",
+        default_value = "https://localhost:7700"
+    )]
     coordinator: String,
     /// CA certificate that signed the coordinator's certificate.
-    #[arg(long, global = true, env = "FEDQ_CA_CERT", default_value = "certs/ca.pem")]
+    #[arg(
+        long,
+        global = true,
+        env = "FEDQ_CA_CERT",
+        default_value = "certs/ca.pem"
+    )]
     ca_cert: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -104,15 +118,26 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             let config = CoordinatorConfig::load(&config)?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
-                .map_err(|err| CoordinatorError::Server(format!("cannot listen on {}: {err}", config.listen)))?;
+                .map_err(|err| {
+                    CoordinatorError::Server(format!("cannot listen on {}: {err}", config.listen))
+                })?;
             tracing::info!(address = %config.listen, "coordinator serving");
             fedq_coordinator::server::run(&config, listener, shutdown_signal()).await
         }
-        Command::Certs { out, identities, ca_name } => {
+        Command::Certs {
+            out,
+            identities,
+            ca_name,
+        } => {
             let pki = certs::create_dev_pki(&out, &ca_name, &identities)?;
             println!("CA certificate: {}", pki.ca_cert.display());
             for issued in pki.identities {
-                println!("{}: {} {}", issued.identity, issued.cert.display(), issued.key.display());
+                println!(
+                    "{}: {} {}",
+                    issued.identity,
+                    issued.cert.display(),
+                    issued.key.display()
+                );
             }
             Ok(())
         }
@@ -127,7 +152,10 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                         .into_inner();
                     for template in list.templates {
                         let reference = template.reference.unwrap_or_default();
-                        println!("{:<28} v{:<3} {:<8} {}", reference.id, reference.version, template.statistic, template.title);
+                        println!(
+                            "{:<28} v{:<3} {:<8} {}",
+                            reference.id, reference.version, template.statistic, template.title
+                        );
                     }
                 }
                 TemplatesCommand::Show { id } => {
@@ -153,7 +181,11 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                     Some(description) => {
                         println!(
                             "{:<10} {} fedq {} model {} floor k={}",
-                            site.site_id, site.address, description.software_version, description.data_model, description.min_cell_count
+                            site.site_id,
+                            site.address,
+                            description.software_version,
+                            description.data_model,
+                            description.min_cell_count
                         );
                         for dataset in description.datasets {
                             println!(
@@ -169,10 +201,17 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             }
             Ok(())
         }
-        Command::Query { template, params, deadline_ms, json } => {
+        Command::Query {
+            template,
+            params,
+            deadline_ms,
+            json,
+        } => {
             let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
             let detail = coordinator
-                .get_template(wire::GetTemplateRequest { id: template.clone() })
+                .get_template(wire::GetTemplateRequest {
+                    id: template.clone(),
+                })
                 .await
                 .map_err(|status| client::status_message(&status))?
                 .into_inner();
@@ -191,7 +230,10 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                     .map_err(|err| CoordinatorError::Client(err.to_string()))?;
                 println!("{text}");
             } else {
-                let title = detail.summary.map(|summary| summary.title).unwrap_or_default();
+                let title = detail
+                    .summary
+                    .map(|summary| summary.title)
+                    .unwrap_or_default();
                 print!("{}", render::table(&title, &result));
             }
             Ok(())
@@ -210,12 +252,27 @@ fn describe_template(detail: &wire::TemplateDetail) -> String {
         detail.description,
         summary.dataset,
         summary.statistic,
-        if detail.strata.is_empty() { "none".to_string() } else { detail.strata.join(", ") },
-        if detail.min_cell_count == 0 { "the site's floor".to_string() } else { detail.min_cell_count.to_string() },
-        if summary.signer_key_ids.is_empty() { "(no signatures)".to_string() } else { summary.signer_key_ids.join(", ") },
+        if detail.strata.is_empty() {
+            "none".to_string()
+        } else {
+            detail.strata.join(", ")
+        },
+        if detail.min_cell_count == 0 {
+            "the site's floor".to_string()
+        } else {
+            detail.min_cell_count.to_string()
+        },
+        if summary.signer_key_ids.is_empty() {
+            "(no signatures)".to_string()
+        } else {
+            summary.signer_key_ids.join(", ")
+        },
     );
     for parameter in &detail.parameters {
-        text.push_str(&format!("  {:<12} {} — {}\n", parameter.name, parameter.limits, parameter.description));
+        text.push_str(&format!(
+            "  {:<12} {} — {}\n",
+            parameter.name, parameter.limits, parameter.description
+        ));
     }
     text
 }

@@ -56,8 +56,15 @@ fn released(cell: &wire::Cell) -> Result<Option<u64>, String> {
 
 impl SiteCells {
     /// Checks that a site answered the template and grid that were asked, and converts it.
-    pub fn from_wire(result: &wire::SiteResult, template: &TemplateRef, axes: &[Axis]) -> Result<SiteCells, String> {
-        let answered = result.template.as_ref().map(|reference| reference.content_hash.as_str());
+    pub fn from_wire(
+        result: &wire::SiteResult,
+        template: &TemplateRef,
+        axes: &[Axis],
+    ) -> Result<SiteCells, String> {
+        let answered = result
+            .template
+            .as_ref()
+            .map(|reference| reference.content_hash.as_str());
         if answered != Some(template.content_hash.as_str()) {
             return Err("the site answered a different template version".into());
         }
@@ -68,7 +75,10 @@ impl SiteCells {
         let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
         let expected: usize = shape.iter().product();
         if result.cells.len() != expected {
-            return Err(format!("the site sent {} cells; the grid has {expected}", result.cells.len()));
+            return Err(format!(
+                "the site sent {} cells; the grid has {expected}",
+                result.cells.len()
+            ));
         }
         let mut cells = Vec::with_capacity(expected);
         for (index, cell) in result.cells.iter().enumerate() {
@@ -101,14 +111,41 @@ mod tests {
 
     #[test]
     fn released_cells_are_summed_and_withheld_ones_mark_the_cell_incomplete() {
-        let a = SiteCells { cells: vec![Some(100), Some(20), None], total: None };
-        let b = SiteCells { cells: vec![Some(50), None, None], total: None };
+        let a = SiteCells {
+            cells: vec![Some(100), Some(20), None],
+            total: None,
+        };
+        let b = SiteCells {
+            cells: vec![Some(50), None, None],
+            total: None,
+        };
         let pooled = pool(3, &[&a, &b]);
-        assert_eq!(pooled.cells[0], PooledCell { count: Some(150), sites_released: 2, sites_withheld: 0 });
+        assert_eq!(
+            pooled.cells[0],
+            PooledCell {
+                count: Some(150),
+                sites_released: 2,
+                sites_withheld: 0
+            }
+        );
         assert!(pooled.cells[0].complete());
-        assert_eq!(pooled.cells[1], PooledCell { count: Some(20), sites_released: 1, sites_withheld: 1 });
+        assert_eq!(
+            pooled.cells[1],
+            PooledCell {
+                count: Some(20),
+                sites_released: 1,
+                sites_withheld: 1
+            }
+        );
         assert!(!pooled.cells[1].complete());
-        assert_eq!(pooled.cells[2], PooledCell { count: None, sites_released: 0, sites_withheld: 2 });
+        assert_eq!(
+            pooled.cells[2],
+            PooledCell {
+                count: None,
+                sites_released: 0,
+                sites_withheld: 2
+            }
+        );
         assert_eq!(pooled.total.count, None);
     }
 

@@ -49,7 +49,7 @@ fn format_count(count: u64) -> String {
     let digits = count.to_string();
     let mut grouped = String::new();
     for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
+        if index > 0 && (digits.len() - index).is_multiple_of(3) {
             grouped.push(',');
         }
         grouped.push(digit);
@@ -74,7 +74,10 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
     let _ = writeln!(
         out,
         "template {} v{} ({}), query {}",
-        reference.id, reference.version, short_hash(&reference.content_hash), result.query_id
+        reference.id,
+        reference.version,
+        short_hash(&reference.content_hash),
+        result.query_id
     );
     let mut header: Vec<String> = result.axes.iter().map(|axis| axis.column.clone()).collect();
     header.extend(result.sites.iter().map(|site| site.site_id.clone()));
@@ -91,9 +94,19 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
             .coordinates
             .iter()
             .zip(&result.axes)
-            .map(|(level, axis)| axis.levels.get(*level as usize).cloned().unwrap_or_default())
+            .map(|(level, axis)| {
+                axis.levels
+                    .get(*level as usize)
+                    .cloned()
+                    .unwrap_or_default()
+            })
             .collect();
-        row.extend(result.sites.iter().map(|site| site_cell_text(site_value(site, Some(index)))));
+        row.extend(
+            result
+                .sites
+                .iter()
+                .map(|site| site_cell_text(site_value(site, Some(index)))),
+        );
         row.push(pooled_text(cell));
         rows.push(row);
     }
@@ -105,7 +118,12 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
             row.push("total".into());
             header.insert(0, String::new());
         }
-        row.extend(result.sites.iter().map(|site| site_cell_text(site_value(site, None))));
+        row.extend(
+            result
+                .sites
+                .iter()
+                .map(|site| site_cell_text(site_value(site, None))),
+        );
         row.push(pooled_text(total));
         rows.push(row);
     }
@@ -135,12 +153,19 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
     };
     let _ = writeln!(out);
     let _ = writeln!(out, "{}", line(&header));
-    let _ = writeln!(out, "{}", "-".repeat(widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1)));
+    let _ = writeln!(
+        out,
+        "{}",
+        "-".repeat(widths.iter().sum::<usize>() + 2 * widths.len().saturating_sub(1))
+    );
     for row in &rows {
         let _ = writeln!(out, "{}", line(row));
     }
     if hidden > 0 {
-        let _ = writeln!(out, "({hidden} combinations with zero records at every site not shown)");
+        let _ = writeln!(
+            out,
+            "({hidden} combinations with zero records at every site not shown)"
+        );
     }
     let _ = writeln!(
         out,
@@ -170,14 +195,22 @@ pub fn site_line(site: &wire::SiteProgress) -> String {
     let status = site_status_name(site.status);
     match &site.result {
         Some(result) => {
-            let mechanisms: Vec<&str> = result.mechanisms.iter().map(|m| mechanism_name(*m)).collect();
+            let mechanisms: Vec<&str> = result
+                .mechanisms
+                .iter()
+                .map(|m| mechanism_name(*m))
+                .collect();
             format!(
                 "{:<10} {status:<11} k={} snapshot {} {} ms{}",
                 site.site_id,
                 result.applied_min_cell_count,
                 short_hash(&result.snapshot_version),
                 site.elapsed_ms,
-                if mechanisms.is_empty() { String::new() } else { format!(", {}", mechanisms.join(", ")) }
+                if mechanisms.is_empty() {
+                    String::new()
+                } else {
+                    format!(", {}", mechanisms.join(", "))
+                }
             )
         }
         None => format!("{:<10} {status:<11} {}", site.site_id, site.message),
@@ -244,7 +277,13 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
             .iter()
             .zip(&result.axes)
             .map(|(level, axis)| {
-                (axis.column.clone(), axis.levels.get(*level as usize).cloned().unwrap_or_default())
+                (
+                    axis.column.clone(),
+                    axis.levels
+                        .get(*level as usize)
+                        .cloned()
+                        .unwrap_or_default(),
+                )
             })
             .collect(),
         pooled: pooled.count,
@@ -267,9 +306,17 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
         axes: result
             .axes
             .iter()
-            .map(|axis| JsonAxis { column: axis.column.clone(), levels: axis.levels.clone() })
+            .map(|axis| JsonAxis {
+                column: axis.column.clone(),
+                levels: axis.levels.clone(),
+            })
             .collect(),
-        cells: result.cells.iter().enumerate().map(|(index, pooled)| cell(Some(index), pooled)).collect(),
+        cells: result
+            .cells
+            .iter()
+            .enumerate()
+            .map(|(index, pooled)| cell(Some(index), pooled))
+            .collect(),
         total: cell(None, &result.total.clone().unwrap_or_default()),
         sites: result
             .sites
@@ -278,12 +325,23 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
                 site_id: site.site_id.clone(),
                 status: site_status_name(site.status).to_string(),
                 message: site.message.clone(),
-                snapshot_version: site.result.as_ref().map(|result| result.snapshot_version.clone()),
-                min_cell_count: site.result.as_ref().map(|result| result.applied_min_cell_count),
+                snapshot_version: site
+                    .result
+                    .as_ref()
+                    .map(|result| result.snapshot_version.clone()),
+                min_cell_count: site
+                    .result
+                    .as_ref()
+                    .map(|result| result.applied_min_cell_count),
                 mechanisms: site
                     .result
                     .iter()
-                    .flat_map(|result| result.mechanisms.iter().map(|m| mechanism_name(*m).to_string()))
+                    .flat_map(|result| {
+                        result
+                            .mechanisms
+                            .iter()
+                            .map(|m| mechanism_name(*m).to_string())
+                    })
                     .collect(),
                 elapsed_ms: site.elapsed_ms,
             })
@@ -303,9 +361,21 @@ mod tests {
 
     #[test]
     fn pooled_cell_with_a_withheld_part_is_marked_incomplete() {
-        let cell = wire::PooledCell { coordinates: vec![], count: Some(40), sites_released: 1, sites_withheld: 1, complete: false };
+        let cell = wire::PooledCell {
+            coordinates: vec![],
+            count: Some(40),
+            sites_released: 1,
+            sites_withheld: 1,
+            complete: false,
+        };
         assert_eq!(pooled_text(&cell), "40+");
-        let none = wire::PooledCell { coordinates: vec![], count: None, sites_released: 0, sites_withheld: 2, complete: false };
+        let none = wire::PooledCell {
+            coordinates: vec![],
+            count: None,
+            sites_released: 0,
+            sites_withheld: 2,
+            complete: false,
+        };
         assert_eq!(pooled_text(&none), "*");
     }
 }

@@ -26,8 +26,17 @@ pub async fn run(
     let nodes = NodeClients::new(config)?;
     let tls_config = tls::server_only_tls_config(&config.tls)?;
     let acceptor = TlsAcceptor::from(Arc::new(tls_config));
-    tracing::info!(templates = catalogue.entries().len(), nodes = config.nodes.len(), "coordinator ready");
-    let service = CoordinatorService::new(catalogue, nodes, config.default_deadline, config.max_deadline);
+    tracing::info!(
+        templates = catalogue.entries().len(),
+        nodes = config.nodes.len(),
+        "coordinator ready"
+    );
+    let service = CoordinatorService::new(
+        catalogue,
+        nodes,
+        config.default_deadline,
+        config.max_deadline,
+    );
     tonic::transport::Server::builder()
         .add_service(CoordinatorServer::new(service).max_decoding_message_size(1024 * 1024))
         .serve_with_incoming_shutdown(tls::accept_tls(listener, acceptor), shutdown)

@@ -27,7 +27,12 @@ pub struct CoordinatorService {
 }
 
 impl CoordinatorService {
-    pub fn new(catalogue: Arc<Catalogue>, nodes: NodeClients, default_deadline: Duration, max_deadline: Duration) -> Self {
+    pub fn new(
+        catalogue: Arc<Catalogue>,
+        nodes: NodeClients,
+        default_deadline: Duration,
+        max_deadline: Duration,
+    ) -> Self {
         CoordinatorService {
             catalogue,
             nodes,
@@ -51,7 +56,11 @@ fn summary(entry: &CatalogueEntry) -> wire::TemplateSummary {
         title: entry.template.title.clone(),
         dataset: entry.template.dataset.clone(),
         statistic: entry.template.statistic.name().to_string(),
-        signer_key_ids: entry.signatures.iter().map(|signature| signature.key_id.clone()).collect(),
+        signer_key_ids: entry
+            .signatures
+            .iter()
+            .map(|signature| signature.key_id.clone())
+            .collect(),
     }
 }
 
@@ -75,7 +84,11 @@ fn detail(entry: &CatalogueEntry, catalogue: &Catalogue) -> wire::TemplateDetail
         description: template.description.clone(),
         canonical_json: String::from_utf8_lossy(&template.canonical_bytes()).into_owned(),
         parameters,
-        strata: template.strata.iter().map(|stratum| stratum.column.clone()).collect(),
+        strata: template
+            .strata
+            .iter()
+            .map(|stratum| stratum.column.clone())
+            .collect(),
         min_cell_count: template.min_cell_count.unwrap_or(0),
     }
 }
@@ -89,7 +102,11 @@ fn progress(reply: &SiteReply) -> wire::SiteProgress {
         SiteCall::Failed(_) => wire::SiteStatus::Failed,
     };
     let (message, refusal, result) = match &reply.call {
-        SiteCall::Answered(result) => (String::new(), wire::RefusalCode::Unspecified, Some((**result).clone())),
+        SiteCall::Answered(result) => (
+            String::new(),
+            wire::RefusalCode::Unspecified,
+            Some((**result).clone()),
+        ),
         SiteCall::Refused { code, .. } => (describe_call(&reply.call), *code, None),
         call => (describe_call(call), wire::RefusalCode::Unspecified, None),
     };
@@ -115,7 +132,12 @@ fn pooled_cell(coordinates: Vec<u32>, cell: &PooledCell) -> wire::PooledCell {
 
 /// Pools the sites' final progress records (checking each answer against the asked grid; a
 /// site whose answer does not fit is marked failed and left out).
-fn pool_result(query_id: String, template: &TemplateRef, axes: &[Axis], sites: &mut [wire::SiteProgress]) -> wire::PooledResult {
+fn pool_result(
+    query_id: String,
+    template: &TemplateRef,
+    axes: &[Axis],
+    sites: &mut [wire::SiteProgress],
+) -> wire::PooledResult {
     let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
     let cell_count: usize = shape.iter().product();
     let mut answers = Vec::new();
@@ -140,7 +162,9 @@ fn pool_result(query_id: String, template: &TemplateRef, axes: &[Axis], sites: &
             .cells
             .iter()
             .enumerate()
-            .map(|(index, cell)| pooled_cell(fedq_proto::template::cell_coordinates(&shape, index), cell))
+            .map(|(index, cell)| {
+                pooled_cell(fedq_proto::template::cell_coordinates(&shape, index), cell)
+            })
             .collect(),
         total: Some(pooled_cell(Vec::new(), &pooled.total)),
         sites: sites.to_vec(),
@@ -227,13 +251,20 @@ impl Coordinator for CoordinatorService {
         tracing::Span::current().record("query_id", query_id.as_str());
         let node_request = wire::QueryRequest {
             request_id: query_id.clone(),
-            template: Some(fedq_proto::document::template_document(template, entry.signatures.clone())),
+            template: Some(fedq_proto::document::template_document(
+                template,
+                entry.signatures.clone(),
+            )),
             parameters: request.parameters,
             requester: "unauthenticated study lead".to_string(),
         };
         let deadline = self.deadline(request.deadline_ms);
         let mut replies = self.nodes.run_query(node_request, deadline);
-        let order: Vec<String> = self.nodes.entries().map(|entry| entry.site_id.clone()).collect();
+        let order: Vec<String> = self
+            .nodes
+            .entries()
+            .map(|entry| entry.site_id.clone())
+            .collect();
         let (sender, receiver) = tokio::sync::mpsc::channel(order.len() + 1);
         tokio::spawn(async move {
             let mut finished: Vec<wire::SiteProgress> = Vec::new();

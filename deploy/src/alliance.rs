@@ -64,7 +64,9 @@ impl Drop for Running {
 }
 
 async fn loopback() -> anyhow::Result<TcpListener> {
-    TcpListener::bind("127.0.0.1:0").await.context("binding 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding 127.0.0.1:0")
 }
 
 /// Loads a node's configuration and data and serves it on a fresh loopback port.
@@ -85,14 +87,21 @@ pub async fn start_node(config_path: &Path) -> anyhow::Result<Running> {
         .await
         .map_err(|err| err.to_string())
     });
-    Ok(Running { address, stop: Some(stop), task })
+    Ok(Running {
+        address,
+        stop: Some(stop),
+        task,
+    })
 }
 
 /// Loads a coordinator's configuration and serves it on a fresh loopback port.
 pub async fn start_coordinator(config_path: &Path) -> anyhow::Result<Running> {
     let config = CoordinatorConfig::load(config_path)?;
     // Load the catalogue up front so a broken template fails here, not inside the task.
-    fedq_coordinator::catalogue::Catalogue::load(&config.templates, fedq_proto::model::DataModel::builtin())?;
+    fedq_coordinator::catalogue::Catalogue::load(
+        &config.templates,
+        fedq_proto::model::DataModel::builtin(),
+    )?;
     let listener = loopback().await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
@@ -103,7 +112,11 @@ pub async fn start_coordinator(config_path: &Path) -> anyhow::Result<Running> {
         .await
         .map_err(|err| err.to_string())
     });
-    Ok(Running { address, stop: Some(stop), task })
+    Ok(Running {
+        address,
+        stop: Some(stop),
+        task,
+    })
 }
 
 /// Options for one node's configuration file.
@@ -233,7 +246,12 @@ pub struct LocalAlliance {
 
 impl LocalAlliance {
     /// Creates everything under `root` (which must be empty or absent) and starts it.
-    pub async fn start(root: &Path, sites: &[SiteProfile], templates: &Path, min_cell_count: u32) -> anyhow::Result<LocalAlliance> {
+    pub async fn start(
+        root: &Path,
+        sites: &[SiteProfile],
+        templates: &Path,
+        min_cell_count: u32,
+    ) -> anyhow::Result<LocalAlliance> {
         let certs_dir = root.join("certs");
         let data_dir = root.join("data");
         let config_dir = root.join("config");
@@ -254,7 +272,10 @@ impl LocalAlliance {
                 let data_dir = data_dir.clone();
                 tokio::task::spawn_blocking(move || synth::write_site(&site, &data_dir)).await??
             };
-            let issued = &pki.identities[identities.iter().position(|id| *id == site_identity(&site.site_id)).context("issued")?];
+            let issued = &pki.identities[identities
+                .iter()
+                .position(|id| *id == site_identity(&site.site_id))
+                .context("issued")?];
             let config = write_node_config(
                 &config_dir,
                 &NodeFiles {
@@ -268,7 +289,9 @@ impl LocalAlliance {
                     min_cell_count,
                 },
             )?;
-            let running = start_node(&config).await.with_context(|| format!("starting node {}", site.site_id))?;
+            let running = start_node(&config)
+                .await
+                .with_context(|| format!("starting node {}", site.site_id))?;
             listings.push(NodeListing {
                 site_id: site.site_id.clone(),
                 address: running.address,
@@ -278,8 +301,17 @@ impl LocalAlliance {
             node_configs.push(config);
             nodes.push((site.site_id.clone(), running));
         }
-        let coordinator_config = write_coordinator_config(&config_dir, templates, &pki, COORDINATOR_IDENTITY, &listings, 30_000)?;
-        let coordinator = start_coordinator(&coordinator_config).await.context("starting the coordinator")?;
+        let coordinator_config = write_coordinator_config(
+            &config_dir,
+            templates,
+            &pki,
+            COORDINATOR_IDENTITY,
+            &listings,
+            30_000,
+        )?;
+        let coordinator = start_coordinator(&coordinator_config)
+            .await
+            .context("starting the coordinator")?;
         Ok(LocalAlliance {
             root: root.to_path_buf(),
             pki,

@@ -14,7 +14,9 @@ use fedq_node::query::QueryEngine;
 use fedq_proto::template::Template;
 use fedq_proto::wire;
 
-use crate::alliance::{COORDINATOR_IDENTITY, NodeFiles, site_identity, start_node, write_node_config};
+use crate::alliance::{
+    COORDINATOR_IDENTITY, NodeFiles, site_identity, start_node, write_node_config,
+};
 use crate::synth::{self, LocalFormat, SiteProfile};
 
 const BENCH_TEMPLATE: &str = r#"
@@ -55,7 +57,12 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 }
 
 /// Runs the benchmark in `out` (recreated) over `rows` admissions, `iterations` times each.
-pub async fn run(out: &Path, rows: usize, iterations: usize, output: &mut (dyn Write + Send)) -> anyhow::Result<()> {
+pub async fn run(
+    out: &Path,
+    rows: usize,
+    iterations: usize,
+    output: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
     if out.exists() {
         std::fs::remove_dir_all(out)?;
     }
@@ -75,7 +82,11 @@ pub async fn run(out: &Path, rows: usize, iterations: usize, output: &mut (dyn W
         tokio::task::spawn_blocking(move || synth::write_site(&site, &out)).await??
     };
     let identity = site_identity(&site.site_id);
-    let pki = fedq_coordinator::certs::create_dev_pki(&out.join("certs"), "bench CA", &[COORDINATOR_IDENTITY.into(), identity.clone()])?;
+    let pki = fedq_coordinator::certs::create_dev_pki(
+        &out.join("certs"),
+        "bench CA",
+        &[COORDINATOR_IDENTITY.into(), identity.clone()],
+    )?;
     let config_path = write_node_config(
         out,
         &NodeFiles {
@@ -102,19 +113,34 @@ pub async fn run(out: &Path, rows: usize, iterations: usize, output: &mut (dyn W
         let started = Instant::now();
         let table = plan::count_grid(&query, &checked.axes, snapshot)?;
         direct.push(started.elapsed());
-        anyhow::ensure!(table.total() == rows as u64, "direct plan counted {} of {rows}", table.total());
+        anyhow::ensure!(
+            table.total() == rows as u64,
+            "direct plan counted {} of {rows}",
+            table.total()
+        );
     }
 
     // End to end: a real node over mutual TLS.
     let node = start_node(&config_path).await?;
     let address = format!("https://localhost:{}", node.address.port());
     let coordinator = &pki.identities[0];
-    let mut client =
-        crate::node_client(&address, &pki.ca_cert, Some((&coordinator.cert, &coordinator.key)), &identity).await?;
+    let mut client = crate::node_client(
+        &address,
+        &pki.ca_cert,
+        Some((&coordinator.cert, &coordinator.key)),
+        &identity,
+    )
+    .await?;
     let request = wire::QueryRequest {
         request_id: "bench".into(),
-        template: Some(fedq_proto::document::template_document(&template, Vec::new())),
-        parameters: vec![fedq_proto::convert::parameter_to_wire("min_iss", &fedq_proto::template::Value::Integer(0))],
+        template: Some(fedq_proto::document::template_document(
+            &template,
+            Vec::new(),
+        )),
+        parameters: vec![fedq_proto::convert::parameter_to_wire(
+            "min_iss",
+            &fedq_proto::template::Value::Integer(0),
+        )],
         requester: "benchmark".into(),
     };
     let mut end_to_end = Vec::new();
@@ -122,15 +148,45 @@ pub async fn run(out: &Path, rows: usize, iterations: usize, output: &mut (dyn W
         let started = Instant::now();
         let answer = client.run_query(request.clone()).await?.into_inner();
         end_to_end.push(started.elapsed());
-        anyhow::ensure!(answer.cells.len() == checked.axes.iter().map(|axis| axis.levels.len()).product::<usize>());
+        anyhow::ensure!(
+            answer.cells.len()
+                == checked
+                    .axes
+                    .iter()
+                    .map(|axis| axis.levels.len())
+                    .product::<usize>()
+        );
     }
     node.stop().await?;
 
     let direct = median(direct);
     let end_to_end = median(end_to_end);
-    writeln!(output, "\nthree-strata count (age band x sex x mechanism = {} cells), {rows} rows, median of {iterations}:", checked.axes.iter().map(|axis| axis.levels.len()).product::<usize>())?;
-    writeln!(output, "  {:<34} {:>10.2} ms", "polars plan, direct", direct.as_secs_f64() * 1e3)?;
-    writeln!(output, "  {:<34} {:>10.2} ms", "node end to end (gRPC + mTLS)", end_to_end.as_secs_f64() * 1e3)?;
-    writeln!(output, "  {:<34} {:>10.2} x   (target <= 1.5 x)", "ratio", end_to_end.as_secs_f64() / direct.as_secs_f64())?;
+    writeln!(
+        output,
+        "\nthree-strata count (age band x sex x mechanism = {} cells), {rows} rows, median of {iterations}:",
+        checked
+            .axes
+            .iter()
+            .map(|axis| axis.levels.len())
+            .product::<usize>()
+    )?;
+    writeln!(
+        output,
+        "  {:<34} {:>10.2} ms",
+        "polars plan, direct",
+        direct.as_secs_f64() * 1e3
+    )?;
+    writeln!(
+        output,
+        "  {:<34} {:>10.2} ms",
+        "node end to end (gRPC + mTLS)",
+        end_to_end.as_secs_f64() * 1e3
+    )?;
+    writeln!(
+        output,
+        "  {:<34} {:>10.2} x   (target <= 1.5 x)",
+        "ratio",
+        end_to_end.as_secs_f64() / direct.as_secs_f64()
+    )?;
     Ok(())
 }

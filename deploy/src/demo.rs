@@ -42,9 +42,19 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
         std::fs::remove_dir_all(out)?;
     }
     let sites = SiteProfile::demo_sites(scale);
-    writeln!(output, "fedq demo: starting a local alliance in {}", out.display())?;
+    writeln!(
+        output,
+        "fedq demo: starting a local alliance in {}",
+        out.display()
+    )?;
     for site in &sites {
-        writeln!(output, "  {}: {} synthetic admissions ({})", site.site_id, site.admissions, site.file_name())?;
+        writeln!(
+            output,
+            "  {}: {} synthetic admissions ({})",
+            site.site_id,
+            site.admissions,
+            site.file_name()
+        )?;
     }
     let alliance = LocalAlliance::start(out, &sites, &bundled_templates(), 10).await?;
     writeln!(
@@ -52,11 +62,14 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
         "  nodes and coordinator are serving over mutual TLS; coordinator at {}\n",
         alliance.coordinator_url()
     )?;
-    let mut coordinator = client::connect(&alliance.coordinator_url(), &alliance.pki.ca_cert).await?;
+    let mut coordinator =
+        client::connect(&alliance.coordinator_url(), &alliance.pki.ca_cert).await?;
 
     for showcase in showcases() {
         let detail = coordinator
-            .get_template(wire::GetTemplateRequest { id: showcase.template.to_string() })
+            .get_template(wire::GetTemplateRequest {
+                id: showcase.template.to_string(),
+            })
             .await?
             .into_inner();
         let parameters = showcase
@@ -70,14 +83,20 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
             deadline_ms: 0,
         };
         let result = client::run_query(&mut coordinator, request, |_| {}).await?;
-        let title = detail.summary.map(|summary| summary.title).unwrap_or_default();
+        let title = detail
+            .summary
+            .map(|summary| summary.title)
+            .unwrap_or_default();
         writeln!(output, "{}", "=".repeat(78))?;
         write!(output, "{}", render::table(&title, &result))?;
         writeln!(output)?;
     }
 
     writeln!(output, "{}", "=".repeat(78))?;
-    writeln!(output, "A request outside the template's approved limits is refused before any site is asked:")?;
+    writeln!(
+        output,
+        "A request outside the template's approved limits is refused before any site is asked:"
+    )?;
     let refused = client::run_query(
         &mut coordinator,
         wire::RunQueryRequest {
@@ -93,6 +112,10 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
         Ok(_) => anyhow::bail!("the out-of-limits request was not refused"),
     }
     alliance.stop().await?;
-    writeln!(output, "fedq demo: done; the alliance has stopped. Certificates, data and configs remain in {}", out.display())?;
+    writeln!(
+        output,
+        "fedq demo: done; the alliance has stopped. Certificates, data and configs remain in {}",
+        out.display()
+    )?;
     Ok(())
 }

@@ -30,8 +30,14 @@ pub async fn node_client(
         .ca_certificate(Certificate::from_pem(std::fs::read(ca_cert)?))
         .domain_name(node_identity);
     if let Some((cert, key)) = client_cert {
-        tls = tls.identity(Identity::from_pem(std::fs::read(cert)?, std::fs::read(key)?));
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(cert)?,
+            std::fs::read(key)?,
+        ));
     }
-    let channel = Channel::from_shared(address.to_string())?.tls_config(tls)?.connect().await?;
+    let channel = Channel::from_shared(address.to_string())?
+        .tls_config(tls)?
+        .connect()
+        .await?;
     Ok(NodeClient::new(channel))
 }

@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "fedq-alliance", version, about = "Run a local fedq alliance: demo or benchmark")]
+#[command(
+    name = "fedq-alliance",
+    version,
+    about = "Run a local fedq alliance: demo or benchmark"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -57,7 +61,11 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Demo { out, scale } => fedq_deploy::demo::run(&out, scale, &mut stdout).await,
-            Command::Bench { out, rows, iterations } => fedq_deploy::bench::run(&out, rows, iterations, &mut stdout).await,
+            Command::Bench {
+                out,
+                rows,
+                iterations,
+            } => fedq_deploy::bench::run(&out, rows, iterations, &mut stdout).await,
         }
     });
     match outcome {

@@ -84,8 +84,12 @@ impl SiteProfile {
 }
 
 const MECHANISMS: [&str; 5] = ["road_traffic", "fall", "assault", "self_harm", "other"];
-const GIVEN_NAMES: [&str; 8] = ["Anna", "Ben", "Chen", "Dana", "Emil", "Fatima", "Goran", "Hana"];
-const FAMILY_NAMES: [&str; 8] = ["Novak", "Li", "Schmidt", "Okafor", "Rossi", "Kim", "Silva", "Berg"];
+const GIVEN_NAMES: [&str; 8] = [
+    "Anna", "Ben", "Chen", "Dana", "Emil", "Fatima", "Goran", "Hana",
+];
+const FAMILY_NAMES: [&str; 8] = [
+    "Novak", "Li", "Schmidt", "Okafor", "Rossi", "Kim", "Silva", "Berg",
+];
 
 /// One synthetic admission in common-model terms (before local formatting).
 struct Admission {
@@ -138,7 +142,15 @@ fn admission(rng: &mut ChaCha8Rng, profile: &SiteProfile, index: usize) -> Admis
     };
     let sex = match rng.random::<f64>() {
         draw if draw < 0.002 => "other",
-        draw if draw < (if mechanism == 1 && elderly { 0.62 } else { 0.40 }) => "female",
+        draw if draw
+            < (if mechanism == 1 && elderly {
+                0.62
+            } else {
+                0.40
+            }) =>
+        {
+            "female"
+        }
         _ => "male",
     };
     let base_severity = match mechanism {
@@ -147,16 +159,43 @@ fn admission(rng: &mut ChaCha8Rng, profile: &SiteProfile, index: usize) -> Admis
         3 => 9.0,
         _ => 4.0,
     };
-    let iss = (base_severity + profile.severity_shift + normal(rng).abs() * 9.0).round().clamp(1.0, 75.0) as i64;
-    let gcs = (rng.random::<f64>() > 0.05).then(|| (15.0 - iss as f64 / 6.0 + normal(rng)).round().clamp(3.0, 15.0) as i64);
-    let systolic_bp = (rng.random::<f64>() > 0.03).then(|| (132.0 - iss as f64 * 0.6 + normal(rng) * 18.0).round().clamp(40.0, 250.0) as i64);
+    let iss = (base_severity + profile.severity_shift + normal(rng).abs() * 9.0)
+        .round()
+        .clamp(1.0, 75.0) as i64;
+    let gcs = (rng.random::<f64>() > 0.05).then(|| {
+        (15.0 - iss as f64 / 6.0 + normal(rng))
+            .round()
+            .clamp(3.0, 15.0) as i64
+    });
+    let systolic_bp = (rng.random::<f64>() > 0.03).then(|| {
+        (132.0 - iss as f64 * 0.6 + normal(rng) * 18.0)
+            .round()
+            .clamp(40.0, 250.0) as i64
+    });
     let icu = rng.random::<f64>() < (iss as f64 / 40.0).min(0.9);
-    let risk = -7.5 + 0.045 * age as f64 + 0.09 * iss as f64 + if gcs.is_some_and(|gcs| gcs <= 8) { 1.5 } else { 0.0 };
+    let risk = -7.5
+        + 0.045 * age as f64
+        + 0.09 * iss as f64
+        + if gcs.is_some_and(|gcs| gcs <= 8) {
+            1.5
+        } else {
+            0.0
+        };
     let died = rng.random::<f64>() < 1.0 / (1.0 + (-risk).exp());
-    let length_of_stay = (1.0 + iss as f64 * 0.5 + normal(rng).abs() * 4.0).round().clamp(0.0, 120.0) as i64;
-    let days_to_outcome = if died { rng.random_range(0..=length_of_stay) } else { length_of_stay };
+    let length_of_stay = (1.0 + iss as f64 * 0.5 + normal(rng).abs() * 4.0)
+        .round()
+        .clamp(0.0, 120.0) as i64;
+    let days_to_outcome = if died {
+        rng.random_range(0..=length_of_stay)
+    } else {
+        length_of_stay
+    };
     Admission {
-        name: format!("{} {}", GIVEN_NAMES[rng.random_range(0..8)], FAMILY_NAMES[rng.random_range(0..8)]),
+        name: format!(
+            "{} {}",
+            GIVEN_NAMES[rng.random_range(0..8)],
+            FAMILY_NAMES[rng.random_range(0..8)]
+        ),
         national_id: format!("{:09}", rng.random_range(0..1_000_000_000u64)),
         case_number: format!("{}-{:07}", profile.site_id.to_uppercase(), index),
         admission_date,
@@ -176,42 +215,165 @@ fn admission(rng: &mut ChaCha8Rng, profile: &SiteProfile, index: usize) -> Admis
 /// Generates a site's admissions as a frame in its local format.
 pub fn generate(profile: &SiteProfile) -> PolarsResult<DataFrame> {
     let mut rng = ChaCha8Rng::seed_from_u64(profile.seed);
-    let rows: Vec<Admission> = (0..profile.admissions).map(|index| admission(&mut rng, profile, index)).collect();
+    let rows: Vec<Admission> = (0..profile.admissions)
+        .map(|index| admission(&mut rng, profile, index))
+        .collect();
     let height = rows.len();
     let text = |name: &str, values: Vec<String>| Column::from(Series::new(name.into(), values));
     let date_text = |row: &Admission| row.admission_date.format("%Y-%m-%d").to_string();
     let columns = match profile.format {
         LocalFormat::ModelLikeParquet => vec![
-            text("patient_name", rows.iter().map(|row| row.name.clone()).collect()),
-            text("national_id", rows.iter().map(|row| row.national_id.clone()).collect()),
-            text("case_number", rows.iter().map(|row| row.case_number.clone()).collect()),
+            text(
+                "patient_name",
+                rows.iter().map(|row| row.name.clone()).collect(),
+            ),
+            text(
+                "national_id",
+                rows.iter().map(|row| row.national_id.clone()).collect(),
+            ),
+            text(
+                "case_number",
+                rows.iter().map(|row| row.case_number.clone()).collect(),
+            ),
             text("admission_date", rows.iter().map(date_text).collect()),
-            Series::new("age".into(), rows.iter().map(|row| row.age).collect::<Vec<_>>()).into(),
+            Series::new(
+                "age".into(),
+                rows.iter().map(|row| row.age).collect::<Vec<_>>(),
+            )
+            .into(),
             text("sex", rows.iter().map(|row| row.sex.to_string()).collect()),
-            text("injury_mechanism", rows.iter().map(|row| MECHANISMS[row.mechanism].to_string()).collect()),
-            Series::new("iss".into(), rows.iter().map(|row| row.iss).collect::<Vec<_>>()).into(),
-            Series::new("gcs".into(), rows.iter().map(|row| row.gcs).collect::<Vec<_>>()).into(),
-            Series::new("systolic_bp".into(), rows.iter().map(|row| row.systolic_bp).collect::<Vec<_>>()).into(),
-            Series::new("icu_admission".into(), rows.iter().map(|row| row.icu).collect::<Vec<_>>()).into(),
-            Series::new("length_of_stay".into(), rows.iter().map(|row| row.length_of_stay).collect::<Vec<_>>()).into(),
-            Series::new("in_hospital_death".into(), rows.iter().map(|row| row.died).collect::<Vec<_>>()).into(),
-            Series::new("days_to_outcome".into(), rows.iter().map(|row| row.days_to_outcome).collect::<Vec<_>>()).into(),
+            text(
+                "injury_mechanism",
+                rows.iter()
+                    .map(|row| MECHANISMS[row.mechanism].to_string())
+                    .collect(),
+            ),
+            Series::new(
+                "iss".into(),
+                rows.iter().map(|row| row.iss).collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "gcs".into(),
+                rows.iter().map(|row| row.gcs).collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "systolic_bp".into(),
+                rows.iter().map(|row| row.systolic_bp).collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "icu_admission".into(),
+                rows.iter().map(|row| row.icu).collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "length_of_stay".into(),
+                rows.iter()
+                    .map(|row| row.length_of_stay)
+                    .collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "in_hospital_death".into(),
+                rows.iter().map(|row| row.died).collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "days_to_outcome".into(),
+                rows.iter()
+                    .map(|row| row.days_to_outcome)
+                    .collect::<Vec<_>>(),
+            )
+            .into(),
         ],
         LocalFormat::LegacyCsv => vec![
             text("NAME", rows.iter().map(|row| row.name.clone()).collect()),
-            text("ID_CARD", rows.iter().map(|row| row.national_id.clone()).collect()),
-            text("CASE_NO", rows.iter().map(|row| row.case_number.clone()).collect()),
-            text("ADM_DATE", rows.iter().map(|row| row.admission_date.format("%d.%m.%Y").to_string()).collect()),
-            Series::new("AGE_Y".into(), rows.iter().map(|row| row.age).collect::<Vec<_>>()).into(),
-            text("SEX", rows.iter().map(|row| match row.sex { "female" => "F", "male" => "M", _ => "X" }.to_string()).collect()),
-            Series::new("MECH".into(), rows.iter().map(|row| row.mechanism as i64 + 1).collect::<Vec<_>>()).into(),
-            Series::new("ISS".into(), rows.iter().map(|row| row.iss).collect::<Vec<_>>()).into(),
-            Series::new("GCS".into(), rows.iter().map(|row| row.gcs.unwrap_or(-9)).collect::<Vec<_>>()).into(),
-            Series::new("SBP".into(), rows.iter().map(|row| row.systolic_bp).collect::<Vec<_>>()).into(),
-            Series::new("ICU".into(), rows.iter().map(|row| i64::from(row.icu)).collect::<Vec<_>>()).into(),
-            Series::new("LOS_HOURS".into(), rows.iter().map(|row| row.length_of_stay * 24).collect::<Vec<_>>()).into(),
-            Series::new("DIED".into(), rows.iter().map(|row| i64::from(row.died)).collect::<Vec<_>>()).into(),
-            Series::new("OUTCOME_DAYS".into(), rows.iter().map(|row| row.days_to_outcome).collect::<Vec<_>>()).into(),
+            text(
+                "ID_CARD",
+                rows.iter().map(|row| row.national_id.clone()).collect(),
+            ),
+            text(
+                "CASE_NO",
+                rows.iter().map(|row| row.case_number.clone()).collect(),
+            ),
+            text(
+                "ADM_DATE",
+                rows.iter()
+                    .map(|row| row.admission_date.format("%d.%m.%Y").to_string())
+                    .collect(),
+            ),
+            Series::new(
+                "AGE_Y".into(),
+                rows.iter().map(|row| row.age).collect::<Vec<_>>(),
+            )
+            .into(),
+            text(
+                "SEX",
+                rows.iter()
+                    .map(|row| {
+                        match row.sex {
+                            "female" => "F",
+                            "male" => "M",
+                            _ => "X",
+                        }
+                        .to_string()
+                    })
+                    .collect(),
+            ),
+            Series::new(
+                "MECH".into(),
+                rows.iter()
+                    .map(|row| row.mechanism as i64 + 1)
+                    .collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "ISS".into(),
+                rows.iter().map(|row| row.iss).collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "GCS".into(),
+                rows.iter()
+                    .map(|row| row.gcs.unwrap_or(-9))
+                    .collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "SBP".into(),
+                rows.iter().map(|row| row.systolic_bp).collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "ICU".into(),
+                rows.iter()
+                    .map(|row| i64::from(row.icu))
+                    .collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "LOS_HOURS".into(),
+                rows.iter()
+                    .map(|row| row.length_of_stay * 24)
+                    .collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "DIED".into(),
+                rows.iter()
+                    .map(|row| i64::from(row.died))
+                    .collect::<Vec<_>>(),
+            )
+            .into(),
+            Series::new(
+                "OUTCOME_DAYS".into(),
+                rows.iter()
+                    .map(|row| row.days_to_outcome)
+                    .collect::<Vec<_>>(),
+            )
+            .into(),
         ],
     };
     DataFrame::new(height, columns)
@@ -227,7 +389,9 @@ pub fn write_site(profile: &SiteProfile, folder: &Path) -> anyhow::Result<std::p
             ParquetWriter::new(file).finish(&mut frame)?;
         }
         LocalFormat::LegacyCsv => {
-            CsvWriter::new(file).include_header(true).finish(&mut frame)?;
+            CsvWriter::new(file)
+                .include_header(true)
+                .finish(&mut frame)?;
         }
     }
     Ok(path)
@@ -236,7 +400,8 @@ pub fn write_site(profile: &SiteProfile, folder: &Path) -> anyhow::Result<std::p
 /// The `[datasets.columns]` mapping that reads a site's local format into the common model.
 pub fn column_mapping(format: LocalFormat) -> &'static str {
     match format {
-        LocalFormat::ModelLikeParquet => r#"admission_date = { source = "admission_date" }
+        LocalFormat::ModelLikeParquet => {
+            r#"admission_date = { source = "admission_date" }
 age = { source = "age" }
 sex = { source = "sex" }
 injury_mechanism = { source = "injury_mechanism" }
@@ -247,8 +412,10 @@ icu_admission = { source = "icu_admission", codes = { "true" = "yes", "false" = 
 length_of_stay = { source = "length_of_stay" }
 in_hospital_death = { source = "in_hospital_death", codes = { "true" = "yes", "false" = "no" } }
 days_to_outcome = { source = "days_to_outcome" }
-"#,
-        LocalFormat::LegacyCsv => r#"admission_date = { source = "ADM_DATE", date_format = "%d.%m.%Y" }
+"#
+        }
+        LocalFormat::LegacyCsv => {
+            r#"admission_date = { source = "ADM_DATE", date_format = "%d.%m.%Y" }
 age = { source = "AGE_Y" }
 sex = { source = "SEX", codes = { F = "female", M = "male", X = "other" } }
 injury_mechanism = { source = "MECH", codes = { "1" = "road_traffic", "2" = "fall", "3" = "assault", "4" = "self_harm", "5" = "other" } }
@@ -259,7 +426,8 @@ icu_admission = { source = "ICU", codes = { "0" = "no", "1" = "yes" } }
 length_of_stay = { source = "LOS_HOURS", scale = 0.041666666666666664 }
 in_hospital_death = { source = "DIED", codes = { "0" = "no", "1" = "yes" } }
 days_to_outcome = { source = "OUTCOME_DAYS" }
-"#,
+"#
+        }
     }
 }
 

@@ -21,7 +21,11 @@ pub struct AuditRecord<'a> {
 
 #[derive(Debug, Clone, Copy)]
 pub enum AuditOutcome {
-    Released { cells_released: usize, cells_withheld: usize, total_withheld: bool },
+    Released {
+        cells_released: usize,
+        cells_withheld: usize,
+        total_withheld: bool,
+    },
     Refused(RefusalCode),
 }
 
@@ -29,7 +33,11 @@ pub enum AuditOutcome {
 pub fn record(record: &AuditRecord<'_>) {
     let (template_id, template_version, template_hash) = record.template.unwrap_or(("", 0, ""));
     match record.outcome {
-        AuditOutcome::Released { cells_released, cells_withheld, total_withheld } => tracing::info!(
+        AuditOutcome::Released {
+            cells_released,
+            cells_withheld,
+            total_withheld,
+        } => tracing::info!(
             target: "fedq_node::audit",
             request_id = record.request_id,
             caller = record.caller,

@@ -172,7 +172,11 @@ impl RawNodeConfig {
             cert: resolve(base, &self.tls.cert),
             key: resolve(base, &self.tls.key),
         };
-        for (key, path) in [("tls.ca_cert", &tls.ca_cert), ("tls.cert", &tls.cert), ("tls.key", &tls.key)] {
+        for (key, path) in [
+            ("tls.ca_cert", &tls.ca_cert),
+            ("tls.cert", &tls.cert),
+            ("tls.key", &tls.key),
+        ] {
             if !path.is_file() {
                 problems.push(format!("{key}: file {} does not exist", path.display()));
             }
@@ -190,7 +194,9 @@ impl RawNodeConfig {
         }
         let mut datasets: Vec<DatasetConfig> = Vec::new();
         if self.datasets.is_empty() {
-            problems.push("no [[datasets]] configured: this node would have nothing to answer from".into());
+            problems.push(
+                "no [[datasets]] configured: this node would have nothing to answer from".into(),
+            );
         }
         for raw in self.datasets {
             if datasets.iter().any(|seen| seen.name == raw.name) {
@@ -227,7 +233,12 @@ impl RawDataset {
             return Err(vec![format!(
                 "{at}: data model '{}' has no such dataset (it has: {})",
                 model.key(),
-                model.datasets.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+                model
+                    .datasets
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )]);
         };
         let path = resolve(base, &self.path);
@@ -267,7 +278,9 @@ impl RawDataset {
             }
             let is_category = matches!(column.domain, Domain::Category { .. });
             if !raw.codes.is_empty() && !is_category {
-                problems.push(format!("{at}: columns.{model_name}: 'codes' applies only to category columns"));
+                problems.push(format!(
+                    "{at}: columns.{model_name}: 'codes' applies only to category columns"
+                ));
             }
             if let Domain::Category { categories } = &column.domain {
                 for (local, target) in &raw.codes {
@@ -280,7 +293,9 @@ impl RawDataset {
                 }
             }
             if (raw.scale.is_some() || raw.offset.is_some()) && !column.domain.is_numeric() {
-                problems.push(format!("{at}: columns.{model_name}: 'scale'/'offset' apply only to numeric columns"));
+                problems.push(format!(
+                    "{at}: columns.{model_name}: 'scale'/'offset' apply only to numeric columns"
+                ));
             }
             let scale = raw.scale.unwrap_or(1.0);
             let offset = raw.offset.unwrap_or(0.0);
@@ -288,7 +303,9 @@ impl RawDataset {
                 problems.push(format!("{at}: columns.{model_name}: 'scale' must be a non-zero number and 'offset' a number"));
             }
             if raw.date_format.is_some() && !matches!(column.domain, Domain::Date { .. }) {
-                problems.push(format!("{at}: columns.{model_name}: 'date_format' applies only to date columns"));
+                problems.push(format!(
+                    "{at}: columns.{model_name}: 'date_format' applies only to date columns"
+                ));
             }
             columns.insert(
                 model_name,
@@ -303,7 +320,9 @@ impl RawDataset {
             );
         }
         if columns.is_empty() {
-            problems.push(format!("{at}: map at least one column under [datasets.columns]"));
+            problems.push(format!(
+                "{at}: map at least one column under [datasets.columns]"
+            ));
         }
         if !problems.is_empty() {
             return Err(problems);
@@ -338,7 +357,9 @@ fn format_from_extension(path: &Path) -> Option<FileFormat> {
 fn is_site_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 63
-        && id.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
 #[cfg(test)]
@@ -390,10 +411,16 @@ identifiers = ["NAME"]
 
     #[test]
     fn floor_below_three_is_rejected() {
-        let err = validate(&config_text("min_cell_count = 2", "age = { source = \"AGE\" }"))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("policy.min_cell_count is 2; it must be at least 3"), "{err}");
+        let err = validate(&config_text(
+            "min_cell_count = 2",
+            "age = { source = \"AGE\" }",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("policy.min_cell_count is 2; it must be at least 3"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -405,14 +432,20 @@ identifiers = ["NAME"]
         .unwrap_err()
         .to_string();
         assert!(err.contains("'national_id' is an identifier"), "{err}");
-        assert!(err.contains("local column 'NAME' is declared an identifier"), "{err}");
+        assert!(
+            err.contains("local column 'NAME' is declared an identifier"),
+            "{err}"
+        );
     }
 
     #[test]
     fn code_to_unknown_category_is_rejected() {
-        let err = validate(&config_text("", "sex = { source = \"SEX\", codes = { F = \"woman\" } }"))
-            .unwrap_err()
-            .to_string();
+        let err = validate(&config_text(
+            "",
+            "sex = { source = \"SEX\", codes = { F = \"woman\" } }",
+        ))
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("code 'F' maps to 'woman'"), "{err}");
     }
 

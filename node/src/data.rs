@@ -48,7 +48,10 @@ pub struct ColumnQuality {
 
 /// Loads one dataset. Returns the snapshot and warning lines (values treated as missing under
 /// `on_domain_violation = "treat_as_missing"`).
-pub fn load(config: &DatasetConfig, spec: &DatasetSpec) -> Result<(Snapshot, Vec<String>), NodeError> {
+pub fn load(
+    config: &DatasetConfig,
+    spec: &DatasetSpec,
+) -> Result<(Snapshot, Vec<String>), NodeError> {
     let at = format!("dataset '{}' ({})", config.name, config.path.display());
     let bytes = std::fs::read(&config.path)
         .map_err(|err| NodeError::Data(vec![format!("{at}: cannot read the file: {err}")]))?;
@@ -108,7 +111,11 @@ pub fn load(config: &DatasetConfig, spec: &DatasetSpec) -> Result<(Snapshot, Vec
                 "{column_at}: {} value(s) not of type {}{}, {} outside the declared domain{}",
                 quality.unreadable,
                 column_spec.domain.type_name(),
-                if mapping.codes.is_empty() { "" } else { " or with no code mapping" },
+                if mapping.codes.is_empty() {
+                    ""
+                } else {
+                    " or with no code mapping"
+                },
                 quality.out_of_range,
                 column_spec
                     .domain
@@ -180,9 +187,9 @@ fn convert(
     let mut quality = ColumnQuality::default();
     let name = PlSmallStr::from(model_name);
     let values = text.iter().map(|value| {
-        value
-            .map(str::trim)
-            .filter(|value| !value.is_empty() && !mapping.missing.iter().any(|missing| missing == value))
+        value.map(str::trim).filter(|value| {
+            !value.is_empty() && !mapping.missing.iter().any(|missing| missing == value)
+        })
     });
     let series = match domain {
         Domain::Integer { min, max } => {
@@ -225,7 +232,8 @@ fn convert(
             let converted: Vec<Option<i32>> = values
                 .map(|value| {
                     let value = value?;
-                    let Ok(date) = chrono::NaiveDate::parse_from_str(value, &mapping.date_format) else {
+                    let Ok(date) = chrono::NaiveDate::parse_from_str(value, &mapping.date_format)
+                    else {
                         quality.unreadable += 1;
                         return None;
                     };
@@ -293,7 +301,11 @@ mod tests {
         }
     }
 
-    fn dataset(path: &Path, columns: BTreeMap<String, ColumnMapping>, policy: DomainViolationPolicy) -> DatasetConfig {
+    fn dataset(
+        path: &Path,
+        columns: BTreeMap<String, ColumnMapping>,
+        policy: DomainViolationPolicy,
+    ) -> DatasetConfig {
         DatasetConfig {
             name: "trauma_admissions".into(),
             path: path.to_path_buf(),
@@ -327,13 +339,25 @@ mod tests {
         std::fs::write(&path, CSV).unwrap();
         let model = DataModel::builtin();
         let spec = model.dataset("trauma_admissions").unwrap();
-        let err = load(&dataset(&path, columns(), DomainViolationPolicy::RefuseToStart), spec)
-            .unwrap_err()
-            .to_string();
+        let err = load(
+            &dataset(&path, columns(), DomainViolationPolicy::RefuseToStart),
+            spec,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("column 'age' (local 'AGE'): 0 value(s) not of type integer, 1 outside the declared domain 0 to 120"), "{err}");
-        assert!(err.contains("column 'admission_date' (local 'ADM'): 1 value(s) not of type date"), "{err}");
-        assert!(err.contains("column 'length_of_stay' (local 'LOS_H'): 1 value(s) not of type integer"), "{err}");
-        assert!(!err.contains("130") && !err.contains("Carl") && !err.contains("2021-13-01"), "{err}");
+        assert!(
+            err.contains("column 'admission_date' (local 'ADM'): 1 value(s) not of type date"),
+            "{err}"
+        );
+        assert!(
+            err.contains("column 'length_of_stay' (local 'LOS_H'): 1 value(s) not of type integer"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("130") && !err.contains("Carl") && !err.contains("2021-13-01"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -343,8 +367,11 @@ mod tests {
         std::fs::write(&path, CSV).unwrap();
         let model = DataModel::builtin();
         let spec = model.dataset("trauma_admissions").unwrap();
-        let (snapshot, warnings) =
-            load(&dataset(&path, columns(), DomainViolationPolicy::TreatAsMissing), spec).unwrap();
+        let (snapshot, warnings) = load(
+            &dataset(&path, columns(), DomainViolationPolicy::TreatAsMissing),
+            spec,
+        )
+        .unwrap();
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(snapshot.version.starts_with("sha256:"));
         let frame = &snapshot.frame;
@@ -353,7 +380,13 @@ mod tests {
         assert_eq!(age, [Some(34), None, None]);
         let sex: Vec<Option<u32>> = frame.column("sex").unwrap().u32().unwrap().iter().collect();
         assert_eq!(sex, [Some(0), Some(1), None]);
-        let los: Vec<Option<i64>> = frame.column("length_of_stay").unwrap().i64().unwrap().iter().collect();
+        let los: Vec<Option<i64>> = frame
+            .column("length_of_stay")
+            .unwrap()
+            .i64()
+            .unwrap()
+            .iter()
+            .collect();
         assert_eq!(los, [Some(2), Some(1), None]);
     }
 
@@ -364,9 +397,15 @@ mod tests {
         std::fs::write(&path, "NAME,AGE\nAnna,3\n").unwrap();
         let model = DataModel::builtin();
         let spec = model.dataset("trauma_admissions").unwrap();
-        let err = load(&dataset(&path, columns(), DomainViolationPolicy::RefuseToStart), spec)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("column 'sex' (local 'SEX'): not in the file; the file has: AGE, NAME"), "{err}");
+        let err = load(
+            &dataset(&path, columns(), DomainViolationPolicy::RefuseToStart),
+            spec,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("column 'sex' (local 'SEX'): not in the file; the file has: AGE, NAME"),
+            "{err}"
+        );
     }
 }

@@ -116,7 +116,11 @@ mod tests {
     fn total_is_withheld_when_any_cell_is() {
         let disclosed = apply(&table(&[3, 40, 50]), 10);
         assert_eq!(disclosed.total, Outcome::Withheld);
-        assert!(disclosed.mechanisms.contains(&Mechanism::ComplementarySuppression));
+        assert!(
+            disclosed
+                .mechanisms
+                .contains(&Mechanism::ComplementarySuppression)
+        );
     }
 
     #[test]

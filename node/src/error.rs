@@ -23,14 +23,18 @@ pub enum NodeError {
     #[error("this site does not hold dataset '{0}'")]
     DatasetNotHeld(String),
     /// The template uses a column this site does not record.
-    #[error("this site does not record column '{column}' of dataset '{dataset}', which template '{template}' uses")]
+    #[error(
+        "this site does not record column '{column}' of dataset '{dataset}', which template '{template}' uses"
+    )]
     ColumnNotHeld {
         template: String,
         dataset: String,
         column: String,
     },
     /// The query engine failed. The cause is logged at the node; nothing was released.
-    #[error("the query could not be computed at this site; nothing was released (the site's administrator can find the cause in the node log)")]
+    #[error(
+        "the query could not be computed at this site; nothing was released (the site's administrator can find the cause in the node log)"
+    )]
     Engine,
     /// A listener or server could not run.
     #[error("server: {0}")]
@@ -45,9 +49,10 @@ impl NodeError {
             NodeError::CallerNotAccepted { .. } => RefusalCode::CallerNotAccepted,
             NodeError::DatasetNotHeld(_) => RefusalCode::UnknownDataset,
             NodeError::ColumnNotHeld { .. } => RefusalCode::UnknownColumn,
-            NodeError::Config(_) | NodeError::Data(_) | NodeError::Engine | NodeError::Server(_) => {
-                RefusalCode::Internal
-            }
+            NodeError::Config(_)
+            | NodeError::Data(_)
+            | NodeError::Engine
+            | NodeError::Server(_) => RefusalCode::Internal,
         }
     }
 }

@@ -10,10 +10,20 @@ use fedq_node::config::NodeConfig;
 use fedq_node::query::QueryEngine;
 
 #[derive(Parser)]
-#[command(name = "fedq-node", version, about = "fedq hospital node: answers approved aggregate queries from this site's data")]
+#[command(
+    name = "fedq-node",
+    version,
+    about = "fedq hospital node: answers approved aggregate queries from this site's data"
+)]
 struct Cli {
     /// Log line format.
-    #[arg(long, value_enum, default_value = "text", env = "FEDQ_LOG_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "FEDQ_LOG_FORMAT",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -39,7 +49,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => subscriber.init(),
         LogFormat::Json => subscriber.json().init(),

@@ -49,14 +49,22 @@ pub fn compile(query: &BoundQuery, snapshot: &Snapshot) -> LazyFrame {
 }
 
 /// Runs the plan and lays the counts out on the full grid (empty cells are zeros).
-pub fn count_grid(query: &BoundQuery, axes: &[Axis], snapshot: &Snapshot) -> PolarsResult<RawTable> {
+pub fn count_grid(
+    query: &BoundQuery,
+    axes: &[Axis],
+    snapshot: &Snapshot,
+) -> PolarsResult<RawTable> {
     let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
     let cells: usize = shape.iter().product();
     let mut counts = vec![0u64; cells];
     let frame = compile(query, snapshot).collect()?;
     let count_column = frame.column(COUNT)?.u64()?;
     let key_columns = (0..query.strata.len())
-        .map(|index| frame.column(&stratum_key(index)).and_then(|column| column.u32().cloned()))
+        .map(|index| {
+            frame
+                .column(&stratum_key(index))
+                .and_then(|column| column.u32().cloned())
+        })
         .collect::<PolarsResult<Vec<_>>>()?;
     for row in 0..frame.height() {
         let mut cell = 0usize;
@@ -82,7 +90,13 @@ fn stratum_expr(stratum: &BoundStratum) -> Expr {
             integer,
             bands,
         } => {
-            let bound = |value: f64| if *integer { lit(value as i64) } else { lit(value) };
+            let bound = |value: f64| {
+                if *integer {
+                    lit(value as i64)
+                } else {
+                    lit(value)
+                }
+            };
             let conditions: Vec<Expr> = bands
                 .iter()
                 .map(|(at_least, below)| {
@@ -167,7 +181,10 @@ mod tests {
     use std::collections::BTreeSet;
 
     fn snapshot() -> Snapshot {
-        let age = Series::new("age".into(), [Some(5i64), Some(30), Some(70), None, Some(30)]);
+        let age = Series::new(
+            "age".into(),
+            [Some(5i64), Some(30), Some(70), None, Some(30)],
+        );
         let sex = Series::new("sex".into(), [Some(0u32), Some(1), Some(0), Some(1), None]);
         Snapshot {
             dataset: "trauma_admissions".into(),
@@ -179,33 +196,66 @@ mod tests {
 
     fn axes() -> Vec<Axis> {
         vec![
-            Axis { column: "age".into(), levels: vec!["<18".into(), "18+".into(), "missing".into()] },
-            Axis { column: "sex".into(), levels: vec!["female".into(), "male".into(), "other".into(), "missing".into()] },
+            Axis {
+                column: "age".into(),
+                levels: vec!["<18".into(), "18+".into(), "missing".into()],
+            },
+            Axis {
+                column: "sex".into(),
+                levels: vec![
+                    "female".into(),
+                    "male".into(),
+                    "other".into(),
+                    "missing".into(),
+                ],
+            },
         ]
     }
 
     fn strata() -> Vec<BoundStratum> {
         vec![
-            BoundStratum::Bands { column: "age".into(), integer: true, bands: vec![(None, Some(18.0)), (Some(18.0), None)] },
-            BoundStratum::Categories { column: "sex".into(), count: 3 },
+            BoundStratum::Bands {
+                column: "age".into(),
+                integer: true,
+                bands: vec![(None, Some(18.0)), (Some(18.0), None)],
+            },
+            BoundStratum::Categories {
+                column: "sex".into(),
+                count: 3,
+            },
         ]
     }
 
     #[test]
     fn counts_fill_the_full_grid_with_missing_levels_and_zeros() {
-        let query = BoundQuery { dataset: "trauma_admissions".into(), filter: None, strata: strata() };
+        let query = BoundQuery {
+            dataset: "trauma_admissions".into(),
+            filter: None,
+            strata: strata(),
+        };
         let table = count_grid(&query, &axes(), &snapshot()).unwrap();
         assert_eq!(table.shape, [3, 4]);
         // rows: <18, 18+, missing; columns: female, male, other, missing
         assert_eq!(table.counts, [1, 0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0]);
         assert_eq!(table.total(), 5);
-        assert_eq!(fedq_proto::template::cell_coordinates(&table.shape, 7), [1, 3]);
+        assert_eq!(
+            fedq_proto::template::cell_coordinates(&table.shape, 7),
+            [1, 3]
+        );
     }
 
     #[test]
     fn null_matches_no_filter_condition() {
-        let filter = BoundFilter::Compare { column: "age".into(), op: CompareOp::Ne, value: Scalar::Integer(30) };
-        let query = BoundQuery { dataset: "trauma_admissions".into(), filter: Some(filter), strata: Vec::new() };
+        let filter = BoundFilter::Compare {
+            column: "age".into(),
+            op: CompareOp::Ne,
+            value: Scalar::Integer(30),
+        };
+        let query = BoundQuery {
+            dataset: "trauma_admissions".into(),
+            filter: Some(filter),
+            strata: Vec::new(),
+        };
         let table = count_grid(&query, &[], &snapshot()).unwrap();
         assert_eq!(table.counts, [2]);
     }
@@ -213,10 +263,21 @@ mod tests {
     #[test]
     fn between_and_one_of_are_inclusive_sets() {
         let filter = BoundFilter::All(vec![
-            BoundFilter::Between { column: "age".into(), low: Scalar::Integer(5), high: Scalar::Integer(30) },
-            BoundFilter::OneOf { column: "sex".into(), values: vec![Scalar::Category(0), Scalar::Category(1)] },
+            BoundFilter::Between {
+                column: "age".into(),
+                low: Scalar::Integer(5),
+                high: Scalar::Integer(30),
+            },
+            BoundFilter::OneOf {
+                column: "sex".into(),
+                values: vec![Scalar::Category(0), Scalar::Category(1)],
+            },
         ]);
-        let query = BoundQuery { dataset: "trauma_admissions".into(), filter: Some(filter), strata: Vec::new() };
+        let query = BoundQuery {
+            dataset: "trauma_admissions".into(),
+            filter: Some(filter),
+            strata: Vec::new(),
+        };
         let table = count_grid(&query, &[], &snapshot()).unwrap();
         assert_eq!(table.counts, [2]);
     }

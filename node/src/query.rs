@@ -50,7 +50,10 @@ impl QueryEngine {
         let mut problems = Vec::new();
         for dataset in &config.datasets {
             let Some(spec) = config.data_model.dataset(&dataset.name) else {
-                problems.push(format!("dataset '{}' is not in the data model", dataset.name));
+                problems.push(format!(
+                    "dataset '{}' is not in the data model",
+                    dataset.name
+                ));
                 continue;
             };
             match data::load(dataset, spec) {
@@ -66,7 +69,12 @@ impl QueryEngine {
             return Err(NodeError::Data(problems));
         }
         Ok((
-            QueryEngine::new(config.site_id.clone(), config.policy.clone(), config.data_model.clone(), snapshots),
+            QueryEngine::new(
+                config.site_id.clone(),
+                config.policy.clone(),
+                config.data_model.clone(),
+                snapshots,
+            ),
             warnings,
         ))
     }
@@ -92,7 +100,11 @@ impl QueryEngine {
 
     /// Runs one query for a caller presenting `caller_identities`, and records it in the audit
     /// log whatever the outcome.
-    pub fn run(&self, caller_identities: &[String], request: &QueryRequest) -> Result<SiteAnswer, NodeError> {
+    pub fn run(
+        &self,
+        caller_identities: &[String],
+        request: &QueryRequest,
+    ) -> Result<SiteAnswer, NodeError> {
         let caller = caller_identities.join(",");
         let mut template_seen: Option<Template> = None;
         let result = self.answer(caller_identities, request, &mut template_seen);
@@ -109,9 +121,13 @@ impl QueryEngine {
             request_id: &request.request_id,
             caller: &caller,
             requester: &request.requester,
-            template: reference
-                .as_ref()
-                .map(|reference| (reference.id.as_str(), reference.version, reference.content_hash.as_str())),
+            template: reference.as_ref().map(|reference| {
+                (
+                    reference.id.as_str(),
+                    reference.version,
+                    reference.content_hash.as_str(),
+                )
+            }),
             outcome,
         });
         result
@@ -124,7 +140,8 @@ impl QueryEngine {
         template_seen: &mut Option<Template>,
     ) -> Result<SiteAnswer, NodeError> {
         verify::authorize_caller(caller_identities, &self.policy.accepted_coordinators)?;
-        let template: &Template = template_seen.insert(verify::open_template(request.template.as_ref())?);
+        let template: &Template =
+            template_seen.insert(verify::open_template(request.template.as_ref())?);
         let snapshot = self
             .snapshots
             .get(&template.dataset)
@@ -167,4 +184,3 @@ impl QueryEngine {
         })
     }
 }
-

@@ -42,13 +42,13 @@ pub fn status_of(err: &NodeError) -> Status {
         NodeError::Contract(fedq_proto::Error::Template { code, .. }) => match code {
             TemplateProblem::IdentifierColumn => Code::PermissionDenied,
             TemplateProblem::DataModelMismatch => Code::FailedPrecondition,
-            TemplateProblem::Malformed | TemplateProblem::UnknownColumn | TemplateProblem::UnknownDataset => {
-                Code::InvalidArgument
-            }
+            TemplateProblem::Malformed
+            | TemplateProblem::UnknownColumn
+            | TemplateProblem::UnknownDataset => Code::InvalidArgument,
         },
-        NodeError::Contract(fedq_proto::Error::Parameter { .. } | fedq_proto::Error::Syntax { .. }) => {
-            Code::InvalidArgument
-        }
+        NodeError::Contract(
+            fedq_proto::Error::Parameter { .. } | fedq_proto::Error::Syntax { .. },
+        ) => Code::InvalidArgument,
         NodeError::DatasetNotHeld(_) | NodeError::ColumnNotHeld { .. } => Code::FailedPrecondition,
         NodeError::Contract(_)
         | NodeError::Config(_)
@@ -92,7 +92,12 @@ fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
         axes: answer.axes.iter().map(Into::into).collect(),
         cells,
         total: Some(outcome_to_cell(Vec::new(), answer.table.total)),
-        mechanisms: answer.table.mechanisms.iter().map(|mechanism| *mechanism as i32).collect(),
+        mechanisms: answer
+            .table
+            .mechanisms
+            .iter()
+            .map(|mechanism| *mechanism as i32)
+            .collect(),
     }
 }
 
@@ -112,7 +117,9 @@ fn describe(engine: &QueryEngine) -> wire::SiteDescription {
                         name: column.name.clone(),
                         column_type: column.domain.type_name().to_string(),
                         categories: match &column.domain {
-                            fedq_proto::model::Domain::Category { categories } => categories.clone(),
+                            fedq_proto::model::Domain::Category { categories } => {
+                                categories.clone()
+                            }
                             _ => Vec::new(),
                         },
                         minimum,

@@ -11,7 +11,10 @@ use crate::NodeError;
 
 /// Checks that one of the caller's certificate identities is accepted by this node's policy.
 /// Returns the accepted identity.
-pub fn authorize_caller(identities: &[String], accepted: &BTreeSet<String>) -> Result<String, NodeError> {
+pub fn authorize_caller(
+    identities: &[String],
+    accepted: &BTreeSet<String>,
+) -> Result<String, NodeError> {
     identities
         .iter()
         .find(|identity| accepted.contains(*identity))
@@ -45,7 +48,10 @@ mod tests {
     fn unlisted_identity_is_refused_and_named() {
         let accepted = BTreeSet::from(["coordinator.alliance".to_string()]);
         let err = authorize_caller(&["intruder.example".to_string()], &accepted).unwrap_err();
-        assert!(err.to_string().contains("'intruder.example' is not an accepted coordinator"));
+        assert!(
+            err.to_string()
+                .contains("'intruder.example' is not an accepted coordinator")
+        );
         assert_eq!(
             authorize_caller(&["x".into(), "coordinator.alliance".into()], &accepted).unwrap(),
             "coordinator.alliance"

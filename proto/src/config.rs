@@ -31,7 +31,8 @@ pub fn parse_layered<T: DeserializeOwned>(
         message,
     };
     // Parse once as the typed struct first, so file errors carry line and column.
-    let from_file: T = toml::from_str(text).map_err(|err| syntax(err.to_string().trim_end().to_string()))?;
+    let from_file: T =
+        toml::from_str(text).map_err(|err| syntax(err.to_string().trim_end().to_string()))?;
     if overrides.is_empty() {
         return Ok(from_file);
     }
@@ -40,13 +41,15 @@ pub fn parse_layered<T: DeserializeOwned>(
         set_path(&mut table, path, parse_env_value(raw))?;
     }
     let described: Vec<String> = overrides.iter().map(|(path, _)| path.join(".")).collect();
-    toml::Value::Table(table).try_into().map_err(|err: toml::de::Error| {
-        Error::Config(format!(
-            "after environment overrides ({}): {}",
-            described.join(", "),
-            err.to_string().trim_end()
-        ))
-    })
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|err: toml::de::Error| {
+            Error::Config(format!(
+                "after environment overrides ({}): {}",
+                described.join(", "),
+                err.to_string().trim_end()
+            ))
+        })
 }
 
 /// Environment variables `{prefix}__a__b` as key paths `["a", "b"]`.
@@ -59,7 +62,9 @@ pub fn env_overrides(
         .filter_map(|(name, value)| {
             let rest = name.strip_prefix(&lead)?;
             let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
-            path.iter().all(|part| !part.is_empty()).then_some((path, value))
+            path.iter()
+                .all(|part| !part.is_empty())
+                .then_some((path, value))
         })
         .collect();
     overrides.sort();
@@ -69,7 +74,9 @@ pub fn env_overrides(
 fn parse_env_value(raw: &str) -> toml::Value {
     let wrapped = format!("value = {raw}");
     match toml::from_str::<toml::Table>(&wrapped) {
-        Ok(mut table) => table.remove("value").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut table) => table
+            .remove("value")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.to_string()),
     }
 }
@@ -131,16 +138,25 @@ mod tests {
 
     #[test]
     fn unknown_key_in_file_names_key_and_line() {
-        let err = parse_layered::<Sample>("name = \"a\"\n[policy]\nfloor = 10\nceiling = 3\n", "x.toml", &[])
-            .unwrap_err()
-            .to_string();
+        let err = parse_layered::<Sample>(
+            "name = \"a\"\n[policy]\nfloor = 10\nceiling = 3\n",
+            "x.toml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("ceiling") && err.contains("line 4"), "{err}");
     }
 
     #[test]
     fn unknown_key_from_environment_is_rejected() {
-        let overrides = vec![(vec!["policy".to_string(), "flor".to_string()], "3".to_string())];
-        let err = parse_layered::<Sample>(TEXT, "t", &overrides).unwrap_err().to_string();
+        let overrides = vec![(
+            vec!["policy".to_string(), "flor".to_string()],
+            "3".to_string(),
+        )];
+        let err = parse_layered::<Sample>(TEXT, "t", &overrides)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("flor"), "{err}");
     }
 }

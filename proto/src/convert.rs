@@ -19,7 +19,8 @@ pub fn parameter_from_wire(parameter: &wire::ParameterValue) -> Result<(String, 
         Some(Wire::Integer(value)) => Value::Integer(*value),
         Some(Wire::Float(value)) => Value::Float(*value),
         Some(Wire::Date(text)) => Value::Date(
-            parse_date(text).map_err(|_| invalid(format!("'{text}' is not a date (YYYY-MM-DD)")))?,
+            parse_date(text)
+                .map_err(|_| invalid(format!("'{text}' is not a date (YYYY-MM-DD)")))?,
         ),
         Some(Wire::Category(name)) => Value::Category(name.clone()),
         Some(Wire::Categories(list)) => Value::Categories(list.values.clone()),
@@ -84,7 +85,10 @@ mod tests {
         ];
         for value in values {
             let wire = parameter_to_wire("p", &value);
-            assert_eq!(parameter_from_wire(&wire).unwrap(), ("p".to_string(), value));
+            assert_eq!(
+                parameter_from_wire(&wire).unwrap(),
+                ("p".to_string(), value)
+            );
         }
     }
 
@@ -95,6 +99,9 @@ mod tests {
             value: Some(wire::parameter_value::Value::Date("2021-13-01".into())),
         };
         let err = parameter_from_wire(&wire).unwrap_err().to_string();
-        assert!(err.contains("'from'") && err.contains("2021-13-01"), "{err}");
+        assert!(
+            err.contains("'from'") && err.contains("2021-13-01"),
+            "{err}"
+        );
     }
 }

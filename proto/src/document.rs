@@ -7,7 +7,10 @@ use crate::template::{self, Template};
 use crate::wire;
 
 /// Packs a template into its envelope with the given signatures.
-pub fn template_document(template: &Template, signatures: Vec<wire::Signature>) -> wire::SignedDocument {
+pub fn template_document(
+    template: &Template,
+    signatures: Vec<wire::Signature>,
+) -> wire::SignedDocument {
     wire::SignedDocument {
         kind: template::DOCUMENT_KIND.to_string(),
         canonical: template.canonical_bytes(),

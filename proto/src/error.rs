@@ -62,10 +62,9 @@ impl Error {
             },
             Error::Syntax { .. } => RefusalCode::MalformedTemplate,
             Error::Parameter { .. } => RefusalCode::InvalidParameter,
-            Error::Io { .. }
-            | Error::DataModel(_)
-            | Error::Tls(_)
-            | Error::Config(_) => RefusalCode::Internal,
+            Error::Io { .. } | Error::DataModel(_) | Error::Tls(_) | Error::Config(_) => {
+                RefusalCode::Internal
+            }
         }
     }
 }

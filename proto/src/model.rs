@@ -203,9 +203,9 @@ impl RawColumn {
             )));
         }
         let bound = |value: &Option<toml::Value>, which: &str| {
-            value
-                .clone()
-                .ok_or_else(|| Error::DataModel(format!("{at}: '{which}' is required for this type")))
+            value.clone().ok_or_else(|| {
+                Error::DataModel(format!("{at}: '{which}' is required for this type"))
+            })
         };
         let domain = match self.column_type.as_str() {
             "integer" => {
@@ -221,7 +221,8 @@ impl RawColumn {
                 }
             }
             "float" => {
-                let as_float = |value: toml::Value| value.as_float().or(value.as_integer().map(|v| v as f64));
+                let as_float =
+                    |value: toml::Value| value.as_float().or(value.as_integer().map(|v| v as f64));
                 let min = as_float(bound(&self.min, "min")?);
                 let max = as_float(bound(&self.max, "max")?);
                 match (min, max) {
@@ -236,7 +237,8 @@ impl RawColumn {
                 }
             }
             "date" => {
-                let as_date = |value: toml::Value| value.as_str().and_then(|text| parse_date(text).ok());
+                let as_date =
+                    |value: toml::Value| value.as_str().and_then(|text| parse_date(text).ok());
                 let min = as_date(bound(&self.min, "min")?);
                 let max = as_date(bound(&self.max, "max")?);
                 match (min, max) {
@@ -251,7 +253,9 @@ impl RawColumn {
             "category" => {
                 let categories = self.categories.clone().unwrap_or_default();
                 if categories.is_empty() {
-                    return Err(Error::DataModel(format!("{at}: a category column needs 'categories'")));
+                    return Err(Error::DataModel(format!(
+                        "{at}: a category column needs 'categories'"
+                    )));
                 }
                 for (index, category) in categories.iter().enumerate() {
                     if category == MISSING_LEVEL || !is_identifier_like(category) {
@@ -260,7 +264,9 @@ impl RawColumn {
                         )));
                     }
                     if categories[..index].contains(category) {
-                        return Err(Error::DataModel(format!("{at}: category '{category}' is listed twice")));
+                        return Err(Error::DataModel(format!(
+                            "{at}: category '{category}' is listed twice"
+                        )));
                     }
                 }
                 Domain::Category { categories }
@@ -278,11 +284,20 @@ impl RawColumn {
             )));
         }
         let has_range = self.min.is_some() || self.max.is_some();
-        if has_range && !matches!(domain, Domain::Integer { .. } | Domain::Float { .. } | Domain::Date { .. }) {
-            return Err(Error::DataModel(format!("{at}: 'min'/'max' apply only to integer, float and date columns")));
+        if has_range
+            && !matches!(
+                domain,
+                Domain::Integer { .. } | Domain::Float { .. } | Domain::Date { .. }
+            )
+        {
+            return Err(Error::DataModel(format!(
+                "{at}: 'min'/'max' apply only to integer, float and date columns"
+            )));
         }
         if self.categories.is_some() && !matches!(domain, Domain::Category { .. }) {
-            return Err(Error::DataModel(format!("{at}: 'categories' applies only to category columns")));
+            return Err(Error::DataModel(format!(
+                "{at}: 'categories' applies only to category columns"
+            )));
         }
         Ok(ColumnSpec {
             name: self.name,
@@ -342,7 +357,10 @@ mod tests {
             type = "text"
         "#;
         let err = DataModel::from_toml(text, "test").unwrap_err().to_string();
-        assert!(err.contains("only identifier columns may have type 'text'"), "{err}");
+        assert!(
+            err.contains("only identifier columns may have type 'text'"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -540,7 +540,11 @@ impl Template {
         if let Some(filter) = &self.filter {
             walk(filter, &mut columns);
         }
-        columns.extend(self.parameters.iter().filter_map(|parameter| parameter.column.clone()));
+        columns.extend(
+            self.parameters
+                .iter()
+                .filter_map(|parameter| parameter.column.clone()),
+        );
         columns.extend(self.strata.iter().map(|stratum| stratum.column.clone()));
         columns
     }
@@ -627,7 +631,10 @@ impl Template {
             {
                 return Err(self.problem(
                     Malformed,
-                    format!("strata[{index}]: column '{}' is stratified twice", stratum.column),
+                    format!(
+                        "strata[{index}]: column '{}' is stratified twice",
+                        stratum.column
+                    ),
                 ));
             }
             let axis = checker.check_stratum(stratum, &format!("strata[{index}]"))?;
@@ -726,10 +733,18 @@ impl<'a> Checker<'a> {
                             parameter.parameter_type.name()
                         )));
                     };
-                    let min = literal_scalar(parameter.parameter_type, min)
-                        .ok_or_else(|| malformed(format!("{at}: 'min' is not a {}", parameter.parameter_type.name())))?;
-                    let max = literal_scalar(parameter.parameter_type, max)
-                        .ok_or_else(|| malformed(format!("{at}: 'max' is not a {}", parameter.parameter_type.name())))?;
+                    let min = literal_scalar(parameter.parameter_type, min).ok_or_else(|| {
+                        malformed(format!(
+                            "{at}: 'min' is not a {}",
+                            parameter.parameter_type.name()
+                        ))
+                    })?;
+                    let max = literal_scalar(parameter.parameter_type, max).ok_or_else(|| {
+                        malformed(format!(
+                            "{at}: 'max' is not a {}",
+                            parameter.parameter_type.name()
+                        ))
+                    })?;
                     if scalar_gt(&min, &max) {
                         return Err(malformed(format!("{at}: 'min' is greater than 'max'")));
                     }
@@ -755,7 +770,9 @@ impl<'a> Checker<'a> {
                         if allowed.is_empty() {
                             return Err(malformed(format!("{at}: 'allowed' must not be empty")));
                         }
-                        if let Some(unknown) = allowed.iter().find(|value| !categories.contains(value)) {
+                        if let Some(unknown) =
+                            allowed.iter().find(|value| !categories.contains(value))
+                        {
                             return Err(malformed(format!(
                                 "{at}: allowed category '{unknown}' is not a category of '{column_name}' ({})",
                                 categories.join(", ")
@@ -799,7 +816,11 @@ impl<'a> Checker<'a> {
     ) -> Result<(), Error> {
         let condition = match filter {
             Filter::All(children) | Filter::Any(children) => {
-                let key = if matches!(filter, Filter::All(_)) { "all" } else { "any" };
+                let key = if matches!(filter, Filter::All(_)) {
+                    "all"
+                } else {
+                    "any"
+                };
                 for (index, child) in children.iter().enumerate() {
                     self.check_filter(child, &format!("{at}.{key}[{index}]"), used)?;
                 }
@@ -896,8 +917,16 @@ impl<'a> Checker<'a> {
     /// Checks a value against a parameter's declaration.
     fn resolve_parameter(&self, parameter: &ParameterSpec, value: &Value) -> Result<(), String> {
         let out_of_limits = |shown: String| {
-            let min = parameter.min.as_ref().map(ToString::to_string).unwrap_or_default();
-            let max = parameter.max.as_ref().map(ToString::to_string).unwrap_or_default();
+            let min = parameter
+                .min
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            let max = parameter
+                .max
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
             format!("{shown} is outside its limits {min} to {max}")
         };
         match (parameter.parameter_type, value) {
@@ -982,7 +1011,10 @@ pub fn allowed_categories(parameter: &ParameterSpec, dataset: &DatasetSpec) -> V
     if let Some(allowed) = &parameter.allowed {
         return allowed.clone();
     }
-    let column = parameter.column.as_deref().and_then(|name| dataset.column(name));
+    let column = parameter
+        .column
+        .as_deref()
+        .and_then(|name| dataset.column(name));
     match column.map(|column| &column.domain) {
         Some(Domain::Category { categories }) => categories.clone(),
         _ => Vec::new(),
@@ -999,7 +1031,12 @@ impl CheckedTemplate<'_> {
             forbidden: &BTreeSet::new(),
         };
         for (index, (name, _)) in given.iter().enumerate() {
-            if !self.template.parameters.iter().any(|spec| &spec.name == name) {
+            if !self
+                .template
+                .parameters
+                .iter()
+                .any(|spec| &spec.name == name)
+            {
                 let known: Vec<&str> = self
                     .template
                     .parameters
@@ -1011,7 +1048,11 @@ impl CheckedTemplate<'_> {
                     message: format!(
                         "template '{}' has no such parameter; it takes: {}",
                         self.template.id,
-                        if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
                     ),
                 });
             }
@@ -1075,8 +1116,16 @@ pub fn describe_limits(parameter: &ParameterSpec, dataset: &DatasetSpec) -> Stri
         kind => format!(
             "{} from {} to {}",
             kind.name(),
-            parameter.min.as_ref().map(ToString::to_string).unwrap_or_default(),
-            parameter.max.as_ref().map(ToString::to_string).unwrap_or_default()
+            parameter
+                .min
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            parameter
+                .max
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default()
         ),
     }
 }
@@ -1115,7 +1164,9 @@ fn bind_filter(
     let mut scalars = Vec::new();
     for operand in &condition.operands {
         match operand {
-            Operand::Value(literal) => scalars.push(resolve_literal(column, literal).map_err(internal)?),
+            Operand::Value(literal) => {
+                scalars.push(resolve_literal(column, literal).map_err(internal)?)
+            }
             Operand::Param(name) => {
                 let (_, value) = values
                     .iter()
@@ -1202,9 +1253,9 @@ fn resolve_literal(column: &ColumnSpec, literal: &Literal) -> Result<Scalar, Str
         (Domain::Integer { .. }, Literal::Integer(v)) => Value::Integer(*v),
         (Domain::Float { .. }, Literal::Integer(v)) => Value::Float(*v as f64),
         (Domain::Float { .. }, Literal::Float(v)) => Value::Float(*v),
-        (Domain::Date { .. }, Literal::Text(text)) => Value::Date(
-            parse_date(text).map_err(|_| "dates are written YYYY-MM-DD".to_string())?,
-        ),
+        (Domain::Date { .. }, Literal::Text(text)) => {
+            Value::Date(parse_date(text).map_err(|_| "dates are written YYYY-MM-DD".to_string())?)
+        }
         (Domain::Category { .. }, Literal::Text(text)) => Value::Category(text.clone()),
         (domain, _) => {
             return Err(format!(
@@ -1280,8 +1331,12 @@ fn literal_value(parameter_type: ParameterType, literal: &Literal) -> Option<Val
         (ParameterType::Float, _) => literal_f64(literal).map(Value::Float),
         (ParameterType::Date, Literal::Text(text)) => parse_date(text).ok().map(Value::Date),
         (ParameterType::Category, Literal::Text(text)) => Some(Value::Category(text.clone())),
-        (ParameterType::Categories, Literal::List(values)) => Some(Value::Categories(values.clone())),
-        (ParameterType::Categories, Literal::Text(text)) => Some(Value::Categories(vec![text.clone()])),
+        (ParameterType::Categories, Literal::List(values)) => {
+            Some(Value::Categories(values.clone()))
+        }
+        (ParameterType::Categories, Literal::Text(text)) => {
+            Some(Value::Categories(vec![text.clone()]))
+        }
         _ => None,
     }
 }
@@ -1304,9 +1359,14 @@ fn check_bands(bands: &[Band], min: f64, max: f64, integer: bool) -> Result<(), 
     }
     for (index, band) in bands.iter().enumerate() {
         if band.label.trim().is_empty() || band.label == MISSING_LEVEL {
-            return Err(format!("band {index} needs a label other than '{MISSING_LEVEL}'"));
+            return Err(format!(
+                "band {index} needs a label other than '{MISSING_LEVEL}'"
+            ));
         }
-        if bands[..index].iter().any(|earlier| earlier.label == band.label) {
+        if bands[..index]
+            .iter()
+            .any(|earlier| earlier.label == band.label)
+        {
             return Err(format!("label '{}' is used twice", band.label));
         }
         for edge in [band.at_least, band.below].into_iter().flatten() {
@@ -1317,10 +1377,13 @@ fn check_bands(bands: &[Band], min: f64, max: f64, integer: bool) -> Result<(), 
                 ));
             }
         }
-        if let (Some(low), Some(high)) = (band.at_least, band.below) {
-            if low >= high {
-                return Err(format!("band '{}' is empty ({low} to below {high})", band.label));
-            }
+        if let (Some(low), Some(high)) = (band.at_least, band.below)
+            && low >= high
+        {
+            return Err(format!(
+                "band '{}' is empty ({low} to below {high})",
+                band.label
+            ));
         }
         let first = index == 0;
         let last = index == bands.len() - 1;
@@ -1332,7 +1395,10 @@ fn check_bands(bands: &[Band], min: f64, max: f64, integer: bool) -> Result<(), 
             ));
         }
         if !first && band.at_least.is_none() || !last && band.below.is_none() {
-            return Err(format!("only the first band may be open below and only the last open above (band '{}')", band.label));
+            return Err(format!(
+                "only the first band may be open below and only the last open above (band '{}')",
+                band.label
+            ));
         }
         if first && band.at_least.is_some_and(|low| low > min) {
             return Err(format!(

@@ -42,19 +42,36 @@ pub struct TlsFiles {
 /// Reads the certificates in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-        .map_err(|err| Error::Tls(format!("cannot read certificates from {}: {err}", path.display())))?
+        .map_err(|err| {
+            Error::Tls(format!(
+                "cannot read certificates from {}: {err}",
+                path.display()
+            ))
+        })?
         .collect::<Result<_, _>>()
-        .map_err(|err| Error::Tls(format!("{} holds an unreadable certificate: {err}", path.display())))?;
+        .map_err(|err| {
+            Error::Tls(format!(
+                "{} holds an unreadable certificate: {err}",
+                path.display()
+            ))
+        })?;
     if certs.is_empty() {
-        return Err(Error::Tls(format!("{} holds no PEM certificate", path.display())));
+        return Err(Error::Tls(format!(
+            "{} holds no PEM certificate",
+            path.display()
+        )));
     }
     Ok(certs)
 }
 
 /// Reads the private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
-    PrivateKeyDer::from_pem_file(path)
-        .map_err(|err| Error::Tls(format!("cannot read a private key from {}: {err}", path.display())))
+    PrivateKeyDer::from_pem_file(path).map_err(|err| {
+        Error::Tls(format!(
+            "cannot read a private key from {}: {err}",
+            path.display()
+        ))
+    })
 }
 
 /// Reads a PEM file as text (for tonic's client configuration).
@@ -72,9 +89,12 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 fn root_store(ca_cert: &Path) -> Result<RootCertStore, Error> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca_cert)? {
-        roots
-            .add(cert)
-            .map_err(|err| Error::Tls(format!("{} is not a usable CA certificate: {err}", ca_cert.display())))?;
+        roots.add(cert).map_err(|err| {
+            Error::Tls(format!(
+                "{} is not a usable CA certificate: {err}",
+                ca_cert.display()
+            ))
+        })?;
     }
     Ok(roots)
 }
@@ -85,7 +105,11 @@ pub fn mutual_tls_server_config(files: &TlsFiles) -> Result<rustls::ServerConfig
     let roots = root_store(&files.ca_cert)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
         .build()
-        .map_err(|err| Error::Tls(format!("cannot build the client-certificate verifier: {err}")))?;
+        .map_err(|err| {
+            Error::Tls(format!(
+                "cannot build the client-certificate verifier: {err}"
+            ))
+        })?;
     let config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|err| Error::Tls(err.to_string()))?

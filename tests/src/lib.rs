@@ -53,8 +53,13 @@ impl TestAlliance {
         fedq_proto::tls::install_crypto_provider();
         let dir = tempfile::tempdir()?;
         let templates = catalogue(dir.path())?;
-        let alliance = LocalAlliance::start(&dir.path().join("alliance"), &sites, &templates, 10).await?;
-        Ok(TestAlliance { dir, alliance, sites })
+        let alliance =
+            LocalAlliance::start(&dir.path().join("alliance"), &sites, &templates, 10).await?;
+        Ok(TestAlliance {
+            dir,
+            alliance,
+            sites,
+        })
     }
 
     pub async fn coordinator(&self) -> anyhow::Result<CoordinatorClient<Channel>> {
@@ -64,11 +69,16 @@ impl TestAlliance {
     /// A direct client to site `index`, presenting the coordinator's certificate.
     pub async fn node_as_coordinator(&self, index: usize) -> anyhow::Result<NodeClient<Channel>> {
         let coordinator = &self.alliance.pki.identities[0];
-        self.node_with(index, Some((&coordinator.cert, &coordinator.key))).await
+        self.node_with(index, Some((&coordinator.cert, &coordinator.key)))
+            .await
     }
 
     /// A direct client to site `index` presenting `client_cert`, if any.
-    pub async fn node_with(&self, index: usize, client_cert: Option<(&Path, &Path)>) -> anyhow::Result<NodeClient<Channel>> {
+    pub async fn node_with(
+        &self,
+        index: usize,
+        client_cert: Option<(&Path, &Path)>,
+    ) -> anyhow::Result<NodeClient<Channel>> {
         let (site_id, node) = &self.alliance.nodes[index];
         fedq_deploy::node_client(
             &format!("https://localhost:{}", node.address.port()),
@@ -81,12 +91,19 @@ impl TestAlliance {
 }
 
 /// A node request for a catalogue template with the given parameters.
-pub fn node_request(root: &Path, template_id: &str, parameters: Vec<wire::ParameterValue>) -> anyhow::Result<wire::QueryRequest> {
+pub fn node_request(
+    root: &Path,
+    template_id: &str,
+    parameters: Vec<wire::ParameterValue>,
+) -> anyhow::Result<wire::QueryRequest> {
     let text = std::fs::read_to_string(root.join("templates").join(format!("{template_id}.toml")))?;
     let template = fedq_proto::template::Template::from_toml(&text, template_id)?;
     Ok(wire::QueryRequest {
         request_id: format!("test-{template_id}"),
-        template: Some(fedq_proto::document::template_document(&template, Vec::new())),
+        template: Some(fedq_proto::document::template_document(
+            &template,
+            Vec::new(),
+        )),
         parameters,
         requester: "test".into(),
     })
@@ -99,7 +116,11 @@ pub async fn query(
     parameters: Vec<wire::ParameterValue>,
     deadline_ms: u32,
 ) -> Result<wire::PooledResult, fedq_coordinator::CoordinatorError> {
-    let request = wire::RunQueryRequest { template_id: template_id.into(), parameters, deadline_ms };
+    let request = wire::RunQueryRequest {
+        template_id: template_id.into(),
+        parameters,
+        deadline_ms,
+    };
     client::run_query(coordinator, request, |_| {}).await
 }
 
@@ -123,21 +144,53 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
     const MECHANISMS: [&str; 5] = ["road_traffic", "fall", "assault", "self_harm", "other"];
     let frame = synth::generate(site)?;
     let ints = |name: &str| -> anyhow::Result<Vec<i64>> {
-        Ok(frame.column(name)?.i64()?.iter().map(|value| value.unwrap_or(-1)).collect())
+        Ok(frame
+            .column(name)?
+            .i64()?
+            .iter()
+            .map(|value| value.unwrap_or(-1))
+            .collect())
     };
     let texts = |name: &str| -> anyhow::Result<Vec<String>> {
-        Ok(frame.column(name)?.str()?.iter().map(|value| value.unwrap_or("").to_string()).collect())
+        Ok(frame
+            .column(name)?
+            .str()?
+            .iter()
+            .map(|value| value.unwrap_or("").to_string())
+            .collect())
     };
     let rows = match site.format {
         LocalFormat::ModelLikeParquet => {
-            let icu: Vec<bool> = frame.column("icu_admission")?.bool()?.iter().map(|v| v == Some(true)).collect();
-            let (age, sex, mechanism, iss) = (ints("age")?, texts("sex")?, texts("injury_mechanism")?, ints("iss")?);
+            let icu: Vec<bool> = frame
+                .column("icu_admission")?
+                .bool()?
+                .iter()
+                .map(|v| v == Some(true))
+                .collect();
+            let (age, sex, mechanism, iss) = (
+                ints("age")?,
+                texts("sex")?,
+                texts("injury_mechanism")?,
+                ints("iss")?,
+            );
             (0..frame.height())
-                .map(|i| OracleRow { age: age[i], sex: sex[i].clone(), mechanism: mechanism[i].clone(), iss: iss[i], icu: icu[i] })
+                .map(|i| OracleRow {
+                    age: age[i],
+                    sex: sex[i].clone(),
+                    mechanism: mechanism[i].clone(),
+                    iss: iss[i],
+                    icu: icu[i],
+                })
                 .collect()
         }
         LocalFormat::LegacyCsv => {
-            let (age, sex, mechanism, iss, icu) = (ints("AGE_Y")?, texts("SEX")?, ints("MECH")?, ints("ISS")?, ints("ICU")?);
+            let (age, sex, mechanism, iss, icu) = (
+                ints("AGE_Y")?,
+                texts("SEX")?,
+                ints("MECH")?,
+                ints("ISS")?,
+                ints("ICU")?,
+            );
             (0..frame.height())
                 .map(|i| OracleRow {
                     age: age[i],

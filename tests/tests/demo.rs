@@ -20,6 +20,10 @@ async fn demo_prints_pooled_tables_with_suppression_marks_and_a_refusal() -> any
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
     // site-c (40 admissions at this scale) must have withheld something.
-    assert!(text.lines().any(|line| line.starts_with("  site-c") && line.contains("small_cell_suppression")), "{text}");
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("  site-c") && line.contains("small_cell_suppression")),
+        "{text}"
+    );
     Ok(())
 }

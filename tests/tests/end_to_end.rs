@@ -16,7 +16,8 @@ fn integer(name: &str, value: i64) -> wire::ParameterValue {
 }
 
 fn refusal_of(status: &tonic::Status) -> RefusalCode {
-    let refusal = wire::Refusal::decode(status.details()).expect("a node refusal carries a typed reason");
+    let refusal =
+        wire::Refusal::decode(status.details()).expect("a node refusal carries a typed reason");
     RefusalCode::try_from(refusal.code).expect("a known refusal code")
 }
 
@@ -27,17 +28,35 @@ async fn pooled_counts_equal_a_direct_count_over_the_concatenated_rows() -> anyh
     sites[2].admissions = 2_500;
     let test = TestAlliance::start_with(sites).await?;
     let mut coordinator = test.coordinator().await?;
-    let result = query(&mut coordinator, "mechanism-by-icu", vec![integer("min_iss", 4)], 0).await?;
+    let result = query(
+        &mut coordinator,
+        "mechanism-by-icu",
+        vec![integer("min_iss", 4)],
+        0,
+    )
+    .await?;
 
     for site in &result.sites {
-        assert_eq!(site.status, SiteStatus::Ok as i32, "{}: {}", site.site_id, site.message);
+        assert_eq!(
+            site.status,
+            SiteStatus::Ok as i32,
+            "{}: {}",
+            site.site_id,
+            site.message
+        );
     }
-    let rows: Vec<_> = oracle_rows(&test.sites)?.into_iter().flatten().filter(|row| row.iss >= 4).collect();
+    let rows: Vec<_> = oracle_rows(&test.sites)?
+        .into_iter()
+        .flatten()
+        .filter(|row| row.iss >= 4)
+        .collect();
     for cell in &result.cells {
         let levels = cell_levels(&result, cell);
         let expected = rows
             .iter()
-            .filter(|row| row.mechanism == levels[0] && (if row.icu { "yes" } else { "no" }) == levels[1])
+            .filter(|row| {
+                row.mechanism == levels[0] && (if row.icu { "yes" } else { "no" }) == levels[1]
+            })
             .count() as u64;
         assert!(cell.complete, "{levels:?} should be released by every site");
         assert_eq!(cell.count, Some(expected), "{levels:?}");
@@ -49,13 +68,21 @@ async fn pooled_counts_equal_a_direct_count_over_the_concatenated_rows() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn small_cell_is_withheld_without_any_value_and_the_pooled_cell_is_incomplete() -> anyhow::Result<()> {
+async fn small_cell_is_withheld_without_any_value_and_the_pooled_cell_is_incomplete()
+-> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     let mut coordinator = test.coordinator().await?;
     let result = query(&mut coordinator, "cohort-by-age-sex", vec![], 0).await?;
-    let small_site = result.sites.iter().position(|site| site.site_id == "site-c").expect("site-c");
+    let small_site = result
+        .sites
+        .iter()
+        .position(|site| site.site_id == "site-c")
+        .expect("site-c");
     let site_c_rows = &oracle_rows(&test.sites)?[2];
-    let site_result = result.sites[small_site].result.as_ref().expect("site-c answered");
+    let site_result = result.sites[small_site]
+        .result
+        .as_ref()
+        .expect("site-c answered");
 
     let mut checked_small_cells = 0;
     for (index, cell) in site_result.cells.iter().enumerate() {
@@ -67,23 +94,52 @@ async fn small_cell_is_withheld_without_any_value_and_the_pooled_cell_is_incompl
             40..=64 => "40-64",
             _ => "65+",
         };
-        let true_count = site_c_rows.iter().filter(|row| band(row.age) == levels[0] && row.sex == levels[1]).count();
+        let true_count = site_c_rows
+            .iter()
+            .filter(|row| band(row.age) == levels[0] && row.sex == levels[1])
+            .count();
         if (1..10).contains(&true_count) {
             checked_small_cells += 1;
-            assert_eq!(cell.outcome, Some(wire::cell::Outcome::Withheld(wire::Withheld {})), "{levels:?}");
+            assert_eq!(
+                cell.outcome,
+                Some(wire::cell::Outcome::Withheld(wire::Withheld {})),
+                "{levels:?}"
+            );
             // The encoded cell holds nothing but its coordinates and an empty withheld mark.
             let encoded = cell.encode_to_vec();
-            let bare = wire::Cell { coordinates: cell.coordinates.clone(), outcome: None }.encode_to_vec();
-            assert_eq!(encoded.len(), bare.len() + 2, "a withheld cell must carry no value");
+            let bare = wire::Cell {
+                coordinates: cell.coordinates.clone(),
+                outcome: None,
+            }
+            .encode_to_vec();
+            assert_eq!(
+                encoded.len(),
+                bare.len() + 2,
+                "a withheld cell must carry no value"
+            );
             assert!(!pooled.complete, "{levels:?} must be marked incomplete");
             assert!(pooled.sites_withheld >= 1);
         }
     }
-    assert!(checked_small_cells > 0, "the fixture must produce small cells at site-c");
+    assert!(
+        checked_small_cells > 0,
+        "the fixture must produce small cells at site-c"
+    );
     let total = site_result.total.as_ref().expect("total");
-    assert_eq!(total.outcome, Some(wire::cell::Outcome::Withheld(wire::Withheld {})));
-    assert!(site_result.mechanisms.contains(&(wire::Mechanism::SmallCellSuppression as i32)));
-    assert!(site_result.mechanisms.contains(&(wire::Mechanism::ComplementarySuppression as i32)));
+    assert_eq!(
+        total.outcome,
+        Some(wire::cell::Outcome::Withheld(wire::Withheld {}))
+    );
+    assert!(
+        site_result
+            .mechanisms
+            .contains(&(wire::Mechanism::SmallCellSuppression as i32))
+    );
+    assert!(
+        site_result
+            .mechanisms
+            .contains(&(wire::Mechanism::ComplementarySuppression as i32))
+    );
     test.alliance.stop().await
 }
 
@@ -98,28 +154,58 @@ async fn template_minimum_below_the_node_floor_does_not_lower_it() -> anyhow::Re
     }
     // site-c has a handful of patients of sex "other" at most: released only if >= 10.
     let site_c = result.sites[2].result.as_ref().unwrap();
-    let other = site_c.cells.iter().find(|cell| cell.coordinates == [2]).unwrap();
+    let other = site_c
+        .cells
+        .iter()
+        .find(|cell| cell.coordinates == [2])
+        .unwrap();
     if let Some(wire::cell::Outcome::Released(released)) = &other.outcome {
-        assert!(released.count == 0 || released.count >= 10, "released {}", released.count);
+        assert!(
+            released.count == 0 || released.count >= 10,
+            "released {}",
+            released.count
+        );
     }
     test.alliance.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn out_of_range_parameter_is_refused_by_the_coordinator_and_by_the_node_itself() -> anyhow::Result<()> {
+async fn out_of_range_parameter_is_refused_by_the_coordinator_and_by_the_node_itself()
+-> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     let mut coordinator = test.coordinator().await?;
-    let err = query(&mut coordinator, "elderly-major-trauma-deaths", vec![integer("min_age", 30)], 0)
-        .await
-        .expect_err("refused")
-        .to_string();
-    assert!(err.contains("InvalidArgument") && err.contains("'min_age'") && err.contains("outside its limits 50 to 100"), "{err}");
+    let err = query(
+        &mut coordinator,
+        "elderly-major-trauma-deaths",
+        vec![integer("min_age", 30)],
+        0,
+    )
+    .await
+    .expect_err("refused")
+    .to_string();
+    assert!(
+        err.contains("InvalidArgument")
+            && err.contains("'min_age'")
+            && err.contains("outside its limits 50 to 100"),
+        "{err}"
+    );
 
     let mut node = test.node_as_coordinator(0).await?;
-    let request = node_request(test.dir.path(), "elderly-major-trauma-deaths", vec![integer("min_age", 30)])?;
-    let status = node.run_query(request).await.expect_err("refused by the node");
+    let request = node_request(
+        test.dir.path(),
+        "elderly-major-trauma-deaths",
+        vec![integer("min_age", 30)],
+    )?;
+    let status = node
+        .run_query(request)
+        .await
+        .expect_err("refused by the node");
     assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("'min_age'"), "{}", status.message());
+    assert!(
+        status.message().contains("'min_age'"),
+        "{}",
+        status.message()
+    );
     assert_eq!(refusal_of(&status), RefusalCode::InvalidParameter);
     test.alliance.stop().await
 }
@@ -131,11 +217,18 @@ async fn template_using_an_identifier_column_is_refused_by_the_node() -> anyhow:
     let mut request = node_request(test.dir.path(), "low-minimum", vec![])?;
     let mut template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
     template.strata[0].column = "national_id".into();
-    request.template = Some(fedq_proto::document::template_document(&template, Vec::new()));
+    request.template = Some(fedq_proto::document::template_document(
+        &template,
+        Vec::new(),
+    ));
     let status = node.run_query(request).await.expect_err("refused");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(refusal_of(&status), RefusalCode::IdentifierColumn);
-    assert!(status.message().contains("'national_id' is an identifier"), "{}", status.message());
+    assert!(
+        status.message().contains("'national_id' is an identifier"),
+        "{}",
+        status.message()
+    );
     test.alliance.stop().await
 }
 
@@ -157,9 +250,15 @@ async fn client_without_a_certificate_is_refused_by_the_node() -> anyhow::Result
     let test = TestAlliance::start().await?;
     let request = node_request(test.dir.path(), "low-minimum", vec![])?;
     if let Ok(mut node) = test.node_with(0, None).await {
-        let status = node.run_query(request).await.expect_err("a node answered a client without a certificate");
+        let status = node
+            .run_query(request)
+            .await
+            .expect_err("a node answered a client without a certificate");
         // Refused by the TLS handshake, before any gRPC handler (and its typed refusals) ran.
-        assert!(status.details().is_empty(), "the request reached the service: {status:?}");
+        assert!(
+            status.details().is_empty(),
+            "the request reached the service: {status:?}"
+        );
         assert_ne!(status.code(), Code::PermissionDenied);
     }
     test.alliance.stop().await
@@ -175,10 +274,16 @@ async fn certificate_from_another_ca_is_refused_by_the_node() -> anyhow::Result<
     )?;
     let rogue_identity = &rogue.identities[0];
     let request = node_request(test.dir.path(), "low-minimum", vec![])?;
-    match test.node_with(0, Some((&rogue_identity.cert, &rogue_identity.key))).await {
+    match test
+        .node_with(0, Some((&rogue_identity.cert, &rogue_identity.key)))
+        .await
+    {
         Err(_) => {}
         Ok(mut node) => {
-            let status = node.run_query(request).await.expect_err("a node answered a certificate from another CA");
+            let status = node
+                .run_query(request)
+                .await
+                .expect_err("a node answered a certificate from another CA");
             assert_ne!(status.code(), Code::Ok);
         }
     }
@@ -186,7 +291,8 @@ async fn certificate_from_another_ca_is_refused_by_the_node() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn valid_certificate_of_an_unlisted_identity_is_refused_with_a_reason() -> anyhow::Result<()> {
+async fn valid_certificate_of_an_unlisted_identity_is_refused_with_a_reason() -> anyhow::Result<()>
+{
     let test = TestAlliance::start().await?;
     // site-b's own certificate is from the alliance CA but is not an accepted coordinator.
     let site_b = &test.alliance.pki.identities[2];
@@ -195,13 +301,24 @@ async fn valid_certificate_of_an_unlisted_identity_is_refused_with_a_reason() ->
     let status = node.run_query(request).await.expect_err("refused");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(refusal_of(&status), RefusalCode::CallerNotAccepted);
-    assert!(status.message().contains("site-b.fedq.local"), "{}", status.message());
+    assert!(
+        status.message().contains("site-b.fedq.local"),
+        "{}",
+        status.message()
+    );
     test.alliance.stop().await
 }
 
 /// Starts a second coordinator over the test alliance's nodes with a custom node listing.
-async fn coordinator_with(test: &TestAlliance, listings: &[NodeListing], deadline_ms: u64) -> anyhow::Result<alliance::Running> {
-    let folder = test.dir.path().join(format!("coordinator-{}", rand_suffix()));
+async fn coordinator_with(
+    test: &TestAlliance,
+    listings: &[NodeListing],
+    deadline_ms: u64,
+) -> anyhow::Result<alliance::Running> {
+    let folder = test
+        .dir
+        .path()
+        .join(format!("coordinator-{}", rand_suffix()));
     std::fs::create_dir_all(&folder)?;
     let config = alliance::write_coordinator_config(
         &folder,
@@ -215,12 +332,19 @@ async fn coordinator_with(test: &TestAlliance, listings: &[NodeListing], deadlin
 }
 
 fn rand_suffix() -> u128 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
 }
 
 fn listing(test: &TestAlliance, index: usize) -> NodeListing {
     let (site_id, node) = &test.alliance.nodes[index];
-    NodeListing { site_id: site_id.clone(), address: node.address, identity: alliance::site_identity(site_id) }
+    NodeListing {
+        site_id: site_id.clone(),
+        address: node.address,
+        identity: alliance::site_identity(site_id),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,15 +361,25 @@ async fn node_presenting_the_wrong_identity_is_detected_by_the_coordinator() -> 
     .await?;
     let result = query(&mut client, "low-minimum", vec![], 0).await?;
     let site = &result.sites[0];
-    assert_eq!(site.status, SiteStatus::Unreachable as i32, "{}", site.message);
-    assert!(site.message.to_lowercase().contains("certificate"), "{}", site.message);
+    assert_eq!(
+        site.status,
+        SiteStatus::Unreachable as i32,
+        "{}",
+        site.message
+    );
+    assert!(
+        site.message.to_lowercase().contains("certificate"),
+        "{}",
+        site.message
+    );
     assert!(site.result.is_none());
     running.stop().await?;
     test.alliance.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadline() -> anyhow::Result<()> {
+async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadline()
+-> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     // A port where nothing listens any more...
     let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -262,8 +396,16 @@ async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadli
     });
     let listings = [
         listing(&test, 0),
-        NodeListing { site_id: "site-down".into(), address: closed_address, identity: "site-down.fedq.local".into() },
-        NodeListing { site_id: "site-silent".into(), address: silent_address, identity: "site-silent.fedq.local".into() },
+        NodeListing {
+            site_id: "site-down".into(),
+            address: closed_address,
+            identity: "site-down.fedq.local".into(),
+        },
+        NodeListing {
+            site_id: "site-silent".into(),
+            address: silent_address,
+            identity: "site-silent.fedq.local".into(),
+        },
     ];
     let running = coordinator_with(&test, &listings, 1_500).await?;
     let mut client = fedq_coordinator::client::connect(
@@ -272,14 +414,31 @@ async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadli
     )
     .await?;
     let started = Instant::now();
-    let result = query(&mut client, "mechanism-by-icu", vec![integer("min_iss", 0)], 0).await?;
+    let result = query(
+        &mut client,
+        "mechanism-by-icu",
+        vec![integer("min_iss", 0)],
+        0,
+    )
+    .await?;
     let elapsed = started.elapsed();
-    assert!(elapsed < Duration::from_millis(1_500 + 2_000), "answer took {elapsed:?}");
-    let status = |id: &str| result.sites.iter().find(|site| site.site_id == id).unwrap().status;
+    assert!(
+        elapsed < Duration::from_millis(1_500 + 2_000),
+        "answer took {elapsed:?}"
+    );
+    let status = |id: &str| {
+        result
+            .sites
+            .iter()
+            .find(|site| site.site_id == id)
+            .unwrap()
+            .status
+    };
     assert_eq!(status("site-a"), SiteStatus::Ok as i32);
     assert_eq!(status("site-down"), SiteStatus::Unreachable as i32);
     assert!(
-        [SiteStatus::TimedOut as i32, SiteStatus::Unreachable as i32].contains(&status("site-silent")),
+        [SiteStatus::TimedOut as i32, SiteStatus::Unreachable as i32]
+            .contains(&status("site-silent")),
         "silent site status {}",
         status("site-silent")
     );
@@ -287,7 +446,9 @@ async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadli
     let site_a = result.sites[0].result.as_ref().unwrap();
     for (pooled, own) in result.cells.iter().zip(&site_a.cells) {
         match &own.outcome {
-            Some(wire::cell::Outcome::Released(released)) => assert_eq!(pooled.count, Some(released.count)),
+            Some(wire::cell::Outcome::Released(released)) => {
+                assert_eq!(pooled.count, Some(released.count))
+            }
             _ => assert_eq!(pooled.count, None),
         }
     }
@@ -300,9 +461,18 @@ async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadli
 async fn malformed_template_file_stops_the_coordinator_with_file_and_line() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     let templates = test.dir.path().join("templates");
-    std::fs::write(templates.join("broken.toml"), "id = \"broken\"\nversion = 1\ntitle = [\n")?;
+    std::fs::write(
+        templates.join("broken.toml"),
+        "id = \"broken\"\nversion = 1\ntitle = [\n",
+    )?;
     let listings = [listing(&test, 0)];
-    let err = coordinator_with(&test, &listings, 1_000).await.expect_err("refused to start").to_string();
-    assert!(err.contains("broken.toml") && err.contains("line 3"), "{err}");
+    let err = coordinator_with(&test, &listings, 1_000)
+        .await
+        .expect_err("refused to start")
+        .to_string();
+    assert!(
+        err.contains("broken.toml") && err.contains("line 3"),
+        "{err}"
+    );
     test.alliance.stop().await
 }

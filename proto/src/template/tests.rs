@@ -111,13 +111,18 @@ fn canonical_bytes_round_trip_and_non_canonical_bytes_are_refused() {
 
     pretty.truncate(10);
     let err = Template::from_canonical(&pretty).unwrap_err();
-    assert_eq!(err.refusal_code(), crate::wire::RefusalCode::MalformedTemplate);
+    assert_eq!(
+        err.refusal_code(),
+        crate::wire::RefusalCode::MalformedTemplate
+    );
 }
 
 #[test]
 fn malformed_toml_reports_the_line() {
     let broken = COHORT.replace("max = 75", "max = = 75");
-    let err = Template::from_toml(&broken, "broken.toml").unwrap_err().to_string();
+    let err = Template::from_toml(&broken, "broken.toml")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("broken.toml"), "{err}");
     assert!(err.contains("line 28"), "{err}");
 }
@@ -125,7 +130,9 @@ fn malformed_toml_reports_the_line() {
 #[test]
 fn unknown_key_is_rejected_with_its_name() {
     let extra = COHORT.replace("version = 1\n", "version = 1\nowner = \"me\"\n");
-    let err = Template::from_toml(&extra, "extra.toml").unwrap_err().to_string();
+    let err = Template::from_toml(&extra, "extra.toml")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("owner"), "{err}");
 }
 
@@ -140,7 +147,10 @@ fn identifier_column_is_refused_in_every_role() {
     for text in [in_filter, in_strata] {
         let template = Template::from_toml(&text, "t").unwrap();
         let err = template.check(&model, &no_extra()).unwrap_err();
-        assert_eq!(err.refusal_code(), crate::wire::RefusalCode::IdentifierColumn);
+        assert_eq!(
+            err.refusal_code(),
+            crate::wire::RefusalCode::IdentifierColumn
+        );
         assert!(err.to_string().contains("is an identifier"), "{err}");
     }
 }
@@ -151,13 +161,20 @@ fn column_a_site_marks_as_identifier_is_refused() {
     let template = cohort();
     let site_identifiers = BTreeSet::from(["sex".to_string()]);
     let err = template.check(&model, &site_identifiers).unwrap_err();
-    assert_eq!(err.refusal_code(), crate::wire::RefusalCode::IdentifierColumn);
+    assert_eq!(
+        err.refusal_code(),
+        crate::wire::RefusalCode::IdentifierColumn
+    );
 }
 
 #[test]
 fn unknown_column_is_refused_with_its_name() {
     let model = model();
-    let template = Template::from_toml(&COHORT.replace("column = \"sex\"", "column = \"gender\""), "t").unwrap();
+    let template = Template::from_toml(
+        &COHORT.replace("column = \"sex\"", "column = \"gender\""),
+        "t",
+    )
+    .unwrap();
     let err = template.check(&model, &no_extra()).unwrap_err();
     assert_eq!(err.refusal_code(), crate::wire::RefusalCode::UnknownColumn);
     assert!(err.to_string().contains("'gender'"), "{err}");
@@ -175,7 +192,10 @@ fn bands_that_leave_a_gap_are_refused() {
 #[test]
 fn bands_that_do_not_cover_the_domain_are_refused() {
     let model = model();
-    let short = COHORT.replace("{ label = \"65+\", at_least = 65 }", "{ label = \"65-99\", at_least = 65, below = 100 }");
+    let short = COHORT.replace(
+        "{ label = \"65+\", at_least = 65 }",
+        "{ label = \"65-99\", at_least = 65, below = 100 }",
+    );
     let template = Template::from_toml(&short, "t").unwrap();
     let err = template.check(&model, &no_extra()).unwrap_err().to_string();
     assert!(err.contains("go up to 120"), "{err}");
@@ -184,8 +204,15 @@ fn bands_that_do_not_cover_the_domain_are_refused() {
 #[test]
 fn undeclared_and_unused_parameters_are_refused() {
     let model = model();
-    let undeclared = Template::from_toml(&COHORT.replace("param = \"min_iss\"", "param = \"max_iss\""), "t").unwrap();
-    let err = undeclared.check(&model, &no_extra()).unwrap_err().to_string();
+    let undeclared = Template::from_toml(
+        &COHORT.replace("param = \"min_iss\"", "param = \"max_iss\""),
+        "t",
+    )
+    .unwrap();
+    let err = undeclared
+        .check(&model, &no_extra())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("parameter 'max_iss' is not declared"), "{err}");
 }
 
@@ -225,9 +252,15 @@ fn out_of_range_parameter_is_refused_naming_it() {
             ("min_iss".into(), Value::Integer(99)),
         ])
         .unwrap_err();
-    assert_eq!(err.refusal_code(), crate::wire::RefusalCode::InvalidParameter);
+    assert_eq!(
+        err.refusal_code(),
+        crate::wire::RefusalCode::InvalidParameter
+    );
     let message = err.to_string();
-    assert!(message.contains("'min_iss'") && message.contains("outside its limits 0 to 75"), "{message}");
+    assert!(
+        message.contains("'min_iss'") && message.contains("outside its limits 0 to 75"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -235,17 +268,35 @@ fn missing_unknown_and_mistyped_parameters_are_refused() {
     let model = model();
     let template = cohort();
     let checked = template.check(&model, &no_extra()).unwrap();
-    let missing = checked.bind(&[("from".into(), date("2020-01-01"))]).unwrap_err().to_string();
-    assert!(missing.contains("'to'") && missing.contains("is required"), "{missing}");
-
-    let unknown = checked.bind(&[("colour".into(), Value::Integer(1))]).unwrap_err().to_string();
-    assert!(unknown.contains("'colour'") && unknown.contains("it takes: from, to, min_iss"), "{unknown}");
-
-    let mistyped = checked
-        .bind(&[("from".into(), Value::Integer(2020)), ("to".into(), date("2020-12-31"))])
+    let missing = checked
+        .bind(&[("from".into(), date("2020-01-01"))])
         .unwrap_err()
         .to_string();
-    assert!(mistyped.contains("expects a date value, got a integer"), "{mistyped}");
+    assert!(
+        missing.contains("'to'") && missing.contains("is required"),
+        "{missing}"
+    );
+
+    let unknown = checked
+        .bind(&[("colour".into(), Value::Integer(1))])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        unknown.contains("'colour'") && unknown.contains("it takes: from, to, min_iss"),
+        "{unknown}"
+    );
+
+    let mistyped = checked
+        .bind(&[
+            ("from".into(), Value::Integer(2020)),
+            ("to".into(), date("2020-12-31")),
+        ])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        mistyped.contains("expects a date value, got a integer"),
+        "{mistyped}"
+    );
 }
 
 #[test]
@@ -273,12 +324,21 @@ param = "mechanisms"
     let template = Template::from_toml(text, "t").unwrap();
     let checked = template.check(&model, &no_extra()).unwrap();
     let err = checked
-        .bind(&[("mechanisms".into(), Value::Categories(vec!["self_harm".into()]))])
+        .bind(&[(
+            "mechanisms".into(),
+            Value::Categories(vec!["self_harm".into()]),
+        )])
         .unwrap_err()
         .to_string();
-    assert!(err.contains("'self_harm' is not allowed; choose from: fall, assault"), "{err}");
+    assert!(
+        err.contains("'self_harm' is not allowed; choose from: fall, assault"),
+        "{err}"
+    );
     let bound = checked
-        .bind(&[("mechanisms".into(), Value::Categories(vec!["assault".into()]))])
+        .bind(&[(
+            "mechanisms".into(),
+            Value::Categories(vec!["assault".into()]),
+        )])
         .unwrap();
     assert_eq!(
         bound.filter,
@@ -292,7 +352,11 @@ param = "mechanisms"
 #[test]
 fn wrong_data_model_version_is_refused() {
     let model = model();
-    let template = Template::from_toml(&COHORT.replace("fedq-trauma/1", "fedq-trauma/2"), "t").unwrap();
+    let template =
+        Template::from_toml(&COHORT.replace("fedq-trauma/1", "fedq-trauma/2"), "t").unwrap();
     let err = template.check(&model, &no_extra()).unwrap_err();
-    assert_eq!(err.refusal_code(), crate::wire::RefusalCode::DataModelMismatch);
+    assert_eq!(
+        err.refusal_code(),
+        crate::wire::RefusalCode::DataModelMismatch
+    );
 }
