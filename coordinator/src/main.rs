@@ -116,13 +116,16 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
     match cli.command {
         Command::Serve { config } => {
             let config = CoordinatorConfig::load(&config)?;
+            let coordinator = fedq_coordinator::server::PreparedCoordinator::new(&config)?;
             let listener = tokio::net::TcpListener::bind(config.listen)
                 .await
                 .map_err(|err| {
                     CoordinatorError::Server(format!("cannot listen on {}: {err}", config.listen))
                 })?;
             tracing::info!(address = %config.listen, "coordinator serving");
-            fedq_coordinator::server::run(&config, listener, shutdown_signal()).await
+            coordinator
+                .serve(listener, fedq_proto::process::shutdown_signal())
+                .await
         }
         Command::Certs {
             out,
@@ -275,20 +278,4 @@ fn describe_template(detail: &wire::TemplateDetail) -> String {
         ));
     }
     text
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }

@@ -16,30 +16,46 @@ use crate::config::CoordinatorConfig;
 use crate::fanout::NodeClients;
 use crate::service::CoordinatorService;
 
-/// Loads the catalogue, prepares node channels and serves until `shutdown` completes.
-pub async fn run(
-    config: &CoordinatorConfig,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), CoordinatorError> {
-    let catalogue = Arc::new(Catalogue::load(&config.templates, DataModel::builtin())?);
-    let nodes = NodeClients::new(config)?;
-    let tls_config = tls::server_only_tls_config(&config.tls)?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
-    tracing::info!(
-        templates = catalogue.entries().len(),
-        nodes = config.nodes.len(),
-        "coordinator ready"
-    );
-    let service = CoordinatorService::new(
-        catalogue,
-        nodes,
-        config.default_deadline,
-        config.max_deadline,
-    );
-    tonic::transport::Server::builder()
-        .add_service(CoordinatorServer::new(service).max_decoding_message_size(1024 * 1024))
-        .serve_with_incoming_shutdown(tls::accept_tls(listener, acceptor), shutdown)
-        .await
-        .map_err(|err| CoordinatorError::Server(err.to_string()))
+/// A coordinator ready to serve: catalogue loaded and checked, node channels and TLS prepared.
+/// Building it surfaces every start-up problem before a port is served.
+pub struct PreparedCoordinator {
+    service: CoordinatorService,
+    acceptor: TlsAcceptor,
+}
+
+impl PreparedCoordinator {
+    pub fn new(config: &CoordinatorConfig) -> Result<PreparedCoordinator, CoordinatorError> {
+        let catalogue = Arc::new(Catalogue::load(&config.templates, DataModel::builtin())?);
+        let nodes = NodeClients::new(config)?;
+        let tls_config = tls::server_only_tls_config(&config.tls)?;
+        tracing::info!(
+            templates = catalogue.entries().len(),
+            nodes = config.nodes.len(),
+            "coordinator ready"
+        );
+        Ok(PreparedCoordinator {
+            service: CoordinatorService::new(
+                catalogue,
+                nodes,
+                config.default_deadline,
+                config.max_deadline,
+            ),
+            acceptor: TlsAcceptor::from(Arc::new(tls_config)),
+        })
+    }
+
+    /// Serves study-lead clients on an already bound `listener` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), CoordinatorError> {
+        tonic::transport::Server::builder()
+            .add_service(
+                CoordinatorServer::new(self.service).max_decoding_message_size(1024 * 1024),
+            )
+            .serve_with_incoming_shutdown(tls::accept_tls(listener, self.acceptor), shutdown)
+            .await
+            .map_err(|err| CoordinatorError::Server(err.to_string()))
+    }
 }

@@ -11,8 +11,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use fedq_coordinator::certs::{self, DevPki};
 use fedq_coordinator::config::CoordinatorConfig;
+use fedq_coordinator::server::PreparedCoordinator;
 use fedq_node::config::NodeConfig;
 use fedq_node::query::QueryEngine;
+use fedq_node::server::PreparedNode;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -77,11 +79,12 @@ pub async fn start_node(config_path: &Path) -> anyhow::Result<Running> {
         move || QueryEngine::load(&config)
     })
     .await??;
+    let node = PreparedNode::new(Arc::new(engine), &config.tls)?;
     let listener = loopback().await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        fedq_node::server::run(Arc::new(engine), &config.tls, listener, async {
+        node.serve(listener, async {
             let _ = stopped.await;
         })
         .await
@@ -97,20 +100,17 @@ pub async fn start_node(config_path: &Path) -> anyhow::Result<Running> {
 /// Loads a coordinator's configuration and serves it on a fresh loopback port.
 pub async fn start_coordinator(config_path: &Path) -> anyhow::Result<Running> {
     let config = CoordinatorConfig::load(config_path)?;
-    // Load the catalogue up front so a broken template fails here, not inside the task.
-    fedq_coordinator::catalogue::Catalogue::load(
-        &config.templates,
-        fedq_proto::model::DataModel::builtin(),
-    )?;
+    let coordinator = PreparedCoordinator::new(&config)?;
     let listener = loopback().await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        fedq_coordinator::server::run(&config, listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .map_err(|err| err.to_string())
+        coordinator
+            .serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .map_err(|err| err.to_string())
     });
     Ok(Running {
         address,

@@ -83,29 +83,15 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
     for snapshot in engine.snapshots() {
         tracing::info!(dataset = %snapshot.dataset, rows = snapshot.rows(), version = %snapshot.version, "dataset loaded");
     }
+    let node = fedq_node::server::PreparedNode::new(Arc::new(engine), &config.tls)
+        .map_err(|err| err.to_string())?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;
     tracing::info!(site = %config.site_id, address = %config.listen, floor = config.policy.min_cell_count, "node serving");
-    fedq_node::server::run(Arc::new(engine), &config.tls, listener, shutdown_signal())
+    node.serve(listener, fedq_proto::process::shutdown_signal())
         .await
         .map_err(|err| err.to_string())?;
     tracing::info!("node stopped");
     Ok(())
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = terminate => {}
-    }
 }

@@ -19,21 +19,35 @@ pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// Largest answer a node sends (10,000 cells fit easily).
 pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 
-/// Serves `engine` on an already bound `listener` until `shutdown` completes.
-pub async fn run(
+/// A node ready to serve: data loaded, TLS configuration built. Building it surfaces every
+/// start-up problem before a port is served.
+pub struct PreparedNode {
     engine: Arc<QueryEngine>,
-    tls_files: &TlsFiles,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), NodeError> {
-    let tls_config = tls::mutual_tls_server_config(tls_files)?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls_config));
-    let service = NodeServer::new(NodeService::new(engine))
-        .max_decoding_message_size(MAX_REQUEST_BYTES)
-        .max_encoding_message_size(MAX_RESPONSE_BYTES);
-    tonic::transport::Server::builder()
-        .add_service(service)
-        .serve_with_incoming_shutdown(tls::accept_tls(listener, acceptor), shutdown)
-        .await
-        .map_err(|err| NodeError::Server(err.to_string()))
+    acceptor: TlsAcceptor,
+}
+
+impl PreparedNode {
+    pub fn new(engine: Arc<QueryEngine>, tls_files: &TlsFiles) -> Result<PreparedNode, NodeError> {
+        let tls_config = tls::mutual_tls_server_config(tls_files)?;
+        Ok(PreparedNode {
+            engine,
+            acceptor: TlsAcceptor::from(Arc::new(tls_config)),
+        })
+    }
+
+    /// Serves on an already bound `listener` until `shutdown` completes.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), NodeError> {
+        let service = NodeServer::new(NodeService::new(self.engine))
+            .max_decoding_message_size(MAX_REQUEST_BYTES)
+            .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(tls::accept_tls(listener, self.acceptor), shutdown)
+            .await
+            .map_err(|err| NodeError::Server(err.to_string()))
+    }
 }

@@ -8,6 +8,7 @@
 //! - [`document`]: the signed-document envelope templates travel in.
 //! - [`tls`]: certificate loading, mutual-TLS configuration and certificate identities.
 //! - [`config`]: layered configuration (TOML file, then environment overrides).
+//! - [`process`]: graceful-shutdown signals shared by the service binaries.
 //!
 //! Neither side trusts the other's parsing: the node re-parses and re-validates the canonical
 //! template bytes it receives against its own copy of the data model.
@@ -17,6 +18,7 @@ pub mod convert;
 pub mod document;
 mod error;
 pub mod model;
+pub mod process;
 pub mod template;
 pub mod tls;
 
