@@ -65,10 +65,10 @@ impl Drop for Running {
     }
 }
 
-async fn loopback() -> anyhow::Result<TcpListener> {
-    TcpListener::bind("127.0.0.1:0")
+async fn loopback(port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(("127.0.0.1", port))
         .await
-        .context("binding 127.0.0.1:0")
+        .with_context(|| format!("binding 127.0.0.1:{port}"))
 }
 
 /// Loads a node's configuration and data and serves it on a fresh loopback port.
@@ -80,7 +80,7 @@ pub async fn start_node(config_path: &Path) -> anyhow::Result<Running> {
     })
     .await??;
     let node = PreparedNode::new(Arc::new(engine), &config.tls)?;
-    let listener = loopback().await?;
+    let listener = loopback(0).await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -97,11 +97,11 @@ pub async fn start_node(config_path: &Path) -> anyhow::Result<Running> {
     })
 }
 
-/// Loads a coordinator's configuration and serves it on a fresh loopback port.
-pub async fn start_coordinator(config_path: &Path) -> anyhow::Result<Running> {
+/// Loads a coordinator's configuration and serves it on loopback `port` (0: any free port).
+pub async fn start_coordinator(config_path: &Path, port: u16) -> anyhow::Result<Running> {
     let config = CoordinatorConfig::load(config_path)?;
     let coordinator = PreparedCoordinator::new(&config)?;
-    let listener = loopback().await?;
+    let listener = loopback(port).await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
@@ -245,12 +245,14 @@ pub struct LocalAlliance {
 }
 
 impl LocalAlliance {
-    /// Creates everything under `root` (which must be empty or absent) and starts it.
+    /// Creates everything under `root` (which must be empty or absent) and starts it; the
+    /// coordinator listens on loopback `coordinator_port` (0: any free port).
     pub async fn start(
         root: &Path,
         sites: &[SiteProfile],
         templates: &Path,
         min_cell_count: u32,
+        coordinator_port: u16,
     ) -> anyhow::Result<LocalAlliance> {
         let certs_dir = root.join("certs");
         let data_dir = root.join("data");
@@ -309,7 +311,7 @@ impl LocalAlliance {
             &listings,
             30_000,
         )?;
-        let coordinator = start_coordinator(&coordinator_config)
+        let coordinator = start_coordinator(&coordinator_config, coordinator_port)
             .await
             .context("starting the coordinator")?;
         Ok(LocalAlliance {

@@ -56,7 +56,7 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
             site.file_name()
         )?;
     }
-    let alliance = LocalAlliance::start(out, &sites, &bundled_templates(), 10).await?;
+    let alliance = LocalAlliance::start(out, &sites, &bundled_templates(), 10, 0).await?;
     writeln!(
         output,
         "  nodes and coordinator are serving over mutual TLS; coordinator at {}\n",
@@ -117,5 +117,48 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
         "fedq demo: done; the alliance has stopped. Certificates, data and configs remain in {}",
         out.display()
     )?;
+    Ok(())
+}
+
+/// Starts the demo alliance under `out` (recreated) and keeps it serving until Ctrl-C or
+/// SIGTERM, so the `fedq` command line can be tried against it.
+pub async fn up(
+    out: &Path,
+    scale: f64,
+    coordinator_port: u16,
+    output: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    if out.exists() {
+        std::fs::remove_dir_all(out)?;
+    }
+    let sites = SiteProfile::demo_sites(scale);
+    let alliance =
+        LocalAlliance::start(out, &sites, &bundled_templates(), 10, coordinator_port).await?;
+    writeln!(
+        output,
+        "fedq local alliance is up: {} sites, coordinator at {}",
+        sites.len(),
+        alliance.coordinator_url()
+    )?;
+    writeln!(output, "try, in another terminal:")?;
+    writeln!(
+        output,
+        "  export FEDQ_COORDINATOR={} FEDQ_CA_CERT={}",
+        alliance.coordinator_url(),
+        alliance.pki.ca_cert.display()
+    )?;
+    writeln!(
+        output,
+        "  cargo run --release -p fedq-coordinator --bin fedq -- templates list"
+    )?;
+    writeln!(
+        output,
+        "  cargo run --release -p fedq-coordinator --bin fedq -- query deaths-by-mechanism -p min_iss=25 -p mechanisms=fall,assault"
+    )?;
+    writeln!(output, "stop with Ctrl-C")?;
+    output.flush()?;
+    fedq_proto::process::shutdown_signal().await;
+    alliance.stop().await?;
+    writeln!(output, "fedq local alliance stopped")?;
     Ok(())
 }

@@ -29,6 +29,16 @@ enum Command {
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
     },
+    /// Start the demo alliance and keep it running (until Ctrl-C) for the `fedq` command line.
+    Up {
+        #[arg(long, default_value = "demo-output")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Loopback port of the coordinator.
+        #[arg(long, default_value_t = 7700)]
+        port: u16,
+    },
     /// Time a three-strata count at one node end to end against the bare polars plan.
     Bench {
         #[arg(long, default_value = "bench-output")]
@@ -61,6 +71,9 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Demo { out, scale } => fedq_deploy::demo::run(&out, scale, &mut stdout).await,
+            Command::Up { out, scale, port } => {
+                fedq_deploy::demo::up(&out, scale, port, &mut stdout).await
+            }
             Command::Bench {
                 out,
                 rows,

@@ -54,7 +54,7 @@ impl TestAlliance {
         let dir = tempfile::tempdir()?;
         let templates = catalogue(dir.path())?;
         let alliance =
-            LocalAlliance::start(&dir.path().join("alliance"), &sites, &templates, 10).await?;
+            LocalAlliance::start(&dir.path().join("alliance"), &sites, &templates, 10, 0).await?;
         Ok(TestAlliance {
             dir,
             alliance,

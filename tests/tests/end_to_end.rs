@@ -328,7 +328,7 @@ async fn coordinator_with(
         listings,
         deadline_ms,
     )?;
-    alliance::start_coordinator(&config).await
+    alliance::start_coordinator(&config, 0).await
 }
 
 fn rand_suffix() -> u128 {
