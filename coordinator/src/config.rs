@@ -206,4 +206,20 @@ key = "c.key"
         assert_eq!(config.default_deadline, Duration::from_secs(10));
         assert_eq!(config.nodes[0].identity, "a.test");
     }
+
+    #[test]
+    fn shipped_example_config_parses_and_only_its_files_are_missing_here() {
+        let text = include_str!("../../deploy/config/coordinator.example.toml");
+        let raw: RawCoordinatorConfig =
+            fedq_proto::config::parse_layered(text, "coordinator.example.toml", &[]).unwrap();
+        let CoordinatorError::Config(problems) =
+            raw.validate(Path::new("/nonexistent")).unwrap_err()
+        else {
+            panic!("expected configuration problems");
+        };
+        assert!(!problems.is_empty());
+        for problem in problems {
+            assert!(problem.contains("does not exist"), "{problem}");
+        }
+    }
 }

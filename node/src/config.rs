@@ -455,4 +455,21 @@ identifiers = ["NAME"]
         let err = validate(&text).unwrap_err().to_string();
         assert!(err.contains("min_cel_count"), "{err}");
     }
+
+    #[test]
+    fn shipped_example_config_parses_and_only_its_files_are_missing_here() {
+        let text = include_str!("../../deploy/config/node.example.toml");
+        let raw: RawNodeConfig =
+            fedq_proto::config::parse_layered(text, "node.example.toml", &[]).unwrap();
+        let NodeError::Config(problems) = raw
+            .validate(Path::new("/nonexistent"), DataModel::builtin())
+            .unwrap_err()
+        else {
+            panic!("expected configuration problems");
+        };
+        assert!(!problems.is_empty());
+        for problem in problems {
+            assert!(problem.contains("does not exist"), "{problem}");
+        }
+    }
 }
