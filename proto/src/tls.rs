@@ -190,6 +190,10 @@ pub fn accept_tls(
                     continue;
                 }
             };
+            // Small request/response exchanges must not wait for Nagle's algorithm.
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(%peer, error = %err, "cannot disable Nagle's algorithm");
+            }
             let acceptor = acceptor.clone();
             let sender = sender.clone();
             tokio::spawn(async move {
