@@ -18,18 +18,10 @@ pub const ENV_PREFIX: &str = "FEDQ_COORDINATOR";
 pub struct RawCoordinatorConfig {
     listen: String,
     templates: PathBuf,
-    tls: RawTls,
+    tls: TlsFiles,
     #[serde(default)]
     query: RawQuery,
     nodes: Vec<RawNode>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    ca_cert: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -90,34 +82,15 @@ impl RawCoordinatorConfig {
                 self.listen
             ));
         }
-        let resolve = |path: &Path| {
-            if path.is_absolute() {
-                path.to_path_buf()
-            } else {
-                base.join(path)
-            }
-        };
-        let templates = resolve(&self.templates);
+        let templates = fedq_proto::config::resolve_path(base, &self.templates);
         if !templates.is_dir() {
             problems.push(format!(
                 "templates: folder {} does not exist",
                 templates.display()
             ));
         }
-        let tls = TlsFiles {
-            ca_cert: resolve(&self.tls.ca_cert),
-            cert: resolve(&self.tls.cert),
-            key: resolve(&self.tls.key),
-        };
-        for (key, path) in [
-            ("tls.ca_cert", &tls.ca_cert),
-            ("tls.cert", &tls.cert),
-            ("tls.key", &tls.key),
-        ] {
-            if !path.is_file() {
-                problems.push(format!("{key}: file {} does not exist", path.display()));
-            }
-        }
+        let tls = self.tls.resolved(base);
+        problems.extend(tls.missing_files());
         let default_deadline = self.query.default_deadline_ms.unwrap_or(10_000);
         let max_deadline = self.query.max_deadline_ms.unwrap_or(60_000);
         if default_deadline == 0 || default_deadline > max_deadline {

@@ -88,28 +88,7 @@ enum TemplatesCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    fedq_proto::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("fedq: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("fedq: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    fedq_proto::process::run_main("fedq", "info", false, run(cli))
 }
 
 async fn run(cli: Cli) -> Result<(), CoordinatorError> {

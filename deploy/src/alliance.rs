@@ -65,6 +65,26 @@ impl Drop for Running {
     }
 }
 
+/// The shutdown future handed to a server: completes when its [`Running`] is stopped.
+type Stopped = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Runs a server task that stops when the returned [`Running`] is stopped or dropped.
+fn spawn_server<F>(address: SocketAddr, serve: impl FnOnce(Stopped) -> F) -> Running
+where
+    F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+{
+    let (stop, stopped) = oneshot::channel::<()>();
+    // Sent or dropped: either way the server stops.
+    let task = tokio::spawn(serve(Box::pin(async move {
+        let _ = stopped.await;
+    })));
+    Running {
+        address,
+        stop: Some(stop),
+        task,
+    }
+}
+
 async fn loopback(port: u16) -> anyhow::Result<TcpListener> {
     TcpListener::bind(("127.0.0.1", port))
         .await
@@ -82,19 +102,11 @@ pub async fn start_node(config_path: &Path) -> anyhow::Result<Running> {
     let node = PreparedNode::new(Arc::new(engine), &config.tls)?;
     let listener = loopback(0).await?;
     let address = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        node.serve(listener, async {
-            let _ = stopped.await;
-        })
-        .await
-        .map_err(|err| err.to_string())
-    });
-    Ok(Running {
-        address,
-        stop: Some(stop),
-        task,
-    })
+    Ok(spawn_server(address, move |stopped| async move {
+        node.serve(listener, stopped)
+            .await
+            .map_err(|err| err.to_string())
+    }))
 }
 
 /// Loads a coordinator's configuration and serves it on loopback `port` (0: any free port).
@@ -103,20 +115,12 @@ pub async fn start_coordinator(config_path: &Path, port: u16) -> anyhow::Result<
     let coordinator = PreparedCoordinator::new(&config)?;
     let listener = loopback(port).await?;
     let address = listener.local_addr()?;
-    let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
+    Ok(spawn_server(address, move |stopped| async move {
         coordinator
-            .serve(listener, async {
-                let _ = stopped.await;
-            })
+            .serve(listener, stopped)
             .await
             .map_err(|err| err.to_string())
-    });
-    Ok(Running {
-        address,
-        stop: Some(stop),
-        task,
-    })
+    }))
 }
 
 /// Options for one node's configuration file.

@@ -52,23 +52,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    fedq_proto::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("fedq-alliance: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
     let mut stdout = std::io::stdout();
-    let outcome = runtime.block_on(async {
+    fedq_proto::process::run_main("fedq-alliance", "warn", false, async move {
         match cli.command {
             Command::Demo { out, scale } => fedq_deploy::demo::run(&out, scale, &mut stdout).await,
             Command::Up { out, scale, port } => {
@@ -80,12 +65,6 @@ fn main() -> ExitCode {
                 iterations,
             } => fedq_deploy::bench::run(&out, rows, iterations, &mut stdout).await,
         }
-    });
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("fedq-alliance: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+        .map_err(|err| format!("{err:#}"))
+    })
 }

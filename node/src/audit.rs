@@ -32,34 +32,33 @@ pub enum AuditOutcome {
 /// Records one request.
 pub fn record(record: &AuditRecord<'_>) {
     let (template_id, template_version, template_hash) = record.template.unwrap_or(("", 0, ""));
-    match record.outcome {
+    let (outcome, refusal, cells_released, cells_withheld, total_withheld) = match record.outcome {
         AuditOutcome::Released {
             cells_released,
             cells_withheld,
             total_withheld,
-        } => tracing::info!(
-            target: "fedq_node::audit",
-            request_id = record.request_id,
-            caller = record.caller,
-            requester = record.requester,
-            template_id,
-            template_version,
-            template_hash,
+        } => (
+            "released",
+            "",
             cells_released,
             cells_withheld,
             total_withheld,
-            "query answered"
         ),
-        AuditOutcome::Refused(code) => tracing::info!(
-            target: "fedq_node::audit",
-            request_id = record.request_id,
-            caller = record.caller,
-            requester = record.requester,
-            template_id,
-            template_version,
-            template_hash,
-            refusal = code.as_str_name(),
-            "query refused"
-        ),
-    }
+        AuditOutcome::Refused(code) => ("refused", code.as_str_name(), 0, 0, false),
+    };
+    tracing::info!(
+        target: "fedq_node::audit",
+        request_id = record.request_id,
+        caller = record.caller,
+        requester = record.requester,
+        template_id,
+        template_version,
+        template_hash,
+        outcome,
+        refusal,
+        cells_released,
+        cells_withheld,
+        total_withheld,
+        "query {outcome}"
+    );
 }

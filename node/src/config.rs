@@ -28,18 +28,10 @@ pub const LOWEST_MIN_CELL_COUNT: u32 = 3;
 pub struct RawNodeConfig {
     site_id: String,
     listen: String,
-    tls: RawTls,
+    tls: TlsFiles,
     policy: RawPolicy,
     #[serde(default)]
     datasets: Vec<RawDataset>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    ca_cert: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,20 +159,8 @@ impl RawNodeConfig {
                 self.listen
             ))
         });
-        let tls = TlsFiles {
-            ca_cert: resolve(base, &self.tls.ca_cert),
-            cert: resolve(base, &self.tls.cert),
-            key: resolve(base, &self.tls.key),
-        };
-        for (key, path) in [
-            ("tls.ca_cert", &tls.ca_cert),
-            ("tls.cert", &tls.cert),
-            ("tls.key", &tls.key),
-        ] {
-            if !path.is_file() {
-                problems.push(format!("{key}: file {} does not exist", path.display()));
-            }
-        }
+        let tls = self.tls.resolved(base);
+        problems.extend(tls.missing_files());
         let min_cell_count = self.policy.min_cell_count.unwrap_or(DEFAULT_MIN_CELL_COUNT);
         if min_cell_count < LOWEST_MIN_CELL_COUNT {
             problems.push(format!(
@@ -241,7 +221,7 @@ impl RawDataset {
                     .join(", ")
             )]);
         };
-        let path = resolve(base, &self.path);
+        let path = fedq_proto::config::resolve_path(base, &self.path);
         if !path.is_file() {
             problems.push(format!("{at}: data file {} does not exist", path.display()));
         }
@@ -335,14 +315,6 @@ impl RawDataset {
             on_domain_violation: self.on_domain_violation,
             columns,
         })
-    }
-}
-
-fn resolve(base: &Path, path: &Path) -> PathBuf {
-    if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        base.join(path)
     }
 }
 

@@ -47,31 +47,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => subscriber.init(),
-        LogFormat::Json => subscriber.json().init(),
-    }
-    fedq_proto::tls::install_crypto_provider();
     let Command::Serve { config } = cli.command;
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("fedq-node: cannot start the async runtime: {err}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("fedq-node: {message}");
-            ExitCode::FAILURE
-        }
-    }
+    let json_logs = matches!(cli.log_format, LogFormat::Json);
+    fedq_proto::process::run_main("fedq-node", "info", json_logs, serve(config))
 }
 
 async fn serve(config_path: PathBuf) -> Result<(), String> {

@@ -20,6 +20,15 @@ pub fn load_layered<T: DeserializeOwned>(path: &Path, env_prefix: &str) -> Resul
     parse_layered(&text, &path.display().to_string(), &overrides)
 }
 
+/// `path` as given when absolute, else relative to `base` (the configuration file's folder).
+pub fn resolve_path(base: &Path, path: &Path) -> std::path::PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    }
+}
+
 /// The pure part of [`load_layered`]: parse `text`, apply `overrides` (dotted key, raw value).
 pub fn parse_layered<T: DeserializeOwned>(
     text: &str,

@@ -1,4 +1,5 @@
-//! Process plumbing both services share: when to stop.
+//! Process plumbing the binaries share: how a `main` starts (logs, TLS provider, runtime, one-line
+//! errors) and when a service stops.
 
 /// Completes on Ctrl-C or SIGTERM, so a service can stop gracefully.
 pub async fn shutdown_signal() {
@@ -13,5 +14,37 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
+    }
+}
+
+/// Runs a binary's async `main`: structured logs to stderr (`RUST_LOG`, else `default_filter`;
+/// JSON lines when `json_logs`), the ring TLS provider, a tokio runtime. A failure is printed
+/// as one line, `program: error`, and the process exits with status 1.
+pub fn run_main<E: std::fmt::Display>(
+    program: &str,
+    default_filter: &str,
+    json_logs: bool,
+    main: impl std::future::Future<Output = Result<(), E>>,
+) -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json_logs {
+        subscriber.json().init();
+    } else {
+        subscriber.init();
+    }
+    crate::tls::install_crypto_provider();
+    let outcome = tokio::runtime::Runtime::new()
+        .map_err(|err| format!("cannot start the async runtime: {err}"))
+        .and_then(|runtime| runtime.block_on(main).map_err(|err| err.to_string()));
+    match outcome {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("{program}: {message}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

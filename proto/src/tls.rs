@@ -31,12 +31,38 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// PEM files a TLS endpoint needs: the alliance CA, its own certificate chain and key.
-#[derive(Debug, Clone)]
+/// PEM files a TLS endpoint needs: the alliance CA, its own certificate chain and key. The
+/// `[tls]` section of node and coordinator configurations.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub ca_cert: std::path::PathBuf,
     pub cert: std::path::PathBuf,
     pub key: std::path::PathBuf,
+}
+
+impl TlsFiles {
+    /// The same files with relative paths resolved against `base`.
+    pub fn resolved(&self, base: &Path) -> TlsFiles {
+        TlsFiles {
+            ca_cert: crate::config::resolve_path(base, &self.ca_cert),
+            cert: crate::config::resolve_path(base, &self.cert),
+            key: crate::config::resolve_path(base, &self.key),
+        }
+    }
+
+    /// One configuration problem per file that does not exist.
+    pub fn missing_files(&self) -> Vec<String> {
+        [
+            ("tls.ca_cert", &self.ca_cert),
+            ("tls.cert", &self.cert),
+            ("tls.key", &self.key),
+        ]
+        .into_iter()
+        .filter(|(_, path)| !path.is_file())
+        .map(|(key, path)| format!("{key}: file {} does not exist", path.display()))
+        .collect()
+    }
 }
 
 /// Reads the certificates in a PEM file.
