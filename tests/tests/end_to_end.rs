@@ -476,3 +476,47 @@ async fn malformed_template_file_stops_the_coordinator_with_file_and_line() -> a
     );
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_is_refused_and_the_node_keeps_serving() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut node = test.node_as_coordinator(0).await?;
+    let mut request = node_request(test.dir.path(), "low-minimum", vec![])?;
+    request.requester = "x".repeat(2 * 1024 * 1024);
+    let status = node
+        .run_query(request)
+        .await
+        .expect_err("a 2 MiB request must be refused");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("message length too large"),
+        "{}",
+        status.message()
+    );
+    let request = node_request(test.dir.path(), "low-minimum", vec![])?;
+    let answer = node.run_query(request).await?.into_inner();
+    assert_eq!(answer.site_id, "site-a");
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_a_key_that_does_not_match_its_certificate_refuses_to_start() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    let config = std::fs::read_to_string(&test.alliance.node_configs[0])?;
+    let site_a_key = &test.alliance.pki.identities[1].key;
+    let site_b_key = &test.alliance.pki.identities[2].key;
+    let broken = config.replace(
+        &site_a_key.display().to_string(),
+        &site_b_key.display().to_string(),
+    );
+    assert_ne!(broken, config);
+    let path = test.dir.path().join("broken-node.toml");
+    std::fs::write(&path, broken)?;
+    let err = alliance::start_node(&path)
+        .await
+        .expect_err("refused to start")
+        .to_string();
+    assert!(err.contains("do not form a usable pair"), "{err}");
+    test.alliance.stop().await
+}
