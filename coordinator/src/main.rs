@@ -251,8 +251,13 @@ fn describe_template(detail: &wire::TemplateDetail) -> String {
         },
     );
     for parameter in &detail.parameters {
+        let default = if parameter.default_value.is_empty() {
+            "required".to_string()
+        } else {
+            format!("default {}", parameter.default_value)
+        };
         text.push_str(&format!(
-            "  {:<12} {} — {}\n",
+            "  {:<12} {} ({default}) — {}\n",
             parameter.name, parameter.limits, parameter.description
         ));
     }

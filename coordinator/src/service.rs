@@ -77,6 +77,11 @@ fn detail(entry: &CatalogueEntry, catalogue: &Catalogue) -> wire::TemplateDetail
                 .map(|dataset| describe_limits(parameter, dataset))
                 .unwrap_or_default(),
             description: parameter.description.clone(),
+            default_value: parameter
+                .default
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         })
         .collect();
     wire::TemplateDetail {
