@@ -258,6 +258,10 @@ impl LocalAlliance {
         min_cell_count: u32,
         coordinator_port: u16,
     ) -> anyhow::Result<LocalAlliance> {
+        // Configuration files resolve relative paths against their own folder, so everything
+        // written into them is absolute.
+        std::fs::create_dir_all(root)?;
+        let root = &root.canonicalize()?;
         let certs_dir = root.join("certs");
         let data_dir = root.join("data");
         let config_dir = root.join("config");

@@ -67,6 +67,8 @@ pub async fn run(
         std::fs::remove_dir_all(out)?;
     }
     std::fs::create_dir_all(out)?;
+    // Configuration files resolve relative paths against their own folder.
+    let out = &out.canonicalize()?;
     let site = SiteProfile {
         site_id: "bench".into(),
         admissions: rows,
