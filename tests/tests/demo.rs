@@ -4,9 +4,13 @@
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_prints_pooled_tables_with_suppression_marks_and_a_refusal() -> anyhow::Result<()> {
     fedq_proto::tls::install_crypto_provider();
-    let dir = tempfile::tempdir()?;
+    // A relative output folder, as `--out demo-output` gives: configuration files must still
+    // find their certificates and data.
+    let dir = tempfile::tempdir_in(".")?;
+    let relative = dir.path().strip_prefix(std::env::current_dir()?)?;
+    assert!(relative.is_relative());
     let mut output = Vec::new();
-    fedq_deploy::demo::run(&dir.path().join("demo"), 0.02, &mut output).await?;
+    fedq_deploy::demo::run(&relative.join("demo"), 0.02, &mut output).await?;
     let text = String::from_utf8(output)?;
     for expected in [
         "Trauma admissions by age band and sex",
