@@ -46,8 +46,18 @@ pub struct PooledTable {
     pub total: PooledCell,
 }
 
+/// No site holds more records than this; a larger count is a faulty or hostile answer (and
+/// sums of plausible counts cannot overflow).
+const MAX_PLAUSIBLE_COUNT: u64 = 1 << 40;
+
 fn released(cell: &wire::Cell) -> Result<Option<u64>, String> {
     match &cell.outcome {
+        Some(wire::cell::Outcome::Released(released)) if released.count > MAX_PLAUSIBLE_COUNT => {
+            Err(format!(
+                "the site sent an implausible count ({})",
+                released.count
+            ))
+        }
         Some(wire::cell::Outcome::Released(released)) => Ok(Some(released.count)),
         Some(wire::cell::Outcome::Withheld(_)) => Ok(None),
         None => Err("a cell has neither a released value nor a withheld mark".into()),

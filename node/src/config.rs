@@ -167,6 +167,13 @@ impl RawNodeConfig {
                 "policy.min_cell_count is {min_cell_count}; it must be at least {LOWEST_MIN_CELL_COUNT}"
             ));
         }
+        for identity in &self.policy.accepted_coordinators {
+            if identity == "localhost" || identity.parse::<std::net::IpAddr>().is_ok() {
+                problems.push(format!(
+                    "policy.accepted_coordinators: '{identity}' is not an alliance identity; list the coordinator certificate's DNS name (development certificates all carry localhost and 127.0.0.1)"
+                ));
+            }
+        }
         if self.policy.accepted_coordinators.is_empty() {
             problems.push(
                 "policy.accepted_coordinators is empty: list the certificate names of the coordinators allowed to query this node".into(),
@@ -419,6 +426,21 @@ identifiers = ["NAME"]
         .unwrap_err()
         .to_string();
         assert!(err.contains("code 'F' maps to 'woman'"), "{err}");
+    }
+
+    #[test]
+    fn loopback_names_are_not_accepted_coordinator_identities() {
+        let text = config_text("", "age = { source = \"AGE\" }")
+            .replace("[\"coordinator.test\"]", "[\"localhost\", \"127.0.0.1\"]");
+        let err = validate(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("'localhost' is not an alliance identity"),
+            "{err}"
+        );
+        assert!(
+            err.contains("'127.0.0.1' is not an alliance identity"),
+            "{err}"
+        );
     }
 
     #[test]

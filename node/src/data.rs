@@ -84,9 +84,11 @@ pub fn load(
     for (model_name, mapping) in &config.columns {
         let column_at = format!("{at}: column '{model_name}' (local '{}')", mapping.source);
         if !present.contains(&mapping.source) {
+            // The file's header is not quoted: in a file exported without one, the "header"
+            // would be the first patient's record.
             problems.push(format!(
-                "{column_at}: not in the file; the file has: {}",
-                present.iter().cloned().collect::<Vec<_>>().join(", ")
+                "{column_at}: not in the file, which has {} columns; check the name and that the file starts with a header row",
+                present.len()
             ));
             continue;
         }
@@ -404,7 +406,8 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(
-            err.contains("column 'sex' (local 'SEX'): not in the file; the file has: AGE, NAME"),
+            err.contains("column 'sex' (local 'SEX'): not in the file, which has 2 columns")
+                && !err.contains("AGE, NAME"),
             "{err}"
         );
     }

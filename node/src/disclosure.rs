@@ -5,6 +5,9 @@
 //! 2. complementary suppression: whenever any cell is withheld, the total is withheld too, so
 //!    no withheld cell can be recovered by subtracting the released cells from the total.
 //!
+//! Which mechanisms an answer reports depends only on whether anything was withheld, so the
+//! report itself says nothing about the withheld values.
+//!
 //! k is the larger of the node's floor and the template's own minimum; nothing the
 //! coordinator sends can lower it. A withheld value is represented by [`Outcome::Withheld`],
 //! which carries no number.
@@ -67,11 +70,12 @@ pub fn apply(table: &RawTable, k: u32) -> DisclosedTable {
             }
         })
         .collect();
+    // The total is withheld whenever any cell is (its value would give the withheld cells'
+    // sum away) or when it is small itself. The mechanisms reported depend only on whether
+    // anything was withheld, never on the withheld values.
     let total_count = table.total();
-    let total = if is_small(total_count, k) {
+    let total = if cells.contains(&Outcome::Withheld) || is_small(total_count, k) {
         mechanisms.insert(Mechanism::SmallCellSuppression);
-        Outcome::Withheld
-    } else if cells.contains(&Outcome::Withheld) {
         mechanisms.insert(Mechanism::ComplementarySuppression);
         Outcome::Withheld
     } else {
@@ -121,6 +125,15 @@ mod tests {
                 .mechanisms
                 .contains(&Mechanism::ComplementarySuppression)
         );
+    }
+
+    #[test]
+    fn mechanisms_do_not_reveal_whether_withheld_cells_sum_to_k() {
+        let below = apply(&table(&[3, 4, 0, 50]), 10);
+        let above = apply(&table(&[6, 7, 0, 50]), 10);
+        assert_eq!(below.cells, above.cells);
+        assert_eq!(below.total, above.total);
+        assert_eq!(below.mechanisms, above.mechanisms);
     }
 
     #[test]

@@ -24,6 +24,12 @@ use crate::{Error, TemplateProblem};
 
 /// The most cells one answer may have (product of the strata's level counts).
 pub const MAX_GRID_CELLS: usize = 10_000;
+/// The most filter entries (conditions plus `all`/`any` groups) one template may have.
+pub const MAX_FILTER_NODES: usize = 64;
+/// The most parameters one template may declare.
+pub const MAX_PARAMETERS: usize = 32;
+/// The most bands one stratum may have.
+pub const MAX_BANDS: usize = 64;
 
 /// The `kind` of the signed document a template travels in.
 pub const DOCUMENT_KIND: &str = "fedq.template/1";
@@ -606,9 +612,27 @@ impl Template {
             dataset,
             forbidden: forbidden_columns,
         };
+        if self.parameters.len() > MAX_PARAMETERS {
+            return Err(self.problem(
+                Malformed,
+                format!(
+                    "{} parameters declared; at most {MAX_PARAMETERS} are allowed",
+                    self.parameters.len()
+                ),
+            ));
+        }
         checker.check_parameters()?;
         let mut used = BTreeSet::new();
         if let Some(filter) = &self.filter {
+            let size = filter_size(filter);
+            if size > MAX_FILTER_NODES {
+                return Err(self.problem(
+                    Malformed,
+                    format!(
+                        "the filter has {size} entries; at most {MAX_FILTER_NODES} are allowed"
+                    ),
+                ));
+            }
             checker.check_filter(filter, "filter", &mut used)?;
         }
         for parameter in &self.parameters {
@@ -652,6 +676,16 @@ impl Template {
             dataset,
             axes,
         })
+    }
+}
+
+/// Conditions plus `all`/`any` groups in a filter tree, counting each operand of a condition.
+fn filter_size(filter: &Filter) -> usize {
+    match filter {
+        Filter::All(children) | Filter::Any(children) => {
+            1 + children.iter().map(filter_size).sum::<usize>()
+        }
+        Filter::Condition(condition) => condition.operands.len().max(1),
     }
 }
 
@@ -865,6 +899,29 @@ impl<'a> Checker<'a> {
                         malformed(format!("{at}: value '{literal}': {message}"))
                     })?;
                 }
+            }
+        }
+        for (index, operand) in condition.operands.iter().enumerate() {
+            if condition.operands[..index].contains(operand) {
+                return Err(malformed(format!(
+                    "{at}: operand {} is listed twice",
+                    match operand {
+                        Operand::Param(name) => format!("parameter '{name}'"),
+                        Operand::Value(literal) => format!("'{literal}'"),
+                    }
+                )));
+            }
+        }
+        if let [Operand::Value(low), Operand::Value(high)] = condition.operands.as_slice()
+            && condition.op == Operator::Between
+        {
+            let (low, high) = (resolve_literal(column, low), resolve_literal(column, high));
+            if let (Ok(low), Ok(high)) = (low, high)
+                && scalar_gt(&low, &high)
+            {
+                return Err(malformed(format!(
+                    "{at}: 'between' bounds are in the wrong order"
+                )));
             }
         }
         Ok(())
@@ -1193,6 +1250,22 @@ fn bind_filter(
                 .first()
                 .cloned()
                 .ok_or_else(|| internal("between lost its lower bound".into()))?;
+            if scalar_gt(&low, &high) {
+                let name = |operand: Option<&Operand>| match operand {
+                    Some(Operand::Param(name)) => format!("'{name}'"),
+                    _ => "the template's bound".to_string(),
+                };
+                return Err(Error::Parameter {
+                    parameter: condition.column.clone(),
+                    message: format!(
+                        "the range is empty: {} ({}) is after {} ({})",
+                        name(condition.operands.first()),
+                        scalar_text(&low),
+                        name(condition.operands.get(1)),
+                        scalar_text(&high)
+                    ),
+                });
+            }
             BoundFilter::Between {
                 column: column_name,
                 low,
@@ -1252,7 +1325,7 @@ fn resolve_literal(column: &ColumnSpec, literal: &Literal) -> Result<Scalar, Str
     let value = match (&column.domain, literal) {
         (Domain::Integer { .. }, Literal::Integer(v)) => Value::Integer(*v),
         (Domain::Float { .. }, Literal::Integer(v)) => Value::Float(*v as f64),
-        (Domain::Float { .. }, Literal::Float(v)) => Value::Float(*v),
+        (Domain::Float { .. }, Literal::Float(v)) if v.is_finite() => Value::Float(*v),
         (Domain::Date { .. }, Literal::Text(text)) => {
             Value::Date(parse_date(text).map_err(|_| "dates are written YYYY-MM-DD".to_string())?)
         }
@@ -1341,6 +1414,15 @@ fn literal_value(parameter_type: ParameterType, literal: &Literal) -> Option<Val
     }
 }
 
+fn scalar_text(scalar: &Scalar) -> String {
+    match scalar {
+        Scalar::Integer(value) => value.to_string(),
+        Scalar::Float(value) => value.to_string(),
+        Scalar::Date(date) => date.to_string(),
+        Scalar::Category(position) => format!("category {position}"),
+    }
+}
+
 fn scalar_gt(left: &Scalar, right: &Scalar) -> bool {
     match (left, right) {
         (Scalar::Integer(l), Scalar::Integer(r)) => l > r,
@@ -1354,8 +1436,8 @@ fn scalar_gt(left: &Scalar, right: &Scalar) -> bool {
 /// Bands must be labelled, ascending, contiguous, and cover the column's whole domain, so
 /// every non-null value falls in exactly one band.
 fn check_bands(bands: &[Band], min: f64, max: f64, integer: bool) -> Result<(), String> {
-    if bands.len() < 2 {
-        return Err("give at least two bands".into());
+    if bands.len() < 2 || bands.len() > MAX_BANDS {
+        return Err(format!("give from 2 to {MAX_BANDS} bands"));
     }
     for (index, band) in bands.iter().enumerate() {
         if band.label.trim().is_empty() || band.label == MISSING_LEVEL {

@@ -23,6 +23,9 @@ use crate::Error;
 
 /// How long a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in progress at once; further connections are closed until one finishes, so
+/// clients without certificates cannot exhaust the server's file descriptors.
+const MAX_PENDING_HANDSHAKES: usize = 128;
 
 /// Installs ring as the process-wide rustls crypto provider. Call once at start-up (tests may
 /// call it repeatedly; later calls do nothing).
@@ -158,6 +161,13 @@ fn finish_server_config(
     files: &TlsFiles,
 ) -> Result<rustls::ServerConfig, Error> {
     let certs = load_certs(&files.cert)?;
+    let identities = certificate_identities(&certs[0])?;
+    if identities.is_empty() {
+        return Err(Error::Tls(format!(
+            "certificate {} names no DNS identity (subjectAltName); peers could not verify it. Re-issue it with the identity as a DNS subjectAltName (see deploy/CERTIFICATES.md)",
+            files.cert.display()
+        )));
+    }
     let key = load_key(&files.key)?;
     let mut config = builder.with_single_cert(certs, key).map_err(|err| {
         Error::Tls(format!(
@@ -202,6 +212,7 @@ pub fn accept_tls(
     acceptor: TlsAcceptor,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
@@ -220,9 +231,14 @@ pub fn accept_tls(
             if let Err(err) = tcp.set_nodelay(true) {
                 tracing::debug!(%peer, error = %err, "cannot disable Nagle's algorithm");
             }
+            let Ok(permit) = Arc::clone(&pending).try_acquire_owned() else {
+                tracing::warn!(%peer, "too many tls handshakes in progress; connection dropped");
+                continue;
+            };
             let acceptor = acceptor.clone();
             let sender = sender.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = sender.send(Ok(stream)).await;

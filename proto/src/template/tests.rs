@@ -360,3 +360,51 @@ fn wrong_data_model_version_is_refused() {
         crate::wire::RefusalCode::DataModelMismatch
     );
 }
+
+#[test]
+fn empty_between_range_is_refused_naming_both_parameters() {
+    let model = model();
+    let template = cohort();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    let err = checked
+        .bind(&[
+            ("from".into(), date("2023-01-01")),
+            ("to".into(), date("2021-01-01")),
+        ])
+        .unwrap_err();
+    assert_eq!(
+        err.refusal_code(),
+        crate::wire::RefusalCode::InvalidParameter
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains("'from' (2023-01-01) is after 'to' (2021-01-01)"),
+        "{message}"
+    );
+}
+
+#[test]
+fn oversized_filters_and_duplicate_in_values_are_refused() {
+    let model = model();
+    let conditions: Vec<String> = (0..70)
+        .map(|i| format!("{{ column = \"iss\", op = \">=\", value = {i} }}"))
+        .collect();
+    let huge = COHORT.replace(
+        "{ column = \"iss\", op = \">=\", param = \"min_iss\" },",
+        &format!(
+            "{{ column = \"iss\", op = \">=\", param = \"min_iss\" }},\n{},",
+            conditions.join(",\n")
+        ),
+    );
+    let template = Template::from_toml(&huge, "t").unwrap();
+    let err = template.check(&model, &no_extra()).unwrap_err().to_string();
+    assert!(err.contains("at most 64 are allowed"), "{err}");
+
+    let duplicates = COHORT.replace(
+        "{ column = \"iss\", op = \">=\", param = \"min_iss\" },",
+        "{ column = \"iss\", op = \">=\", param = \"min_iss\" },\n{ column = \"sex\", op = \"in\", values = [\"male\", \"male\"] },",
+    );
+    let template = Template::from_toml(&duplicates, "t").unwrap();
+    let err = template.check(&model, &no_extra()).unwrap_err().to_string();
+    assert!(err.contains("'male' is listed twice"), "{err}");
+}
