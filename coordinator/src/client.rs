@@ -11,42 +11,52 @@ use fedq_proto::wire::{self, coordinator_client::CoordinatorClient};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::CoordinatorError;
+use crate::error::error_chain;
 
 /// Connects to the coordinator at `address` (`https://host:port`), trusting `ca_cert`.
+/// Every failure says which setting (`--coordinator`/`FEDQ_COORDINATOR`,
+/// `--ca-cert`/`FEDQ_CA_CERT`) to look at.
 pub async fn connect(
     address: &str,
     ca_cert: &Path,
 ) -> Result<CoordinatorClient<Channel>, CoordinatorError> {
-    let ca = Certificate::from_pem(fedq_proto::tls::read_pem(ca_cert)?);
+    if !address.starts_with("https://") {
+        return Err(CoordinatorError::Client(format!(
+            "coordinator address '{address}' must start with https:// (set --coordinator or FEDQ_COORDINATOR, e.g. https://localhost:7700)"
+        )));
+    }
+    let pem = fedq_proto::tls::read_pem(ca_cert).map_err(|err| {
+        CoordinatorError::Client(format!(
+            "{err}; set --ca-cert or FEDQ_CA_CERT to the alliance CA certificate (PEM)"
+        ))
+    })?;
     let channel = Channel::from_shared(address.to_string())
-        .map_err(|err| CoordinatorError::Client(format!("coordinator address '{address}': {err}")))?
-        .tls_config(ClientTlsConfig::new().ca_certificate(ca))
+        .map_err(|err| {
+            CoordinatorError::Client(format!("coordinator address '{address}': {err}"))
+        })?
+        .tls_config(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
         .map_err(|err| CoordinatorError::Client(format!("tls: {err}")))?
         .connect()
         .await
         .map_err(|err| {
+            let reason = error_chain(&err);
+            let hint = if reason.contains("UnknownIssuer") {
+                "; the coordinator's certificate is not signed by the CA in --ca-cert/FEDQ_CA_CERT"
+            } else if reason.contains("NotValidForName") {
+                "; the certificate is not valid for this host name: use the name the coordinator's certificate carries"
+            } else {
+                ""
+            };
             CoordinatorError::Client(format!(
-                "cannot reach the coordinator at {address}: {}",
-                error_chain(&err)
+                "cannot reach the coordinator at {address}: {reason}{hint}"
             ))
         })?;
     Ok(CoordinatorClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
 }
 
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// A gRPC error from the coordinator as a message for the study lead.
 pub fn status_message(status: &tonic::Status) -> CoordinatorError {
-    CoordinatorError::Client(format!("{:?}: {}", status.code(), status.message()))
+    CoordinatorError::Client(status.message().to_string())
 }
 
 /// Parses `name=value` assignments into typed values using the template's declared types.
@@ -84,11 +94,18 @@ pub fn parse_parameters(
             "float" => Value::Float(text.parse().map_err(|_| invalid("a number"))?),
             "date" => Value::Date(parse_date(text).map_err(|_| invalid("a date YYYY-MM-DD"))?),
             "category" => Value::Category(text.to_string()),
-            _ => Value::Categories(
-                text.split(',')
-                    .map(|part| part.trim().to_string())
-                    .collect(),
-            ),
+            _ => {
+                let categories: Vec<String> = text
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|part| !part.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if categories.is_empty() {
+                    return Err(invalid("at least one category"));
+                }
+                Value::Categories(categories)
+            }
         };
         values.push(parameter_to_wire(name, &value));
     }

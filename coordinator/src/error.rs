@@ -45,3 +45,19 @@ impl CoordinatorError {
         Status::new(code, self.to_string())
     }
 }
+
+/// An error with its underlying causes, each said once (TLS and connection errors hide in
+/// the causes).
+pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![err.to_string()];
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        source = cause.source();
+    }
+    parts.retain(|part| !part.is_empty());
+    parts.join(": ")
+}

@@ -15,6 +15,7 @@ use fedq_proto::wire::{self, RefusalCode, node_client::NodeClient};
 
 use crate::CoordinatorError;
 use crate::config::{CoordinatorConfig, NodeEntry};
+use crate::error::error_chain;
 
 /// How one site's call ended.
 #[derive(Debug, Clone)]
@@ -153,28 +154,24 @@ pub fn classify(status: Status) -> SiteCall {
     }
 }
 
-/// The status message with its underlying causes (TLS and connection errors hide there).
-fn error_chain(status: &Status) -> String {
-    let mut parts = vec![status.message().to_string()];
-    let mut source = std::error::Error::source(status);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !parts.contains(&text) {
-            parts.push(text);
-        }
-        source = cause.source();
+/// Why a call did not produce an answer, for a person (empty for an answer).
+pub fn reason(call: &SiteCall) -> String {
+    match call {
+        SiteCall::Answered(_) => String::new(),
+        SiteCall::Refused { message, .. } => message.clone(),
+        SiteCall::TimedOut => "no answer within the deadline".into(),
+        SiteCall::Unreachable(reason) | SiteCall::Failed(reason) => reason.clone(),
     }
-    parts.retain(|part| !part.is_empty());
-    parts.join(": ")
 }
 
-/// A one-line description of a call's outcome for a person.
+/// A one-line description of a call's outcome: its status word and reason.
 pub fn describe_call(call: &SiteCall) -> String {
-    match call {
-        SiteCall::Answered(_) => "answered".into(),
-        SiteCall::Refused { message, .. } => format!("refused: {message}"),
-        SiteCall::TimedOut => "no answer within the deadline".into(),
-        SiteCall::Unreachable(reason) => format!("unreachable: {reason}"),
-        SiteCall::Failed(reason) => format!("failed: {reason}"),
-    }
+    let status = match call {
+        SiteCall::Answered(_) => return "answered".into(),
+        SiteCall::Refused { .. } => "refused",
+        SiteCall::TimedOut => "timed out",
+        SiteCall::Unreachable(_) => "unreachable",
+        SiteCall::Failed(_) => "failed",
+    };
+    format!("{status}: {}", reason(call))
 }

@@ -2,6 +2,7 @@
 //! line (templates, sites, query, certs). Parses arguments, starts tracing, installs the TLS
 //! crypto provider, runs one command.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -59,7 +60,7 @@ enum Command {
         #[arg(long = "param", short = 'p')]
         params: Vec<String>,
         /// Per-site deadline in milliseconds (default: the coordinator's).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         deadline_ms: Option<u32>,
         /// Print the documented JSON result instead of a table.
         #[arg(long)]
@@ -203,8 +204,12 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 parameters,
                 deadline_ms: deadline_ms.unwrap_or(0),
             };
+            // Progress while sites answer, for a person watching; the summary follows anyway.
+            let watching = std::io::stderr().is_terminal();
             let result = client::run_query(&mut coordinator, request, |site| {
-                eprintln!("{}", render::site_line(site));
+                if watching {
+                    eprintln!("{}", render::site_line(site));
+                }
             })
             .await?;
             if json {

@@ -59,7 +59,8 @@ fn format_count(count: u64) -> String {
 
 fn pooled_text(cell: &wire::PooledCell) -> String {
     match cell.count {
-        None if cell.sites_withheld > 0 => WITHHELD.to_string(),
+        // Nothing released but some withheld: a lower bound of 0 says nothing, show the mark.
+        None | Some(0) if cell.sites_withheld > 0 => WITHHELD.to_string(),
         None => "-".to_string(),
         Some(count) if cell.complete => format_count(count),
         Some(count) => format!("{}{INCOMPLETE}", format_count(count)),
@@ -164,13 +165,34 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
     if hidden > 0 {
         let _ = writeln!(
             out,
-            "({hidden} combinations with zero records at every site not shown)"
+            "({hidden} combination{} with zero records at every site not shown)",
+            if hidden == 1 { "" } else { "s" }
         );
     }
-    let _ = writeln!(
-        out,
-        "\n{WITHHELD} withheld by the site (too few records, or to protect another withheld cell)\n{INCOMPLETE} incomplete: some site withheld its part; the pooled value is a lower bound\n- no site answered"
-    );
+    let shown = |mark: &str| {
+        rows.iter().any(|row| {
+            row[label_columns.min(row.len())..]
+                .iter()
+                .any(|text| text.ends_with(mark) || text == mark)
+        })
+    };
+    let legend = [
+        (
+            WITHHELD,
+            "withheld by the site (too few records, or to protect another withheld cell)",
+        ),
+        (
+            INCOMPLETE,
+            "incomplete: some site withheld its part; the pooled value is a lower bound",
+        ),
+        ("-", "no site answered"),
+    ];
+    let _ = writeln!(out);
+    for (mark, meaning) in legend {
+        if shown(mark) {
+            let _ = writeln!(out, "{mark} {meaning}");
+        }
+    }
     let _ = writeln!(out, "\nsites:");
     for site in &result.sites {
         let _ = writeln!(out, "  {}", site_line(site));

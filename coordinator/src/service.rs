@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::CoordinatorError;
 use crate::catalogue::{Catalogue, CatalogueEntry};
-use crate::fanout::{NodeClients, SiteCall, SiteReply, describe_call};
+use crate::fanout::{NodeClients, SiteCall, SiteReply, describe_call, reason};
 use crate::pool::{self, PooledCell, SiteCells};
 
 /// Shared state of the coordinator service.
@@ -112,8 +112,8 @@ fn progress(reply: &SiteReply) -> wire::SiteProgress {
             wire::RefusalCode::Unspecified,
             Some((**result).clone()),
         ),
-        SiteCall::Refused { code, .. } => (describe_call(&reply.call), *code, None),
-        call => (describe_call(call), wire::RefusalCode::Unspecified, None),
+        SiteCall::Refused { code, .. } => (reason(&reply.call), *code, None),
+        call => (reason(call), wire::RefusalCode::Unspecified, None),
     };
     wire::SiteProgress {
         site_id: reply.site_id.clone(),
@@ -153,7 +153,7 @@ fn pool_result(
             Err(problem) => {
                 tracing::warn!(site = %site.site_id, %problem, "site answer does not fit the query");
                 site.status = wire::SiteStatus::Failed as i32;
-                site.message = format!("failed: {problem}");
+                site.message = problem;
                 site.result = None;
             }
         }

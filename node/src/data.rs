@@ -125,6 +125,17 @@ pub fn load(
                     .map(|(min, max)| format!(" {min} to {max}"))
                     .unwrap_or_default()
             );
+            let line = match &column_spec.domain {
+                Domain::Category { categories }
+                    if mapping.codes.is_empty() && quality.unreadable > 0 =>
+                {
+                    format!(
+                        "{line} (local values must be the model's categories {}; otherwise map them with codes = {{ ... }})",
+                        categories.join(", ")
+                    )
+                }
+                _ => line,
+            };
             match config.on_domain_violation {
                 DomainViolationPolicy::RefuseToStart => problems.push(line),
                 DomainViolationPolicy::TreatAsMissing => {
@@ -136,6 +147,21 @@ pub fn load(
     }
     if !problems.is_empty() {
         return Err(NodeError::Data(problems));
+    }
+    let sources: BTreeSet<&String> = config
+        .columns
+        .values()
+        .map(|mapping| &mapping.source)
+        .collect();
+    let ignored = present
+        .iter()
+        .filter(|name| !sources.contains(name) && !config.identifiers.contains(name))
+        .count();
+    if ignored > 0 {
+        // Counted, not named: column names are the file's own text.
+        warnings.push(format!(
+            "{at}: {ignored} local column(s) are neither mapped nor declared identifiers; they are not loaded (declare identifying ones under 'identifiers')"
+        ));
     }
     let frame = DataFrame::new(local.height(), columns)
         .map_err(|err| NodeError::Data(vec![format!("{at}: {}", describe_polars_error(&err))]))?;

@@ -30,6 +30,7 @@ pub fn run_main<E: std::fmt::Display>(
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let subscriber = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if json_logs {
         subscriber.json().init();

@@ -174,20 +174,20 @@ async fn out_of_range_parameter_is_refused_by_the_coordinator_and_by_the_node_it
 -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     let mut coordinator = test.coordinator().await?;
-    let err = query(
-        &mut coordinator,
-        "elderly-major-trauma-deaths",
-        vec![integer("min_age", 30)],
-        0,
-    )
-    .await
-    .expect_err("refused")
-    .to_string();
+    let status = coordinator
+        .run_query(wire::RunQueryRequest {
+            template_id: "elderly-major-trauma-deaths".into(),
+            parameters: vec![integer("min_age", 30)],
+            deadline_ms: 0,
+        })
+        .await
+        .expect_err("refused by the coordinator");
+    assert_eq!(status.code(), Code::InvalidArgument);
     assert!(
-        err.contains("InvalidArgument")
-            && err.contains("'min_age'")
-            && err.contains("outside its limits 50 to 100"),
-        "{err}"
+        status.message().contains("'min_age'")
+            && status.message().contains("outside its limits 50 to 100"),
+        "{}",
+        status.message()
     );
 
     let mut node = test.node_as_coordinator(0).await?;
