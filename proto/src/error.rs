@@ -34,6 +34,9 @@ pub enum Error {
     /// A certificate, key or TLS setting is unusable.
     #[error("tls: {0}")]
     Tls(String),
+    /// A key or signature file is unusable.
+    #[error("signing: {0}")]
+    Signing(String),
     /// A configuration value is invalid.
     #[error("configuration: {0}")]
     Config(String),
@@ -62,9 +65,11 @@ impl Error {
             },
             Error::Syntax { .. } => RefusalCode::MalformedTemplate,
             Error::Parameter { .. } => RefusalCode::InvalidParameter,
-            Error::Io { .. } | Error::DataModel(_) | Error::Tls(_) | Error::Config(_) => {
-                RefusalCode::Internal
-            }
+            Error::Io { .. }
+            | Error::DataModel(_)
+            | Error::Tls(_)
+            | Error::Signing(_)
+            | Error::Config(_) => RefusalCode::Internal,
         }
     }
 }

@@ -6,6 +6,8 @@
 //! - [`template`]: the query-template language: parsing, validation against the data model,
 //!   canonical bytes and content hash, typed parameter binding.
 //! - [`document`]: the signed-document envelope templates travel in.
+//! - [`signing`]: expert keys, signatures and the verification rule (trusted keys, quorum,
+//!   revocation).
 //! - [`tls`]: certificate loading, mutual-TLS configuration and certificate identities.
 //! - [`config`]: layered configuration (TOML file, then environment overrides).
 //! - [`process`]: graceful-shutdown signals shared by the service binaries.
@@ -19,6 +21,7 @@ pub mod document;
 mod error;
 pub mod model;
 pub mod process;
+pub mod signing;
 pub mod template;
 pub mod tls;
 
