@@ -1,11 +1,14 @@
 //! The alliance's catalogue of approved templates: every `*.toml` file in the configured
-//! folder, parsed and checked against the common data model at start-up. A broken file stops
+//! folder (with its experts' signatures from `<name>.signatures.toml`), parsed and checked
+//! against the common data model at start-up. Nodes verify the signatures; the coordinator
+//! only carries them. A broken file stops
 //! the coordinator with the file name and the line of the problem.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use fedq_proto::model::DataModel;
+use fedq_proto::signing::{SignaturesFile, signatures_path};
 use fedq_proto::template::Template;
 use fedq_proto::wire;
 
@@ -38,13 +41,14 @@ impl Catalogue {
                 path.extension()
                     .is_some_and(|extension| extension == "toml")
             })
+            .filter(|path| !path.to_string_lossy().ends_with(".signatures.toml"))
             .collect();
         paths.sort();
         let mut problems = Vec::new();
         let mut entries: Vec<CatalogueEntry> = Vec::new();
         for path in paths {
             match load_one(&path, &data_model) {
-                Ok(template) => {
+                Ok((template, signatures)) => {
                     if let Some(earlier) = entries
                         .iter()
                         .find(|entry| entry.template.id == template.id)
@@ -60,7 +64,7 @@ impl Catalogue {
                     entries.push(CatalogueEntry {
                         template,
                         source: path,
-                        signatures: Vec::new(),
+                        signatures,
                     });
                 }
                 Err(err) => problems.push(format!("{}: {err}", path.display())),
@@ -88,14 +92,30 @@ impl Catalogue {
     }
 }
 
-fn load_one(path: &Path, model: &DataModel) -> Result<Template, fedq_proto::Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| fedq_proto::Error::Io {
-        path: path.display().to_string(),
-        source,
-    })?;
-    let template = Template::from_toml(&text, &path.display().to_string())?;
+/// A template file and its signatures file (`<name>.signatures.toml`, if present).
+fn load_one(
+    path: &Path,
+    model: &DataModel,
+) -> Result<(Template, Vec<wire::Signature>), fedq_proto::Error> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).map_err(|source| fedq_proto::Error::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let template = Template::from_toml(&read(path)?, &path.display().to_string())?;
     template.check(model, &BTreeSet::new())?;
-    Ok(template)
+    let signatures_path = signatures_path(path);
+    let signatures = if signatures_path.is_file() {
+        SignaturesFile::from_toml(
+            &read(&signatures_path)?,
+            &signatures_path.display().to_string(),
+        )?
+        .to_wire()
+    } else {
+        Vec::new()
+    };
+    Ok((template, signatures))
 }
 
 #[cfg(test)]

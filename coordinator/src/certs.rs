@@ -95,7 +95,12 @@ pub fn create_dev_pki(
     })
 }
 
-fn write_new(path: &Path, contents: &str, private: bool) -> Result<(), CoordinatorError> {
+/// Writes a new file (never overwrites); `private` files are readable by their owner only.
+pub(crate) fn write_new(
+    path: &Path,
+    contents: &str,
+    private: bool,
+) -> Result<(), CoordinatorError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut options = std::fs::OpenOptions::new();

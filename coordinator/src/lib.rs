@@ -10,12 +10,14 @@
 //! - [`service`] / [`server`]: the `fedq.v1.Coordinator` gRPC service over TLS.
 //! - [`client`] / [`render`]: the CLI's connection to the coordinator and its tables and JSON.
 //! - [`certs`]: a development certificate authority (`fedq certs`).
+//! - [`experts`]: expert keys, signing and verifying templates (`fedq keys`, `fedq template`).
 
 pub mod catalogue;
 pub mod certs;
 pub mod client;
 pub mod config;
 mod error;
+pub mod experts;
 pub mod fanout;
 pub mod pool;
 pub mod render;

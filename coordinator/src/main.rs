@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fedq_coordinator::config::CoordinatorConfig;
-use fedq_coordinator::{CoordinatorError, certs, client, render};
+use fedq_coordinator::{CoordinatorError, certs, client, experts, render};
 use fedq_proto::wire;
 
 #[derive(Parser)]
@@ -52,6 +52,16 @@ enum Command {
     },
     /// Every configured site and what it holds.
     Sites,
+    /// Expert key pairs (local).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Sign or verify a template file (local).
+    Template {
+        #[command(subcommand)]
+        command: TemplateCommand,
+    },
     /// Run an approved template at every site and show the pooled result.
     Query {
         /// Template id (see `fedq templates list`).
@@ -76,6 +86,40 @@ enum Command {
         identities: Vec<String>,
         #[arg(long, default_value = "fedq development CA")]
         ca_name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create an expert key pair: NAME.key (secret, owner-only) and NAME.pub (to share).
+    Generate {
+        /// The expert's name as it appears next to their signatures.
+        #[arg(long)]
+        name: String,
+        /// File name stem of the two files.
+        #[arg(long)]
+        file: String,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Sign a template file with your secret key (adds to <template>.signatures.toml).
+    Sign {
+        template: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Verify a template's signatures as a node trusting these public keys would.
+    Verify {
+        template: PathBuf,
+        /// A trusted public key file; repeat for each.
+        #[arg(long = "trusted", required = true)]
+        trusted: Vec<PathBuf>,
+        #[arg(long, default_value_t = 2)]
+        quorum: usize,
     },
 }
 
@@ -124,6 +168,41 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             }
             Ok(())
         }
+        Command::Keys {
+            command: KeysCommand::Generate { name, file, out },
+        } => {
+            let generated = experts::generate_key(&name, &file, &out)?;
+            println!("key id {}", generated.key_id);
+            println!(
+                "secret key (keep it private): {}",
+                generated.secret.display()
+            );
+            println!(
+                "public key (give it to the hospitals): {}",
+                generated.public.display()
+            );
+            Ok(())
+        }
+        Command::Template { command } => match command {
+            TemplateCommand::Sign { template, key } => {
+                let signatures = experts::sign_template(&template, &key)?;
+                println!("signed; signatures are in {}", signatures.display());
+                Ok(())
+            }
+            TemplateCommand::Verify {
+                template,
+                trusted,
+                quorum,
+            } => {
+                let signers = experts::verify_template(&template, &trusted, quorum)?;
+                println!(
+                    "valid: signed by {} trusted key(s): {}",
+                    signers.len(),
+                    signers.join(", ")
+                );
+                Ok(())
+            }
+        },
         Command::Templates { command } => {
             let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
             match command {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use fedq_coordinator::certs::{self, DevPki};
 use fedq_coordinator::config::CoordinatorConfig;
+use fedq_coordinator::experts::{self, GeneratedKey};
 use fedq_coordinator::server::PreparedCoordinator;
 use fedq_node::config::NodeConfig;
 use fedq_node::query::QueryEngine;
@@ -134,6 +135,9 @@ pub struct NodeFiles<'a> {
     pub key: &'a Path,
     pub accepted_coordinators: &'a [&'a str],
     pub min_cell_count: u32,
+    /// Public key files of the experts this site trusts.
+    pub trusted_expert_keys: &'a [PathBuf],
+    pub signature_quorum: usize,
 }
 
 /// Writes a node configuration file (as a hospital administrator would) and returns its path.
@@ -160,6 +164,8 @@ key = "{key}"
 [policy]
 accepted_coordinators = [{accepted}]
 min_cell_count = {floor}
+trusted_expert_keys = [{trusted}]
+signature_quorum = {quorum}
 
 [[datasets]]
 name = "trauma_admissions"
@@ -174,6 +180,13 @@ identifiers = [{identifiers}]
         key = files.key.display(),
         accepted = accepted.join(", "),
         floor = files.min_cell_count,
+        trusted = files
+            .trusted_expert_keys
+            .iter()
+            .map(|path| format!("\"{}\"", path.display()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        quorum = files.signature_quorum,
         data = files.data_file.display(),
         identifiers = identifiers.join(", "),
         mapping = synth::column_mapping(files.format),
@@ -237,11 +250,53 @@ max_deadline_ms = 120000
     Ok(path)
 }
 
+/// The local alliance's experts: Ada, Ben and Chen.
+pub const EXPERTS: [(&str, &str); 3] = [
+    ("Dr. Ada Okafor", "ada"),
+    ("Dr. Ben Novak", "ben"),
+    ("Dr. Chen Li", "chen"),
+];
+
+/// Creates the three expert keys under `root/experts`, copies every template from `templates`
+/// into `root/catalogue` and has Ada and Ben sign each one (quorum 2 of 3).
+pub fn sign_catalogue(
+    root: &Path,
+    templates: &Path,
+) -> anyhow::Result<(Vec<GeneratedKey>, PathBuf)> {
+    let experts_dir = root.join("experts");
+    let catalogue = root.join("catalogue");
+    std::fs::create_dir_all(&catalogue)?;
+    let experts = EXPERTS
+        .iter()
+        .map(|(name, file)| experts::generate_key(name, file, &experts_dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    for entry in std::fs::read_dir(templates)? {
+        let source = entry?.path();
+        let name = source
+            .file_name()
+            .and_then(|name| name.to_str())
+            .unwrap_or_default();
+        if !name.ends_with(".toml") || name.ends_with(".signatures.toml") {
+            continue;
+        }
+        let copy = catalogue.join(name);
+        std::fs::copy(&source, &copy)?;
+        for expert in &experts[..2] {
+            experts::sign_template(&copy, &expert.secret)?;
+        }
+    }
+    Ok((experts, catalogue))
+}
+
 /// A whole local alliance: certificates, data, nodes and a coordinator.
 #[derive(Debug)]
 pub struct LocalAlliance {
     pub root: PathBuf,
     pub pki: DevPki,
+    /// The alliance experts' keys (three; every node trusts all, quorum 2).
+    pub experts: Vec<GeneratedKey>,
+    /// The approved templates with the experts' signatures, as the coordinator serves them.
+    pub catalogue: PathBuf,
     pub data_files: Vec<PathBuf>,
     pub node_configs: Vec<PathBuf>,
     pub nodes: Vec<(String, Running)>,
@@ -271,6 +326,8 @@ impl LocalAlliance {
         let mut identities = vec![COORDINATOR_IDENTITY.to_string()];
         identities.extend(sites.iter().map(|site| site_identity(&site.site_id)));
         let pki = certs::create_dev_pki(&certs_dir, "fedq local alliance CA", &identities)?;
+        let (experts, catalogue) = sign_catalogue(root, templates)?;
+        let trusted: Vec<PathBuf> = experts.iter().map(|expert| expert.public.clone()).collect();
 
         let mut data_files = Vec::new();
         let mut node_configs = Vec::new();
@@ -297,6 +354,8 @@ impl LocalAlliance {
                     key: &issued.key,
                     accepted_coordinators: &[COORDINATOR_IDENTITY],
                     min_cell_count,
+                    trusted_expert_keys: &trusted,
+                    signature_quorum: 2,
                 },
             )?;
             let running = start_node(&config)
@@ -313,7 +372,7 @@ impl LocalAlliance {
         }
         let coordinator_config = write_coordinator_config(
             &config_dir,
-            templates,
+            &catalogue,
             &pki,
             COORDINATOR_IDENTITY,
             &listings,
@@ -325,6 +384,8 @@ impl LocalAlliance {
         Ok(LocalAlliance {
             root: root.to_path_buf(),
             pki,
+            experts,
+            catalogue,
             data_files,
             node_configs,
             nodes,

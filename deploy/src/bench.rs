@@ -89,6 +89,9 @@ pub async fn run(
         "bench CA",
         &[COORDINATOR_IDENTITY.into(), identity.clone()],
     )?;
+    let expert = fedq_proto::signing::ExpertSecretKey::generate("benchmark expert");
+    let expert_public = out.join("expert.pub");
+    std::fs::write(&expert_public, expert.public().to_toml())?;
     let config_path = write_node_config(
         out,
         &NodeFiles {
@@ -100,6 +103,8 @@ pub async fn run(
             key: &pki.identities[1].key,
             accepted_coordinators: &[COORDINATOR_IDENTITY],
             min_cell_count: 10,
+            trusted_expert_keys: &[expert_public],
+            signature_quorum: 1,
         },
     )?;
 

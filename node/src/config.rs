@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use fedq_proto::model::{DataModel, Domain};
+use fedq_proto::signing::{PublicKeyFile, TrustPolicy, TrustedKey};
 use fedq_proto::tls::TlsFiles;
 use serde::Deserialize;
 
@@ -39,6 +40,11 @@ pub struct RawNodeConfig {
 struct RawPolicy {
     accepted_coordinators: Vec<String>,
     min_cell_count: Option<u32>,
+    #[serde(default)]
+    trusted_expert_keys: Vec<PathBuf>,
+    signature_quorum: Option<usize>,
+    #[serde(default)]
+    revoked_keys: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -104,7 +110,13 @@ pub struct Policy {
     pub accepted_coordinators: BTreeSet<String>,
     /// The disclosure floor k: counts from 1 to k-1 are never released.
     pub min_cell_count: u32,
+    /// The expert keys whose signatures this site accepts, revoked keys, and the quorum.
+    /// Empty: the node refuses every query (deny by default).
+    pub trust: TrustPolicy,
 }
+
+/// The signature quorum when the configuration names none.
+pub const DEFAULT_SIGNATURE_QUORUM: usize = 2;
 
 /// One dataset the node serves.
 #[derive(Debug, Clone)]
@@ -179,6 +191,7 @@ impl RawNodeConfig {
                 "policy.accepted_coordinators is empty: list the certificate names of the coordinators allowed to query this node".into(),
             );
         }
+        let trust = trust_policy(&self.policy, base, &mut problems);
         let mut datasets: Vec<DatasetConfig> = Vec::new();
         if self.datasets.is_empty() {
             problems.push(
@@ -203,6 +216,7 @@ impl RawNodeConfig {
                 policy: Policy {
                     accepted_coordinators: self.policy.accepted_coordinators.into_iter().collect(),
                     min_cell_count,
+                    trust,
                 },
                 datasets,
                 data_model,
@@ -322,6 +336,49 @@ impl RawDataset {
             on_domain_violation: self.on_domain_violation,
             columns,
         })
+    }
+}
+
+/// Loads the trusted expert keys and checks the quorum against them.
+fn trust_policy(raw: &RawPolicy, base: &Path, problems: &mut Vec<String>) -> TrustPolicy {
+    let mut trusted: Vec<TrustedKey> = Vec::new();
+    for path in &raw.trusted_expert_keys {
+        let path = fedq_proto::config::resolve_path(base, path);
+        let origin = path.display().to_string();
+        if !path.is_file() {
+            problems.push(format!(
+                "policy.trusted_expert_keys: file {origin} does not exist"
+            ));
+            continue;
+        }
+        let loaded = std::fs::read_to_string(&path)
+            .map_err(|err| fedq_proto::Error::Signing(format!("cannot read {origin}: {err}")))
+            .and_then(|text| PublicKeyFile::from_toml(&text, &origin))
+            .and_then(|file| file.trusted_key(&origin));
+        match loaded {
+            Ok(key) if trusted.iter().any(|seen| seen.key_id == key.key_id) => {
+                problems.push(format!(
+                    "policy.trusted_expert_keys: key {} is listed twice",
+                    key.key_id
+                ))
+            }
+            Ok(key) => trusted.push(key),
+            Err(err) => problems.push(format!("policy.trusted_expert_keys: {err}")),
+        }
+    }
+    let quorum = raw
+        .signature_quorum
+        .unwrap_or(DEFAULT_SIGNATURE_QUORUM.min(trusted.len().max(1)));
+    if !trusted.is_empty() && (quorum == 0 || quorum > trusted.len()) {
+        problems.push(format!(
+            "policy.signature_quorum is {quorum}; it must be from 1 to the number of trusted expert keys ({})",
+            trusted.len()
+        ));
+    }
+    TrustPolicy {
+        trusted,
+        revoked: raw.revoked_keys.iter().cloned().collect(),
+        quorum,
     }
 }
 

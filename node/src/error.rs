@@ -14,6 +14,9 @@ pub enum NodeError {
     /// A template, parameter or TLS problem found by the shared contract.
     #[error(transparent)]
     Contract(#[from] fedq_proto::Error),
+    /// The document's signatures do not satisfy this site's trust policy.
+    #[error("{0}")]
+    Signature(#[from] fedq_proto::signing::SignatureProblem),
     /// The caller's certificate names no identity this node accepts.
     #[error(
         "caller identity {presented} is not an accepted coordinator of this site; the site's administrator lists accepted identities in policy.accepted_coordinators"
@@ -47,6 +50,15 @@ impl NodeError {
         match self {
             NodeError::Contract(inner) => inner.refusal_code(),
             NodeError::CallerNotAccepted { .. } => RefusalCode::CallerNotAccepted,
+            NodeError::Signature(problem) => {
+                use fedq_proto::signing::SignatureProblem;
+                match problem {
+                    SignatureProblem::NoTrustedKeys => RefusalCode::NoTrustedKeys,
+                    SignatureProblem::Invalid { .. } => RefusalCode::SignatureInvalid,
+                    SignatureProblem::Revoked { .. } => RefusalCode::SignerRevoked,
+                    SignatureProblem::QuorumNotMet { .. } => RefusalCode::QuorumNotMet,
+                }
+            }
             NodeError::DatasetNotHeld(_) => RefusalCode::UnknownDataset,
             NodeError::ColumnNotHeld { .. } => RefusalCode::UnknownColumn,
             NodeError::Config(_)

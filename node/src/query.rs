@@ -68,6 +68,9 @@ impl QueryEngine {
         if !problems.is_empty() {
             return Err(NodeError::Data(problems));
         }
+        if config.policy.trust.trusted.is_empty() {
+            warnings.push(fedq_proto::signing::SignatureProblem::NoTrustedKeys.to_string());
+        }
         Ok((
             QueryEngine::new(
                 config.site_id.clone(),
@@ -140,8 +143,10 @@ impl QueryEngine {
         template_seen: &mut Option<Template>,
     ) -> Result<SiteAnswer, NodeError> {
         verify::authorize_caller(caller_identities, &self.policy.accepted_coordinators)?;
-        let template: &Template =
-            template_seen.insert(verify::open_template(request.template.as_ref())?);
+        let template: &Template = template_seen.insert(verify::open_template(
+            request.template.as_ref(),
+            &self.policy.trust,
+        )?);
         let snapshot = self
             .snapshots
             .get(&template.dataset)

@@ -39,6 +39,10 @@ pub fn status_of(err: &NodeError) -> Status {
     use fedq_proto::TemplateProblem;
     let code = match err {
         NodeError::CallerNotAccepted { .. } => Code::PermissionDenied,
+        NodeError::Signature(fedq_proto::signing::SignatureProblem::NoTrustedKeys) => {
+            Code::FailedPrecondition
+        }
+        NodeError::Signature(_) => Code::PermissionDenied,
         NodeError::Contract(fedq_proto::Error::Template { code, .. }) => match code {
             TemplateProblem::IdentifierColumn => Code::PermissionDenied,
             TemplateProblem::DataModelMismatch => Code::FailedPrecondition,

@@ -1,9 +1,10 @@
 //! Verification before any data is touched: is the caller an accepted coordinator, and is the
-//! template document one this node may run? Signature and study checks (alliance experts'
-//! quorum, study validity) belong here too, ahead of execution.
+//! template document signed by a quorum of expert keys this site trusts (none revoked, none
+//! tampered)? Signatures are checked on the raw canonical bytes before they are decoded.
 
 use std::collections::BTreeSet;
 
+use fedq_proto::signing::TrustPolicy;
 use fedq_proto::template::Template;
 use fedq_proto::wire;
 
@@ -28,8 +29,12 @@ pub fn authorize_caller(
         })
 }
 
-/// Opens the template document: right kind, canonical bytes, decodable template.
-pub fn open_template(document: Option<&wire::SignedDocument>) -> Result<Template, NodeError> {
+/// Opens the template document: signatures satisfying `trust`, right kind, canonical bytes,
+/// decodable template.
+pub fn open_template(
+    document: Option<&wire::SignedDocument>,
+    trust: &TrustPolicy,
+) -> Result<Template, NodeError> {
     let document = document.ok_or_else(|| {
         NodeError::Contract(fedq_proto::Error::Template {
             template: "(none)".into(),
@@ -37,6 +42,11 @@ pub fn open_template(document: Option<&wire::SignedDocument>) -> Result<Template
             message: "the request carries no template document".into(),
         })
     })?;
+    trust.verify(
+        fedq_proto::template::DOCUMENT_KIND,
+        &document.canonical,
+        &document.signatures,
+    )?;
     Ok(fedq_proto::document::open_template(document)?)
 }
 
@@ -60,7 +70,9 @@ mod tests {
 
     #[test]
     fn missing_template_document_is_refused() {
-        let err = open_template(None).unwrap_err().to_string();
+        let err = open_template(None, &TrustPolicy::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("carries no template document"), "{err}");
     }
 }

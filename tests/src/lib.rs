@@ -90,23 +90,53 @@ impl TestAlliance {
     }
 }
 
-/// A node request for a catalogue template with the given parameters.
+/// A node request for a catalogue template with the given parameters, carrying the
+/// signatures the alliance's experts made (as the coordinator would send it).
 pub fn node_request(
-    root: &Path,
+    alliance: &LocalAlliance,
     template_id: &str,
     parameters: Vec<wire::ParameterValue>,
 ) -> anyhow::Result<wire::QueryRequest> {
-    let text = std::fs::read_to_string(root.join("templates").join(format!("{template_id}.toml")))?;
-    let template = fedq_proto::template::Template::from_toml(&text, template_id)?;
+    let path = alliance.catalogue.join(format!("{template_id}.toml"));
+    let template =
+        fedq_proto::template::Template::from_toml(&std::fs::read_to_string(&path)?, template_id)?;
+    let signatures_path = fedq_proto::signing::signatures_path(&path);
+    let signatures = fedq_proto::signing::SignaturesFile::from_toml(
+        &std::fs::read_to_string(&signatures_path)?,
+        "signatures",
+    )?;
     Ok(wire::QueryRequest {
         request_id: format!("test-{template_id}"),
         template: Some(fedq_proto::document::template_document(
             &template,
-            Vec::new(),
+            signatures.to_wire(),
         )),
         parameters,
         requester: "test".into(),
     })
+}
+
+/// Signs a template document with the given experts of the alliance (by index).
+pub fn sign_with(
+    alliance: &LocalAlliance,
+    template: &fedq_proto::template::Template,
+    experts: &[usize],
+) -> anyhow::Result<wire::SignedDocument> {
+    let mut signatures = Vec::new();
+    for index in experts {
+        let path = &alliance.experts[*index].secret;
+        let key = fedq_proto::signing::ExpertSecretKey::from_toml(
+            &std::fs::read_to_string(path)?,
+            "key",
+        )?;
+        signatures.push(key.sign(
+            fedq_proto::template::DOCUMENT_KIND,
+            &template.canonical_bytes(),
+        ));
+    }
+    Ok(fedq_proto::document::template_document(
+        template, signatures,
+    ))
 }
 
 /// Runs a catalogue query through the coordinator.

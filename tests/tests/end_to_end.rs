@@ -7,7 +7,7 @@ use fedq_deploy::alliance::{self, NodeListing};
 use fedq_proto::convert::parameter_to_wire;
 use fedq_proto::template::Value;
 use fedq_proto::wire::{self, RefusalCode, SiteStatus};
-use fedq_tests::{TestAlliance, cell_levels, node_request, oracle_rows, query};
+use fedq_tests::{TestAlliance, cell_levels, node_request, oracle_rows, query, sign_with};
 use prost::Message;
 use tonic::Code;
 
@@ -192,7 +192,7 @@ async fn out_of_range_parameter_is_refused_by_the_coordinator_and_by_the_node_it
 
     let mut node = test.node_as_coordinator(0).await?;
     let request = node_request(
-        test.dir.path(),
+        &test.alliance,
         "elderly-major-trauma-deaths",
         vec![integer("min_age", 30)],
     )?;
@@ -214,13 +214,11 @@ async fn out_of_range_parameter_is_refused_by_the_coordinator_and_by_the_node_it
 async fn template_using_an_identifier_column_is_refused_by_the_node() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     let mut node = test.node_as_coordinator(1).await?;
-    let mut request = node_request(test.dir.path(), "low-minimum", vec![])?;
+    let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
     let mut template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
     template.strata[0].column = "national_id".into();
-    request.template = Some(fedq_proto::document::template_document(
-        &template,
-        Vec::new(),
-    ));
+    // Even a quorum of experts cannot make an identifier column usable.
+    request.template = Some(sign_with(&test.alliance, &template, &[0, 1])?);
     let status = node.run_query(request).await.expect_err("refused");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(refusal_of(&status), RefusalCode::IdentifierColumn);
@@ -233,12 +231,48 @@ async fn template_using_an_identifier_column_is_refused_by_the_node() -> anyhow:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tampered_template_bytes_are_refused_as_malformed() -> anyhow::Result<()> {
+async fn one_changed_byte_in_a_signed_template_is_refused_as_tampered() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     let mut node = test.node_as_coordinator(0).await?;
-    let mut request = node_request(test.dir.path(), "low-minimum", vec![])?;
+    let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
     let document = request.template.as_mut().unwrap();
-    document.canonical.insert(1, b' ');
+    let position = document
+        .canonical
+        .iter()
+        .position(|byte| *byte == b'3')
+        .expect("min_cell_count 3");
+    document.canonical[position] = b'2';
+    let status = node.run_query(request).await.expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(refusal_of(&status), RefusalCode::SignatureInvalid);
+    assert!(
+        status.message().contains("changed after signing"),
+        "{}",
+        status.message()
+    );
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validly_signed_but_non_canonical_document_is_refused_as_malformed() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut node = test.node_as_coordinator(0).await?;
+    let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
+    let template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
+    let pretty = serde_json::to_vec_pretty(&template)?;
+    let mut signatures = Vec::new();
+    for expert in &test.alliance.experts[..2] {
+        let key = fedq_proto::signing::ExpertSecretKey::from_toml(
+            &std::fs::read_to_string(&expert.secret)?,
+            "key",
+        )?;
+        signatures.push(key.sign(fedq_proto::template::DOCUMENT_KIND, &pretty));
+    }
+    request.template = Some(wire::SignedDocument {
+        kind: fedq_proto::template::DOCUMENT_KIND.into(),
+        canonical: pretty,
+        signatures,
+    });
     let status = node.run_query(request).await.expect_err("refused");
     assert_eq!(status.code(), Code::InvalidArgument);
     assert_eq!(refusal_of(&status), RefusalCode::MalformedTemplate);
@@ -246,9 +280,120 @@ async fn tampered_template_bytes_are_refused_as_malformed() -> anyhow::Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_signed_by_one_expert_is_refused_when_the_quorum_is_two() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut node = test.node_as_coordinator(0).await?;
+    let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
+    let template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
+    request.template = Some(sign_with(&test.alliance, &template, &[2])?);
+    let status = node.run_query(request.clone()).await.expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(refusal_of(&status), RefusalCode::QuorumNotMet);
+    assert!(
+        status
+            .message()
+            .contains("signed by 1 key(s) this site trusts, but it requires 2"),
+        "{}",
+        status.message()
+    );
+    // The same template with a second expert's signature is accepted.
+    request.template = Some(sign_with(&test.alliance, &template, &[2, 0])?);
+    node.run_query(request).await?;
+    test.alliance.stop().await
+}
+
+/// Writes a variant of site-a's node configuration and starts it.
+async fn node_variant(
+    test: &TestAlliance,
+    edit: impl Fn(String) -> String,
+) -> anyhow::Result<alliance::Running> {
+    let config = std::fs::read_to_string(&test.alliance.node_configs[0])?;
+    let edited = edit(config.clone());
+    assert_ne!(edited, config, "the edit must change the configuration");
+    let path = test
+        .alliance
+        .root
+        .join("config")
+        .join(format!("variant-{}.toml", rand_suffix()));
+    std::fs::write(&path, edited)?;
+    alliance::start_node(&path).await
+}
+
+async fn client_for(
+    test: &TestAlliance,
+    node: &alliance::Running,
+) -> anyhow::Result<fedq_proto::wire::node_client::NodeClient<tonic::transport::Channel>> {
+    let coordinator = &test.alliance.pki.identities[0];
+    fedq_deploy::node_client(
+        &format!("https://localhost:{}", node.address.port()),
+        &test.alliance.pki.ca_cert,
+        Some((&coordinator.cert, &coordinator.key)),
+        &alliance::site_identity("site-a"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_signed_with_a_revoked_key_is_refused() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let revoked = test.alliance.experts[0].key_id.clone();
+    let node = node_variant(&test, |config| {
+        config.replace(
+            "signature_quorum = 2",
+            &format!("signature_quorum = 2\nrevoked_keys = [\"{revoked}\"]"),
+        )
+    })
+    .await?;
+    let mut client = client_for(&test, &node).await?;
+    let status = client
+        .run_query(node_request(&test.alliance, "low-minimum", vec![])?)
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert_eq!(refusal_of(&status), RefusalCode::SignerRevoked);
+    assert!(status.message().contains(&revoked), "{}", status.message());
+    node.stop().await?;
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_no_trusted_keys_refuses_every_query_and_says_why_at_start() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    let config_text = std::fs::read_to_string(&test.alliance.node_configs[0])?;
+    let trusted_line = config_text
+        .lines()
+        .find(|line| line.starts_with("trusted_expert_keys"))
+        .unwrap()
+        .to_string();
+    let untrusting = |config: String| config.replace(&trusted_line, "trusted_expert_keys = []");
+    let path = test.alliance.root.join("config").join("untrusting.toml");
+    std::fs::write(&path, untrusting(config_text.clone()))?;
+    let config = fedq_node::config::NodeConfig::load(&path)?;
+    let (_, warnings) = fedq_node::query::QueryEngine::load(&config)?;
+    assert!(
+        warnings
+            .iter()
+            .any(|line| line.contains("trusts no expert keys") && line.contains("deny by default")),
+        "{warnings:?}"
+    );
+
+    let node = node_variant(&test, untrusting).await?;
+    let mut client = client_for(&test, &node).await?;
+    let status = client
+        .run_query(node_request(&test.alliance, "low-minimum", vec![])?)
+        .await
+        .expect_err("refused");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert_eq!(refusal_of(&status), RefusalCode::NoTrustedKeys);
+    node.stop().await?;
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_without_a_certificate_is_refused_by_the_node() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
-    let request = node_request(test.dir.path(), "low-minimum", vec![])?;
+    let request = node_request(&test.alliance, "low-minimum", vec![])?;
     if let Ok(mut node) = test.node_with(0, None).await {
         let status = node
             .run_query(request)
@@ -273,7 +418,7 @@ async fn certificate_from_another_ca_is_refused_by_the_node() -> anyhow::Result<
         &[alliance::COORDINATOR_IDENTITY.to_string()],
     )?;
     let rogue_identity = &rogue.identities[0];
-    let request = node_request(test.dir.path(), "low-minimum", vec![])?;
+    let request = node_request(&test.alliance, "low-minimum", vec![])?;
     match test
         .node_with(0, Some((&rogue_identity.cert, &rogue_identity.key)))
         .await
@@ -297,7 +442,7 @@ async fn valid_certificate_of_an_unlisted_identity_is_refused_with_a_reason() ->
     // site-b's own certificate is from the alliance CA but is not an accepted coordinator.
     let site_b = &test.alliance.pki.identities[2];
     let mut node = test.node_with(0, Some((&site_b.cert, &site_b.key))).await?;
-    let request = node_request(test.dir.path(), "low-minimum", vec![])?;
+    let request = node_request(&test.alliance, "low-minimum", vec![])?;
     let status = node.run_query(request).await.expect_err("refused");
     assert_eq!(status.code(), Code::PermissionDenied);
     assert_eq!(refusal_of(&status), RefusalCode::CallerNotAccepted);
@@ -322,7 +467,7 @@ async fn coordinator_with(
     std::fs::create_dir_all(&folder)?;
     let config = alliance::write_coordinator_config(
         &folder,
-        &test.dir.path().join("templates"),
+        &test.alliance.catalogue,
         &test.alliance.pki,
         alliance::COORDINATOR_IDENTITY,
         listings,
@@ -460,7 +605,7 @@ async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_template_file_stops_the_coordinator_with_file_and_line() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
-    let templates = test.dir.path().join("templates");
+    let templates = test.alliance.catalogue.clone();
     std::fs::write(
         templates.join("broken.toml"),
         "id = \"broken\"\nversion = 1\ntitle = [\n",
@@ -481,7 +626,7 @@ async fn malformed_template_file_stops_the_coordinator_with_file_and_line() -> a
 async fn oversized_request_is_refused_and_the_node_keeps_serving() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     let mut node = test.node_as_coordinator(0).await?;
-    let mut request = node_request(test.dir.path(), "low-minimum", vec![])?;
+    let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
     request.requester = "x".repeat(2 * 1024 * 1024);
     let status = node
         .run_query(request)
@@ -493,7 +638,7 @@ async fn oversized_request_is_refused_and_the_node_keeps_serving() -> anyhow::Re
         "{}",
         status.message()
     );
-    let request = node_request(test.dir.path(), "low-minimum", vec![])?;
+    let request = node_request(&test.alliance, "low-minimum", vec![])?;
     let answer = node.run_query(request).await?.into_inner();
     assert_eq!(answer.site_id, "site-a");
     test.alliance.stop().await
@@ -518,5 +663,78 @@ async fn node_with_a_key_that_does_not_match_its_certificate_refuses_to_start() 
         .expect_err("refused to start")
         .to_string();
     assert!(err.contains("do not form a usable pair"), "{err}");
+    test.alliance.stop().await
+}
+
+/// Rewrites one catalogue file, starts a second coordinator over all three nodes, and runs it.
+async fn query_after_editing_catalogue(
+    test: &TestAlliance,
+    template_id: &str,
+    edit: impl Fn(String) -> String,
+) -> anyhow::Result<wire::PooledResult> {
+    let path = test.alliance.catalogue.join(format!("{template_id}.toml"));
+    let text = std::fs::read_to_string(&path)?;
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit must change the file");
+    std::fs::write(&path, edited)?;
+    let listings: Vec<NodeListing> = (0..3).map(|index| listing(test, index)).collect();
+    let running = coordinator_with(test, &listings, 5_000).await?;
+    let mut client = fedq_coordinator::client::connect(
+        &format!("https://localhost:{}", running.address.port()),
+        &test.alliance.pki.ca_cert,
+    )
+    .await?;
+    let result = query(&mut client, template_id, vec![], 0).await;
+    running.stop().await?;
+    Ok(result?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reformatted_signed_template_is_still_accepted_by_every_node() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let result = query_after_editing_catalogue(&test, "low-minimum", |text| {
+        text.replace(
+            "version = 1\n",
+            "version     =   1    # reformatted, same meaning\n",
+        )
+        .replace(
+            "[statistic]\nkind = \"count\"",
+            "statistic = { kind = \"count\" }",
+        )
+    })
+    .await;
+    // Moving a table changes TOML layout only; if the edit above made the file invalid the
+    // test fails loudly rather than passing for the wrong reason.
+    let result = result?;
+    for site in &result.sites {
+        assert_eq!(
+            site.status,
+            SiteStatus::Ok as i32,
+            "{}: {}",
+            site.site_id,
+            site.message
+        );
+    }
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_version_bumped_without_re_signing_is_refused_by_every_node() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    let result = query_after_editing_catalogue(&test, "low-minimum", |text| {
+        text.replace("version = 1", "version = 2")
+    })
+    .await?;
+    for site in &result.sites {
+        assert_eq!(site.status, SiteStatus::Refused as i32, "{}", site.site_id);
+        assert_eq!(
+            site.refusal,
+            RefusalCode::SignatureInvalid as i32,
+            "{}",
+            site.message
+        );
+    }
+    assert_eq!(result.total.unwrap().count, None);
     test.alliance.stop().await
 }
