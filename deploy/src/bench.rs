@@ -142,7 +142,10 @@ pub async fn run(
         request_id: "bench".into(),
         template: Some(fedq_proto::document::template_document(
             &template,
-            Vec::new(),
+            vec![expert.sign(
+                fedq_proto::template::DOCUMENT_KIND,
+                &template.canonical_bytes(),
+            )],
         )),
         parameters: vec![fedq_proto::convert::parameter_to_wire(
             "min_iss",
