@@ -116,24 +116,32 @@ pub fn node_request(
     })
 }
 
-/// Signs a template document with the given experts of the alliance (by index).
+/// Signatures of the given experts of the alliance (by index) over template bytes.
+pub fn sign_bytes(
+    alliance: &LocalAlliance,
+    canonical: &[u8],
+    experts: &[usize],
+) -> anyhow::Result<Vec<wire::Signature>> {
+    experts
+        .iter()
+        .map(|index| {
+            let path = &alliance.experts[*index].secret;
+            let key = fedq_proto::signing::ExpertSecretKey::from_toml(
+                &std::fs::read_to_string(path)?,
+                "key",
+            )?;
+            Ok(key.sign(fedq_proto::template::DOCUMENT_KIND, canonical))
+        })
+        .collect()
+}
+
+/// A template document signed by the given experts of the alliance (by index).
 pub fn sign_with(
     alliance: &LocalAlliance,
     template: &fedq_proto::template::Template,
     experts: &[usize],
 ) -> anyhow::Result<wire::SignedDocument> {
-    let mut signatures = Vec::new();
-    for index in experts {
-        let path = &alliance.experts[*index].secret;
-        let key = fedq_proto::signing::ExpertSecretKey::from_toml(
-            &std::fs::read_to_string(path)?,
-            "key",
-        )?;
-        signatures.push(key.sign(
-            fedq_proto::template::DOCUMENT_KIND,
-            &template.canonical_bytes(),
-        ));
-    }
+    let signatures = sign_bytes(alliance, &template.canonical_bytes(), experts)?;
     Ok(fedq_proto::document::template_document(
         template, signatures,
     ))

@@ -15,6 +15,13 @@ fn integer(name: &str, value: i64) -> wire::ParameterValue {
     parameter_to_wire(name, &Value::Integer(value))
 }
 
+/// Asserts a node refusal: gRPC code, typed reason, and words in the message.
+fn assert_refused(status: &tonic::Status, code: Code, refusal: RefusalCode, words: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(refusal_of(status), refusal, "{status:?}");
+    assert!(status.message().contains(words), "{}", status.message());
+}
+
 fn refusal_of(status: &tonic::Status) -> RefusalCode {
     let refusal =
         wire::Refusal::decode(status.details()).expect("a node refusal carries a typed reason");
@@ -220,12 +227,11 @@ async fn template_using_an_identifier_column_is_refused_by_the_node() -> anyhow:
     // Even a quorum of experts cannot make an identifier column usable.
     request.template = Some(sign_with(&test.alliance, &template, &[0, 1])?);
     let status = node.run_query(request).await.expect_err("refused");
-    assert_eq!(status.code(), Code::PermissionDenied);
-    assert_eq!(refusal_of(&status), RefusalCode::IdentifierColumn);
-    assert!(
-        status.message().contains("'national_id' is an identifier"),
-        "{}",
-        status.message()
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        RefusalCode::IdentifierColumn,
+        "'national_id' is an identifier",
     );
     test.alliance.stop().await
 }
@@ -243,12 +249,11 @@ async fn one_changed_byte_in_a_signed_template_is_refused_as_tampered() -> anyho
         .expect("min_cell_count 3");
     document.canonical[position] = b'2';
     let status = node.run_query(request).await.expect_err("refused");
-    assert_eq!(status.code(), Code::PermissionDenied);
-    assert_eq!(refusal_of(&status), RefusalCode::SignatureInvalid);
-    assert!(
-        status.message().contains("changed after signing"),
-        "{}",
-        status.message()
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        RefusalCode::SignatureInvalid,
+        "changed after signing",
     );
     test.alliance.stop().await
 }
@@ -260,22 +265,19 @@ async fn validly_signed_but_non_canonical_document_is_refused_as_malformed() -> 
     let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
     let template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
     let pretty = serde_json::to_vec_pretty(&template)?;
-    let mut signatures = Vec::new();
-    for expert in &test.alliance.experts[..2] {
-        let key = fedq_proto::signing::ExpertSecretKey::from_toml(
-            &std::fs::read_to_string(&expert.secret)?,
-            "key",
-        )?;
-        signatures.push(key.sign(fedq_proto::template::DOCUMENT_KIND, &pretty));
-    }
+    let signatures = fedq_tests::sign_bytes(&test.alliance, &pretty, &[0, 1])?;
     request.template = Some(wire::SignedDocument {
         kind: fedq_proto::template::DOCUMENT_KIND.into(),
         canonical: pretty,
         signatures,
     });
     let status = node.run_query(request).await.expect_err("refused");
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert_eq!(refusal_of(&status), RefusalCode::MalformedTemplate);
+    assert_refused(
+        &status,
+        Code::InvalidArgument,
+        RefusalCode::MalformedTemplate,
+        "",
+    );
     test.alliance.stop().await
 }
 
@@ -287,8 +289,12 @@ async fn template_signed_by_one_expert_is_refused_when_the_quorum_is_two() -> an
     let template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
     request.template = Some(sign_with(&test.alliance, &template, &[2])?);
     let status = node.run_query(request.clone()).await.expect_err("refused");
-    assert_eq!(status.code(), Code::PermissionDenied);
-    assert_eq!(refusal_of(&status), RefusalCode::QuorumNotMet);
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        RefusalCode::QuorumNotMet,
+        "",
+    );
     assert!(
         status
             .message()
@@ -349,8 +355,12 @@ async fn template_signed_with_a_revoked_key_is_refused() -> anyhow::Result<()> {
         .run_query(node_request(&test.alliance, "low-minimum", vec![])?)
         .await
         .expect_err("refused");
-    assert_eq!(status.code(), Code::PermissionDenied);
-    assert_eq!(refusal_of(&status), RefusalCode::SignerRevoked);
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        RefusalCode::SignerRevoked,
+        "",
+    );
     assert!(status.message().contains(&revoked), "{}", status.message());
     node.stop().await?;
     test.alliance.stop().await
@@ -384,8 +394,12 @@ async fn node_with_no_trusted_keys_refuses_every_query_and_says_why_at_start() -
         .run_query(node_request(&test.alliance, "low-minimum", vec![])?)
         .await
         .expect_err("refused");
-    assert_eq!(status.code(), Code::FailedPrecondition);
-    assert_eq!(refusal_of(&status), RefusalCode::NoTrustedKeys);
+    assert_refused(
+        &status,
+        Code::FailedPrecondition,
+        RefusalCode::NoTrustedKeys,
+        "",
+    );
     node.stop().await?;
     test.alliance.stop().await
 }
@@ -444,12 +458,11 @@ async fn valid_certificate_of_an_unlisted_identity_is_refused_with_a_reason() ->
     let mut node = test.node_with(0, Some((&site_b.cert, &site_b.key))).await?;
     let request = node_request(&test.alliance, "low-minimum", vec![])?;
     let status = node.run_query(request).await.expect_err("refused");
-    assert_eq!(status.code(), Code::PermissionDenied);
-    assert_eq!(refusal_of(&status), RefusalCode::CallerNotAccepted);
-    assert!(
-        status.message().contains("site-b.fedq.local"),
-        "{}",
-        status.message()
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        RefusalCode::CallerNotAccepted,
+        "site-b.fedq.local",
     );
     test.alliance.stop().await
 }
