@@ -45,6 +45,8 @@ struct RawPolicy {
     signature_quorum: Option<usize>,
     #[serde(default)]
     revoked_keys: Vec<String>,
+    #[serde(default)]
+    refused_templates: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,7 +59,15 @@ struct RawDataset {
     identifiers: Vec<String>,
     #[serde(default)]
     on_domain_violation: DomainViolationPolicy,
+    objections: Option<RawObjections>,
     columns: BTreeMap<String, RawColumnMapping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjections {
+    file: PathBuf,
+    key_column: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +123,8 @@ pub struct Policy {
     /// The expert keys whose signatures this site accepts, revoked keys, and the quorum.
     /// Empty: the node refuses every query (deny by default).
     pub trust: TrustPolicy,
+    /// Template ids this site never runs, however they are signed.
+    pub refused_templates: BTreeSet<String>,
 }
 
 /// The signature quorum when the configuration names none.
@@ -127,8 +139,19 @@ pub struct DatasetConfig {
     /// Local columns that identify a person; never loaded, never mappable.
     pub identifiers: Vec<String>,
     pub on_domain_violation: DomainViolationPolicy,
+    /// Patients who refused research use: their records are left out before any computation.
+    pub objections: Option<Objections>,
     /// Common-model column name → how to derive it from the local file.
     pub columns: BTreeMap<String, ColumnMapping>,
+}
+
+/// The patient objection list of a dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Objections {
+    /// Text file with one record key per line (`#` starts a comment).
+    pub file: PathBuf,
+    /// The local identifier column holding those keys.
+    pub key_column: String,
 }
 
 /// How one common-model column is derived from a local column.
@@ -217,6 +240,7 @@ impl RawNodeConfig {
                     accepted_coordinators: self.policy.accepted_coordinators.into_iter().collect(),
                     min_cell_count,
                     trust,
+                    refused_templates: self.policy.refused_templates.into_iter().collect(),
                 },
                 datasets,
                 data_model,
@@ -256,6 +280,25 @@ impl RawDataset {
                 FileFormat::Csv
             }
         };
+        let objections = self.objections.map(|raw| Objections {
+            file: fedq_proto::config::resolve_path(base, &raw.file),
+            key_column: raw.key_column,
+        });
+        if let Some(objections) = &objections {
+            if !objections.file.is_file() {
+                problems.push(format!(
+                    "{at}: objections.file: file {} does not exist",
+                    objections.file.display()
+                ));
+            }
+            if !self.identifiers.contains(&objections.key_column) {
+                problems.push(format!(
+                    "{at}: objections.key_column '{}' must be one of the declared identifiers ({})",
+                    objections.key_column,
+                    self.identifiers.join(", ")
+                ));
+            }
+        }
         let mut columns = BTreeMap::new();
         for (model_name, raw) in self.columns {
             let Some(column) = spec.column(&model_name) else {
@@ -334,6 +377,7 @@ impl RawDataset {
             format,
             identifiers: self.identifiers,
             on_domain_violation: self.on_domain_violation,
+            objections,
             columns,
         })
     }

@@ -10,7 +10,7 @@
 //! Problems are reported per column with counts only: no message here ever contains a value
 //! from the file.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Cursor;
 
 use fedq_proto::model::{DatasetSpec, Domain, days_since_epoch};
@@ -18,7 +18,7 @@ use fedq_proto::template::content_hash;
 use polars::prelude::*;
 
 use crate::NodeError;
-use crate::config::{ColumnMapping, DatasetConfig, DomainViolationPolicy, FileFormat};
+use crate::config::{ColumnMapping, DatasetConfig, DomainViolationPolicy, FileFormat, Objections};
 
 /// One dataset held in memory in common-model terms.
 #[derive(Debug, Clone)]
@@ -165,6 +165,10 @@ pub fn load(
     }
     let frame = DataFrame::new(local.height(), columns)
         .map_err(|err| NodeError::Data(vec![format!("{at}: {}", describe_polars_error(&err))]))?;
+    let frame = match &config.objections {
+        Some(objections) => exclude_objections(frame, &local, objections, &at)?,
+        None => frame,
+    };
     Ok((
         Snapshot {
             dataset: config.name.clone(),
@@ -174,6 +178,45 @@ pub fn load(
         },
         warnings,
     ))
+}
+
+/// Leaves out the records of patients on the objection list, before any computation. The
+/// number left out is never reported anywhere.
+fn exclude_objections(
+    frame: DataFrame,
+    local: &DataFrame,
+    objections: &Objections,
+    at: &str,
+) -> Result<DataFrame, NodeError> {
+    let text = std::fs::read_to_string(&objections.file).map_err(|err| {
+        NodeError::Data(vec![format!(
+            "{at}: cannot read the objection list {}: {err}",
+            objections.file.display()
+        )])
+    })?;
+    let keys: HashSet<&str> = text
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or("").trim())
+        .filter(|key| !key.is_empty())
+        .collect();
+    let unusable = |err: PolarsError| {
+        NodeError::Data(vec![format!(
+            "{at}: objection key column '{}': {}",
+            objections.key_column,
+            describe_polars_error(&err)
+        )])
+    };
+    let key_column = local
+        .column(&objections.key_column)
+        .and_then(|column| column.as_materialized_series().cast(&DataType::String))
+        .map_err(unusable)?;
+    let keep: BooleanChunked = key_column
+        .str()
+        .map_err(unusable)?
+        .iter()
+        .map(|key| Some(!key.is_some_and(|key| keys.contains(key.trim()))))
+        .collect();
+    frame.filter(&keep).map_err(unusable)
 }
 
 fn read_frame(bytes: Vec<u8>, format: FileFormat) -> PolarsResult<DataFrame> {
@@ -340,6 +383,7 @@ mod tests {
             format: FileFormat::Csv,
             identifiers: vec!["NAME".into()],
             on_domain_violation: policy,
+            objections: None,
             columns,
         }
     }
@@ -436,5 +480,39 @@ mod tests {
                 && !err.contains("AGE, NAME"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn records_on_the_objection_list_are_left_out_before_anything_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.csv");
+        std::fs::write(&path, "NAME,AGE\nAnna,34\nBert,40\nCarl,50\n").unwrap();
+        let objections = dir.path().join("objections.txt");
+        std::fs::write(
+            &objections,
+            "# refused research use\nBert\n  Dora  # not in the file\n",
+        )
+        .unwrap();
+        let model = DataModel::builtin();
+        let spec = model.dataset("trauma_admissions").unwrap();
+        let mut config = dataset(
+            &path,
+            BTreeMap::from([("age".to_string(), mapping("AGE"))]),
+            DomainViolationPolicy::RefuseToStart,
+        );
+        config.objections = Some(Objections {
+            file: objections,
+            key_column: "NAME".into(),
+        });
+        let (snapshot, _) = load(&config, spec).unwrap();
+        let age: Vec<Option<i64>> = snapshot
+            .frame
+            .column("age")
+            .unwrap()
+            .i64()
+            .unwrap()
+            .iter()
+            .collect();
+        assert_eq!(age, [Some(34), Some(50)]);
     }
 }

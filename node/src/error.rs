@@ -22,6 +22,11 @@ pub enum NodeError {
         "caller identity {presented} is not an accepted coordinator of this site; the site's administrator lists accepted identities in policy.accepted_coordinators"
     )]
     CallerNotAccepted { presented: String },
+    /// The site's own policy refuses this template.
+    #[error(
+        "this site does not run template '{0}' (its local policy refuses it, however it is signed); ask the site's administrator"
+    )]
+    TemplateRefusedBySite(String),
     /// The template's dataset is in the data model but this site does not hold it.
     #[error("this site does not hold dataset '{0}'")]
     DatasetNotHeld(String),
@@ -59,6 +64,7 @@ impl NodeError {
                     SignatureProblem::QuorumNotMet { .. } => RefusalCode::QuorumNotMet,
                 }
             }
+            NodeError::TemplateRefusedBySite(_) => RefusalCode::TemplateRefusedBySite,
             NodeError::DatasetNotHeld(_) => RefusalCode::UnknownDataset,
             NodeError::ColumnNotHeld { .. } => RefusalCode::UnknownColumn,
             NodeError::Config(_)

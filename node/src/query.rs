@@ -147,6 +147,9 @@ impl QueryEngine {
             request.template.as_ref(),
             &self.policy.trust,
         )?);
+        if self.policy.refused_templates.contains(&template.id) {
+            return Err(NodeError::TemplateRefusedBySite(template.id.clone()));
+        }
         let snapshot = self
             .snapshots
             .get(&template.dataset)

@@ -42,7 +42,7 @@ pub fn status_of(err: &NodeError) -> Status {
         NodeError::Signature(fedq_proto::signing::SignatureProblem::NoTrustedKeys) => {
             Code::FailedPrecondition
         }
-        NodeError::Signature(_) => Code::PermissionDenied,
+        NodeError::Signature(_) | NodeError::TemplateRefusedBySite(_) => Code::PermissionDenied,
         NodeError::Contract(fedq_proto::Error::Template { code, .. }) => match code {
             TemplateProblem::IdentifierColumn => Code::PermissionDenied,
             TemplateProblem::DataModelMismatch => Code::FailedPrecondition,

@@ -751,3 +751,35 @@ async fn template_version_bumped_without_re_signing_is_refused_by_every_node() -
     assert_eq!(result.total.unwrap().count, None);
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn template_the_site_refuses_is_refused_however_it_is_signed() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let node = node_variant(&test, |config| {
+        config.replace(
+            "signature_quorum = 2",
+            "signature_quorum = 2\nrefused_templates = [\"low-minimum\"]",
+        )
+    })
+    .await?;
+    let mut client = client_for(&test, &node).await?;
+    let status = client
+        .run_query(node_request(&test.alliance, "low-minimum", vec![])?)
+        .await
+        .expect_err("refused");
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        RefusalCode::TemplateRefusedBySite,
+        "does not run template 'low-minimum'",
+    );
+    // Other templates still run.
+    let request = node_request(
+        &test.alliance,
+        "mechanism-by-icu",
+        vec![integer("min_iss", 0)],
+    )?;
+    client.run_query(request).await?;
+    node.stop().await?;
+    test.alliance.stop().await
+}
