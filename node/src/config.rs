@@ -410,18 +410,42 @@ fn trust_policy(raw: &RawPolicy, base: &Path, problems: &mut Vec<String>) -> Tru
             Err(err) => problems.push(format!("policy.trusted_expert_keys: {err}")),
         }
     }
-    let quorum = raw
-        .signature_quorum
-        .unwrap_or(DEFAULT_SIGNATURE_QUORUM.min(trusted.len().max(1)));
-    if !trusted.is_empty() && (quorum == 0 || quorum > trusted.len()) {
+    let revoked: BTreeSet<String> = raw.revoked_keys.iter().cloned().collect();
+    for key_id in &revoked {
+        let well_formed = key_id.strip_prefix("ed25519:").is_some_and(|digits| {
+            digits.len() == 16
+                && digits
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+        });
+        if !well_formed {
+            problems.push(format!(
+                "policy.revoked_keys: '{key_id}' is not a key id; write it as `fedq keys generate` prints it (ed25519: and 16 lowercase hex digits)"
+            ));
+        }
+    }
+    let usable = trusted
+        .iter()
+        .filter(|key| !revoked.contains(&key.key_id))
+        .count();
+    let quorum = match raw.signature_quorum {
+        Some(quorum) => quorum,
+        None if usable == 1 => {
+            problems.push(
+                "policy.signature_quorum is not set and only one trusted key is usable; set signature_quorum = 1 explicitly if one expert's signature should be enough".into(),
+            );
+            DEFAULT_SIGNATURE_QUORUM
+        }
+        None => DEFAULT_SIGNATURE_QUORUM,
+    };
+    if !trusted.is_empty() && (quorum == 0 || quorum > usable) {
         problems.push(format!(
-            "policy.signature_quorum is {quorum}; it must be from 1 to the number of trusted expert keys ({})",
-            trusted.len()
+            "policy.signature_quorum is {quorum}; it must be from 1 to the number of trusted expert keys that are not revoked ({usable})"
         ));
     }
     TrustPolicy {
         trusted,
-        revoked: raw.revoked_keys.iter().cloned().collect(),
+        revoked,
         quorum,
     }
 }
@@ -566,5 +590,61 @@ identifiers = ["NAME"]
         for problem in problems {
             assert!(problem.contains("does not exist"), "{problem}");
         }
+    }
+
+    #[test]
+    fn trust_policy_mistakes_are_caught_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        for file in ["ca.pem", "node.pem", "node.key", "a.csv"] {
+            write(dir.path(), file, "x");
+        }
+        let (ada, ben) = (
+            fedq_proto::signing::ExpertSecretKey::generate("Ada"),
+            fedq_proto::signing::ExpertSecretKey::generate("Ben"),
+        );
+        write(dir.path(), "ada.pub", &ada.public().to_toml());
+        write(dir.path(), "ben.pub", &ben.public().to_toml());
+        let check = |policy: &str| {
+            let text = config_text(policy, "age = { source = \"AGE\" }");
+            let raw: RawNodeConfig =
+                fedq_proto::config::parse_layered(&text, "node.toml", &[]).unwrap();
+            raw.validate(dir.path(), DataModel::builtin())
+                .map(|config| config.policy.trust.quorum)
+        };
+        assert_eq!(
+            check("trusted_expert_keys = [\"ada.pub\", \"ben.pub\"]").unwrap(),
+            2
+        );
+        let single = check("trusted_expert_keys = [\"ada.pub\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            single.contains("set signature_quorum = 1 explicitly"),
+            "{single}"
+        );
+        assert_eq!(
+            check("trusted_expert_keys = [\"ada.pub\"]\nsignature_quorum = 1").unwrap(),
+            1
+        );
+        let typo = check(
+            "trusted_expert_keys = [\"ada.pub\", \"ben.pub\"]\nrevoked_keys = [\"ED25519:ABC\"]",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(typo.contains("'ED25519:ABC' is not a key id"), "{typo}");
+        let unreachable = check(&format!(
+            "trusted_expert_keys = [\"ada.pub\", \"ben.pub\"]\nrevoked_keys = [\"{}\"]",
+            ben.key_id()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            unreachable.contains("that are not revoked (1)"),
+            "{unreachable}"
+        );
+        let secret = check("trusted_expert_keys = [\"node.key\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(secret.contains("trusted_expert_keys"), "{secret}");
     }
 }

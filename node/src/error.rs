@@ -59,7 +59,9 @@ impl NodeError {
                 use fedq_proto::signing::SignatureProblem;
                 match problem {
                     SignatureProblem::NoTrustedKeys => RefusalCode::NoTrustedKeys,
-                    SignatureProblem::Invalid { .. } => RefusalCode::SignatureInvalid,
+                    SignatureProblem::Invalid { .. } | SignatureProblem::TooMany { .. } => {
+                        RefusalCode::SignatureInvalid
+                    }
                     SignatureProblem::Revoked { .. } => RefusalCode::SignerRevoked,
                     SignatureProblem::QuorumNotMet { .. } => RefusalCode::QuorumNotMet,
                 }

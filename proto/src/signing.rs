@@ -46,6 +46,37 @@ fn decode_hex<const N: usize>(text: &str, what: &str, origin: &str) -> Result<[u
         .map_err(|_| Error::Signing(format!("{origin}: {what} must be {N} bytes")))
 }
 
+/// Parses a key file. Errors never quote the file: a parser's snippet of a secret key file
+/// would print the secret.
+fn parse_key_file<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+    kind: &str,
+) -> Result<T, Error> {
+    let table: toml::Table = toml::from_str(text)
+        .map_err(|_| Error::Signing(format!("{origin} is not a readable key file (TOML)")))?;
+    let found = table
+        .get("kind")
+        .and_then(toml::Value::as_str)
+        .unwrap_or("(none)");
+    if found != kind {
+        let hint = if found == SECRET_KIND {
+            "; it is a SECRET key: keep it private and use the matching .pub file here"
+        } else {
+            ""
+        };
+        return Err(Error::Signing(format!(
+            "{origin} is a '{found}' file, expected '{kind}'{hint}"
+        )));
+    }
+    toml::Value::Table(table)
+        .try_into()
+        .map_err(|_| Error::Signing(format!("{origin} is not a valid '{kind}' file")))
+}
+
+/// Most signatures one document may carry (the check is linear, but the list is untrusted).
+pub const MAX_SIGNATURES: usize = 64;
+
 /// An expert's private signing key. Its file must stay with the expert.
 pub struct ExpertSecretKey {
     pub name: String,
@@ -68,6 +99,16 @@ pub struct PublicKeyFile {
     pub name: String,
     pub key_id: String,
     pub public_key: String,
+}
+
+impl std::fmt::Debug for ExpertSecretKey {
+    /// Never prints the secret.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExpertSecretKey")
+            .field("name", &self.name)
+            .field("key_id", &self.key_id())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ExpertSecretKey {
@@ -106,10 +147,7 @@ impl ExpertSecretKey {
     }
 
     pub fn from_toml(text: &str, origin: &str) -> Result<ExpertSecretKey, Error> {
-        let file: SecretKeyFile = toml::from_str(text).map_err(|err| Error::Syntax {
-            what: format!("secret key file {origin}"),
-            message: err.to_string(),
-        })?;
+        let file: SecretKeyFile = parse_key_file(text, origin, SECRET_KIND)?;
         if file.kind != SECRET_KIND {
             return Err(Error::Signing(format!(
                 "{origin} is not a fedq expert secret key ({})",
@@ -139,10 +177,7 @@ impl PublicKeyFile {
     }
 
     pub fn from_toml(text: &str, origin: &str) -> Result<PublicKeyFile, Error> {
-        let file: PublicKeyFile = toml::from_str(text).map_err(|err| Error::Syntax {
-            what: format!("public key file {origin}"),
-            message: err.to_string(),
-        })?;
+        let file: PublicKeyFile = parse_key_file(text, origin, PUBLIC_KIND)?;
         if file.kind != PUBLIC_KIND {
             return Err(Error::Signing(format!(
                 "{origin} is not a fedq expert public key ({})",
@@ -200,6 +235,8 @@ pub enum SignatureProblem {
         "the signature of trusted key {key_id} does not match the document: it was changed after signing, or the signature is damaged; ask the experts to review and re-sign it"
     )]
     Invalid { key_id: String },
+    #[error("the document carries {count} signatures; at most {MAX_SIGNATURES} are accepted")]
+    TooMany { count: usize },
     #[error(
         "the document is signed with revoked key {key_id}; ask the experts to re-sign it with current keys"
     )]
@@ -233,6 +270,11 @@ impl TrustPolicy {
     ) -> Result<Vec<String>, SignatureProblem> {
         if self.trusted.is_empty() || self.quorum == 0 {
             return Err(SignatureProblem::NoTrustedKeys);
+        }
+        if signatures.len() > MAX_SIGNATURES {
+            return Err(SignatureProblem::TooMany {
+                count: signatures.len(),
+            });
         }
         let message = message(kind, canonical);
         let mut valid: Vec<String> = Vec::new();
@@ -439,6 +481,42 @@ mod tests {
             .verify(KIND, b"doc", &[a.sign(KIND, b"doc")])
             .unwrap_err();
         assert_eq!(err, SignatureProblem::NoTrustedKeys);
+    }
+
+    #[test]
+    fn secret_key_given_as_public_key_is_refused_without_printing_it() {
+        let a = ExpertSecretKey::generate("A");
+        let text = a.to_toml();
+        let err = PublicKeyFile::from_toml(&text, "ada.key")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("it is a SECRET key"), "{err}");
+        let secret = text
+            .lines()
+            .find(|line| line.starts_with("secret_key"))
+            .unwrap();
+        let secret_hex = secret.split('"').nth(1).unwrap();
+        assert!(!err.contains(secret_hex), "{err}");
+        let broken = text.replace("secret_key = ", "secret_key = = ");
+        let err = ExpertSecretKey::from_toml(&broken, "ada.key")
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains(secret_hex), "{err}");
+    }
+
+    #[test]
+    fn too_many_signatures_are_refused_before_any_is_checked() {
+        let a = ExpertSecretKey::generate("A");
+        let signatures = vec![a.sign(KIND, b"doc"); MAX_SIGNATURES + 1];
+        let err = policy(&[&a], 1)
+            .verify(KIND, b"doc", &signatures)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            SignatureProblem::TooMany {
+                count: MAX_SIGNATURES + 1
+            }
+        );
     }
 
     #[test]

@@ -671,6 +671,12 @@ impl Template {
                 format!("the strata make {cells} cells; at most {MAX_GRID_CELLS} are allowed"),
             ));
         }
+        if Template::from_canonical(&self.canonical_bytes()).is_err() {
+            return Err(self.problem(
+                Malformed,
+                "a number in the template cannot be encoded exactly; write it with fewer digits",
+            ));
+        }
         Ok(CheckedTemplate {
             template: self,
             dataset,
