@@ -1,6 +1,6 @@
 //! The alliance expert's tools, all local (no coordinator needed): create a key pair, sign a
-//! template file, verify a template's signatures against a set of public keys and a quorum.
-//! Signatures go into the detached `<template>.signatures.toml` next to the template.
+//! template or study file, verify its signatures against a set of public keys and a quorum.
+//! Signatures go into the detached `<file>.signatures.toml` next to the document.
 
 use std::path::{Path, PathBuf};
 
@@ -8,6 +8,7 @@ use fedq_proto::model::DataModel;
 use fedq_proto::signing::{
     ExpertSecretKey, PublicKeyFile, SignaturesFile, TrustPolicy, signatures_path,
 };
+use fedq_proto::study::{self, Study};
 use fedq_proto::template::{self, Template};
 
 use crate::CoordinatorError;
@@ -51,11 +52,38 @@ pub fn generate_key(
     })
 }
 
-/// Reads and checks a template file against the built-in data model.
-fn checked_template(path: &Path) -> Result<Template, CoordinatorError> {
-    let template = Template::from_toml(&read(path)?, &path.display().to_string())?;
-    template.check(&DataModel::builtin(), &Default::default())?;
-    Ok(template)
+/// The kinds of document experts sign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocumentKind {
+    Template,
+    Study,
+}
+
+impl DocumentKind {
+    pub fn kind(self) -> &'static str {
+        match self {
+            DocumentKind::Template => template::DOCUMENT_KIND,
+            DocumentKind::Study => study::DOCUMENT_KIND,
+        }
+    }
+
+    /// Reads and checks a document file; returns its canonical bytes.
+    fn canonical(self, path: &Path) -> Result<Vec<u8>, CoordinatorError> {
+        let text = read(path)?;
+        let origin = path.display().to_string();
+        Ok(match self {
+            DocumentKind::Template => {
+                let template = Template::from_toml(&text, &origin)?;
+                template.check(&DataModel::builtin(), &Default::default())?;
+                template.canonical_bytes()
+            }
+            DocumentKind::Study => {
+                let study = Study::from_toml(&text, &origin)?;
+                study.check()?;
+                study.canonical_bytes()
+            }
+        })
+    }
 }
 
 fn signatures_of(path: &Path) -> Result<SignaturesFile, CoordinatorError> {
@@ -69,49 +97,48 @@ fn signatures_of(path: &Path) -> Result<SignaturesFile, CoordinatorError> {
     )?)
 }
 
-/// Signs the template at `template_path` with the secret key at `key_path`, adding (or
-/// replacing) this key's signature in the template's signatures file. Returns that file.
-pub fn sign_template(template_path: &Path, key_path: &Path) -> Result<PathBuf, CoordinatorError> {
-    let template = checked_template(template_path)?;
+/// Signs the document at `path` with the secret key at `key_path`, adding (or replacing) this
+/// key's signature in the document's signatures file. Returns that file.
+pub fn sign_file(
+    path: &Path,
+    kind: DocumentKind,
+    key_path: &Path,
+) -> Result<PathBuf, CoordinatorError> {
+    let canonical = kind.canonical(path)?;
     let key = ExpertSecretKey::from_toml(&read(key_path)?, &key_path.display().to_string())?;
-    let signature = key.sign(template::DOCUMENT_KIND, &template.canonical_bytes());
-    let mut signatures = signatures_of(template_path)?;
+    let signature = key.sign(kind.kind(), &canonical);
+    let mut signatures = signatures_of(path)?;
     signatures.add(&key.name, &signature);
-    let path = signatures_path(template_path);
-    std::fs::write(&path, signatures.to_toml()).map_err(|err| {
-        CoordinatorError::Certificates(format!("cannot write {}: {err}", path.display()))
+    let signatures_file = signatures_path(path);
+    std::fs::write(&signatures_file, signatures.to_toml()).map_err(|err| {
+        CoordinatorError::Certificates(format!("cannot write {}: {err}", signatures_file.display()))
     })?;
-    Ok(path)
+    Ok(signatures_file)
 }
 
-/// Verifies a template's signatures as a node trusting `public_keys` with `quorum` would.
+/// Verifies a document's signatures as a node trusting `public_keys` with `quorum` would.
 /// Returns the key ids of the valid trusted signers.
-pub fn verify_template(
-    template_path: &Path,
+pub fn verify_file(
+    path: &Path,
+    kind: DocumentKind,
     public_keys: &[PathBuf],
     quorum: usize,
 ) -> Result<Vec<String>, CoordinatorError> {
-    let template = checked_template(template_path)?;
+    let canonical = kind.canonical(path)?;
     let mut trust = TrustPolicy {
         quorum,
         ..TrustPolicy::default()
     };
-    for path in public_keys {
-        let origin = path.display().to_string();
+    for key_path in public_keys {
+        let origin = key_path.display().to_string();
         trust
             .trusted
-            .push(PublicKeyFile::from_toml(&read(path)?, &origin)?.trusted_key(&origin)?);
+            .push(PublicKeyFile::from_toml(&read(key_path)?, &origin)?.trusted_key(&origin)?);
     }
-    let signatures = signatures_of(template_path)?.to_wire();
+    let signatures = signatures_of(path)?.to_wire();
     trust
-        .verify(
-            template::DOCUMENT_KIND,
-            &template.canonical_bytes(),
-            &signatures,
-        )
-        .map_err(|problem| {
-            CoordinatorError::Client(format!("{}: {problem}", template_path.display()))
-        })
+        .verify(kind.kind(), &canonical, &signatures)
+        .map_err(|problem| CoordinatorError::Client(format!("{}: {problem}", path.display())))
 }
 
 #[cfg(test)]
@@ -138,20 +165,94 @@ column = "sex"
         std::fs::write(&path, TEMPLATE).unwrap();
         let a = generate_key("Dr A", "a", dir.path()).unwrap();
         let b = generate_key("Dr B", "b", dir.path()).unwrap();
-        sign_template(&path, &a.secret).unwrap();
-        sign_template(&path, &b.secret).unwrap();
+        sign_file(&path, DocumentKind::Template, &a.secret).unwrap();
+        sign_file(&path, DocumentKind::Template, &b.secret).unwrap();
         let keys = [a.public.clone(), b.public.clone()];
-        assert_eq!(verify_template(&path, &keys, 2).unwrap().len(), 2);
+        assert_eq!(
+            verify_file(&path, DocumentKind::Template, &keys, 2)
+                .unwrap()
+                .len(),
+            2
+        );
 
         std::fs::write(
             &path,
             TEMPLATE.replace("version = 1\n", "version   = 1   # same\n"),
         )
         .unwrap();
-        assert_eq!(verify_template(&path, &keys, 2).unwrap().len(), 2);
+        assert_eq!(
+            verify_file(&path, DocumentKind::Template, &keys, 2)
+                .unwrap()
+                .len(),
+            2
+        );
 
         std::fs::write(&path, TEMPLATE.replace("title = \"T\"", "title = \"U\"")).unwrap();
-        let err = verify_template(&path, &keys, 2).unwrap_err().to_string();
+        let err = verify_file(&path, DocumentKind::Template, &keys, 2)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not match the document"), "{err}");
+    }
+
+    #[test]
+    fn study_approval_is_checked_signed_and_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let template_path = dir.path().join("t.toml");
+        std::fs::write(&template_path, TEMPLATE).unwrap();
+        let template = Template::from_toml(TEMPLATE, "t").unwrap();
+        let pin = fedq_proto::study::PinnedTemplate::of(&template);
+        let study = format!(
+            r#"id = "s"
+title = "S"
+purpose = "To count admissions."
+lead_institution = "Hospital A"
+study_lead = "Dr. Lead"
+ethics_reference = "EC-1"
+sites = ["site-a"]
+valid_from = "2026-01-01"
+valid_until = "2026-12-31"
+max_queries_per_day = 5
+[[templates]]
+id = "{}"
+version = {}
+content_hash = "{}"
+"#,
+            pin.id, pin.version, pin.content_hash
+        );
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, &study).unwrap();
+        let a = generate_key("Dr A", "a", dir.path()).unwrap();
+        sign_file(&path, DocumentKind::Study, &a.secret).unwrap();
+        assert_eq!(
+            verify_file(
+                &path,
+                DocumentKind::Study,
+                std::slice::from_ref(&a.public),
+                1
+            )
+            .unwrap()
+            .len(),
+            1
+        );
+        // A study signature is not a template signature, even over the same key.
+        let err = verify_file(
+            &template_path,
+            DocumentKind::Template,
+            std::slice::from_ref(&a.public),
+            1,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("requires 1"), "{err}");
+
+        std::fs::write(
+            &path,
+            study.replace("max_queries_per_day = 5", "max_queries_per_day = 0"),
+        )
+        .unwrap();
+        let err = sign_file(&path, DocumentKind::Study, &a.secret)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 1"), "{err}");
     }
 }

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use fedq_coordinator::config::CoordinatorConfig;
+use fedq_coordinator::experts::DocumentKind;
 use fedq_coordinator::{CoordinatorError, certs, client, experts, render};
 use fedq_proto::wire;
 
@@ -60,7 +61,12 @@ enum Command {
     /// Sign or verify a template file (local).
     Template {
         #[command(subcommand)]
-        command: TemplateCommand,
+        command: DocumentCommand,
+    },
+    /// Sign or verify a study approval file (local).
+    Study {
+        #[command(subcommand)]
+        command: DocumentCommand,
     },
     /// Run an approved template at every site and show the pooled result.
     Query {
@@ -105,16 +111,16 @@ enum KeysCommand {
 }
 
 #[derive(Subcommand)]
-enum TemplateCommand {
-    /// Sign a template file with your secret key (adds to <template>.signatures.toml).
+enum DocumentCommand {
+    /// Check the file and sign it with your secret key (adds to <file>.signatures.toml).
     Sign {
-        template: PathBuf,
+        file: PathBuf,
         #[arg(long)]
         key: PathBuf,
     },
-    /// Verify a template's signatures as a node trusting these public keys would.
+    /// Check the file and verify its signatures as a node trusting these public keys would.
     Verify {
-        template: PathBuf,
+        file: PathBuf,
         /// A trusted public key file; repeat for each.
         #[arg(long = "trusted", required = true)]
         trusted: Vec<PathBuf>,
@@ -183,26 +189,8 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             );
             Ok(())
         }
-        Command::Template { command } => match command {
-            TemplateCommand::Sign { template, key } => {
-                let signatures = experts::sign_template(&template, &key)?;
-                println!("signed; signatures are in {}", signatures.display());
-                Ok(())
-            }
-            TemplateCommand::Verify {
-                template,
-                trusted,
-                quorum,
-            } => {
-                let signers = experts::verify_template(&template, &trusted, quorum)?;
-                println!(
-                    "valid: signed by {} trusted key(s): {}",
-                    signers.len(),
-                    signers.join(", ")
-                );
-                Ok(())
-            }
-        },
+        Command::Template { command } => document_command(command, DocumentKind::Template),
+        Command::Study { command } => document_command(command, DocumentKind::Study),
         Command::Templates { command } => {
             let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
             match command {
@@ -305,6 +293,28 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             Ok(())
         }
     }
+}
+
+fn document_command(command: DocumentCommand, kind: DocumentKind) -> Result<(), CoordinatorError> {
+    match command {
+        DocumentCommand::Sign { file, key } => {
+            let signatures = experts::sign_file(&file, kind, &key)?;
+            println!("signed; signatures are in {}", signatures.display());
+        }
+        DocumentCommand::Verify {
+            file,
+            trusted,
+            quorum,
+        } => {
+            let signers = experts::verify_file(&file, kind, &trusted, quorum)?;
+            println!(
+                "valid: signed by {} trusted key(s): {}",
+                signers.len(),
+                signers.join(", ")
+            );
+        }
+    }
+    Ok(())
 }
 
 fn describe_template(detail: &wire::TemplateDetail) -> String {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use fedq_coordinator::certs::{self, DevPki};
 use fedq_coordinator::config::CoordinatorConfig;
-use fedq_coordinator::experts::{self, GeneratedKey};
+use fedq_coordinator::experts::{self, DocumentKind, GeneratedKey};
 use fedq_coordinator::server::PreparedCoordinator;
 use fedq_node::config::NodeConfig;
 use fedq_node::query::QueryEngine;
@@ -282,7 +282,7 @@ pub fn sign_catalogue(
         let copy = catalogue.join(name);
         std::fs::copy(&source, &copy)?;
         for expert in &experts[..2] {
-            experts::sign_template(&copy, &expert.secret)?;
+            experts::sign_file(&copy, DocumentKind::Template, &expert.secret)?;
         }
     }
     Ok((experts, catalogue))

@@ -28,6 +28,9 @@ pub enum Error {
         code: TemplateProblem,
         message: String,
     },
+    /// A study approval is not valid.
+    #[error("study '{study}': {message}")]
+    Study { study: String, message: String },
     /// A parameter value does not fit its declaration.
     #[error("parameter '{parameter}': {message}")]
     Parameter { parameter: String, message: String },
@@ -65,6 +68,7 @@ impl Error {
             },
             Error::Syntax { .. } => RefusalCode::MalformedTemplate,
             Error::Parameter { .. } => RefusalCode::InvalidParameter,
+            Error::Study { .. } => RefusalCode::MalformedStudy,
             Error::Io { .. }
             | Error::DataModel(_)
             | Error::Tls(_)

@@ -5,6 +5,7 @@
 //! - [`model`]: the alliance's common data model (datasets, columns, types, domains).
 //! - [`template`]: the query-template language: parsing, validation against the data model,
 //!   canonical bytes and content hash, typed parameter binding.
+//! - [`study`]: study approvals (purpose, sites, pinned templates, validity, daily limit).
 //! - [`document`]: the signed-document envelope templates travel in.
 //! - [`signing`]: expert keys, signatures and the verification rule (trusted keys, quorum,
 //!   revocation).
@@ -22,6 +23,7 @@ mod error;
 pub mod model;
 pub mod process;
 pub mod signing;
+pub mod study;
 pub mod template;
 pub mod tls;
 
