@@ -18,6 +18,7 @@ pub const ENV_PREFIX: &str = "FEDQ_COORDINATOR";
 pub struct RawCoordinatorConfig {
     listen: String,
     templates: PathBuf,
+    studies: PathBuf,
     tls: TlsFiles,
     #[serde(default)]
     query: RawQuery,
@@ -45,6 +46,8 @@ pub struct CoordinatorConfig {
     pub listen: SocketAddr,
     /// Folder of approved template files (`*.toml`).
     pub templates: PathBuf,
+    /// Folder of signed study approval files (`*.toml`).
+    pub studies: PathBuf,
     /// The alliance CA, and the coordinator's certificate: presented to study-lead clients as a
     /// server and to nodes as a client.
     pub tls: TlsFiles,
@@ -83,6 +86,13 @@ impl RawCoordinatorConfig {
             ));
         }
         let templates = fedq_proto::config::resolve_path(base, &self.templates);
+        let studies = fedq_proto::config::resolve_path(base, &self.studies);
+        if !studies.is_dir() {
+            problems.push(format!(
+                "studies: folder {} does not exist",
+                studies.display()
+            ));
+        }
         if !templates.is_dir() {
             problems.push(format!(
                 "templates: folder {} does not exist",
@@ -128,6 +138,7 @@ impl RawCoordinatorConfig {
             Ok(listen) if problems.is_empty() => Ok(CoordinatorConfig {
                 listen,
                 templates,
+                studies,
                 tls,
                 default_deadline: Duration::from_millis(default_deadline),
                 max_deadline: Duration::from_millis(max_deadline),
@@ -155,6 +166,7 @@ mod tests {
     const BASE: &str = r#"
 listen = "127.0.0.1:0"
 templates = "templates"
+studies = "templates"
 [tls]
 ca_cert = "ca.pem"
 cert = "c.pem"

@@ -18,6 +18,16 @@ pub enum CoordinatorError {
         "no approved template '{0}' in the catalogue; `fedq templates list` shows the approved ones"
     )]
     UnknownTemplate(String),
+    /// The study lead named a study the catalogue does not hold.
+    #[error(
+        "no approved study '{0}' in the catalogue; `fedq studies list` shows the approved ones"
+    )]
+    UnknownStudy(String),
+    /// The template is not approved for the study.
+    #[error(
+        "template '{template}' is not approved for study '{study}'; `fedq studies list` shows each study's templates"
+    )]
+    TemplateNotInStudy { template: String, study: String },
     /// Certificates could not be created or written.
     #[error("certificates: {0}")]
     Certificates(String),
@@ -33,7 +43,10 @@ impl CoordinatorError {
     /// The single mapping to a gRPC status for study-lead clients.
     pub fn to_status(&self) -> Status {
         let code = match self {
-            CoordinatorError::UnknownTemplate(_) => Code::NotFound,
+            CoordinatorError::UnknownTemplate(_) | CoordinatorError::UnknownStudy(_) => {
+                Code::NotFound
+            }
+            CoordinatorError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
             CoordinatorError::Contract(fedq_proto::Error::Parameter { .. }) => {
                 Code::InvalidArgument
             }

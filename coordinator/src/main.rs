@@ -68,10 +68,15 @@ enum Command {
         #[command(subcommand)]
         command: DocumentCommand,
     },
+    /// The approved studies: purpose, lead, ethics reference, validity, sites, templates.
+    Studies,
     /// Run an approved template at every site and show the pooled result.
     Query {
         /// Template id (see `fedq templates list`).
         template: String,
+        /// The approved study the query is made under (see `fedq studies`).
+        #[arg(long, env = "FEDQ_STUDY")]
+        study: String,
         /// A parameter value, `name=value`; repeat for each. Categories: `a,b,c`.
         #[arg(long = "param", short = 'p')]
         params: Vec<String>,
@@ -251,8 +256,21 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             }
             Ok(())
         }
+        Command::Studies => {
+            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            let studies = coordinator
+                .list_studies(wire::ListStudiesRequest {})
+                .await
+                .map_err(|status| client::status_message(&status))?
+                .into_inner();
+            for study in studies.studies {
+                print!("{}", render::study(&study));
+            }
+            Ok(())
+        }
         Command::Query {
             template,
+            study,
             params,
             deadline_ms,
             json,
@@ -267,6 +285,7 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 .into_inner();
             let parameters = client::parse_parameters(&params, &detail.parameters)?;
             let request = wire::RunQueryRequest {
+                study_id: study,
                 template_id: template,
                 parameters,
                 deadline_ms: deadline_ms.unwrap_or(0),

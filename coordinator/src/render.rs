@@ -239,6 +239,41 @@ pub fn site_line(site: &wire::SiteProgress) -> String {
     }
 }
 
+/// A study approval for a person.
+pub fn study(study: &wire::StudySummary) -> String {
+    let templates: Vec<String> = study
+        .templates
+        .iter()
+        .map(|pin| {
+            format!(
+                "{} v{} ({})",
+                pin.id,
+                pin.version,
+                short_hash(&pin.content_hash)
+            )
+        })
+        .collect();
+    format!(
+        "{} — {}\n  purpose: {}\n  lead: {}, {}\n  ethics approval: {}\n  in force: {} to {}, at most {} queries per day per site\n  sites: {}\n  templates: {}\n  signed by: {}\n\n",
+        study.id,
+        study.title,
+        study.purpose,
+        study.study_lead,
+        study.lead_institution,
+        study.ethics_reference,
+        study.valid_from,
+        study.valid_until,
+        study.max_queries_per_day,
+        study.sites.join(", "),
+        templates.join(", "),
+        if study.signer_key_ids.is_empty() {
+            "(no signatures)".to_string()
+        } else {
+            study.signer_key_ids.join(", ")
+        }
+    )
+}
+
 /// The documented JSON form of a result (README, "JSON result").
 #[derive(Debug, Serialize)]
 pub struct JsonResult {

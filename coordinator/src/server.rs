@@ -25,7 +25,11 @@ pub struct PreparedCoordinator {
 
 impl PreparedCoordinator {
     pub fn new(config: &CoordinatorConfig) -> Result<PreparedCoordinator, CoordinatorError> {
-        let catalogue = Arc::new(Catalogue::load(&config.templates, DataModel::builtin())?);
+        let catalogue = Arc::new(Catalogue::load(
+            &config.templates,
+            &config.studies,
+            DataModel::builtin(),
+        )?);
         let nodes = NodeClients::new(config)?;
         let tls_config = tls::server_only_tls_config(&config.tls)?;
         tracing::info!(

@@ -52,10 +52,10 @@ impl CoordinatorService {
 
 fn summary(entry: &CatalogueEntry) -> wire::TemplateSummary {
     wire::TemplateSummary {
-        reference: Some((&TemplateRef::of(&entry.template)).into()),
-        title: entry.template.title.clone(),
-        dataset: entry.template.dataset.clone(),
-        statistic: entry.template.statistic.name().to_string(),
+        reference: Some((&TemplateRef::of(&entry.document)).into()),
+        title: entry.document.title.clone(),
+        dataset: entry.document.dataset.clone(),
+        statistic: entry.document.statistic.name().to_string(),
         signer_key_ids: entry
             .signatures
             .iter()
@@ -65,7 +65,7 @@ fn summary(entry: &CatalogueEntry) -> wire::TemplateSummary {
 }
 
 fn detail(entry: &CatalogueEntry, catalogue: &Catalogue) -> wire::TemplateDetail {
-    let template = &entry.template;
+    let template = &entry.document;
     let dataset = catalogue.data_model.dataset(&template.dataset);
     let parameters = template
         .parameters
@@ -202,6 +202,47 @@ impl Coordinator for CoordinatorService {
         Ok(Response::new(detail(entry, &self.catalogue)))
     }
 
+    async fn list_studies(
+        &self,
+        _request: Request<wire::ListStudiesRequest>,
+    ) -> Result<Response<wire::ListStudiesResponse>, Status> {
+        let studies = self
+            .catalogue
+            .studies()
+            .iter()
+            .map(|entry| {
+                let study = &entry.document;
+                wire::StudySummary {
+                    id: study.id.clone(),
+                    title: study.title.clone(),
+                    purpose: study.purpose.clone(),
+                    lead_institution: study.lead_institution.clone(),
+                    study_lead: study.study_lead.clone(),
+                    ethics_reference: study.ethics_reference.clone(),
+                    valid_from: study.valid_from.clone(),
+                    valid_until: study.valid_until.clone(),
+                    max_queries_per_day: study.max_queries_per_day,
+                    sites: study.sites.clone(),
+                    templates: study
+                        .templates
+                        .iter()
+                        .map(|pin| wire::TemplateRef {
+                            id: pin.id.clone(),
+                            version: pin.version,
+                            content_hash: pin.content_hash.clone(),
+                        })
+                        .collect(),
+                    signer_key_ids: entry
+                        .signatures
+                        .iter()
+                        .map(|signature| signature.key_id.clone())
+                        .collect(),
+                }
+            })
+            .collect();
+        Ok(Response::new(wire::ListStudiesResponse { studies }))
+    }
+
     async fn list_sites(
         &self,
         _request: Request<wire::ListSitesRequest>,
@@ -237,7 +278,18 @@ impl Coordinator for CoordinatorService {
             .catalogue
             .get(&request.template_id)
             .map_err(|err| err.to_status())?;
-        let template = &entry.template;
+        let template = &entry.document;
+        let study = self
+            .catalogue
+            .study(&request.study_id)
+            .map_err(|err| err.to_status())?;
+        if !study.document.pins(template) {
+            return Err(CoordinatorError::TemplateNotInStudy {
+                template: template.id.clone(),
+                study: study.document.id.clone(),
+            }
+            .to_status());
+        }
         let checked = template
             .check(&self.catalogue.data_model, &Default::default())
             .map_err(|err| CoordinatorError::from(err).to_status())?;
@@ -262,6 +314,10 @@ impl Coordinator for CoordinatorService {
             )),
             parameters: request.parameters,
             requester: "unauthenticated study lead".to_string(),
+            study: Some(fedq_proto::document::study_document(
+                &study.document,
+                study.signatures.clone(),
+            )),
         };
         let deadline = self.deadline(request.deadline_ms);
         let mut replies = self.nodes.run_query(node_request, deadline);

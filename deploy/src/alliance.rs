@@ -16,6 +16,8 @@ use fedq_coordinator::server::PreparedCoordinator;
 use fedq_node::config::NodeConfig;
 use fedq_node::query::QueryEngine;
 use fedq_node::server::PreparedNode;
+use fedq_proto::study::{PinnedTemplate, Study};
+use fedq_proto::template::Template;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -138,6 +140,8 @@ pub struct NodeFiles<'a> {
     /// Public key files of the experts this site trusts.
     pub trusted_expert_keys: &'a [PathBuf],
     pub signature_quorum: usize,
+    /// Studies this site accepts.
+    pub accepted_studies: &'a [&'a str],
 }
 
 /// Writes a node configuration file (as a hospital administrator would) and returns its path.
@@ -166,6 +170,7 @@ accepted_coordinators = [{accepted}]
 min_cell_count = {floor}
 trusted_expert_keys = [{trusted}]
 signature_quorum = {quorum}
+accepted_studies = [{studies}]
 
 [[datasets]]
 name = "trauma_admissions"
@@ -187,6 +192,12 @@ identifiers = [{identifiers}]
             .collect::<Vec<_>>()
             .join(", "),
         quorum = files.signature_quorum,
+        studies = files
+            .accepted_studies
+            .iter()
+            .map(|id| format!("\"{id}\""))
+            .collect::<Vec<_>>()
+            .join(", "),
         data = files.data_file.display(),
         identifiers = identifiers.join(", "),
         mapping = synth::column_mapping(files.format),
@@ -207,7 +218,7 @@ pub struct NodeListing {
 /// Writes a coordinator configuration file and returns its path.
 pub fn write_coordinator_config(
     folder: &Path,
-    templates: &Path,
+    catalogue: &SignedCatalogue,
     pki: &DevPki,
     coordinator_identity: &str,
     nodes: &[NodeListing],
@@ -222,6 +233,7 @@ pub fn write_coordinator_config(
         r#"# fedq coordinator configuration (generated for a local alliance)
 listen = "127.0.0.1:0"
 templates = "{templates}"
+studies = "{studies}"
 
 [tls]
 ca_cert = "{ca}"
@@ -232,7 +244,8 @@ key = "{key}"
 default_deadline_ms = {default_deadline_ms}
 max_deadline_ms = 120000
 "#,
-        templates = templates.display(),
+        templates = catalogue.templates.display(),
+        studies = catalogue.studies.display(),
         ca = pki.ca_cert.display(),
         cert = issued.cert.display(),
         key = issued.key.display(),
@@ -257,12 +270,27 @@ pub const EXPERTS: [(&str, &str); 3] = [
     ("Dr. Chen Li", "chen"),
 ];
 
+/// The study every local alliance approves: all its templates, all its sites.
+pub const STUDY_ID: &str = "trauma-outcomes";
+
+/// Where a signed catalogue lives.
+#[derive(Debug, Clone)]
+pub struct SignedCatalogue {
+    pub experts: Vec<GeneratedKey>,
+    /// Approved templates with their signatures files.
+    pub templates: PathBuf,
+    /// The study approval [`STUDY_ID`] with its signatures file.
+    pub studies: PathBuf,
+}
+
 /// Creates the three expert keys under `root/experts`, copies every template from `templates`
-/// into `root/catalogue` and has Ada and Ben sign each one (quorum 2 of 3).
+/// into `root/catalogue` and has Ada and Ben sign each one (quorum 2 of 3), then writes and
+/// signs the study approval [`STUDY_ID`] for `sites` in `root/studies`, pinning every template.
 pub fn sign_catalogue(
     root: &Path,
     templates: &Path,
-) -> anyhow::Result<(Vec<GeneratedKey>, PathBuf)> {
+    sites: &[&str],
+) -> anyhow::Result<SignedCatalogue> {
     let experts_dir = root.join("experts");
     let catalogue = root.join("catalogue");
     std::fs::create_dir_all(&catalogue)?;
@@ -270,6 +298,7 @@ pub fn sign_catalogue(
         .iter()
         .map(|(name, file)| experts::generate_key(name, file, &experts_dir))
         .collect::<Result<Vec<_>, _>>()?;
+    let mut pins = Vec::new();
     for entry in std::fs::read_dir(templates)? {
         let source = entry?.path();
         let name = source
@@ -284,8 +313,35 @@ pub fn sign_catalogue(
         for expert in &experts[..2] {
             experts::sign_file(&copy, DocumentKind::Template, &expert.secret)?;
         }
+        let template = Template::from_toml(&std::fs::read_to_string(&copy)?, name)?;
+        pins.push(PinnedTemplate::of(&template));
     }
-    Ok((experts, catalogue))
+    pins.sort_by(|left, right| left.id.cmp(&right.id));
+    let studies = root.join("studies");
+    std::fs::create_dir_all(&studies)?;
+    let study = Study {
+        id: STUDY_ID.into(),
+        title: "Outcomes of trauma care across the alliance".into(),
+        purpose: "To learn how many injured people are treated and how many die in hospital, by age, sex and cause of injury, so that hospitals can compare and improve trauma care.".into(),
+        lead_institution: "Alliance Trauma Research Group".into(),
+        study_lead: "Dr. Lea Study".into(),
+        ethics_reference: "EC-2026-001 (synthetic demo approval)".into(),
+        templates: pins,
+        sites: sites.iter().map(|site| site.to_string()).collect(),
+        valid_from: "2025-01-01".into(),
+        valid_until: "2035-12-31".into(),
+        max_queries_per_day: 1000,
+    };
+    let study_file = studies.join(format!("{STUDY_ID}.toml"));
+    std::fs::write(&study_file, toml::to_string(&study)?)?;
+    for expert in &experts[..2] {
+        experts::sign_file(&study_file, DocumentKind::Study, &expert.secret)?;
+    }
+    Ok(SignedCatalogue {
+        experts,
+        templates: catalogue,
+        studies,
+    })
 }
 
 /// A whole local alliance: certificates, data, nodes and a coordinator.
@@ -293,10 +349,9 @@ pub fn sign_catalogue(
 pub struct LocalAlliance {
     pub root: PathBuf,
     pub pki: DevPki,
-    /// The alliance experts' keys (three; every node trusts all, quorum 2).
-    pub experts: Vec<GeneratedKey>,
-    /// The approved templates with the experts' signatures, as the coordinator serves them.
-    pub catalogue: PathBuf,
+    /// The experts' keys (three; every node trusts all, quorum 2), the signed templates and
+    /// the signed study approval, as the coordinator serves them.
+    pub catalogue: SignedCatalogue,
     pub data_files: Vec<PathBuf>,
     pub node_configs: Vec<PathBuf>,
     pub nodes: Vec<(String, Running)>,
@@ -326,8 +381,13 @@ impl LocalAlliance {
         let mut identities = vec![COORDINATOR_IDENTITY.to_string()];
         identities.extend(sites.iter().map(|site| site_identity(&site.site_id)));
         let pki = certs::create_dev_pki(&certs_dir, "fedq local alliance CA", &identities)?;
-        let (experts, catalogue) = sign_catalogue(root, templates)?;
-        let trusted: Vec<PathBuf> = experts.iter().map(|expert| expert.public.clone()).collect();
+        let site_ids: Vec<&str> = sites.iter().map(|site| site.site_id.as_str()).collect();
+        let signed = sign_catalogue(root, templates, &site_ids)?;
+        let trusted: Vec<PathBuf> = signed
+            .experts
+            .iter()
+            .map(|expert| expert.public.clone())
+            .collect();
 
         let mut data_files = Vec::new();
         let mut node_configs = Vec::new();
@@ -356,6 +416,7 @@ impl LocalAlliance {
                     min_cell_count,
                     trusted_expert_keys: &trusted,
                     signature_quorum: 2,
+                    accepted_studies: &[STUDY_ID],
                 },
             )?;
             let running = start_node(&config)
@@ -372,7 +433,7 @@ impl LocalAlliance {
         }
         let coordinator_config = write_coordinator_config(
             &config_dir,
-            &catalogue,
+            &signed,
             &pki,
             COORDINATOR_IDENTITY,
             &listings,
@@ -384,8 +445,7 @@ impl LocalAlliance {
         Ok(LocalAlliance {
             root: root.to_path_buf(),
             pki,
-            experts,
-            catalogue,
+            catalogue: signed,
             data_files,
             node_configs,
             nodes,

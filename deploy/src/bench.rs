@@ -11,6 +11,7 @@ use anyhow::Context;
 use fedq_node::config::NodeConfig;
 use fedq_node::plan;
 use fedq_node::query::QueryEngine;
+use fedq_proto::study::{PinnedTemplate, Study};
 use fedq_proto::template::Template;
 use fedq_proto::wire;
 
@@ -105,6 +106,7 @@ pub async fn run(
             min_cell_count: 10,
             trusted_expert_keys: &[expert_public],
             signature_quorum: 1,
+            accepted_studies: &["bench"],
         },
     )?;
 
@@ -138,7 +140,25 @@ pub async fn run(
         &identity,
     )
     .await?;
+    let study = Study {
+        id: "bench".into(),
+        title: "Benchmark".into(),
+        purpose: "Measures query speed on synthetic data.".into(),
+        lead_institution: "fedq".into(),
+        study_lead: "benchmark".into(),
+        ethics_reference: "none (synthetic data)".into(),
+        templates: vec![PinnedTemplate::of(&template)],
+        sites: vec![site.site_id.clone()],
+        valid_from: "2000-01-01".into(),
+        valid_until: "2099-12-31".into(),
+        max_queries_per_day: u32::MAX,
+    };
+    let study_signature = expert.sign(fedq_proto::study::DOCUMENT_KIND, &study.canonical_bytes());
     let request = wire::QueryRequest {
+        study: Some(fedq_proto::document::study_document(
+            &study,
+            vec![study_signature],
+        )),
         request_id: "bench".into(),
         template: Some(fedq_proto::document::template_document(
             &template,

@@ -10,7 +10,7 @@ use fedq_proto::convert::parameter_to_wire;
 use fedq_proto::template::Value;
 use fedq_proto::wire;
 
-use crate::alliance::{LocalAlliance, bundled_templates};
+use crate::alliance::{LocalAlliance, STUDY_ID, bundled_templates};
 use crate::synth::SiteProfile;
 
 /// One showcase question.
@@ -78,6 +78,7 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
             .map(|(name, value)| parameter_to_wire(name, value))
             .collect();
         let request = wire::RunQueryRequest {
+            study_id: STUDY_ID.into(),
             template_id: showcase.template.to_string(),
             parameters,
             deadline_ms: 0,
@@ -100,6 +101,7 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
     let refused = client::run_query(
         &mut coordinator,
         wire::RunQueryRequest {
+            study_id: STUDY_ID.into(),
             template_id: "elderly-major-trauma-deaths".into(),
             parameters: vec![parameter_to_wire("min_age", &Value::Integer(30))],
             deadline_ms: 0,
@@ -143,7 +145,7 @@ pub async fn up(
     writeln!(output, "try, in another terminal:")?;
     writeln!(
         output,
-        "  export FEDQ_COORDINATOR={} FEDQ_CA_CERT={}",
+        "  export FEDQ_COORDINATOR={} FEDQ_CA_CERT={} FEDQ_STUDY={STUDY_ID}",
         alliance.coordinator_url(),
         alliance.pki.ca_cert.display()
     )?;

@@ -15,6 +15,8 @@ pub struct AuditRecord<'a> {
     pub caller: &'a str,
     /// The study lead the coordinator named.
     pub requester: &'a str,
+    /// The study the query was made under (empty when none was established).
+    pub study: &'a str,
     pub template: Option<(&'a str, u32, &'a str)>,
     pub outcome: AuditOutcome,
 }
@@ -51,6 +53,7 @@ pub fn record(record: &AuditRecord<'_>) {
         request_id = record.request_id,
         caller = record.caller,
         requester = record.requester,
+        study = record.study,
         template_id,
         template_version,
         template_hash,

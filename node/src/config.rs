@@ -47,6 +47,8 @@ struct RawPolicy {
     revoked_keys: Vec<String>,
     #[serde(default)]
     refused_templates: Vec<String>,
+    #[serde(default)]
+    accepted_studies: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -125,6 +127,8 @@ pub struct Policy {
     pub trust: TrustPolicy,
     /// Template ids this site never runs, however they are signed.
     pub refused_templates: BTreeSet<String>,
+    /// Study ids this site has itself accepted; experts alone cannot enrol it.
+    pub accepted_studies: BTreeSet<String>,
 }
 
 /// The signature quorum when the configuration names none.
@@ -241,6 +245,7 @@ impl RawNodeConfig {
                     min_cell_count,
                     trust,
                     refused_templates: self.policy.refused_templates.into_iter().collect(),
+                    accepted_studies: self.policy.accepted_studies.into_iter().collect(),
                 },
                 datasets,
                 data_model,

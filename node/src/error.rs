@@ -22,6 +22,40 @@ pub enum NodeError {
         "caller identity {presented} is not an accepted coordinator of this site; the site's administrator lists accepted identities in policy.accepted_coordinators"
     )]
     CallerNotAccepted { presented: String },
+    /// The request names no study.
+    #[error(
+        "the request names no study approval; every query is made under an approved study (fedq query --study ID)"
+    )]
+    StudyMissing,
+    /// The study is not in force today.
+    #[error(
+        "study '{study}' is in force from {from} to {until} (UTC) and today is {today}; ask the experts to renew the approval"
+    )]
+    StudyNotInForce {
+        study: String,
+        from: String,
+        until: String,
+        today: String,
+    },
+    /// The study does not list this site.
+    #[error(
+        "study '{study}' does not include this site ('{site}'); only the sites its approval lists take part"
+    )]
+    SiteNotInStudy { study: String, site: String },
+    /// The template (exactly this version and content) is not approved for the study.
+    #[error(
+        "template '{template}' version {version} is not approved for study '{study}' (the approval pins each template's id, version and content); ask the experts to add it to the study"
+    )]
+    TemplateNotInStudy {
+        study: String,
+        template: String,
+        version: u32,
+    },
+    /// This site has not accepted the study.
+    #[error(
+        "this site has not accepted study '{study}'; a site takes part only in studies its administrator lists in policy.accepted_studies"
+    )]
+    StudyNotAccepted { study: String },
     /// The site's own policy refuses this template.
     #[error(
         "this site does not run template '{0}' (its local policy refuses it, however it is signed); ask the site's administrator"
@@ -67,6 +101,11 @@ impl NodeError {
                 }
             }
             NodeError::TemplateRefusedBySite(_) => RefusalCode::TemplateRefusedBySite,
+            NodeError::StudyMissing => RefusalCode::StudyMissing,
+            NodeError::StudyNotInForce { .. } => RefusalCode::StudyNotInForce,
+            NodeError::SiteNotInStudy { .. } => RefusalCode::SiteNotInStudy,
+            NodeError::TemplateNotInStudy { .. } => RefusalCode::TemplateNotInStudy,
+            NodeError::StudyNotAccepted { .. } => RefusalCode::StudyNotAccepted,
             NodeError::DatasetNotHeld(_) => RefusalCode::UnknownDataset,
             NodeError::ColumnNotHeld { .. } => RefusalCode::UnknownColumn,
             NodeError::Config(_)

@@ -31,6 +31,14 @@ pub struct QueryRequest {
     pub template: Option<wire::SignedDocument>,
     pub parameters: Vec<wire::ParameterValue>,
     pub requester: String,
+    pub study: Option<wire::SignedDocument>,
+}
+
+/// What verification established before a request ended, for its audit record.
+#[derive(Debug, Default)]
+struct Seen {
+    template: Option<Template>,
+    study: Option<String>,
 }
 
 /// A released answer: only disclosed values.
@@ -109,9 +117,9 @@ impl QueryEngine {
         request: &QueryRequest,
     ) -> Result<SiteAnswer, NodeError> {
         let caller = caller_identities.join(",");
-        let mut template_seen: Option<Template> = None;
-        let result = self.answer(caller_identities, request, &mut template_seen);
-        let reference = template_seen.as_ref().map(TemplateRef::of);
+        let mut seen = Seen::default();
+        let result = self.answer(caller_identities, request, &mut seen);
+        let reference = seen.template.as_ref().map(TemplateRef::of);
         let outcome = match &result {
             Ok(answer) => AuditOutcome::Released {
                 cells_released: answer.table.cells.len() - answer.table.withheld_cells(),
@@ -124,6 +132,7 @@ impl QueryEngine {
             request_id: &request.request_id,
             caller: &caller,
             requester: &request.requester,
+            study: seen.study.as_deref().unwrap_or(""),
             template: reference.as_ref().map(|reference| {
                 (
                     reference.id.as_str(),
@@ -140,16 +149,25 @@ impl QueryEngine {
         &self,
         caller_identities: &[String],
         request: &QueryRequest,
-        template_seen: &mut Option<Template>,
+        seen: &mut Seen,
     ) -> Result<SiteAnswer, NodeError> {
         verify::authorize_caller(caller_identities, &self.policy.accepted_coordinators)?;
-        let template: &Template = template_seen.insert(verify::open_template(
+        let template: &Template = seen.template.insert(verify::open_template(
             request.template.as_ref(),
             &self.policy.trust,
         )?);
         if self.policy.refused_templates.contains(&template.id) {
             return Err(NodeError::TemplateRefusedBySite(template.id.clone()));
         }
+        let study = verify::open_study(request.study.as_ref(), &self.policy.trust)?;
+        seen.study = Some(study.id.clone());
+        verify::check_study(
+            &study,
+            template,
+            &self.site_id,
+            &self.policy.accepted_studies,
+            chrono::Utc::now().date_naive(),
+        )?;
         let snapshot = self
             .snapshots
             .get(&template.dataset)

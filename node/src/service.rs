@@ -42,7 +42,15 @@ pub fn status_of(err: &NodeError) -> Status {
         NodeError::Signature(fedq_proto::signing::SignatureProblem::NoTrustedKeys) => {
             Code::FailedPrecondition
         }
-        NodeError::Signature(_) | NodeError::TemplateRefusedBySite(_) => Code::PermissionDenied,
+        NodeError::Signature(_)
+        | NodeError::TemplateRefusedBySite(_)
+        | NodeError::StudyNotAccepted { .. } => Code::PermissionDenied,
+        NodeError::StudyNotInForce { .. }
+        | NodeError::SiteNotInStudy { .. }
+        | NodeError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
+        NodeError::StudyMissing | NodeError::Contract(fedq_proto::Error::Study { .. }) => {
+            Code::InvalidArgument
+        }
         NodeError::Contract(fedq_proto::Error::Template { code, .. }) => match code {
             TemplateProblem::IdentifierColumn => Code::PermissionDenied,
             TemplateProblem::DataModelMismatch => Code::FailedPrecondition,
@@ -181,6 +189,7 @@ impl Node for NodeService {
             template: message.template,
             parameters: message.parameters,
             requester: message.requester,
+            study: message.study,
         };
         let engine = Arc::clone(&self.engine);
         let outcome = tokio::task::spawn_blocking(move || engine.run(&identities, &query))

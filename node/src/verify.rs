@@ -1,10 +1,14 @@
 //! Verification before any data is touched: is the caller an accepted coordinator, and is the
 //! template document signed by a quorum of expert keys this site trusts (none revoked, none
-//! tampered)? Signatures are checked on the raw canonical bytes before they are decoded.
+//! tampered)? Is the study approval it is asked under signed the same way, in force today,
+//! listing this site and pinning exactly this template, and accepted by this site?
+//! Signatures are checked on the raw canonical bytes before they are decoded.
 
 use std::collections::BTreeSet;
 
+use chrono::NaiveDate;
 use fedq_proto::signing::TrustPolicy;
+use fedq_proto::study::Study;
 use fedq_proto::template::Template;
 use fedq_proto::wire;
 
@@ -48,6 +52,58 @@ pub fn open_template(
         &document.signatures,
     )?;
     Ok(fedq_proto::document::open_template(document)?)
+}
+
+/// Opens the study approval: signatures satisfying `trust`, then a valid study.
+pub fn open_study(
+    document: Option<&wire::SignedDocument>,
+    trust: &TrustPolicy,
+) -> Result<Study, NodeError> {
+    let document = document.ok_or(NodeError::StudyMissing)?;
+    trust.verify(
+        fedq_proto::study::DOCUMENT_KIND,
+        &document.canonical,
+        &document.signatures,
+    )?;
+    Ok(fedq_proto::document::open_study(document)?)
+}
+
+/// Checks that `template` may run at `site_id` under `study` on `today` (UTC), and that this
+/// site accepted the study.
+pub fn check_study(
+    study: &Study,
+    template: &Template,
+    site_id: &str,
+    accepted: &BTreeSet<String>,
+    today: NaiveDate,
+) -> Result<(), NodeError> {
+    if !study.in_force_on(today) {
+        return Err(NodeError::StudyNotInForce {
+            study: study.id.clone(),
+            from: study.valid_from.clone(),
+            until: study.valid_until.clone(),
+            today: today.to_string(),
+        });
+    }
+    if !study.sites.iter().any(|site| site == site_id) {
+        return Err(NodeError::SiteNotInStudy {
+            study: study.id.clone(),
+            site: site_id.to_string(),
+        });
+    }
+    if !study.pins(template) {
+        return Err(NodeError::TemplateNotInStudy {
+            study: study.id.clone(),
+            template: template.id.clone(),
+            version: template.version,
+        });
+    }
+    if !accepted.contains(&study.id) {
+        return Err(NodeError::StudyNotAccepted {
+            study: study.id.clone(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
-//! The signed-document envelope templates travel in: the canonical bytes experts signed plus
+//! The signed-document envelope templates and study approvals travel in: the canonical bytes experts signed plus
 //! their detached signatures. This module packs and unpacks it; deciding whether the
 //! signatures are good enough is the receiving node's verification step.
 
 use crate::Error;
+use crate::study::{self, Study};
 use crate::template::{self, Template};
 use crate::wire;
 
@@ -32,4 +33,30 @@ pub fn open_template(document: &wire::SignedDocument) -> Result<Template, Error>
         });
     }
     Template::from_canonical(&document.canonical)
+}
+
+/// Packs a study approval into its envelope with the given signatures.
+pub fn study_document(study: &Study, signatures: Vec<wire::Signature>) -> wire::SignedDocument {
+    wire::SignedDocument {
+        kind: study::DOCUMENT_KIND.to_string(),
+        canonical: study.canonical_bytes(),
+        signatures,
+    }
+}
+
+/// Unpacks and checks a study approval, refusing the wrong kind or non-canonical bytes.
+pub fn open_study(document: &wire::SignedDocument) -> Result<Study, Error> {
+    if document.kind != study::DOCUMENT_KIND {
+        return Err(Error::Study {
+            study: "(unreadable)".into(),
+            message: format!(
+                "expected a '{}' document, got '{}'",
+                study::DOCUMENT_KIND,
+                document.kind
+            ),
+        });
+    }
+    let study = Study::from_canonical(&document.canonical)?;
+    study.check()?;
+    Ok(study)
 }

@@ -97,23 +97,63 @@ pub fn node_request(
     template_id: &str,
     parameters: Vec<wire::ParameterValue>,
 ) -> anyhow::Result<wire::QueryRequest> {
-    let path = alliance.catalogue.join(format!("{template_id}.toml"));
-    let template =
-        fedq_proto::template::Template::from_toml(&std::fs::read_to_string(&path)?, template_id)?;
-    let signatures_path = fedq_proto::signing::signatures_path(&path);
-    let signatures = fedq_proto::signing::SignaturesFile::from_toml(
-        &std::fs::read_to_string(&signatures_path)?,
-        "signatures",
-    )?;
+    let path = alliance
+        .catalogue
+        .templates
+        .join(format!("{template_id}.toml"));
+    let (template, signatures) = signed_file(&path, fedq_proto::template::Template::from_toml)?;
+    let study_path = alliance
+        .catalogue
+        .studies
+        .join(format!("{}.toml", alliance::STUDY_ID));
+    let (study, study_signatures) = signed_file(&study_path, fedq_proto::study::Study::from_toml)?;
     Ok(wire::QueryRequest {
         request_id: format!("test-{template_id}"),
         template: Some(fedq_proto::document::template_document(
-            &template,
-            signatures.to_wire(),
+            &template, signatures,
         )),
         parameters,
         requester: "test".into(),
+        study: Some(fedq_proto::document::study_document(
+            &study,
+            study_signatures,
+        )),
     })
+}
+
+/// The alliance's study approval changed by `edit`, re-signed by two of its experts.
+pub fn study_with(
+    alliance: &LocalAlliance,
+    edit: impl Fn(&mut fedq_proto::study::Study),
+) -> anyhow::Result<wire::SignedDocument> {
+    let path = alliance
+        .catalogue
+        .studies
+        .join(format!("{}.toml", alliance::STUDY_ID));
+    let (mut study, _) = signed_file(&path, fedq_proto::study::Study::from_toml)?;
+    edit(&mut study);
+    let mut signatures = Vec::new();
+    for expert in &alliance.catalogue.experts[..2] {
+        let key = fedq_proto::signing::ExpertSecretKey::from_toml(
+            &std::fs::read_to_string(&expert.secret)?,
+            "key",
+        )?;
+        signatures.push(key.sign(fedq_proto::study::DOCUMENT_KIND, &study.canonical_bytes()));
+    }
+    Ok(fedq_proto::document::study_document(&study, signatures))
+}
+
+/// A document file and the signatures in its signatures file.
+fn signed_file<T>(
+    path: &Path,
+    parse: impl Fn(&str, &str) -> Result<T, fedq_proto::Error>,
+) -> anyhow::Result<(T, Vec<wire::Signature>)> {
+    let document = parse(&std::fs::read_to_string(path)?, &path.display().to_string())?;
+    let signatures = fedq_proto::signing::SignaturesFile::from_toml(
+        &std::fs::read_to_string(fedq_proto::signing::signatures_path(path))?,
+        "signatures",
+    )?;
+    Ok((document, signatures.to_wire()))
 }
 
 /// Signatures of the given experts of the alliance (by index) over template bytes.
@@ -125,7 +165,7 @@ pub fn sign_bytes(
     experts
         .iter()
         .map(|index| {
-            let path = &alliance.experts[*index].secret;
+            let path = &alliance.catalogue.experts[*index].secret;
             let key = fedq_proto::signing::ExpertSecretKey::from_toml(
                 &std::fs::read_to_string(path)?,
                 "key",
@@ -158,6 +198,7 @@ pub async fn query(
         template_id: template_id.into(),
         parameters,
         deadline_ms,
+        study_id: alliance::STUDY_ID.into(),
     };
     client::run_query(coordinator, request, |_| {}).await
 }

@@ -186,6 +186,7 @@ async fn out_of_range_parameter_is_refused_by_the_coordinator_and_by_the_node_it
             template_id: "elderly-major-trauma-deaths".into(),
             parameters: vec![integer("min_age", 30)],
             deadline_ms: 0,
+            study_id: alliance::STUDY_ID.into(),
         })
         .await
         .expect_err("refused by the coordinator");
@@ -224,8 +225,15 @@ async fn template_using_an_identifier_column_is_refused_by_the_node() -> anyhow:
     let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
     let mut template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
     template.strata[0].column = "national_id".into();
-    // Even a quorum of experts cannot make an identifier column usable.
+    // Even a quorum of experts, signing the template and a study that pins it, cannot make an
+    // identifier column usable.
     request.template = Some(sign_with(&test.alliance, &template, &[0, 1])?);
+    request.study = Some(fedq_tests::study_with(&test.alliance, |study| {
+        study.templates.retain(|pin| pin.id != template.id);
+        study
+            .templates
+            .push(fedq_proto::study::PinnedTemplate::of(&template));
+    })?);
     let status = node.run_query(request).await.expect_err("refused");
     assert_refused(
         &status,
@@ -342,7 +350,7 @@ async fn client_for(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn template_signed_with_a_revoked_key_is_refused() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
-    let revoked = test.alliance.experts[0].key_id.clone();
+    let revoked = test.alliance.catalogue.experts[0].key_id.clone();
     let node = node_variant(&test, |config| {
         config.replace(
             "signature_quorum = 2",
@@ -618,7 +626,7 @@ async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadli
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_template_file_stops_the_coordinator_with_file_and_line() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
-    let templates = test.alliance.catalogue.clone();
+    let templates = test.alliance.catalogue.templates.clone();
     std::fs::write(
         templates.join("broken.toml"),
         "id = \"broken\"\nversion = 1\ntitle = [\n",
@@ -685,7 +693,11 @@ async fn query_after_editing_catalogue(
     template_id: &str,
     edit: impl Fn(String) -> String,
 ) -> anyhow::Result<wire::PooledResult> {
-    let path = test.alliance.catalogue.join(format!("{template_id}.toml"));
+    let path = test
+        .alliance
+        .catalogue
+        .templates
+        .join(format!("{template_id}.toml"));
     let text = std::fs::read_to_string(&path)?;
     let edited = edit(text.clone());
     assert_ne!(edited, text, "the edit must change the file");
@@ -732,23 +744,33 @@ async fn reformatted_signed_template_is_still_accepted_by_every_node() -> anyhow
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn template_version_bumped_without_re_signing_is_refused_by_every_node() -> anyhow::Result<()>
-{
+async fn template_version_bumped_without_re_signing_is_refused() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
-    let result = query_after_editing_catalogue(&test, "low-minimum", |text| {
+    // Straight to a node: the old signatures do not cover the new bytes.
+    let mut node = test.node_as_coordinator(0).await?;
+    let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
+    let mut template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
+    template.version = 2;
+    let old_signatures = request.template.take().unwrap().signatures;
+    request.template = Some(fedq_proto::document::template_document(
+        &template,
+        old_signatures,
+    ));
+    let status = node.run_query(request).await.expect_err("refused");
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        RefusalCode::SignatureInvalid,
+        "changed after signing",
+    );
+    // Through the coordinator: the study pins version 1, so it is not even sent.
+    let err = query_after_editing_catalogue(&test, "low-minimum", |text| {
         text.replace("version = 1", "version = 2")
     })
-    .await?;
-    for site in &result.sites {
-        assert_eq!(site.status, SiteStatus::Refused as i32, "{}", site.site_id);
-        assert_eq!(
-            site.refusal,
-            RefusalCode::SignatureInvalid as i32,
-            "{}",
-            site.message
-        );
-    }
-    assert_eq!(result.total.unwrap().count, None);
+    .await
+    .expect_err("refused by the coordinator")
+    .to_string();
+    assert!(err.contains("not approved for study"), "{err}");
     test.alliance.stop().await
 }
 
@@ -781,5 +803,81 @@ async fn template_the_site_refuses_is_refused_however_it_is_signed() -> anyhow::
     )?;
     client.run_query(request).await?;
     node.stop().await?;
+    test.alliance.stop().await
+}
+
+/// A change to a study approval, for table-driven tests.
+type StudyEdit = Box<dyn Fn(&mut fedq_proto::study::Study)>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_refuses_queries_outside_a_valid_accepted_study_naming_the_reason()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut node = test.node_as_coordinator(0).await?;
+    let request = || node_request(&test.alliance, "low-minimum", vec![]);
+
+    let mut missing = request()?;
+    missing.study = None;
+    let status = node.run_query(missing).await.expect_err("no study");
+    assert_refused(
+        &status,
+        Code::InvalidArgument,
+        RefusalCode::StudyMissing,
+        "names no study",
+    );
+
+    let cases: [(StudyEdit, Code, RefusalCode, &str); 4] = [
+        (
+            Box::new(|study| {
+                study.valid_from = "2020-01-01".into();
+                study.valid_until = "2020-12-31".into();
+            }),
+            Code::FailedPrecondition,
+            RefusalCode::StudyNotInForce,
+            "in force from 2020-01-01 to 2020-12-31",
+        ),
+        (
+            Box::new(|study| study.sites.retain(|site| site != "site-a")),
+            Code::FailedPrecondition,
+            RefusalCode::SiteNotInStudy,
+            "does not include this site ('site-a')",
+        ),
+        (
+            Box::new(|study| study.templates.retain(|pin| pin.id != "low-minimum")),
+            Code::FailedPrecondition,
+            RefusalCode::TemplateNotInStudy,
+            "'low-minimum' version 1 is not approved",
+        ),
+        (
+            Box::new(|study| study.id = "another-study".into()),
+            Code::PermissionDenied,
+            RefusalCode::StudyNotAccepted,
+            "has not accepted study 'another-study'",
+        ),
+    ];
+    for (edit, code, refusal, words) in cases {
+        let mut changed = request()?;
+        changed.study = Some(fedq_tests::study_with(&test.alliance, edit)?);
+        let status = node.run_query(changed).await.expect_err("refused");
+        assert_refused(&status, code, refusal, words);
+    }
+
+    // A study approval changed without re-signing is refused as tampered.
+    let mut tampered = request()?;
+    let document = tampered.study.as_mut().unwrap();
+    let study = fedq_proto::document::open_study(document)?;
+    let mut longer = study.clone();
+    longer.valid_until = "2099-12-31".into();
+    document.canonical = longer.canonical_bytes();
+    let status = node.run_query(tampered).await.expect_err("refused");
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        RefusalCode::SignatureInvalid,
+        "changed after signing",
+    );
+
+    // The unchanged request is answered.
+    node.run_query(request()?).await?;
     test.alliance.stop().await
 }
