@@ -19,13 +19,11 @@ pub enum CoordinatorError {
     )]
     UnknownTemplate(String),
     /// The study lead named a study the catalogue does not hold.
-    #[error(
-        "no approved study '{0}' in the catalogue; `fedq studies list` shows the approved ones"
-    )]
+    #[error("no approved study '{0}' in the catalogue; `fedq studies` shows the approved ones")]
     UnknownStudy(String),
     /// The template is not approved for the study.
     #[error(
-        "template '{template}' is not approved for study '{study}'; `fedq studies list` shows each study's templates"
+        "template '{template}' is not approved for study '{study}'; `fedq studies` shows each study's templates"
     )]
     TemplateNotInStudy { template: String, study: String },
     /// Certificates could not be created or written.
