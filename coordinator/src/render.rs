@@ -254,7 +254,7 @@ pub fn study(study: &wire::StudySummary) -> String {
         })
         .collect();
     format!(
-        "{} — {}\n  purpose: {}\n  lead: {}, {}\n  ethics approval: {}\n  in force: {} to {}, daily limit {} queries per site (not yet enforced by nodes)\n  sites: {}\n  templates: {}\n  signed by: {}\n\n",
+        "{} — {}\n  purpose: {}\n  lead: {}, {}\n  ethics approval: {}\n  in force: {} to {}, at most {} queries per day at each site\n  sites: {}\n  templates: {}\n  signed by: {}\n\n",
         study.id,
         study.title,
         study.purpose,

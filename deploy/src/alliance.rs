@@ -159,6 +159,7 @@ pub fn write_node_config(folder: &Path, files: &NodeFiles<'_>) -> anyhow::Result
         r#"# fedq node configuration for {site} (generated for a local alliance)
 site_id = "{site}"
 listen = "127.0.0.1:0"
+state_dir = "{state}"
 
 [tls]
 ca_cert = "{ca}"
@@ -180,6 +181,7 @@ identifiers = [{identifiers}]
 [datasets.columns]
 {mapping}"#,
         site = files.site_id,
+        state = folder.join("state").join(files.site_id).display(),
         ca = files.ca_cert.display(),
         cert = files.cert.display(),
         key = files.key.display(),

@@ -29,6 +29,7 @@ pub const LOWEST_MIN_CELL_COUNT: u32 = 3;
 pub struct RawNodeConfig {
     site_id: String,
     listen: String,
+    state_dir: PathBuf,
     tls: TlsFiles,
     policy: RawPolicy,
     #[serde(default)]
@@ -109,6 +110,8 @@ pub enum DomainViolationPolicy {
 pub struct NodeConfig {
     pub site_id: String,
     pub listen: SocketAddr,
+    /// Files the node owns and keeps across restarts (daily query counts).
+    pub state_dir: PathBuf,
     pub tls: TlsFiles,
     pub policy: Policy,
     pub datasets: Vec<DatasetConfig>,
@@ -198,6 +201,13 @@ impl RawNodeConfig {
                 self.listen
             ))
         });
+        let state_dir = fedq_proto::config::resolve_path(base, &self.state_dir);
+        if state_dir.exists() && !state_dir.is_dir() {
+            problems.push(format!(
+                "state_dir: {} is not a folder",
+                state_dir.display()
+            ));
+        }
         let tls = self.tls.resolved(base);
         problems.extend(tls.missing_files());
         let min_cell_count = self.policy.min_cell_count.unwrap_or(DEFAULT_MIN_CELL_COUNT);
@@ -239,6 +249,7 @@ impl RawNodeConfig {
             (true, Ok(listen)) => Ok(NodeConfig {
                 site_id: self.site_id,
                 listen,
+                state_dir,
                 tls,
                 policy: Policy {
                     accepted_coordinators: self.policy.accepted_coordinators.into_iter().collect(),
@@ -484,6 +495,7 @@ mod tests {
             r#"
 site_id = "site-a"
 listen = "127.0.0.1:0"
+state_dir = "state"
 [tls]
 ca_cert = "ca.pem"
 cert = "node.pem"

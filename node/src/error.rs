@@ -56,6 +56,16 @@ pub enum NodeError {
         "this site has not accepted study '{study}'; a site takes part only in studies its administrator lists in policy.accepted_studies"
     )]
     StudyNotAccepted { study: String },
+    /// The study's daily query limit at this site is used up.
+    #[error(
+        "study '{study}' has used its daily limit of {limit} queries at this site; it resets at midnight UTC"
+    )]
+    DailyLimitReached { study: String, limit: u32 },
+    /// The node cannot write its state directory, so it refuses rather than lose track.
+    #[error(
+        "this site cannot record the query in its state directory, so it refuses it; nothing was released (the site's administrator can find the cause in the node log)"
+    )]
+    StateUnwritable,
     /// The site's own policy refuses this template.
     #[error(
         "this site does not run template '{0}' (its local policy refuses it, however it is signed); ask the site's administrator"
@@ -102,6 +112,8 @@ impl NodeError {
             }
             NodeError::TemplateRefusedBySite(_) => RefusalCode::TemplateRefusedBySite,
             NodeError::StudyMissing => RefusalCode::StudyMissing,
+            NodeError::DailyLimitReached { .. } => RefusalCode::DailyLimitReached,
+            NodeError::StateUnwritable => RefusalCode::Internal,
             NodeError::StudyNotInForce { .. } => RefusalCode::StudyNotInForce,
             NodeError::SiteNotInStudy { .. } => RefusalCode::SiteNotInStudy,
             NodeError::TemplateNotInStudy { .. } => RefusalCode::TemplateNotInStudy,

@@ -8,6 +8,7 @@
 //! ([`audit`]) → the reply ([`service`]).
 //!
 //! - [`config`]: the node's TOML configuration and its validation.
+//! - [`limits`]: each study's daily query limit, kept in the node's state directory.
 //! - [`data`]: loading Parquet/CSV files and mapping local columns onto the common data model.
 //! - [`server`]: serving the `fedq.v1.Node` gRPC service over mutual TLS.
 
@@ -16,6 +17,7 @@ pub mod config;
 pub mod data;
 pub mod disclosure;
 mod error;
+pub mod limits;
 pub mod plan;
 pub mod query;
 pub mod server;

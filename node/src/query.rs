@@ -12,6 +12,7 @@ use crate::audit::{self, AuditOutcome, AuditRecord};
 use crate::config::{NodeConfig, Policy};
 use crate::data::{self, Snapshot};
 use crate::disclosure::{self, DisclosedTable};
+use crate::limits::DailyLimits;
 use crate::plan;
 use crate::verify;
 
@@ -22,6 +23,7 @@ pub struct QueryEngine {
     pub policy: Policy,
     pub data_model: DataModel,
     snapshots: BTreeMap<String, Snapshot>,
+    limits: DailyLimits,
 }
 
 /// What a study lead's request carries into the node, already out of its wire form.
@@ -79,30 +81,17 @@ impl QueryEngine {
         if config.policy.trust.trusted.is_empty() {
             warnings.push(fedq_proto::signing::SignatureProblem::NoTrustedKeys.to_string());
         }
+        let limits = DailyLimits::open(&config.state_dir)?;
         Ok((
-            QueryEngine::new(
-                config.site_id.clone(),
-                config.policy.clone(),
-                config.data_model.clone(),
+            QueryEngine {
+                site_id: config.site_id.clone(),
+                policy: config.policy.clone(),
+                data_model: config.data_model.clone(),
                 snapshots,
-            ),
+                limits,
+            },
             warnings,
         ))
-    }
-
-    /// An engine over snapshots already in memory.
-    pub fn new(
-        site_id: String,
-        policy: Policy,
-        data_model: DataModel,
-        snapshots: BTreeMap<String, Snapshot>,
-    ) -> QueryEngine {
-        QueryEngine {
-            site_id,
-            policy,
-            data_model,
-            snapshots,
-        }
     }
 
     pub fn snapshots(&self) -> impl Iterator<Item = &Snapshot> {
@@ -161,12 +150,13 @@ impl QueryEngine {
         }
         let study = verify::open_study(request.study.as_ref(), &self.policy.trust)?;
         seen.study = Some(study.id.clone());
+        let today = chrono::Utc::now().date_naive();
         verify::check_study(
             &study,
             template,
             &self.site_id,
             &self.policy.accepted_studies,
-            chrono::Utc::now().date_naive(),
+            today,
         )?;
         let snapshot = self
             .snapshots
@@ -190,6 +180,12 @@ impl QueryEngine {
             .map(fedq_proto::convert::parameter_from_wire)
             .collect::<Result<_, _>>()?;
         let query = checked.bind(&values)?;
+        self.limits.admit(
+            &study.id,
+            study.max_queries_per_day,
+            &request.request_id,
+            today,
+        )?;
         let raw = plan::count_grid(&query, &checked.axes, snapshot).map_err(|err| {
             // Plans run over already-typed columns, so polars errors here describe the plan,
             // not data; still, only the error's kind is logged.

@@ -48,6 +48,8 @@ pub fn status_of(err: &NodeError) -> Status {
         NodeError::StudyNotInForce { .. }
         | NodeError::SiteNotInStudy { .. }
         | NodeError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
+        NodeError::DailyLimitReached { .. } => Code::ResourceExhausted,
+        NodeError::StateUnwritable => Code::Unavailable,
         NodeError::StudyMissing | NodeError::Contract(fedq_proto::Error::Study { .. }) => {
             Code::InvalidArgument
         }

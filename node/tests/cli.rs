@@ -35,6 +35,7 @@ fn config_problems_are_listed_one_per_line() {
         r#"
 site_id = "Site A"
 listen = "nowhere"
+state_dir = "state"
 [tls]
 ca_cert = "ca.pem"
 cert = "node.pem"

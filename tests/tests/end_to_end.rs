@@ -881,3 +881,51 @@ async fn node_refuses_queries_outside_a_valid_accepted_study_naming_the_reason()
     node.run_query(request()?).await?;
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_limit_refuses_the_next_query_counts_retries_once_and_survives_a_restart()
+-> anyhow::Result<()> {
+    let mut test = TestAlliance::start().await?;
+    let mut base = node_request(&test.alliance, "low-minimum", vec![])?;
+    base.study = Some(fedq_tests::study_with(&test.alliance, |study| {
+        study.max_queries_per_day = 2
+    })?);
+    let request = |id: &str| -> anyhow::Result<wire::QueryRequest> {
+        let mut request = base.clone();
+        request.request_id = id.into();
+        Ok(request)
+    };
+    let mut node = test.node_as_coordinator(0).await?;
+    node.run_query(request("q-1")?).await?;
+    node.run_query(request("q-1")?).await?; // a retry: not counted again
+    node.run_query(request("q-2")?).await?;
+    let status = node
+        .run_query(request("q-3")?)
+        .await
+        .expect_err("limit reached");
+    assert_refused(
+        &status,
+        Code::ResourceExhausted,
+        RefusalCode::DailyLimitReached,
+        "daily limit of 2 queries",
+    );
+
+    // Restart site-a's node from the same configuration and state directory.
+    let (_, old) = test.alliance.nodes.remove(0);
+    old.stop().await?;
+    let restarted = alliance::start_node(&test.alliance.node_configs[0]).await?;
+    let mut node = client_for(&test, &restarted).await?;
+    let status = node
+        .run_query(request("q-4")?)
+        .await
+        .expect_err("still at the limit");
+    assert_refused(
+        &status,
+        Code::ResourceExhausted,
+        RefusalCode::DailyLimitReached,
+        "daily limit",
+    );
+    node.run_query(request("q-2")?).await?;
+    restarted.stop().await?;
+    test.alliance.stop().await
+}
