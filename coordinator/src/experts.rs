@@ -10,6 +10,7 @@ use fedq_proto::signing::{
 };
 use fedq_proto::study::{self, Study};
 use fedq_proto::template::{self, Template};
+use fedq_proto::wire;
 
 use crate::CoordinatorError;
 use crate::certs::write_new;
@@ -84,6 +85,56 @@ impl DocumentKind {
             }
         })
     }
+}
+
+/// Lints a draft template: checks it against the common data model, then against what each
+/// site describes (dataset held, every column it uses recorded there). Returns one line per
+/// site; the error is the first problem of the template itself.
+pub fn check_template(
+    path: &Path,
+    sites: &[wire::SiteEntry],
+) -> Result<Vec<String>, CoordinatorError> {
+    let canonical = DocumentKind::Template.canonical(path)?;
+    let template = Template::from_canonical(&canonical)?;
+    let columns = template.columns_used();
+    Ok(sites
+        .iter()
+        .map(|site| {
+            let Some(description) = &site.description else {
+                return format!("{}: not checked ({})", site.site_id, site.error);
+            };
+            let Some(dataset) = description
+                .datasets
+                .iter()
+                .find(|dataset| dataset.name == template.dataset)
+            else {
+                return format!(
+                    "{}: does not hold dataset '{}'",
+                    site.site_id, template.dataset
+                );
+            };
+            let missing: Vec<&String> = columns
+                .iter()
+                .filter(|column| !dataset.columns.iter().any(|held| &held.name == *column))
+                .collect();
+            if missing.is_empty() {
+                format!(
+                    "{}: ok (holds every column the template uses)",
+                    site.site_id
+                )
+            } else {
+                format!(
+                    "{}: does not record {}; it would refuse this template",
+                    site.site_id,
+                    missing
+                        .iter()
+                        .map(|column| format!("'{column}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        })
+        .collect())
 }
 
 fn signatures_of(path: &Path) -> Result<SignaturesFile, CoordinatorError> {
@@ -254,5 +305,43 @@ content_hash = "{}"
             .unwrap_err()
             .to_string();
         assert!(err.contains("at least 1"), "{err}");
+    }
+
+    #[test]
+    fn check_reports_sites_that_lack_a_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, TEMPLATE).unwrap();
+        let site = |id: &str, columns: &[&str]| wire::SiteEntry {
+            site_id: id.into(),
+            description: Some(wire::SiteDescription {
+                datasets: vec![wire::DatasetDescription {
+                    name: "trauma_admissions".into(),
+                    columns: columns
+                        .iter()
+                        .map(|name| wire::ColumnDescription {
+                            name: name.to_string(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let lines = check_template(
+            &path,
+            &[site("site-a", &["sex", "age"]), site("site-b", &["age"])],
+        )
+        .unwrap();
+        assert_eq!(
+            lines[0],
+            "site-a: ok (holds every column the template uses)"
+        );
+        assert_eq!(
+            lines[1],
+            "site-b: does not record 'sex'; it would refuse this template"
+        );
     }
 }

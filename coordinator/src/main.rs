@@ -58,10 +58,10 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
-    /// Sign or verify a template file (local).
+    /// Check, sign or verify a template file.
     Template {
         #[command(subcommand)]
-        command: DocumentCommand,
+        command: TemplateCommand,
     },
     /// Sign or verify a study approval file (local).
     Study {
@@ -113,6 +113,15 @@ enum KeysCommand {
         #[arg(long, default_value = ".")]
         out: PathBuf,
     },
+}
+
+#[derive(Subcommand)]
+enum TemplateCommand {
+    /// Lint a draft template against the data model and what every site holds (asks the
+    /// coordinator for the sites' descriptions).
+    Check { file: PathBuf },
+    #[command(flatten)]
+    Document(DocumentCommand),
 }
 
 #[derive(Subcommand)]
@@ -194,7 +203,29 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             );
             Ok(())
         }
-        Command::Template { command } => document_command(command, DocumentKind::Template),
+        Command::Template {
+            command: TemplateCommand::Document(command),
+        } => document_command(command, DocumentKind::Template),
+        Command::Template {
+            command: TemplateCommand::Check { file },
+        } => {
+            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            let sites = coordinator
+                .list_sites(wire::ListSitesRequest {})
+                .await
+                .map_err(|status| client::status_message(&status))?
+                .into_inner();
+            let lines = experts::check_template(&file, &sites.sites)?;
+            println!(
+                "{}: valid against data model {}",
+                file.display(),
+                fedq_proto::model::DataModel::builtin().key()
+            );
+            for line in lines {
+                println!("  {line}");
+            }
+            Ok(())
+        }
         Command::Study { command } => document_command(command, DocumentKind::Study),
         Command::Templates { command } => {
             let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
