@@ -132,14 +132,12 @@ pub fn study_with(
         .join(format!("{}.toml", alliance::STUDY_ID));
     let (mut study, _) = signed_file(&path, fedq_proto::study::Study::from_toml)?;
     edit(&mut study);
-    let mut signatures = Vec::new();
-    for expert in &alliance.catalogue.experts[..2] {
-        let key = fedq_proto::signing::ExpertSecretKey::from_toml(
-            &std::fs::read_to_string(&expert.secret)?,
-            "key",
-        )?;
-        signatures.push(key.sign(fedq_proto::study::DOCUMENT_KIND, &study.canonical_bytes()));
-    }
+    let signatures = sign_bytes(
+        alliance,
+        fedq_proto::study::DOCUMENT_KIND,
+        &study.canonical_bytes(),
+        &[0, 1],
+    )?;
     Ok(fedq_proto::document::study_document(&study, signatures))
 }
 
@@ -156,9 +154,10 @@ fn signed_file<T>(
     Ok((document, signatures.to_wire()))
 }
 
-/// Signatures of the given experts of the alliance (by index) over template bytes.
+/// Signatures of the given experts of the alliance (by index) over a document's bytes.
 pub fn sign_bytes(
     alliance: &LocalAlliance,
+    kind: &str,
     canonical: &[u8],
     experts: &[usize],
 ) -> anyhow::Result<Vec<wire::Signature>> {
@@ -170,7 +169,7 @@ pub fn sign_bytes(
                 &std::fs::read_to_string(path)?,
                 "key",
             )?;
-            Ok(key.sign(fedq_proto::template::DOCUMENT_KIND, canonical))
+            Ok(key.sign(kind, canonical))
         })
         .collect()
 }
@@ -181,7 +180,12 @@ pub fn sign_with(
     template: &fedq_proto::template::Template,
     experts: &[usize],
 ) -> anyhow::Result<wire::SignedDocument> {
-    let signatures = sign_bytes(alliance, &template.canonical_bytes(), experts)?;
+    let signatures = sign_bytes(
+        alliance,
+        fedq_proto::template::DOCUMENT_KIND,
+        &template.canonical_bytes(),
+        experts,
+    )?;
     Ok(fedq_proto::document::template_document(
         template, signatures,
     ))

@@ -273,7 +273,12 @@ async fn validly_signed_but_non_canonical_document_is_refused_as_malformed() -> 
     let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
     let template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
     let pretty = serde_json::to_vec_pretty(&template)?;
-    let signatures = fedq_tests::sign_bytes(&test.alliance, &pretty, &[0, 1])?;
+    let signatures = fedq_tests::sign_bytes(
+        &test.alliance,
+        fedq_proto::template::DOCUMENT_KIND,
+        &pretty,
+        &[0, 1],
+    )?;
     request.template = Some(wire::SignedDocument {
         kind: fedq_proto::template::DOCUMENT_KIND.into(),
         canonical: pretty,
