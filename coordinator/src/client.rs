@@ -8,18 +8,51 @@ use fedq_proto::convert::parameter_to_wire;
 use fedq_proto::model::parse_date;
 use fedq_proto::template::Value;
 use fedq_proto::wire::{self, coordinator_client::CoordinatorClient};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
 use crate::CoordinatorError;
 use crate::error::error_chain;
 
-/// Connects to the coordinator at `address` (`https://host:port`), trusting `ca_cert`.
-/// Every failure says which setting (`--coordinator`/`FEDQ_COORDINATOR`,
-/// `--ca-cert`/`FEDQ_CA_CERT`) to look at.
+/// Adds the user's API token to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A signed-in connection to the coordinator.
+pub type Connection = CoordinatorClient<InterceptedService<Channel, BearerToken>>;
+
+/// Connects to the coordinator at `address` (`https://host:port`), trusting `ca_cert`, and
+/// signs every call with `token` (the user's personal API token). Every failure says which
+/// setting (`--coordinator`/`FEDQ_COORDINATOR`, `--ca-cert`/`FEDQ_CA_CERT`,
+/// `--token`/`FEDQ_TOKEN`) to look at.
 pub async fn connect(
     address: &str,
     ca_cert: &Path,
-) -> Result<CoordinatorClient<Channel>, CoordinatorError> {
+    token: &str,
+) -> Result<Connection, CoordinatorError> {
+    let token = if token.is_empty() {
+        None
+    } else {
+        Some(format!("Bearer {token}").parse::<MetadataValue<Ascii>>().map_err(|_| {
+            CoordinatorError::Client("the API token holds characters a token cannot have; check --token/FEDQ_TOKEN".into())
+        })?)
+    };
     if !address.starts_with("https://") {
         return Err(CoordinatorError::Client(format!(
             "coordinator address '{address}' must start with https:// (set --coordinator or FEDQ_COORDINATOR, e.g. https://localhost:7700)"
@@ -51,7 +84,10 @@ pub async fn connect(
                 "cannot reach the coordinator at {address}: {reason}{hint}"
             ))
         })?;
-    Ok(CoordinatorClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    Ok(
+        CoordinatorClient::with_interceptor(channel, BearerToken(token))
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
 }
 
 /// A gRPC error from the coordinator as a message for the study lead.
@@ -114,7 +150,7 @@ pub fn parse_parameters(
 
 /// Runs a query, calling `on_site` for each site as it finishes; returns the pooled result.
 pub async fn run_query(
-    client: &mut CoordinatorClient<Channel>,
+    client: &mut Connection,
     request: wire::RunQueryRequest,
     mut on_site: impl FnMut(&wire::SiteProgress),
 ) -> Result<wire::PooledResult, CoordinatorError> {

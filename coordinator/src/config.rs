@@ -9,6 +9,7 @@ use fedq_proto::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::CoordinatorError;
+use crate::users::UserEntry;
 
 /// Prefix of environment overrides, e.g. `FEDQ_COORDINATOR__QUERY__DEFAULT_DEADLINE_MS=5000`.
 pub const ENV_PREFIX: &str = "FEDQ_COORDINATOR";
@@ -23,6 +24,8 @@ pub struct RawCoordinatorConfig {
     #[serde(default)]
     query: RawQuery,
     nodes: Vec<RawNode>,
+    #[serde(default)]
+    users: Vec<UserEntry>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -54,6 +57,8 @@ pub struct CoordinatorConfig {
     pub default_deadline: Duration,
     pub max_deadline: Duration,
     pub nodes: Vec<NodeEntry>,
+    /// Who may use the coordinator, with their token hashes.
+    pub users: Vec<UserEntry>,
 }
 
 /// One hospital node the coordinator queries.
@@ -108,6 +113,9 @@ impl RawCoordinatorConfig {
                 "query.default_deadline_ms ({default_deadline}) must be above 0 and at most query.max_deadline_ms ({max_deadline})"
             ));
         }
+        if self.users.is_empty() {
+            problems.push("no [[users]] configured: nobody could use the coordinator; add one with `fedq users token`".into());
+        }
         if self.nodes.is_empty() {
             problems.push("no [[nodes]] configured".into());
         }
@@ -143,6 +151,7 @@ impl RawCoordinatorConfig {
                 default_deadline: Duration::from_millis(default_deadline),
                 max_deadline: Duration::from_millis(max_deadline),
                 nodes,
+                users: self.users,
             }),
             _ => Err(CoordinatorError::Config(problems)),
         }
@@ -167,6 +176,7 @@ mod tests {
 listen = "127.0.0.1:0"
 templates = "templates"
 studies = "templates"
+users = [{ name = "Dr. Lead", role = "study_lead", token_hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA" }]
 [tls]
 ca_cert = "ca.pem"
 cert = "c.pem"

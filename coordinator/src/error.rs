@@ -18,6 +18,18 @@ pub enum CoordinatorError {
         "no approved template '{0}' in the catalogue; `fedq templates list` shows the approved ones"
     )]
     UnknownTemplate(String),
+    /// The request carries no valid API token.
+    #[error(
+        "not signed in: give your personal API token with --token or FEDQ_TOKEN (your coordinator's administrator issues it)"
+    )]
+    Unauthenticated,
+    /// The user may not run queries under this study.
+    #[error("{user} may not run queries under study '{study}': only its study lead ({lead}) may")]
+    NotStudyLead {
+        user: String,
+        study: String,
+        lead: String,
+    },
     /// The study lead named a study the catalogue does not hold.
     #[error("no approved study '{0}' in the catalogue; `fedq studies` shows the approved ones")]
     UnknownStudy(String),
@@ -45,6 +57,8 @@ impl CoordinatorError {
                 Code::NotFound
             }
             CoordinatorError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
+            CoordinatorError::Unauthenticated => Code::Unauthenticated,
+            CoordinatorError::NotStudyLead { .. } => Code::PermissionDenied,
             CoordinatorError::Contract(fedq_proto::Error::Parameter { .. }) => {
                 Code::InvalidArgument
             }

@@ -9,6 +9,7 @@
 //! - [`pool`]: summing released cells across sites; incomplete cells stay marked.
 //! - [`service`] / [`server`]: the `fedq.v1.Coordinator` gRPC service over TLS.
 //! - [`client`] / [`render`]: the CLI's connection to the coordinator and its tables and JSON.
+//! - [`users`]: study leads, experts and administrators, authenticated by API tokens.
 //! - [`certs`]: a development certificate authority (`fedq certs`).
 //! - [`experts`]: expert keys, signing and verifying templates (`fedq keys`, `fedq template`).
 
@@ -23,5 +24,6 @@ pub mod pool;
 pub mod render;
 pub mod server;
 pub mod service;
+pub mod users;
 
 pub use error::CoordinatorError;

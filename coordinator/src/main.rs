@@ -35,6 +35,15 @@ struct Cli {
         default_value = "certs/ca.pem"
     )]
     ca_cert: PathBuf,
+    /// Your personal API token (issued by the coordinator's administrator).
+    #[arg(
+        long,
+        global = true,
+        env = "FEDQ_TOKEN",
+        default_value = "",
+        hide_env_values = true
+    )]
+    token: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -53,6 +62,11 @@ enum Command {
     },
     /// Every configured site and what it holds.
     Sites,
+    /// Coordinator users (local, for administrators).
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
     /// Expert key pairs (local).
     Keys {
         #[command(subcommand)]
@@ -97,6 +111,20 @@ enum Command {
         identities: Vec<String>,
         #[arg(long, default_value = "fedq development CA")]
         ca_name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersCommand {
+    /// Create a personal API token; prints it once and the [[users]] entry for the
+    /// coordinator configuration (which holds only a slow hash of it).
+    Token {
+        /// The user's name; for study leads, exactly as their studies name them.
+        #[arg(long)]
+        name: String,
+        /// study_lead, expert or administrator.
+        #[arg(long)]
+        role: String,
     },
 }
 
@@ -188,6 +216,23 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             }
             Ok(())
         }
+        Command::Users {
+            command: UsersCommand::Token { name, role },
+        } => {
+            if !["study_lead", "expert", "administrator"].contains(&role.as_str()) {
+                return Err(CoordinatorError::Client(format!(
+                    "role '{role}' is not one of study_lead, expert, administrator"
+                )));
+            }
+            let (token, hash) = fedq_coordinator::users::new_token()?;
+            println!(
+                "token for {name} (give it to them privately; it is not stored anywhere):\n  {token}\n"
+            );
+            println!(
+                "add to the coordinator configuration:\n[[users]]\nname = {name:?}\nrole = \"{role}\"\ntoken_hash = \"{hash}\""
+            );
+            Ok(())
+        }
         Command::Keys {
             command: KeysCommand::Generate { name, file, out },
         } => {
@@ -209,7 +254,8 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
         Command::Template {
             command: TemplateCommand::Check { file },
         } => {
-            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            let mut coordinator =
+                client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
             let sites = coordinator
                 .list_sites(wire::ListSitesRequest {})
                 .await
@@ -228,7 +274,8 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
         }
         Command::Study { command } => document_command(command, DocumentKind::Study),
         Command::Templates { command } => {
-            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            let mut coordinator =
+                client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
             match command {
                 TemplatesCommand::List => {
                     let list = coordinator
@@ -256,7 +303,8 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             Ok(())
         }
         Command::Sites => {
-            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            let mut coordinator =
+                client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
             let sites = coordinator
                 .list_sites(wire::ListSitesRequest {})
                 .await
@@ -288,7 +336,8 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             Ok(())
         }
         Command::Studies => {
-            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            let mut coordinator =
+                client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
             let studies = coordinator
                 .list_studies(wire::ListStudiesRequest {})
                 .await
@@ -306,7 +355,8 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             deadline_ms,
             json,
         } => {
-            let mut coordinator = client::connect(&cli.coordinator, &cli.ca_cert).await?;
+            let mut coordinator =
+                client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
             let detail = coordinator
                 .get_template(wire::GetTemplateRequest {
                     id: template.clone(),

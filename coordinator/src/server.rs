@@ -15,6 +15,7 @@ use crate::catalogue::Catalogue;
 use crate::config::CoordinatorConfig;
 use crate::fanout::NodeClients;
 use crate::service::CoordinatorService;
+use crate::users::Users;
 
 /// A coordinator ready to serve: catalogue loaded and checked, node channels and TLS prepared.
 /// Building it surfaces every start-up problem before a port is served.
@@ -41,6 +42,7 @@ impl PreparedCoordinator {
             service: CoordinatorService::new(
                 catalogue,
                 nodes,
+                Users::new(config.users.clone())?,
                 config.default_deadline,
                 config.max_deadline,
             ),

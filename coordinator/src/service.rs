@@ -16,12 +16,14 @@ use crate::CoordinatorError;
 use crate::catalogue::{Catalogue, CatalogueEntry};
 use crate::fanout::{NodeClients, SiteCall, SiteReply, describe_call, reason};
 use crate::pool::{self, PooledCell, SiteCells};
+use crate::users::{Role, User, Users};
 
 /// Shared state of the coordinator service.
 #[derive(Debug)]
 pub struct CoordinatorService {
     catalogue: Arc<Catalogue>,
     nodes: NodeClients,
+    users: Users,
     default_deadline: Duration,
     max_deadline: Duration,
 }
@@ -30,15 +32,28 @@ impl CoordinatorService {
     pub fn new(
         catalogue: Arc<Catalogue>,
         nodes: NodeClients,
+        users: Users,
         default_deadline: Duration,
         max_deadline: Duration,
     ) -> Self {
         CoordinatorService {
             catalogue,
             nodes,
+            users,
             default_deadline,
             max_deadline,
         }
+    }
+
+    /// The user whose token (`authorization: Bearer <token>`) the request carries.
+    fn authenticate<T>(&self, request: &Request<T>) -> Result<User, Status> {
+        request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .and_then(|token| self.users.authenticate(token.trim()))
+            .ok_or_else(|| CoordinatorError::Unauthenticated.to_status())
     }
 
     fn deadline(&self, requested_ms: u32) -> Duration {
@@ -184,8 +199,9 @@ fn new_query_id() -> String {
 impl Coordinator for CoordinatorService {
     async fn list_templates(
         &self,
-        _request: Request<wire::ListTemplatesRequest>,
+        request: Request<wire::ListTemplatesRequest>,
     ) -> Result<Response<wire::ListTemplatesResponse>, Status> {
+        self.authenticate(&request)?;
         Ok(Response::new(wire::ListTemplatesResponse {
             templates: self.catalogue.entries().iter().map(summary).collect(),
         }))
@@ -195,6 +211,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<wire::GetTemplateRequest>,
     ) -> Result<Response<wire::TemplateDetail>, Status> {
+        self.authenticate(&request)?;
         let entry = self
             .catalogue
             .get(&request.get_ref().id)
@@ -204,8 +221,9 @@ impl Coordinator for CoordinatorService {
 
     async fn list_studies(
         &self,
-        _request: Request<wire::ListStudiesRequest>,
+        request: Request<wire::ListStudiesRequest>,
     ) -> Result<Response<wire::ListStudiesResponse>, Status> {
+        self.authenticate(&request)?;
         let studies = self
             .catalogue
             .studies()
@@ -245,8 +263,9 @@ impl Coordinator for CoordinatorService {
 
     async fn list_sites(
         &self,
-        _request: Request<wire::ListSitesRequest>,
+        request: Request<wire::ListSitesRequest>,
     ) -> Result<Response<wire::ListSitesResponse>, Status> {
+        self.authenticate(&request)?;
         let described = self.nodes.describe_all(self.default_deadline).await;
         let sites = described
             .into_iter()
@@ -273,6 +292,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<wire::RunQueryRequest>,
     ) -> Result<Response<Self::RunQueryStream>, Status> {
+        let user = self.authenticate(&request)?;
         let request = request.into_inner();
         let entry = self
             .catalogue
@@ -283,6 +303,14 @@ impl Coordinator for CoordinatorService {
             .catalogue
             .study(&request.study_id)
             .map_err(|err| err.to_status())?;
+        if user.role != Role::StudyLead || user.name != study.document.study_lead {
+            return Err(CoordinatorError::NotStudyLead {
+                user: user.name,
+                study: study.document.id.clone(),
+                lead: study.document.study_lead.clone(),
+            }
+            .to_status());
+        }
         if !study.document.pins(template) {
             return Err(CoordinatorError::TemplateNotInStudy {
                 template: template.id.clone(),
@@ -313,7 +341,7 @@ impl Coordinator for CoordinatorService {
                 entry.signatures.clone(),
             )),
             parameters: request.parameters,
-            requester: "unauthenticated study lead".to_string(),
+            requester: user.name.clone(),
             study: Some(fedq_proto::document::study_document(
                 &study.document,
                 study.signatures.clone(),

@@ -221,6 +221,7 @@ pub struct NodeListing {
 pub fn write_coordinator_config(
     folder: &Path,
     catalogue: &SignedCatalogue,
+    users: &Users,
     pki: &DevPki,
     coordinator_identity: &str,
     nodes: &[NodeListing],
@@ -252,6 +253,7 @@ max_deadline_ms = 120000
         cert = issued.cert.display(),
         key = issued.key.display(),
     );
+    text.push_str(&users.config);
     for node in nodes {
         text.push_str(&format!(
             "\n[[nodes]]\nsite_id = \"{}\"\naddress = \"https://localhost:{}\"\nidentity = \"{}\"\n",
@@ -271,6 +273,37 @@ pub const EXPERTS: [(&str, &str); 3] = [
     ("Dr. Ben Novak", "ben"),
     ("Dr. Chen Li", "chen"),
 ];
+
+/// The people of a local alliance's coordinator and their API tokens.
+#[derive(Debug, Clone)]
+pub struct Users {
+    /// Token of the study lead named in the study approval.
+    pub study_lead: String,
+    /// Token of an expert (may read, may not query).
+    pub expert: String,
+    /// The `[[users]]` configuration blocks (hashes only).
+    config: String,
+}
+
+/// The study lead every local alliance's study names.
+pub const STUDY_LEAD: &str = "Dr. Lea Study";
+
+impl Users {
+    /// Creates tokens for the study lead and one expert.
+    pub fn create() -> anyhow::Result<Users> {
+        let (study_lead, lead_hash) = fedq_coordinator::users::new_token()?;
+        let (expert, expert_hash) = fedq_coordinator::users::new_token()?;
+        let config = format!(
+            "\n[[users]]\nname = \"{STUDY_LEAD}\"\nrole = \"study_lead\"\ntoken_hash = \"{lead_hash}\"\n\n[[users]]\nname = \"{}\"\nrole = \"expert\"\ntoken_hash = \"{expert_hash}\"\n",
+            EXPERTS[0].0
+        );
+        Ok(Users {
+            study_lead,
+            expert,
+            config,
+        })
+    }
+}
 
 /// The study every local alliance approves: all its templates, all its sites.
 pub const STUDY_ID: &str = "trauma-outcomes";
@@ -326,7 +359,7 @@ pub fn sign_catalogue(
         title: "Outcomes of trauma care across the alliance".into(),
         purpose: "To learn how many injured people are treated and how many die in hospital, by age, sex and cause of injury, so that hospitals can compare and improve trauma care.".into(),
         lead_institution: "Alliance Trauma Research Group".into(),
-        study_lead: "Dr. Lea Study".into(),
+        study_lead: STUDY_LEAD.into(),
         ethics_reference: "EC-2026-001 (synthetic demo approval)".into(),
         templates: pins,
         sites: sites.iter().map(|site| site.to_string()).collect(),
@@ -354,6 +387,8 @@ pub struct LocalAlliance {
     /// The experts' keys (three; every node trusts all, quorum 2), the signed templates and
     /// the signed study approval, as the coordinator serves them.
     pub catalogue: SignedCatalogue,
+    /// The coordinator's users and their tokens.
+    pub users: Users,
     pub data_files: Vec<PathBuf>,
     pub node_configs: Vec<PathBuf>,
     pub nodes: Vec<(String, Running)>,
@@ -433,9 +468,11 @@ impl LocalAlliance {
             node_configs.push(config);
             nodes.push((site.site_id.clone(), running));
         }
+        let users = Users::create()?;
         let coordinator_config = write_coordinator_config(
             &config_dir,
             &signed,
+            &users,
             &pki,
             COORDINATOR_IDENTITY,
             &listings,
@@ -448,6 +485,7 @@ impl LocalAlliance {
             root: root.to_path_buf(),
             pki,
             catalogue: signed,
+            users,
             data_files,
             node_configs,
             nodes,

@@ -62,8 +62,12 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
         "  nodes and coordinator are serving over mutual TLS; coordinator at {}\n",
         alliance.coordinator_url()
     )?;
-    let mut coordinator =
-        client::connect(&alliance.coordinator_url(), &alliance.pki.ca_cert).await?;
+    let mut coordinator = client::connect(
+        &alliance.coordinator_url(),
+        &alliance.pki.ca_cert,
+        &alliance.users.study_lead,
+    )
+    .await?;
 
     for showcase in showcases() {
         let detail = coordinator
@@ -145,9 +149,10 @@ pub async fn up(
     writeln!(output, "try, in another terminal:")?;
     writeln!(
         output,
-        "  export FEDQ_COORDINATOR={} FEDQ_CA_CERT={} FEDQ_STUDY={STUDY_ID}",
+        "  export FEDQ_COORDINATOR={} FEDQ_CA_CERT={} FEDQ_STUDY={STUDY_ID} FEDQ_TOKEN={}",
         alliance.coordinator_url(),
-        alliance.pki.ca_cert.display()
+        alliance.pki.ca_cert.display(),
+        alliance.users.study_lead
     )?;
     writeln!(
         output,

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use fedq_coordinator::client;
 use fedq_deploy::alliance::{self, LocalAlliance};
 use fedq_deploy::synth::{self, LocalFormat, SiteProfile};
-use fedq_proto::wire::{self, coordinator_client::CoordinatorClient, node_client::NodeClient};
+use fedq_proto::wire::{self, node_client::NodeClient};
 use tonic::transport::Channel;
 
 /// Three small sites in both local formats; site-c is small enough to have small cells.
@@ -62,8 +62,19 @@ impl TestAlliance {
         })
     }
 
-    pub async fn coordinator(&self) -> anyhow::Result<CoordinatorClient<Channel>> {
-        Ok(client::connect(&self.alliance.coordinator_url(), &self.alliance.pki.ca_cert).await?)
+    /// The coordinator, signed in as the study's study lead.
+    pub async fn coordinator(&self) -> anyhow::Result<client::Connection> {
+        self.coordinator_as(&self.alliance.users.study_lead).await
+    }
+
+    /// The coordinator, signed in with `token`.
+    pub async fn coordinator_as(&self, token: &str) -> anyhow::Result<client::Connection> {
+        Ok(client::connect(
+            &self.alliance.coordinator_url(),
+            &self.alliance.pki.ca_cert,
+            token,
+        )
+        .await?)
     }
 
     /// A direct client to site `index`, presenting the coordinator's certificate.
@@ -193,7 +204,7 @@ pub fn sign_with(
 
 /// Runs a catalogue query through the coordinator.
 pub async fn query(
-    coordinator: &mut CoordinatorClient<Channel>,
+    coordinator: &mut client::Connection,
     template_id: &str,
     parameters: Vec<wire::ParameterValue>,
     deadline_ms: u32,

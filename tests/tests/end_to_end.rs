@@ -494,6 +494,7 @@ async fn coordinator_with(
     let config = alliance::write_coordinator_config(
         &folder,
         &test.alliance.catalogue,
+        &test.alliance.users,
         &test.alliance.pki,
         alliance::COORDINATOR_IDENTITY,
         listings,
@@ -528,6 +529,7 @@ async fn node_presenting_the_wrong_identity_is_detected_by_the_coordinator() -> 
     let mut client = fedq_coordinator::client::connect(
         &format!("https://localhost:{}", running.address.port()),
         &test.alliance.pki.ca_cert,
+        &test.alliance.users.study_lead,
     )
     .await?;
     let result = query(&mut client, "low-minimum", vec![], 0).await?;
@@ -582,6 +584,7 @@ async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadli
     let mut client = fedq_coordinator::client::connect(
         &format!("https://localhost:{}", running.address.port()),
         &test.alliance.pki.ca_cert,
+        &test.alliance.users.study_lead,
     )
     .await?;
     let started = Instant::now();
@@ -712,6 +715,7 @@ async fn query_after_editing_catalogue(
     let mut client = fedq_coordinator::client::connect(
         &format!("https://localhost:{}", running.address.port()),
         &test.alliance.pki.ca_cert,
+        &test.alliance.users.study_lead,
     )
     .await?;
     let result = query(&mut client, template_id, vec![], 0).await;
@@ -932,5 +936,49 @@ async fn daily_limit_refuses_the_next_query_counts_retries_once_and_survives_a_r
     );
     node.run_query(request("q-2")?).await?;
     restarted.stop().await?;
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_requires_a_token_and_only_the_named_study_lead_may_query() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    for token in ["", "fedq_not-a-real-token"] {
+        let mut anonymous = test.coordinator_as(token).await?;
+        let status = anonymous
+            .list_templates(wire::ListTemplatesRequest {})
+            .await
+            .expect_err("no valid token");
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert!(
+            status.message().contains("FEDQ_TOKEN"),
+            "{}",
+            status.message()
+        );
+    }
+
+    let mut expert = test.coordinator_as(&test.alliance.users.expert).await?;
+    let templates = expert
+        .list_templates(wire::ListTemplatesRequest {})
+        .await?
+        .into_inner();
+    assert!(!templates.templates.is_empty());
+    let err = query(&mut expert, "low-minimum", vec![], 0)
+        .await
+        .expect_err("an expert may not query")
+        .to_string();
+    assert!(
+        err.contains("may not run queries under study 'trauma-outcomes': only its study lead (Dr. Lea Study) may"),
+        "{err}"
+    );
+
+    let mut lead = test.coordinator().await?;
+    let result = query(&mut lead, "low-minimum", vec![], 0).await?;
+    assert!(
+        result
+            .sites
+            .iter()
+            .all(|site| site.status == SiteStatus::Ok as i32)
+    );
     test.alliance.stop().await
 }
