@@ -98,24 +98,44 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
     }
 
     writeln!(output, "{}", "=".repeat(78))?;
+    let refusal = |template: &str, parameters: Vec<wire::ParameterValue>| wire::RunQueryRequest {
+        study_id: STUDY_ID.into(),
+        template_id: template.into(),
+        parameters,
+        deadline_ms: 0,
+    };
+    writeln!(output, "Refusals:")?;
     writeln!(
         output,
-        "A request outside the template's approved limits is refused before any site is asked:"
+        "- a request outside the template's approved limits, before any site is asked:"
     )?;
-    let refused = client::run_query(
-        &mut coordinator,
-        wire::RunQueryRequest {
-            study_id: STUDY_ID.into(),
-            template_id: "elderly-major-trauma-deaths".into(),
-            parameters: vec![parameter_to_wire("min_age", &Value::Integer(30))],
-            deadline_ms: 0,
-        },
+    let out_of_limits = refusal(
+        "elderly-major-trauma-deaths",
+        vec![parameter_to_wire("min_age", &Value::Integer(30))],
+    );
+    match client::run_query(&mut coordinator, out_of_limits, |_| {}).await {
+        Err(err) => writeln!(output, "  {err}")?,
+        Ok(_) => anyhow::bail!("the out-of-limits request was not refused"),
+    }
+    writeln!(
+        output,
+        "- an alliance expert (not the study's lead) trying to query under the study:"
+    )?;
+    let mut expert = client::connect(
+        &alliance.coordinator_url(),
+        &alliance.pki.ca_cert,
+        &alliance.users.expert,
+    )
+    .await?;
+    match client::run_query(
+        &mut expert,
+        refusal("cohort-by-age-sex", Vec::new()),
         |_| {},
     )
-    .await;
-    match refused {
+    .await
+    {
         Err(err) => writeln!(output, "  {err}\n")?,
-        Ok(_) => anyhow::bail!("the out-of-limits request was not refused"),
+        Ok(_) => anyhow::bail!("the expert's query was not refused"),
     }
     alliance.stop().await?;
     writeln!(

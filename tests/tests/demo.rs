@@ -19,6 +19,7 @@ async fn demo_prints_pooled_tables_with_suppression_marks_and_a_refusal() -> any
         "site-c     ok",
         "* withheld by the site",
         "parameter 'min_age': 30 is outside its limits 50 to 100",
+        "only its study lead (Dr. Lea Study) may",
         "the alliance has stopped",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
