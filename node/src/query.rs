@@ -36,6 +36,20 @@ pub struct QueryRequest {
     pub study: Option<wire::SignedDocument>,
 }
 
+/// What identifies a retry: the same request id for the same template and the same parameter
+/// values. Reusing a request id for a different question counts as a new query.
+fn retry_key(request: &QueryRequest, template: &Template) -> String {
+    use prost::Message;
+    let mut bytes = request.request_id.as_bytes().to_vec();
+    bytes.push(0);
+    bytes.extend_from_slice(template.content_hash().as_bytes());
+    for parameter in &request.parameters {
+        bytes.push(0);
+        bytes.extend_from_slice(&parameter.encode_to_vec());
+    }
+    fedq_proto::template::content_hash(&bytes)
+}
+
 /// What verification established before a request ended, for its audit record.
 #[derive(Debug, Default)]
 struct Seen {
@@ -183,7 +197,7 @@ impl QueryEngine {
         self.limits.admit(
             &study.id,
             study.max_queries_per_day,
-            &request.request_id,
+            &retry_key(request, template),
             today,
         )?;
         let raw = plan::count_grid(&query, &checked.axes, snapshot).map_err(|err| {

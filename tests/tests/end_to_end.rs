@@ -982,3 +982,34 @@ async fn coordinator_requires_a_token_and_only_the_named_study_lead_may_query() 
     );
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reusing_a_request_id_for_a_different_question_counts_as_a_new_query() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    let mut node = test.node_as_coordinator(0).await?;
+    let study = fedq_tests::study_with(&test.alliance, |study| study.max_queries_per_day = 1)?;
+    let ask = |min_iss: i64| -> anyhow::Result<wire::QueryRequest> {
+        let mut request = node_request(
+            &test.alliance,
+            "mechanism-by-icu",
+            vec![integer("min_iss", min_iss)],
+        )?;
+        request.request_id = "same-id".into();
+        request.study = Some(study.clone());
+        Ok(request)
+    };
+    node.run_query(ask(5)?).await?;
+    node.run_query(ask(5)?).await?; // a true retry
+    let status = node
+        .run_query(ask(6)?)
+        .await
+        .expect_err("a new question under an old id");
+    assert_refused(
+        &status,
+        Code::ResourceExhausted,
+        RefusalCode::DailyLimitReached,
+        "daily limit of 1",
+    );
+    test.alliance.stop().await
+}
