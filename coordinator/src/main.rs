@@ -229,7 +229,8 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 "token for {name} (give it to them privately; it is not stored anywhere):\n  {token}\n"
             );
             println!(
-                "add to the coordinator configuration:\n[[users]]\nname = {name:?}\nrole = \"{role}\"\ntoken_hash = \"{hash}\""
+                "add to the coordinator configuration:\n[[users]]\nname = {}\nrole = \"{role}\"\ntoken_hash = \"{hash}\"",
+                toml::Value::String(name.clone())
             );
             Ok(())
         }

@@ -254,9 +254,11 @@ pub fn study(study: &wire::StudySummary) -> String {
         })
         .collect();
     format!(
-        "{} — {}\n  purpose: {}\n  lead: {}, {}\n  ethics approval: {}\n  in force: {} to {}, at most {} queries per day at each site\n  sites: {}\n  templates: {}\n  signed by: {}\n\n",
+        "{} — {}\n  version: {}@{}\n  purpose: {}\n  lead: {}, {}\n  ethics approval: {}\n  in force: {} to {}, at most {} queries per day at each site\n  sites: {}\n  templates: {}\n  signed by: {}\n\n",
         study.id,
         study.title,
+        study.id,
+        study.content_hash,
         study.purpose,
         study.study_lead,
         study.lead_institution,

@@ -23,7 +23,7 @@ use crate::users::{Role, User, Users};
 pub struct CoordinatorService {
     catalogue: Arc<Catalogue>,
     nodes: NodeClients,
-    users: Users,
+    users: Arc<Users>,
     default_deadline: Duration,
     max_deadline: Duration,
 }
@@ -39,20 +39,27 @@ impl CoordinatorService {
         CoordinatorService {
             catalogue,
             nodes,
-            users,
+            users: Arc::new(users),
             default_deadline,
             max_deadline,
         }
     }
 
-    /// The user whose token (`authorization: Bearer <token>`) the request carries.
-    fn authenticate<T>(&self, request: &Request<T>) -> Result<User, Status> {
-        request
+    /// The user whose token (`authorization: Bearer <token>`) the request carries. The slow
+    /// hash runs on a blocking thread, never on the threads serving other requests.
+    async fn authenticate<T>(&self, request: &Request<T>) -> Result<User, Status> {
+        let token = request
             .metadata()
             .get("authorization")
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
-            .and_then(|token| self.users.authenticate(token.trim()))
+            .map(|token| token.trim().to_string())
+            .ok_or_else(|| CoordinatorError::Unauthenticated.to_status())?;
+        let users = Arc::clone(&self.users);
+        tokio::task::spawn_blocking(move || users.authenticate(&token))
+            .await
+            .ok()
+            .flatten()
             .ok_or_else(|| CoordinatorError::Unauthenticated.to_status())
     }
 
@@ -201,7 +208,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<wire::ListTemplatesRequest>,
     ) -> Result<Response<wire::ListTemplatesResponse>, Status> {
-        self.authenticate(&request)?;
+        self.authenticate(&request).await?;
         Ok(Response::new(wire::ListTemplatesResponse {
             templates: self.catalogue.entries().iter().map(summary).collect(),
         }))
@@ -211,7 +218,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<wire::GetTemplateRequest>,
     ) -> Result<Response<wire::TemplateDetail>, Status> {
-        self.authenticate(&request)?;
+        self.authenticate(&request).await?;
         let entry = self
             .catalogue
             .get(&request.get_ref().id)
@@ -223,7 +230,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<wire::ListStudiesRequest>,
     ) -> Result<Response<wire::ListStudiesResponse>, Status> {
-        self.authenticate(&request)?;
+        self.authenticate(&request).await?;
         let studies = self
             .catalogue
             .studies()
@@ -250,6 +257,7 @@ impl Coordinator for CoordinatorService {
                             content_hash: pin.content_hash.clone(),
                         })
                         .collect(),
+                    content_hash: study.content_hash(),
                     signer_key_ids: entry
                         .signatures
                         .iter()
@@ -265,7 +273,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<wire::ListSitesRequest>,
     ) -> Result<Response<wire::ListSitesResponse>, Status> {
-        self.authenticate(&request)?;
+        self.authenticate(&request).await?;
         let described = self.nodes.describe_all(self.default_deadline).await;
         let sites = described
             .into_iter()
@@ -292,7 +300,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<wire::RunQueryRequest>,
     ) -> Result<Response<Self::RunQueryStream>, Status> {
-        let user = self.authenticate(&request)?;
+        let user = self.authenticate(&request).await?;
         let request = request.into_inner();
         let entry = self
             .catalogue

@@ -77,8 +77,15 @@ impl Users {
         })
     }
 
-    /// The user a token belongs to, if any.
+    /// The user a token belongs to, if any. Malformed tokens are refused before any slow hash
+    /// is computed.
     pub fn authenticate(&self, token: &str) -> Option<User> {
+        let well_formed = token.strip_prefix("fedq_").is_some_and(|secret| {
+            secret.len() == 48 && secret.chars().all(|c| c.is_ascii_hexdigit())
+        });
+        if !well_formed {
+            return None;
+        }
         let fingerprint: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let remembered = self.verified.lock().ok()?.get(&fingerprint).copied();
         let index = match remembered {
@@ -150,6 +157,11 @@ mod tests {
             Role::Administrator
         );
         assert!(users.authenticate("fedq_wrong").is_none());
+        assert!(
+            users
+                .authenticate(&format!("fedq_{}", "0".repeat(48)))
+                .is_none()
+        );
     }
 
     #[test]

@@ -165,9 +165,18 @@ pub fn load(
     }
     let frame = DataFrame::new(local.height(), columns)
         .map_err(|err| NodeError::Data(vec![format!("{at}: {}", describe_polars_error(&err))]))?;
-    let frame = match &config.objections {
-        Some(objections) => exclude_objections(frame, &local, objections, &at)?,
-        None => frame,
+    let (frame, version) = match &config.objections {
+        Some(objections) => {
+            let (frame, list_hash) =
+                exclude_objections(frame, &local, objections, &at, &mut warnings)?;
+            // The list is part of the snapshot: a changed list gives a new version, so the
+            // difference between two answers is never silently the number of new objections.
+            (
+                frame,
+                content_hash(format!("{version}\n{list_hash}").as_bytes()),
+            )
+        }
+        None => (frame, version),
     };
     Ok((
         Snapshot {
@@ -180,14 +189,16 @@ pub fn load(
     ))
 }
 
-/// Leaves out the records of patients on the objection list, before any computation. The
-/// number left out is never reported anywhere.
+/// Leaves out the records of patients on the objection list, before any computation, and
+/// returns the list's hash. How many records were left out is never reported in any answer;
+/// the node's own log only warns when a non-empty list matched no record at all.
 fn exclude_objections(
     frame: DataFrame,
     local: &DataFrame,
     objections: &Objections,
     at: &str,
-) -> Result<DataFrame, NodeError> {
+    warnings: &mut Vec<String>,
+) -> Result<(DataFrame, String), NodeError> {
     let text = std::fs::read_to_string(&objections.file).map_err(|err| {
         NodeError::Data(vec![format!(
             "{at}: cannot read the objection list {}: {err}",
@@ -216,7 +227,15 @@ fn exclude_objections(
         .iter()
         .map(|key| Some(!key.is_some_and(|key| keys.contains(key.trim()))))
         .collect();
-    frame.filter(&keep).map_err(unusable)
+    if !keys.is_empty() && keep.all() {
+        warnings.push(format!(
+            "{at}: no key of the objection list {} matches column '{}'; check the column and how keys are written there",
+            objections.file.display(),
+            objections.key_column
+        ));
+    }
+    let frame = frame.filter(&keep).map_err(unusable)?;
+    Ok((frame, content_hash(text.as_bytes())))
 }
 
 fn read_frame(bytes: Vec<u8>, format: FileFormat) -> PolarsResult<DataFrame> {

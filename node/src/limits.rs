@@ -70,6 +70,9 @@ impl DailyLimits {
         today: NaiveDate,
     ) -> Result<(), NodeError> {
         let mut counts = self.counts.lock().map_err(|_| NodeError::Engine)?;
+        // The day never moves backwards (a clock stepped back, or a request that read the date
+        // just before midnight): such a request counts against the latest day seen.
+        let today = counts.day.map_or(today, |day| day.max(today));
         if counts.day != Some(today) {
             *counts = DayCounts {
                 day: Some(today),
@@ -145,6 +148,13 @@ mod tests {
         assert!(reopened.admit("s", 2, "q4", today).is_err());
         reopened.admit("s", 2, "q2", today).unwrap();
         reopened.admit("s", 2, "q4", day("2026-11-24")).unwrap();
+        // Going back to the previous day neither resets nor reopens it.
+        reopened.admit("s", 2, "q5", day("2026-11-23")).unwrap();
+        let err = reopened
+            .admit("s", 2, "q6", day("2026-11-23"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("daily limit of 2"), "{err}");
     }
 
     #[test]

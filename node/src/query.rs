@@ -40,12 +40,15 @@ pub struct QueryRequest {
 /// values. Reusing a request id for a different question counts as a new query.
 fn retry_key(request: &QueryRequest, template: &Template) -> String {
     use prost::Message;
-    let mut bytes = request.request_id.as_bytes().to_vec();
-    bytes.push(0);
-    bytes.extend_from_slice(template.content_hash().as_bytes());
+    let mut bytes = Vec::new();
+    let mut part = |part: &[u8]| {
+        bytes.extend_from_slice(&(part.len() as u64).to_be_bytes());
+        bytes.extend_from_slice(part);
+    };
+    part(request.request_id.as_bytes());
+    part(template.content_hash().as_bytes());
     for parameter in &request.parameters {
-        bytes.push(0);
-        bytes.extend_from_slice(&parameter.encode_to_vec());
+        part(&parameter.encode_to_vec());
     }
     fedq_proto::template::content_hash(&bytes)
 }

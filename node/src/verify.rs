@@ -98,7 +98,12 @@ pub fn check_study(
             version: template.version,
         });
     }
-    if !accepted.contains(&study.id) {
+    let hash = study.content_hash();
+    let accepted_here = accepted.iter().any(|entry| match entry.split_once('@') {
+        Some((id, pinned)) => id == study.id && pinned == hash,
+        None => entry == &study.id,
+    });
+    if !accepted_here {
         return Err(NodeError::StudyNotAccepted {
             study: study.id.clone(),
         });
@@ -130,5 +135,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("carries no template document"), "{err}");
+    }
+
+    #[test]
+    fn a_study_accepted_with_its_hash_is_refused_once_it_changes() {
+        let study = fedq_proto::study::Study {
+            id: "s".into(),
+            title: "S".into(),
+            purpose: "P".into(),
+            lead_institution: "I".into(),
+            study_lead: "L".into(),
+            ethics_reference: "E".into(),
+            templates: Vec::new(),
+            sites: vec!["site-a".into()],
+            valid_from: "2026-01-01".into(),
+            valid_until: "2026-12-31".into(),
+            max_queries_per_day: 1,
+        };
+        let template: Template = serde_json::from_str(
+            r#"{"id":"t","version":1,"title":"T","description":"D","data_model":"fedq-trauma/1","dataset":"trauma_admissions","parameters":[],"strata":[],"statistic":{"kind":"count"}}"#,
+        )
+        .unwrap();
+        let mut study = study;
+        study
+            .templates
+            .push(fedq_proto::study::PinnedTemplate::of(&template));
+        let today = chrono::NaiveDate::from_ymd_opt(2026, 6, 1).unwrap();
+        let pinned = BTreeSet::from([format!("s@{}", study.content_hash())]);
+        check_study(&study, &template, "site-a", &pinned, today).unwrap();
+        let mut widened = study.clone();
+        widened.max_queries_per_day = 1000;
+        let err = check_study(&widened, &template, "site-a", &pinned, today).unwrap_err();
+        assert!(matches!(err, NodeError::StudyNotAccepted { .. }), "{err}");
+        let by_id = BTreeSet::from(["s".to_string()]);
+        check_study(&widened, &template, "site-a", &by_id, today).unwrap();
     }
 }
