@@ -5,9 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use fedq_coordinator::client;
+use fedq_deploy::alliance::NodeListing;
 use fedq_deploy::alliance::{self, LocalAlliance};
 use fedq_deploy::synth::{self, LocalFormat, SiteProfile};
-use fedq_proto::wire::{self, node_client::NodeClient};
+use fedq_proto::convert::parameter_to_wire;
+use fedq_proto::template::Value;
+use fedq_proto::wire::{self, RefusalCode, node_client::NodeClient};
+use prost::Message;
+use tonic::Code;
 use tonic::transport::Channel;
 
 /// Three small sites in both local formats; site-c is small enough to have small cells.
@@ -312,3 +317,124 @@ pub fn cell_levels<'a>(result: &'a wire::PooledResult, cell: &wire::PooledCell) 
         .map(|(level, axis)| axis.levels[*level as usize].as_str())
         .collect()
 }
+
+// Helpers shared by the end-to-end test files.
+
+/// A typed integer parameter value.
+pub fn integer(name: &str, value: i64) -> wire::ParameterValue {
+    parameter_to_wire(name, &Value::Integer(value))
+}
+
+/// Asserts a node refusal: gRPC code, typed reason, and words in the message.
+pub fn assert_refused(status: &tonic::Status, code: Code, refusal: RefusalCode, words: &str) {
+    assert_eq!(status.code(), code, "{status:?}");
+    assert_eq!(refusal_of(status), refusal, "{status:?}");
+    assert!(status.message().contains(words), "{}", status.message());
+}
+
+pub fn refusal_of(status: &tonic::Status) -> RefusalCode {
+    let refusal =
+        wire::Refusal::decode(status.details()).expect("a node refusal carries a typed reason");
+    RefusalCode::try_from(refusal.code).expect("a known refusal code")
+}
+
+/// Writes a variant of site-a's node configuration and starts it.
+pub async fn node_variant(
+    test: &TestAlliance,
+    edit: impl Fn(String) -> String,
+) -> anyhow::Result<alliance::Running> {
+    let config = std::fs::read_to_string(&test.alliance.node_configs[0])?;
+    let edited = edit(config.clone());
+    assert_ne!(edited, config, "the edit must change the configuration");
+    let path = test
+        .alliance
+        .root
+        .join("config")
+        .join(format!("variant-{}.toml", rand_suffix()));
+    std::fs::write(&path, edited)?;
+    alliance::start_node(&path).await
+}
+
+pub async fn client_for(
+    test: &TestAlliance,
+    node: &alliance::Running,
+) -> anyhow::Result<fedq_proto::wire::node_client::NodeClient<tonic::transport::Channel>> {
+    let coordinator = &test.alliance.pki.identities[0];
+    fedq_deploy::node_client(
+        &format!("https://localhost:{}", node.address.port()),
+        &test.alliance.pki.ca_cert,
+        Some((&coordinator.cert, &coordinator.key)),
+        &alliance::site_identity("site-a"),
+    )
+    .await
+}
+
+/// Starts a second coordinator over the test alliance's nodes with a custom node listing.
+pub async fn coordinator_with(
+    test: &TestAlliance,
+    listings: &[NodeListing],
+    deadline_ms: u64,
+) -> anyhow::Result<alliance::Running> {
+    let folder = test
+        .dir
+        .path()
+        .join(format!("coordinator-{}", rand_suffix()));
+    std::fs::create_dir_all(&folder)?;
+    let config = alliance::write_coordinator_config(
+        &folder,
+        &test.alliance.catalogue,
+        &test.alliance.users,
+        &test.alliance.pki,
+        alliance::COORDINATOR_IDENTITY,
+        listings,
+        deadline_ms,
+    )?;
+    alliance::start_coordinator(&config, 0).await
+}
+
+pub fn rand_suffix() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+pub fn listing(test: &TestAlliance, index: usize) -> NodeListing {
+    let (site_id, node) = &test.alliance.nodes[index];
+    NodeListing {
+        site_id: site_id.clone(),
+        address: node.address,
+        identity: alliance::site_identity(site_id),
+    }
+}
+
+/// Rewrites one catalogue file, starts a second coordinator over all three nodes, and runs it.
+pub async fn query_after_editing_catalogue(
+    test: &TestAlliance,
+    template_id: &str,
+    edit: impl Fn(String) -> String,
+) -> anyhow::Result<wire::PooledResult> {
+    let path = test
+        .alliance
+        .catalogue
+        .templates
+        .join(format!("{template_id}.toml"));
+    let text = std::fs::read_to_string(&path)?;
+    let edited = edit(text.clone());
+    assert_ne!(edited, text, "the edit must change the file");
+    std::fs::write(&path, edited)?;
+    let listings: Vec<NodeListing> = (0..3).map(|index| listing(test, index)).collect();
+    let running = coordinator_with(test, &listings, 5_000).await?;
+    let mut client = fedq_coordinator::client::connect(
+        &format!("https://localhost:{}", running.address.port()),
+        &test.alliance.pki.ca_cert,
+        &test.alliance.users.study_lead,
+    )
+    .await?;
+    let result = query(&mut client, template_id, vec![], 0).await;
+    running.stop().await?;
+    Ok(result?)
+}
+
+/// A change to a study approval, for table-driven tests.
+pub type StudyEdit = Box<dyn Fn(&mut fedq_proto::study::Study)>;

@@ -1,0 +1,248 @@
+//! Transport and availability: mutual TLS and certificate identities, deadlines with dead or
+//! silent nodes, message limits, start-up failures — real servers on 127.0.0.1.
+
+use std::time::{Duration, Instant};
+
+use fedq_deploy::alliance::{self, NodeListing};
+use fedq_proto::wire::{self, RefusalCode, SiteStatus};
+use fedq_tests::*;
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_without_a_certificate_is_refused_by_the_node() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let request = node_request(&test.alliance, "low-minimum", vec![])?;
+    if let Ok(mut node) = test.node_with(0, None).await {
+        let status = node
+            .run_query(request)
+            .await
+            .expect_err("a node answered a client without a certificate");
+        // Refused by the TLS handshake, before any gRPC handler (and its typed refusals) ran.
+        assert!(
+            status.details().is_empty(),
+            "the request reached the service: {status:?}"
+        );
+        assert_ne!(status.code(), Code::PermissionDenied);
+    }
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_from_another_ca_is_refused_by_the_node() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let rogue = fedq_coordinator::certs::create_dev_pki(
+        &test.dir.path().join("rogue"),
+        "rogue CA",
+        &[alliance::COORDINATOR_IDENTITY.to_string()],
+    )?;
+    let rogue_identity = &rogue.identities[0];
+    let request = node_request(&test.alliance, "low-minimum", vec![])?;
+    match test
+        .node_with(0, Some((&rogue_identity.cert, &rogue_identity.key)))
+        .await
+    {
+        Err(_) => {}
+        Ok(mut node) => {
+            let status = node
+                .run_query(request)
+                .await
+                .expect_err("a node answered a certificate from another CA");
+            assert_ne!(status.code(), Code::Ok);
+        }
+    }
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_certificate_of_an_unlisted_identity_is_refused_with_a_reason() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    // site-b's own certificate is from the alliance CA but is not an accepted coordinator.
+    let site_b = &test.alliance.pki.identities[2];
+    let mut node = test.node_with(0, Some((&site_b.cert, &site_b.key))).await?;
+    let request = node_request(&test.alliance, "low-minimum", vec![])?;
+    let status = node.run_query(request).await.expect_err("refused");
+    assert_refused(
+        &status,
+        Code::PermissionDenied,
+        RefusalCode::CallerNotAccepted,
+        "site-b.fedq.local",
+    );
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_presenting_the_wrong_identity_is_detected_by_the_coordinator() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut impostor = listing(&test, 1);
+    impostor.site_id = "site-a".into();
+    impostor.identity = alliance::site_identity("site-a");
+    let running = coordinator_with(&test, &[impostor], 5_000).await?;
+    let mut client = fedq_coordinator::client::connect(
+        &format!("https://localhost:{}", running.address.port()),
+        &test.alliance.pki.ca_cert,
+        &test.alliance.users.study_lead,
+    )
+    .await?;
+    let result = query(&mut client, "low-minimum", vec![], 0).await?;
+    let site = &result.sites[0];
+    assert_eq!(
+        site.status,
+        SiteStatus::Unreachable as i32,
+        "{}",
+        site.message
+    );
+    assert!(
+        site.message.to_lowercase().contains("certificate"),
+        "{}",
+        site.message
+    );
+    assert!(site.result.is_none());
+    running.stop().await?;
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadline()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    // A port where nothing listens any more...
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let closed_address = closed.local_addr()?;
+    drop(closed);
+    // ...and a peer that accepts connections but never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let silent_address = silent.local_addr()?;
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            held.push(stream);
+        }
+    });
+    let listings = [
+        listing(&test, 0),
+        NodeListing {
+            site_id: "site-down".into(),
+            address: closed_address,
+            identity: "site-down.fedq.local".into(),
+        },
+        NodeListing {
+            site_id: "site-silent".into(),
+            address: silent_address,
+            identity: "site-silent.fedq.local".into(),
+        },
+    ];
+    let running = coordinator_with(&test, &listings, 1_500).await?;
+    let mut client = fedq_coordinator::client::connect(
+        &format!("https://localhost:{}", running.address.port()),
+        &test.alliance.pki.ca_cert,
+        &test.alliance.users.study_lead,
+    )
+    .await?;
+    let started = Instant::now();
+    let result = query(
+        &mut client,
+        "mechanism-by-icu",
+        vec![integer("min_iss", 0)],
+        0,
+    )
+    .await?;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < Duration::from_millis(1_500 + 2_000),
+        "answer took {elapsed:?}"
+    );
+    let status = |id: &str| {
+        result
+            .sites
+            .iter()
+            .find(|site| site.site_id == id)
+            .unwrap()
+            .status
+    };
+    assert_eq!(status("site-a"), SiteStatus::Ok as i32);
+    assert_eq!(status("site-down"), SiteStatus::Unreachable as i32);
+    assert!(
+        [SiteStatus::TimedOut as i32, SiteStatus::Unreachable as i32]
+            .contains(&status("site-silent")),
+        "silent site status {}",
+        status("site-silent")
+    );
+    // Only site-a contributed, so every released pooled cell equals site-a's own value.
+    let site_a = result.sites[0].result.as_ref().unwrap();
+    for (pooled, own) in result.cells.iter().zip(&site_a.cells) {
+        match &own.outcome {
+            Some(wire::cell::Outcome::Released(released)) => {
+                assert_eq!(pooled.count, Some(released.count))
+            }
+            _ => assert_eq!(pooled.count, None),
+        }
+    }
+    holder.abort();
+    running.stop().await?;
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_template_file_stops_the_coordinator_with_file_and_line() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let templates = test.alliance.catalogue.templates.clone();
+    std::fs::write(
+        templates.join("broken.toml"),
+        "id = \"broken\"\nversion = 1\ntitle = [\n",
+    )?;
+    let listings = [listing(&test, 0)];
+    let err = coordinator_with(&test, &listings, 1_000)
+        .await
+        .expect_err("refused to start")
+        .to_string();
+    assert!(
+        err.contains("broken.toml") && err.contains("line 3"),
+        "{err}"
+    );
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_request_is_refused_and_the_node_keeps_serving() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut node = test.node_as_coordinator(0).await?;
+    let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
+    request.requester = "x".repeat(2 * 1024 * 1024);
+    let status = node
+        .run_query(request)
+        .await
+        .expect_err("a 2 MiB request must be refused");
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert!(
+        status.message().contains("message length too large"),
+        "{}",
+        status.message()
+    );
+    let request = node_request(&test.alliance, "low-minimum", vec![])?;
+    let answer = node.run_query(request).await?.into_inner();
+    assert_eq!(answer.site_id, "site-a");
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_a_key_that_does_not_match_its_certificate_refuses_to_start() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    let config = std::fs::read_to_string(&test.alliance.node_configs[0])?;
+    let site_a_key = &test.alliance.pki.identities[1].key;
+    let site_b_key = &test.alliance.pki.identities[2].key;
+    let broken = config.replace(
+        &site_a_key.display().to_string(),
+        &site_b_key.display().to_string(),
+    );
+    assert_ne!(broken, config);
+    let path = test.dir.path().join("broken-node.toml");
+    std::fs::write(&path, broken)?;
+    let err = alliance::start_node(&path)
+        .await
+        .expect_err("refused to start")
+        .to_string();
+    assert!(err.contains("do not form a usable pair"), "{err}");
+    test.alliance.stop().await
+}
