@@ -8,11 +8,13 @@
 //! ([`audit`]) → the reply ([`service`]).
 //!
 //! - [`config`]: the node's TOML configuration and its validation.
+//! - [`check`]: the pre-flight report of `fedq-node check`.
 //! - [`limits`]: each study's daily query limit, kept in the node's state directory.
 //! - [`data`]: loading Parquet/CSV files and mapping local columns onto the common data model.
 //! - [`server`]: serving the `fedq.v1.Node` gRPC service over mutual TLS.
 
 pub mod audit;
+pub mod check;
 pub mod config;
 pub mod data;
 pub mod disclosure;

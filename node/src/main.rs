@@ -37,6 +37,16 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Check everything this node needs before going live; prints one line per finding and
+    /// exits 1 if anything fails.
+    Check {
+        /// Node configuration file (TOML).
+        #[arg(long, env = "FEDQ_NODE_CONFIG")]
+        config: PathBuf,
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Load this site's data and serve queries until SIGTERM or Ctrl-C.
     Serve {
         /// Node configuration file (TOML).
@@ -47,9 +57,36 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let Command::Serve { config } = cli.command;
     let json_logs = matches!(cli.log_format, LogFormat::Json);
-    fedq_proto::process::run_main("fedq-node", "info", json_logs, serve(config))
+    match cli.command {
+        Command::Serve { config } => {
+            fedq_proto::process::run_main("fedq-node", "info", json_logs, serve(config))
+        }
+        Command::Check { config, json } => check(&config, json),
+    }
+}
+
+fn check(config: &std::path::Path, json: bool) -> ExitCode {
+    let findings = fedq_node::check::run(config);
+    if json {
+        match serde_json::to_string_pretty(&findings) {
+            Ok(text) => println!("{text}"),
+            Err(err) => {
+                eprintln!("fedq-node: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", fedq_node::check::render(&findings));
+    }
+    if findings
+        .iter()
+        .any(|finding| finding.level == fedq_node::check::Level::Fail)
+    {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 async fn serve(config_path: PathBuf) -> Result<(), String> {

@@ -62,3 +62,21 @@ min_cell_count = 1
         );
     }
 }
+
+#[test]
+fn check_reports_configuration_failures_and_exits_1() {
+    let output = Command::new(env!("CARGO_BIN_EXE_fedq-node"))
+        .args(["check", "--config", "/nonexistent/node.toml"])
+        .output()
+        .expect("fedq-node runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.starts_with("FAIL  config       cannot read /nonexistent/node.toml"), "{stdout}");
+    let json = Command::new(env!("CARGO_BIN_EXE_fedq-node"))
+        .args(["check", "--json", "--config", "/nonexistent/node.toml"])
+        .output()
+        .expect("fedq-node runs");
+    let findings: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON findings");
+    assert_eq!(findings[0]["level"], "fail");
+    assert_eq!(findings[0]["check"], "config");
+}

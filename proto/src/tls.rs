@@ -180,6 +180,60 @@ fn finish_server_config(
     Ok(config)
 }
 
+/// What [`check_certificate`] found about an endpoint's own certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateReport {
+    pub identities: Vec<String>,
+    /// Whole days until the certificate expires.
+    pub days_left: i64,
+}
+
+/// Checks an endpoint's certificate the way its peers will: it chains to the CA, is valid now
+/// for its own DNS identity, and its key matches. Each failure says what is wrong.
+pub fn check_certificate(files: &TlsFiles) -> Result<CertificateReport, Error> {
+    let certs = load_certs(&files.cert)?;
+    let identities = certificate_identities(&certs[0])?;
+    let Some(identity) = identities.first() else {
+        return Err(Error::Tls(format!(
+            "certificate {} names no DNS identity (subjectAltName)",
+            files.cert.display()
+        )));
+    };
+    let roots = root_store(&files.ca_cert)?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|err| Error::Tls(format!("cannot build a certificate verifier: {err}")))?;
+    let name = rustls::pki_types::ServerName::try_from(identity.clone())
+        .map_err(|_| Error::Tls(format!("'{identity}' is not a valid DNS name")))?;
+    rustls::client::danger::ServerCertVerifier::verify_server_cert(
+        verifier.as_ref(),
+        &certs[0],
+        &certs[1..],
+        &name,
+        &[],
+        rustls::pki_types::UnixTime::now(),
+    )
+    .map_err(|err| {
+        Error::Tls(format!(
+            "certificate {} does not verify against CA {} as '{identity}': {err}",
+            files.cert.display(),
+            files.ca_cert.display()
+        ))
+    })?;
+    mutual_tls_server_config(files)?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(certs[0].as_ref())
+        .map_err(|err| Error::Tls(format!("unreadable certificate: {err}")))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64);
+    let days_left = (parsed.validity().not_after.timestamp() - now) / 86_400;
+    Ok(CertificateReport {
+        identities,
+        days_left,
+    })
+}
+
 /// The identities a certificate asserts: its DNS subject alternative names.
 pub fn certificate_identities(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())

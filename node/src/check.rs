@@ -1,0 +1,166 @@
+//! `fedq-node check`: everything a node needs before it goes live, checked without serving —
+//! configuration, its own certificate (chain to the alliance CA, validity, identity, key),
+//! expert keys and quorum, every dataset (file, mapping, types, domain violations counted per
+//! column, identifiers), and that the state directory can be written. One finding per line.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::NodeError;
+use crate::config::NodeConfig;
+use crate::query::QueryEngine;
+
+/// Certificates closer than this to expiry are reported as a warning.
+const EXPIRY_WARNING_DAYS: i64 = 30;
+
+/// How a finding came out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Pass,
+    Warn,
+    Fail,
+}
+
+/// One line of the report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub level: Level,
+    /// What was checked: `config`, `certificate`, `expert keys`, `data`, `state dir`.
+    pub check: &'static str,
+    pub detail: String,
+}
+
+fn finding(level: Level, check: &'static str, detail: impl Into<String>) -> Finding {
+    Finding {
+        level,
+        check,
+        detail: detail.into(),
+    }
+}
+
+/// Lines of a node error, one per problem.
+fn lines(err: &NodeError) -> Vec<String> {
+    match err {
+        NodeError::Config(problems) | NodeError::Data(problems) => problems.clone(),
+        other => vec![other.to_string()],
+    }
+}
+
+/// Runs every check on the configuration at `path`.
+pub fn run(path: &Path) -> Vec<Finding> {
+    let config = match NodeConfig::load(path) {
+        Ok(config) => config,
+        Err(err) => {
+            return lines(&err)
+                .into_iter()
+                .map(|line| finding(Level::Fail, "config", line))
+                .collect();
+        }
+    };
+    let mut findings = vec![finding(
+        Level::Pass,
+        "config",
+        format!("{} is valid for site '{}'", path.display(), config.site_id),
+    )];
+    findings.push(match fedq_proto::tls::check_certificate(&config.tls) {
+        Ok(report) if report.days_left < EXPIRY_WARNING_DAYS => finding(
+            Level::Warn,
+            "certificate",
+            format!(
+                "{} expires in {} days; renew it",
+                report.identities.join(", "),
+                report.days_left
+            ),
+        ),
+        Ok(report) => finding(
+            Level::Pass,
+            "certificate",
+            format!(
+                "{} chains to the alliance CA, matches its key, valid for {} more days",
+                report.identities.join(", "),
+                report.days_left
+            ),
+        ),
+        Err(err) => finding(Level::Fail, "certificate", err.to_string()),
+    });
+    let trust = &config.policy.trust;
+    findings.push(if trust.trusted.is_empty() {
+        finding(
+            Level::Fail,
+            "expert keys",
+            "no trusted expert keys: the node would refuse every query (add policy.trusted_expert_keys)",
+        )
+    } else {
+        finding(
+            Level::Pass,
+            "expert keys",
+            format!("{} trusted, quorum {}", trust.trusted.len(), trust.quorum),
+        )
+    });
+    match QueryEngine::load(&config) {
+        Ok((engine, warnings)) => {
+            for snapshot in engine.snapshots() {
+                findings.push(finding(
+                    Level::Pass,
+                    "data",
+                    format!(
+                        "dataset '{}': {} rows, {} model columns mapped, snapshot {}",
+                        snapshot.dataset,
+                        snapshot.rows(),
+                        snapshot.columns.len(),
+                        snapshot.version
+                    ),
+                ));
+            }
+            findings.extend(
+                warnings
+                    .into_iter()
+                    .filter(|warning| !warning.contains("trusts no expert keys"))
+                    .map(|warning| finding(Level::Warn, "data", warning)),
+            );
+        }
+        Err(err) => findings.extend(
+            lines(&err)
+                .into_iter()
+                .map(|line| finding(Level::Fail, "data", line)),
+        ),
+    }
+    findings.push(state_dir_writable(&config.state_dir));
+    findings
+}
+
+fn state_dir_writable(state_dir: &Path) -> Finding {
+    let probe = state_dir.join(".fedq-check-probe");
+    let written = std::fs::create_dir_all(state_dir)
+        .and_then(|()| std::fs::write(&probe, b"probe"))
+        .and_then(|()| std::fs::remove_file(&probe));
+    match written {
+        Ok(()) => finding(
+            Level::Pass,
+            "state dir",
+            format!("{} is writable", state_dir.display()),
+        ),
+        Err(err) => finding(
+            Level::Fail,
+            "state dir",
+            format!("cannot write {}: {err}", state_dir.display()),
+        ),
+    }
+}
+
+/// The report as text, one finding per line.
+pub fn render(findings: &[Finding]) -> String {
+    findings
+        .iter()
+        .map(|finding| {
+            let level = match finding.level {
+                Level::Pass => "PASS",
+                Level::Warn => "WARN",
+                Level::Fail => "FAIL",
+            };
+            format!("{level}  {:<12} {}\n", finding.check, finding.detail)
+        })
+        .collect()
+}
