@@ -71,7 +71,10 @@ fn check_reports_configuration_failures_and_exits_1() {
         .expect("fedq-node runs");
     assert_eq!(output.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.starts_with("FAIL  config       cannot read /nonexistent/node.toml"), "{stdout}");
+    assert!(
+        stdout.starts_with("FAIL  config       cannot read /nonexistent/node.toml"),
+        "{stdout}"
+    );
     let json = Command::new(env!("CARGO_BIN_EXE_fedq-node"))
         .args(["check", "--json", "--config", "/nonexistent/node.toml"])
         .output()
