@@ -90,6 +90,13 @@ pub async fn connect(
     )
 }
 
+/// The message of a coordinator reply, or its error as a message for the study lead.
+pub fn reply<T>(result: Result<tonic::Response<T>, tonic::Status>) -> Result<T, CoordinatorError> {
+    result
+        .map(tonic::Response::into_inner)
+        .map_err(|status| status_message(&status))
+}
+
 /// A gRPC error from the coordinator as a message for the study lead.
 pub fn status_message(status: &tonic::Status) -> CoordinatorError {
     CoordinatorError::Client(status.message().to_string())
@@ -154,11 +161,7 @@ pub async fn run_query(
     request: wire::RunQueryRequest,
     mut on_site: impl FnMut(&wire::SiteProgress),
 ) -> Result<wire::PooledResult, CoordinatorError> {
-    let mut stream = client
-        .run_query(request)
-        .await
-        .map_err(|status| status_message(&status))?
-        .into_inner();
+    let mut stream = reply(client.run_query(request).await)?;
     while let Some(event) = stream
         .message()
         .await

@@ -257,11 +257,7 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
         } => {
             let mut coordinator =
                 client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
-            let sites = coordinator
-                .list_sites(wire::ListSitesRequest {})
-                .await
-                .map_err(|status| client::status_message(&status))?
-                .into_inner();
+            let sites = client::reply(coordinator.list_sites(wire::ListSitesRequest {}).await)?;
             let lines = experts::check_template(&file, &sites.sites)?;
             println!(
                 "{}: valid against data model {}",
@@ -279,11 +275,11 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
             match command {
                 TemplatesCommand::List => {
-                    let list = coordinator
-                        .list_templates(wire::ListTemplatesRequest {})
-                        .await
-                        .map_err(|status| client::status_message(&status))?
-                        .into_inner();
+                    let list = client::reply(
+                        coordinator
+                            .list_templates(wire::ListTemplatesRequest {})
+                            .await,
+                    )?;
                     for template in list.templates {
                         let reference = template.reference.unwrap_or_default();
                         println!(
@@ -293,11 +289,11 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                     }
                 }
                 TemplatesCommand::Show { id } => {
-                    let detail = coordinator
-                        .get_template(wire::GetTemplateRequest { id })
-                        .await
-                        .map_err(|status| client::status_message(&status))?
-                        .into_inner();
+                    let detail = client::reply(
+                        coordinator
+                            .get_template(wire::GetTemplateRequest { id })
+                            .await,
+                    )?;
                     print!("{}", describe_template(&detail));
                 }
             }
@@ -306,11 +302,7 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
         Command::Sites => {
             let mut coordinator =
                 client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
-            let sites = coordinator
-                .list_sites(wire::ListSitesRequest {})
-                .await
-                .map_err(|status| client::status_message(&status))?
-                .into_inner();
+            let sites = client::reply(coordinator.list_sites(wire::ListSitesRequest {}).await)?;
             for site in sites.sites {
                 match site.description {
                     Some(description) => {
@@ -339,11 +331,8 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
         Command::Studies => {
             let mut coordinator =
                 client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
-            let studies = coordinator
-                .list_studies(wire::ListStudiesRequest {})
-                .await
-                .map_err(|status| client::status_message(&status))?
-                .into_inner();
+            let studies =
+                client::reply(coordinator.list_studies(wire::ListStudiesRequest {}).await)?;
             for study in studies.studies {
                 print!("{}", render::study(&study));
             }
@@ -358,13 +347,13 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
         } => {
             let mut coordinator =
                 client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
-            let detail = coordinator
-                .get_template(wire::GetTemplateRequest {
-                    id: template.clone(),
-                })
-                .await
-                .map_err(|status| client::status_message(&status))?
-                .into_inner();
+            let detail = client::reply(
+                coordinator
+                    .get_template(wire::GetTemplateRequest {
+                        id: template.clone(),
+                    })
+                    .await,
+            )?;
             let parameters = client::parse_parameters(&params, &detail.parameters)?;
             let request = wire::RunQueryRequest {
                 study_id: study,

@@ -157,6 +157,15 @@ pub fn study_with(
     Ok(fedq_proto::document::study_document(&study, signatures))
 }
 
+/// The template a node request carries.
+pub fn template_of(request: &wire::QueryRequest) -> anyhow::Result<fedq_proto::template::Template> {
+    let document = request
+        .template
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the request carries no template"))?;
+    Ok(fedq_proto::document::open_template(document)?)
+}
+
 /// A document file and the signatures in its signatures file.
 fn signed_file<T>(
     path: &Path,

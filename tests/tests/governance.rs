@@ -33,7 +33,7 @@ async fn validly_signed_but_non_canonical_document_is_refused_as_malformed() -> 
     let test = TestAlliance::start().await?;
     let mut node = test.node_as_coordinator(0).await?;
     let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
-    let template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
+    let template = fedq_tests::template_of(&request)?;
     let pretty = serde_json::to_vec_pretty(&template)?;
     let signatures = fedq_tests::sign_bytes(
         &test.alliance,
@@ -61,7 +61,7 @@ async fn template_signed_by_one_expert_is_refused_when_the_quorum_is_two() -> an
     let test = TestAlliance::start().await?;
     let mut node = test.node_as_coordinator(0).await?;
     let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
-    let template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
+    let template = fedq_tests::template_of(&request)?;
     request.template = Some(sign_with(&test.alliance, &template, &[2])?);
     let status = node.run_query(request.clone()).await.expect_err("refused");
     assert_refused(
@@ -183,7 +183,7 @@ async fn template_version_bumped_without_re_signing_is_refused() -> anyhow::Resu
     // Straight to a node: the old signatures do not cover the new bytes.
     let mut node = test.node_as_coordinator(0).await?;
     let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
-    let mut template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
+    let mut template = fedq_tests::template_of(&request)?;
     template.version = 2;
     let old_signatures = request.template.take().unwrap().signatures;
     request.template = Some(fedq_proto::document::template_document(

@@ -187,13 +187,12 @@ async fn out_of_range_parameter_is_refused_by_the_coordinator_and_by_the_node_it
         .run_query(request)
         .await
         .expect_err("refused by the node");
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(
-        status.message().contains("'min_age'"),
-        "{}",
-        status.message()
+    assert_refused(
+        &status,
+        Code::InvalidArgument,
+        RefusalCode::InvalidParameter,
+        "'min_age'",
     );
-    assert_eq!(refusal_of(&status), RefusalCode::InvalidParameter);
     test.alliance.stop().await
 }
 
@@ -202,7 +201,7 @@ async fn template_using_an_identifier_column_is_refused_by_the_node() -> anyhow:
     let test = TestAlliance::start().await?;
     let mut node = test.node_as_coordinator(1).await?;
     let mut request = node_request(&test.alliance, "low-minimum", vec![])?;
-    let mut template = fedq_proto::document::open_template(request.template.as_ref().unwrap())?;
+    let mut template = fedq_tests::template_of(&request)?;
     template.strata[0].column = "national_id".into();
     // Even a quorum of experts, signing the template and a study that pins it, cannot make an
     // identifier column usable.
