@@ -21,6 +21,9 @@ pub const ENV_PREFIX: &str = "FEDQ_NODE";
 /// The disclosure floor when the config names none.
 pub const DEFAULT_MIN_CELL_COUNT: u32 = 10;
 
+/// Smallest audit segment size accepted (a few records).
+pub const MIN_AUDIT_SEGMENT_BYTES: u64 = 4096;
+
 /// No node may run with a floor below this.
 pub const LOWEST_MIN_CELL_COUNT: u32 = 3;
 
@@ -33,7 +36,15 @@ pub struct RawNodeConfig {
     tls: TlsFiles,
     policy: RawPolicy,
     #[serde(default)]
+    audit: RawAudit,
+    #[serde(default)]
     datasets: Vec<RawDataset>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    segment_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -110,10 +121,12 @@ pub enum DomainViolationPolicy {
 pub struct NodeConfig {
     pub site_id: String,
     pub listen: SocketAddr,
-    /// Files the node owns and keeps across restarts (daily query counts).
+    /// Files the node owns and keeps across restarts (audit log and key, daily query counts).
     pub state_dir: PathBuf,
     pub tls: TlsFiles,
     pub policy: Policy,
+    /// Size at which the audit log starts a new segment file.
+    pub audit_segment_bytes: u64,
     pub datasets: Vec<DatasetConfig>,
     pub data_model: DataModel,
 }
@@ -210,6 +223,15 @@ impl RawNodeConfig {
         }
         let tls = self.tls.resolved(base);
         problems.extend(tls.missing_files());
+        let audit_segment_bytes = self
+            .audit
+            .segment_bytes
+            .unwrap_or(crate::audit::log::DEFAULT_SEGMENT_BYTES);
+        if audit_segment_bytes < MIN_AUDIT_SEGMENT_BYTES {
+            problems.push(format!(
+                "audit.segment_bytes is {audit_segment_bytes}; it must be at least {MIN_AUDIT_SEGMENT_BYTES}"
+            ));
+        }
         let min_cell_count = self.policy.min_cell_count.unwrap_or(DEFAULT_MIN_CELL_COUNT);
         if min_cell_count < LOWEST_MIN_CELL_COUNT {
             problems.push(format!(
@@ -251,6 +273,7 @@ impl RawNodeConfig {
                 listen,
                 state_dir,
                 tls,
+                audit_segment_bytes,
                 policy: Policy {
                     accepted_coordinators: self.policy.accepted_coordinators.into_iter().collect(),
                     min_cell_count,

@@ -66,6 +66,11 @@ pub enum NodeError {
         "this site cannot record the query in its state directory, so it refuses it; nothing was released (the site's administrator can find the cause in the node log)"
     )]
     StateUnwritable,
+    /// The node cannot make the query's audit record durable, so it refuses (fail closed).
+    #[error(
+        "this site cannot write its audit log, so it refuses the query; nothing was released (the site's administrator can find the cause in the node log)"
+    )]
+    AuditUnavailable,
     /// The site's own policy refuses this template.
     #[error(
         "this site does not run template '{0}' (its local policy refuses it, however it is signed); ask the site's administrator"
@@ -114,6 +119,7 @@ impl NodeError {
             NodeError::StudyMissing => RefusalCode::StudyMissing,
             NodeError::DailyLimitReached { .. } => RefusalCode::DailyLimitReached,
             NodeError::StateUnwritable => RefusalCode::Internal,
+            NodeError::AuditUnavailable => RefusalCode::AuditUnavailable,
             NodeError::StudyNotInForce { .. } => RefusalCode::StudyNotInForce,
             NodeError::SiteNotInStudy { .. } => RefusalCode::SiteNotInStudy,
             NodeError::TemplateNotInStudy { .. } => RefusalCode::TemplateNotInStudy,

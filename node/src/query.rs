@@ -4,11 +4,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use fedq_proto::model::DataModel;
+use fedq_proto::study::Study;
 use fedq_proto::template::{Axis, Template, TemplateRef, Value};
 use fedq_proto::wire;
 
 use crate::NodeError;
-use crate::audit::{self, AuditOutcome, AuditRecord};
+use crate::audit::record::{self, DocumentRef, Event, QueryEvent, TemplateRecord};
+use crate::audit::register::{STUDY_DOCUMENT, TEMPLATE_DOCUMENT};
+use crate::audit::{self, AuditLog};
 use crate::config::{NodeConfig, Policy};
 use crate::data::{self, Snapshot};
 use crate::disclosure::{self, DisclosedTable};
@@ -24,6 +27,7 @@ pub struct QueryEngine {
     pub data_model: DataModel,
     snapshots: BTreeMap<String, Snapshot>,
     limits: DailyLimits,
+    audit: AuditLog,
 }
 
 /// What a study lead's request carries into the node, already out of its wire form.
@@ -57,7 +61,8 @@ fn retry_key(request: &QueryRequest, template: &Template) -> String {
 #[derive(Debug, Default)]
 struct Seen {
     template: Option<Template>,
-    study: Option<String>,
+    study: Option<Study>,
+    snapshot_version: Option<String>,
 }
 
 /// A released answer: only disclosed values.
@@ -67,6 +72,8 @@ pub struct SiteAnswer {
     pub snapshot_version: String,
     pub axes: Vec<Axis>,
     pub table: DisclosedTable,
+    /// The node's signed audit head including this query's record.
+    pub audit_head: wire::SignedAuditHead,
 }
 
 impl QueryEngine {
@@ -99,6 +106,12 @@ impl QueryEngine {
             warnings.push(fedq_proto::signing::SignatureProblem::NoTrustedKeys.to_string());
         }
         let limits = DailyLimits::open(&config.state_dir)?;
+        let audit = AuditLog::open(
+            &config.state_dir,
+            &config.site_id,
+            config.audit_segment_bytes,
+        )
+        .map_err(|err| NodeError::Config(vec![err.to_string()]))?;
         Ok((
             QueryEngine {
                 site_id: config.site_id.clone(),
@@ -106,6 +119,7 @@ impl QueryEngine {
                 data_model: config.data_model.clone(),
                 snapshots,
                 limits,
+                audit,
             },
             warnings,
         ))
@@ -115,40 +129,68 @@ impl QueryEngine {
         self.snapshots.values()
     }
 
+    pub fn audit(&self) -> &AuditLog {
+        &self.audit
+    }
+
     /// Runs one query for a caller presenting `caller_identities`, and records it in the audit
-    /// log whatever the outcome.
+    /// log whatever the outcome. Nothing is returned unless the record is on disk: if it cannot
+    /// be written, the query is refused.
     pub fn run(
         &self,
         caller_identities: &[String],
         request: &QueryRequest,
     ) -> Result<SiteAnswer, NodeError> {
-        let caller = caller_identities.join(",");
         let mut seen = Seen::default();
         let result = self.answer(caller_identities, request, &mut seen);
-        let reference = seen.template.as_ref().map(TemplateRef::of);
-        let outcome = match &result {
-            Ok(answer) => AuditOutcome::Released {
-                cells_released: answer.table.cells.len() - answer.table.withheld_cells(),
-                cells_withheld: answer.table.withheld_cells(),
-                total_withheld: answer.table.total == disclosure::Outcome::Withheld,
-            },
-            Err(err) => AuditOutcome::Refused(err.refusal_code()),
-        };
-        audit::record(&AuditRecord {
-            request_id: &request.request_id,
-            caller: &caller,
-            requester: &request.requester,
-            study: seen.study.as_deref().unwrap_or(""),
-            template: reference.as_ref().map(|reference| {
-                (
-                    reference.id.as_str(),
-                    reference.version,
-                    reference.content_hash.as_str(),
-                )
-            }),
-            outcome,
-        });
-        result
+        let event = query_event(caller_identities, request, &seen, &result);
+        audit::trace(&event);
+        let head = self
+            .keep_documents(&seen)
+            .and_then(|()| self.audit.append(Event::Query(event)))
+            .map_err(|err| {
+                tracing::error!(request_id = %audit::bounded(&request.request_id), error = %err, "audit record not written; query refused");
+                NodeError::AuditUnavailable
+            })?;
+        result.map(|(answer, table)| SiteAnswer {
+            template: answer.template,
+            snapshot_version: answer.snapshot_version,
+            axes: answer.axes,
+            table,
+            audit_head: head,
+        })
+    }
+
+    /// The site's transparency register, from its audit log.
+    pub fn transparency_register(&self) -> Result<wire::SiteRegister, NodeError> {
+        let records = audit::verify::records(self.audit.dir()).map_err(|err| {
+            tracing::error!(error = %err, "cannot read the audit log for the transparency register");
+            NodeError::AuditUnavailable
+        })?;
+        Ok(audit::register::build(
+            self.audit.dir(),
+            &self.site_id,
+            &records,
+        ))
+    }
+
+    /// Keeps the verified template and study the record refers to.
+    fn keep_documents(&self, seen: &Seen) -> Result<(), audit::AuditError> {
+        if let Some(template) = &seen.template {
+            self.audit.keep_document(
+                TEMPLATE_DOCUMENT,
+                &template.content_hash(),
+                &template.canonical_bytes(),
+            )?;
+        }
+        if let Some(study) = &seen.study {
+            self.audit.keep_document(
+                STUDY_DOCUMENT,
+                &study.content_hash(),
+                &study.canonical_bytes(),
+            )?;
+        }
+        Ok(())
     }
 
     fn answer(
@@ -156,7 +198,7 @@ impl QueryEngine {
         caller_identities: &[String],
         request: &QueryRequest,
         seen: &mut Seen,
-    ) -> Result<SiteAnswer, NodeError> {
+    ) -> Result<(Computed, DisclosedTable), NodeError> {
         verify::authorize_caller(caller_identities, &self.policy.accepted_coordinators)?;
         let template: &Template = seen.template.insert(verify::open_template(
             request.template.as_ref(),
@@ -165,11 +207,13 @@ impl QueryEngine {
         if self.policy.refused_templates.contains(&template.id) {
             return Err(NodeError::TemplateRefusedBySite(template.id.clone()));
         }
-        let study = verify::open_study(request.study.as_ref(), &self.policy.trust)?;
-        seen.study = Some(study.id.clone());
+        let study: &Study = seen.study.insert(verify::open_study(
+            request.study.as_ref(),
+            &self.policy.trust,
+        )?);
         let today = chrono::Utc::now().date_naive();
         verify::check_study(
-            &study,
+            study,
             template,
             &self.site_id,
             &self.policy.accepted_studies,
@@ -179,6 +223,7 @@ impl QueryEngine {
             .snapshots
             .get(&template.dataset)
             .ok_or_else(|| NodeError::DatasetNotHeld(template.dataset.clone()))?;
+        seen.snapshot_version = Some(snapshot.version.clone());
         let checked = template.check(&self.data_model, &BTreeSet::new())?;
         if let Some(column) = template
             .columns_used()
@@ -215,11 +260,78 @@ impl QueryEngine {
         })?;
         let k = disclosure::effective_k(self.policy.min_cell_count, template.min_cell_count);
         let table = disclosure::apply(&raw, k);
-        Ok(SiteAnswer {
-            template: TemplateRef::of(template),
-            snapshot_version: snapshot.version.clone(),
-            axes: checked.axes,
+        Ok((
+            Computed {
+                template: TemplateRef::of(template),
+                snapshot_version: snapshot.version.clone(),
+                axes: checked.axes,
+            },
             table,
-        })
+        ))
+    }
+}
+
+/// What a computed answer is about, before its audit record is written.
+#[derive(Debug)]
+struct Computed {
+    template: TemplateRef,
+    snapshot_version: String,
+    axes: Vec<Axis>,
+}
+
+/// The audit facts of one request.
+fn query_event(
+    caller_identities: &[String],
+    request: &QueryRequest,
+    seen: &Seen,
+    result: &Result<(Computed, DisclosedTable), NodeError>,
+) -> QueryEvent {
+    let (outcome, refusal, cells_released, cells_withheld, total_withheld) = match result {
+        Ok((_, table)) => {
+            let withheld = table.withheld_cells() as u64;
+            let by_reason = if withheld > 0 {
+                BTreeMap::from([("threshold".to_string(), withheld)])
+            } else {
+                BTreeMap::new()
+            };
+            (
+                record::Outcome::Released,
+                None,
+                table.cells.len() as u64 - withheld,
+                by_reason,
+                table.total == disclosure::Outcome::Withheld,
+            )
+        }
+        Err(err) => (
+            record::Outcome::Refused,
+            Some(record::Refusal {
+                code: err.refusal_code().as_str_name().to_string(),
+                message: err.to_string(),
+            }),
+            0,
+            BTreeMap::new(),
+            false,
+        ),
+    };
+    QueryEvent {
+        request_id: audit::bounded(&request.request_id),
+        caller: audit::bounded(&caller_identities.join(",")),
+        requester: audit::bounded(&request.requester),
+        study: seen.study.as_ref().map(|study| DocumentRef {
+            id: study.id.clone(),
+            content_hash: study.content_hash(),
+        }),
+        template: seen.template.as_ref().map(|template| TemplateRecord {
+            id: template.id.clone(),
+            version: template.version,
+            content_hash: template.content_hash(),
+        }),
+        parameters: audit::parameters_of(&request.parameters),
+        outcome,
+        refusal,
+        snapshot_version: seen.snapshot_version.clone(),
+        cells_released,
+        cells_withheld,
+        total_withheld,
     }
 }

@@ -49,7 +49,7 @@ pub fn status_of(err: &NodeError) -> Status {
         | NodeError::SiteNotInStudy { .. }
         | NodeError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
         NodeError::DailyLimitReached { .. } => Code::ResourceExhausted,
-        NodeError::StateUnwritable => Code::Unavailable,
+        NodeError::StateUnwritable | NodeError::AuditUnavailable => Code::Unavailable,
         NodeError::StudyMissing | NodeError::Contract(fedq_proto::Error::Study { .. }) => {
             Code::InvalidArgument
         }
@@ -112,6 +112,7 @@ fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
             .iter()
             .map(|mechanism| *mechanism as i32)
             .collect(),
+        audit_head: Some(answer.audit_head),
     }
 }
 
@@ -201,5 +202,32 @@ impl Node for NodeService {
             Ok(answer) => Ok(Response::new(answer_to_wire(&self.engine.site_id, answer))),
             Err(err) => Err(status_of(&err)),
         }
+    }
+
+    #[tracing::instrument(skip_all, fields(site = %self.engine.site_id))]
+    async fn audit_head(
+        &self,
+        request: Request<wire::AuditHeadRequest>,
+    ) -> Result<Response<wire::SignedAuditHead>, Status> {
+        let identities = caller_identities(&request);
+        crate::verify::authorize_caller(&identities, &self.engine.policy.accepted_coordinators)
+            .map_err(|err| status_of(&err))?;
+        Ok(Response::new(self.engine.audit().head()))
+    }
+
+    #[tracing::instrument(skip_all, fields(site = %self.engine.site_id))]
+    async fn transparency_register(
+        &self,
+        request: Request<wire::RegisterRequest>,
+    ) -> Result<Response<wire::SiteRegister>, Status> {
+        let identities = caller_identities(&request);
+        crate::verify::authorize_caller(&identities, &self.engine.policy.accepted_coordinators)
+            .map_err(|err| status_of(&err))?;
+        let engine = Arc::clone(&self.engine);
+        let register = tokio::task::spawn_blocking(move || engine.transparency_register())
+            .await
+            .map_err(|_| status_of(&NodeError::Engine))?
+            .map_err(|err| status_of(&err))?;
+        Ok(Response::new(register))
     }
 }

@@ -9,6 +9,7 @@
 //! - [`document`]: the signed-document envelope templates travel in.
 //! - [`signing`]: expert keys, signatures and the verification rule (trusted keys, quorum,
 //!   revocation).
+//! - [`audit_head`]: the signed head of a node's hash-chained audit log.
 //! - [`tls`]: certificate loading, mutual-TLS configuration and certificate identities.
 //! - [`config`]: layered configuration (TOML file, then environment overrides).
 //! - [`process`]: graceful-shutdown signals shared by the service binaries.
@@ -16,6 +17,7 @@
 //! Neither side trusts the other's parsing: the node re-parses and re-validates the canonical
 //! template bytes it receives against its own copy of the data model.
 
+pub mod audit_head;
 pub mod config;
 pub mod convert;
 pub mod document;

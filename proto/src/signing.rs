@@ -208,6 +208,33 @@ impl PublicKeyFile {
     }
 }
 
+/// Checks one signature against one public key given as hex (a node's audit key, which the
+/// checker pins itself). Returns the key id on success.
+pub fn verify_with_key(
+    public_key_hex: &str,
+    kind: &str,
+    canonical: &[u8],
+    signature: &wire::Signature,
+) -> Result<String, Error> {
+    let bytes = decode_hex::<32>(public_key_hex, "public_key", "signed document")?;
+    let key = VerifyingKey::from_bytes(&bytes)
+        .map_err(|_| Error::Signing("public_key is not a valid ed25519 key".into()))?;
+    let id = key_id(&key);
+    let parsed = <[u8; 64]>::try_from(signature.signature.as_slice())
+        .ok()
+        .map(|bytes| ed25519_dalek::Signature::from_bytes(&bytes));
+    let good = signature.algorithm == ALGORITHM
+        && signature.key_id == id
+        && parsed.is_some_and(|parsed| key.verify_strict(&message(kind, canonical), &parsed).is_ok());
+    if good {
+        Ok(id)
+    } else {
+        Err(Error::Signing(format!(
+            "the signature by key {id} does not match the signed content"
+        )))
+    }
+}
+
 /// A public key a site trusts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustedKey {
