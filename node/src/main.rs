@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use fedq_node::audit::commands::{self, Location};
+use fedq_node::audit::record::Outcome;
 use fedq_node::config::NodeConfig;
 use fedq_node::query::QueryEngine;
 
@@ -47,12 +49,165 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read and check this node's audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Load this site's data and serve queries until SIGTERM or Ctrl-C.
     Serve {
         /// Node configuration file (TOML).
         #[arg(long, env = "FEDQ_NODE_CONFIG")]
         config: PathBuf,
     },
+}
+
+/// Where the audit files are: the node's configuration, or a state directory (for example a
+/// copy handed to an auditor).
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct AuditSource {
+    /// Node configuration file (TOML); its state_dir holds the log.
+    #[arg(long, env = "FEDQ_NODE_CONFIG")]
+    config: Option<PathBuf>,
+    /// The node's state directory (holds audit/ and audit-key.toml).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain record by record and, with --heads, against the heads the node
+    /// published to the coordinator. Exits 1 and names the first bad record on failure.
+    Verify {
+        #[command(flatten)]
+        source: AuditSource,
+        /// Heads exported from the coordinator (`fedq audit-heads --site SITE --json`).
+        #[arg(long)]
+        heads: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print audit records, optionally filtered.
+    Show {
+        #[command(flatten)]
+        source: AuditSource,
+        /// Only queries under this study.
+        #[arg(long)]
+        study: Option<String>,
+        /// From this day (YYYY-MM-DD) or time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to this day (inclusive) or time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only released or only refused queries.
+        #[arg(long, value_enum)]
+        outcome: Option<OutcomeArg>,
+        /// Print the records as JSON (for export).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the node's audit public key (the key its signed heads carry).
+    Key {
+        #[command(flatten)]
+        source: AuditSource,
+    },
+    /// The public transparency register from the log: JSON on stdout, or an HTML page.
+    Register {
+        #[command(flatten)]
+        source: AuditSource,
+        /// Write a static HTML page here instead of printing JSON.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutcomeArg {
+    Released,
+    Refused,
+}
+
+/// The audit files and site id for an audit command.
+fn audit_location(source: &AuditSource) -> Result<(Location, String), String> {
+    if let Some(config) = &source.config {
+        let config = NodeConfig::load(config).map_err(|err| err.to_string())?;
+        return Ok((Location::of_state_dir(&config.state_dir), config.site_id));
+    }
+    let location = Location::of_state_dir(&source.state_dir.clone().unwrap_or_default());
+    // The audit key carries the site's name.
+    let site_id = location.site_id().unwrap_or_else(|| "this site".into());
+    Ok((location, site_id))
+}
+
+fn audit(command: AuditCommand) -> ExitCode {
+    let source = match &command {
+        AuditCommand::Verify { source, .. }
+        | AuditCommand::Show { source, .. }
+        | AuditCommand::Key { source }
+        | AuditCommand::Register { source, .. } => source,
+    };
+    let (location, site_id) = match audit_location(source) {
+        Ok(found) => found,
+        Err(err) => {
+            eprintln!("fedq-node: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let output = match &command {
+        AuditCommand::Verify { heads, json, .. } => {
+            commands::verify(&location, heads.as_deref(), *json)
+        }
+        AuditCommand::Show {
+            study,
+            since,
+            until,
+            outcome,
+            json,
+            ..
+        } => {
+            let bounds = since
+                .as_deref()
+                .map(|text| commands::parse_time(text, false))
+                .transpose()
+                .and_then(|since| {
+                    let until = until
+                        .as_deref()
+                        .map(|text| commands::parse_time(text, true))
+                        .transpose()?;
+                    Ok((since, until))
+                });
+            match bounds {
+                Ok((since, until)) => {
+                    let filter = commands::Filter {
+                        study: study.clone(),
+                        since,
+                        until,
+                        outcome: outcome.map(|outcome| match outcome {
+                            OutcomeArg::Released => Outcome::Released,
+                            OutcomeArg::Refused => Outcome::Refused,
+                        }),
+                    };
+                    commands::show(&location, &filter, *json)
+                }
+                Err(err) => {
+                    eprintln!("fedq-node: {err}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        AuditCommand::Key { .. } => commands::key(&location),
+        AuditCommand::Register { html, .. } => {
+            commands::register(&location, &site_id, html.as_deref())
+        }
+    };
+    print!("{}", output.text);
+    if output.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn main() -> ExitCode {
@@ -63,6 +218,7 @@ fn main() -> ExitCode {
             fedq_proto::process::run_main("fedq-node", "info", json_logs, serve(config))
         }
         Command::Check { config, json } => check(&config, json),
+        Command::Audit { command } => audit(command),
     }
 }
 

@@ -70,6 +70,61 @@ impl AuditHead {
     }
 }
 
+/// A signed head in the JSON form the coordinator exports (`fedq audit-heads --json`) and
+/// `fedq-node audit verify --heads` reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishedHead {
+    pub site_id: String,
+    pub count: u64,
+    pub hash: String,
+    pub signed_at: String,
+    pub public_key: String,
+    pub key_id: String,
+    /// Hex of the ed25519 signature.
+    pub signature: String,
+}
+
+impl From<&wire::SignedAuditHead> for PublishedHead {
+    fn from(signed: &wire::SignedAuditHead) -> PublishedHead {
+        let signature = signed.signature.clone().unwrap_or_default();
+        PublishedHead {
+            site_id: signed.site_id.clone(),
+            count: signed.count,
+            hash: signed.hash.clone(),
+            signed_at: signed.signed_at.clone(),
+            public_key: signed.public_key.clone(),
+            key_id: signature.key_id,
+            signature: hex::encode(signature.signature),
+        }
+    }
+}
+
+impl TryFrom<&PublishedHead> for wire::SignedAuditHead {
+    type Error = Error;
+
+    fn try_from(head: &PublishedHead) -> Result<wire::SignedAuditHead, Error> {
+        let signature = hex::decode(&head.signature).map_err(|_| {
+            Error::Signing(format!(
+                "the head of {} records signed at {} has a signature that is not hexadecimal",
+                head.count, head.signed_at
+            ))
+        })?;
+        Ok(wire::SignedAuditHead {
+            site_id: head.site_id.clone(),
+            count: head.count,
+            hash: head.hash.clone(),
+            signed_at: head.signed_at.clone(),
+            public_key: head.public_key.clone(),
+            signature: Some(wire::Signature {
+                key_id: head.key_id.clone(),
+                algorithm: signing::ALGORITHM.into(),
+                signature,
+            }),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +155,18 @@ mod tests {
         let mut other_hash = head().sign(&key);
         other_hash.hash = format!("sha256:{}", "1".repeat(64));
         assert!(AuditHead::verify(&other_hash).is_err());
+    }
+
+    #[test]
+    fn a_head_survives_its_published_json_form() {
+        let key = ExpertSecretKey::generate("north");
+        let signed = head().sign(&key);
+        let published = PublishedHead::from(&signed);
+        let text = serde_json::to_string(&published).unwrap();
+        let back: PublishedHead = serde_json::from_str(&text).unwrap();
+        let again = wire::SignedAuditHead::try_from(&back).unwrap();
+        assert_eq!(again, signed);
+        assert!(AuditHead::verify(&again).is_ok());
     }
 
     #[test]

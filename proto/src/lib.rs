@@ -10,6 +10,7 @@
 //! - [`signing`]: expert keys, signatures and the verification rule (trusted keys, quorum,
 //!   revocation).
 //! - [`audit_head`]: the signed head of a node's hash-chained audit log.
+//! - [`register`]: the transparency register's JSON and HTML forms.
 //! - [`tls`]: certificate loading, mutual-TLS configuration and certificate identities.
 //! - [`config`]: layered configuration (TOML file, then environment overrides).
 //! - [`process`]: graceful-shutdown signals shared by the service binaries.
@@ -24,6 +25,7 @@ pub mod document;
 mod error;
 pub mod model;
 pub mod process;
+pub mod register;
 pub mod signing;
 pub mod study;
 pub mod template;

@@ -225,7 +225,10 @@ pub fn verify_with_key(
         .map(|bytes| ed25519_dalek::Signature::from_bytes(&bytes));
     let good = signature.algorithm == ALGORITHM
         && signature.key_id == id
-        && parsed.is_some_and(|parsed| key.verify_strict(&message(kind, canonical), &parsed).is_ok());
+        && parsed.is_some_and(|parsed| {
+            key.verify_strict(&message(kind, canonical), &parsed)
+                .is_ok()
+        });
     if good {
         Ok(id)
     } else {

@@ -441,7 +441,12 @@ impl AuditLog {
 
     /// Keeps a signed document's canonical bytes once, by content hash, so the log's records
     /// can be read later in full (the transparency register needs the study's public fields).
-    pub fn keep_document(&self, kind: &str, content_hash: &str, canonical: &[u8]) -> Result<(), AuditError> {
+    pub fn keep_document(
+        &self,
+        kind: &str,
+        content_hash: &str,
+        canonical: &[u8],
+    ) -> Result<(), AuditError> {
         let path = document_path(&self.dir, kind, content_hash);
         if path.exists() {
             return Ok(());
@@ -467,7 +472,9 @@ pub fn document_path(audit_dir: &Path, kind: &str, content_hash: &str) -> PathBu
         .chars()
         .filter(char::is_ascii_hexdigit)
         .collect();
-    audit_dir.join(DOCUMENTS_DIR).join(format!("{kind}-{hex}.json"))
+    audit_dir
+        .join(DOCUMENTS_DIR)
+        .join(format!("{kind}-{hex}.json"))
 }
 
 /// Reads the complete lines of a segment (an incomplete last line is returned separately).

@@ -1,17 +1,22 @@
 //! The node's audit trail: one hash-chained record per request, answered or refused, made
 //! durable before the reply leaves the node ([`log`]); its record format ([`record`]);
 //! checking it against itself and against the heads the node published ([`verify`]); and the
-//! public transparency register built from it ([`register`]).
+//! public transparency register built from it ([`register`]); the `fedq-node audit` commands
+//! ([`commands`]).
 //!
 //! Records name who asked what, under which study, with which parameter values, and how many
 //! cells were released or withheld per reason — never a count of a withheld cell, never a data
 //! value. Each query also leaves one structured log line (`fedq_node::audit` target) without
 //! parameter values.
 
+pub mod commands;
 pub mod log;
 pub mod record;
 pub mod register;
 pub mod verify;
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 

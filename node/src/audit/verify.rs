@@ -47,7 +47,7 @@ pub enum Problem {
         line: usize,
     },
     #[error(
-        "record #{expected} is missing ({segment} line {line} holds #{found}): records were deleted"
+        "record #{expected} is missing ({segment} line {line} holds #{found} instead): records were deleted or reordered"
     )]
     Missing {
         expected: u64,
@@ -149,7 +149,13 @@ pub fn verify(
                     line: line_number,
                 },
             })?;
-            check_position(&record, expected, last.as_ref(), &segment.name(), line_number)?;
+            check_position(
+                &record,
+                expected,
+                last.as_ref(),
+                &segment.name(),
+                line_number,
+            )?;
             if last.is_none() {
                 first_seq = record.seq;
                 if record.seq != 1 {
@@ -270,7 +276,9 @@ pub fn records(audit_dir: &Path) -> Result<Vec<Record>, Problem> {
             let (record, _) = record::decode(line).map_err(|_| Problem::Damaged {
                 segment: segment.name(),
                 line: index + 1,
-                expected: all.last().map_or(segment.first_seq, |last: &Record| last.seq + 1),
+                expected: all
+                    .last()
+                    .map_or(segment.first_seq, |last: &Record| last.seq + 1),
             })?;
             all.push(record);
         }
