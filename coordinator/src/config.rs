@@ -21,8 +21,11 @@ pub struct RawCoordinatorConfig {
     templates: PathBuf,
     studies: PathBuf,
     tls: TlsFiles,
+    state_dir: PathBuf,
     #[serde(default)]
     query: RawQuery,
+    #[serde(default)]
+    audit: RawAudit,
     nodes: Vec<RawNode>,
     #[serde(default)]
     users: Vec<UserEntry>,
@@ -34,6 +37,16 @@ struct RawQuery {
     default_deadline_ms: Option<u64>,
     max_deadline_ms: Option<u64>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    head_interval_secs: Option<u64>,
+}
+
+/// How often the coordinator collects every node's signed audit head when the config says
+/// nothing (answers carry heads too).
+pub const DEFAULT_HEAD_INTERVAL: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -54,6 +67,10 @@ pub struct CoordinatorConfig {
     /// The alliance CA, and the coordinator's certificate: presented to study-lead clients as a
     /// server and to nodes as a client.
     pub tls: TlsFiles,
+    /// The coordinator's own records (audit heads, contribution ledger).
+    pub state_dir: PathBuf,
+    /// How often every node's audit head is collected.
+    pub head_interval: Duration,
     pub default_deadline: Duration,
     pub max_deadline: Duration,
     pub nodes: Vec<NodeEntry>,
@@ -106,6 +123,20 @@ impl RawCoordinatorConfig {
         }
         let tls = self.tls.resolved(base);
         problems.extend(tls.missing_files());
+        let state_dir = fedq_proto::config::resolve_path(base, &self.state_dir);
+        if state_dir.exists() && !state_dir.is_dir() {
+            problems.push(format!(
+                "state_dir: {} is not a folder",
+                state_dir.display()
+            ));
+        }
+        let head_interval = self
+            .audit
+            .head_interval_secs
+            .map_or(DEFAULT_HEAD_INTERVAL, Duration::from_secs);
+        if head_interval.is_zero() {
+            problems.push("audit.head_interval_secs must be above 0".into());
+        }
         let default_deadline = self.query.default_deadline_ms.unwrap_or(10_000);
         let max_deadline = self.query.max_deadline_ms.unwrap_or(60_000);
         if default_deadline == 0 || default_deadline > max_deadline {
@@ -148,6 +179,8 @@ impl RawCoordinatorConfig {
                 templates,
                 studies,
                 tls,
+                state_dir,
+                head_interval,
                 default_deadline: Duration::from_millis(default_deadline),
                 max_deadline: Duration::from_millis(max_deadline),
                 nodes,
@@ -176,6 +209,7 @@ mod tests {
 listen = "127.0.0.1:0"
 templates = "templates"
 studies = "templates"
+state_dir = "state"
 users = [{ name = "Dr. Lead", role = "study_lead", token_hash = "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaA" }]
 [tls]
 ca_cert = "ca.pem"

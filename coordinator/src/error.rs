@@ -38,6 +38,19 @@ pub enum CoordinatorError {
         "template '{template}' is not approved for study '{study}'; `fedq studies` shows each study's templates"
     )]
     TemplateNotInStudy { template: String, study: String },
+    /// The coordinator's own database cannot be used.
+    #[error("coordinator state: {0}")]
+    State(String),
+    /// The user's role does not allow this.
+    #[error("{user} ({role}) may not {action}")]
+    NotAllowed {
+        user: String,
+        role: String,
+        action: String,
+    },
+    /// No such site is configured.
+    #[error("no site '{0}' is configured; `fedq sites` lists them")]
+    UnknownSite(String),
     /// Certificates could not be created or written.
     #[error("certificates: {0}")]
     Certificates(String),
@@ -58,7 +71,11 @@ impl CoordinatorError {
             }
             CoordinatorError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
             CoordinatorError::Unauthenticated => Code::Unauthenticated,
-            CoordinatorError::NotStudyLead { .. } => Code::PermissionDenied,
+            CoordinatorError::NotStudyLead { .. } | CoordinatorError::NotAllowed { .. } => {
+                Code::PermissionDenied
+            }
+            CoordinatorError::UnknownSite(_) => Code::NotFound,
+            CoordinatorError::State(_) => Code::Unavailable,
             CoordinatorError::Contract(fedq_proto::Error::Parameter { .. }) => {
                 Code::InvalidArgument
             }

@@ -3,6 +3,7 @@
 //! bounded by its deadline, so a dead or slow node never holds up the answer. Replies are
 //! classified into the per-site statuses a study lead sees.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, Stream};
@@ -114,17 +115,20 @@ impl NodeClients {
             .collect::<FuturesUnordered<_>>()
     }
 
-    /// Asks every node to describe itself, concurrently, each within `deadline`.
-    pub async fn describe_all(
+    /// Makes one unary call to every node, concurrently, each within `deadline`.
+    async fn call_all<T, F, Fut>(
         &self,
         deadline: Duration,
-    ) -> Vec<(NodeEntry, Result<wire::SiteDescription, String>)> {
+        call: F,
+    ) -> Vec<(NodeEntry, Result<T, String>)>
+    where
+        F: Fn(NodeClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
         let calls = self.nodes.iter().map(|(entry, client)| {
-            let mut client = client.clone();
+            let pending = call(client.clone(), deadline);
             async move {
-                let mut request = tonic::Request::new(wire::DescribeRequest {});
-                request.set_timeout(deadline);
-                let outcome = match tokio::time::timeout(deadline, client.describe(request)).await {
+                let outcome = match tokio::time::timeout(deadline, pending).await {
                     Ok(Ok(response)) => Ok(response.into_inner()),
                     Ok(Err(status)) => Err(describe_call(&classify(status))),
                     Err(_) => Err(describe_call(&SiteCall::TimedOut)),
@@ -134,6 +138,51 @@ impl NodeClients {
         });
         futures::future::join_all(calls).await
     }
+
+    /// Asks every node to describe itself.
+    pub async fn describe_all(
+        &self,
+        deadline: Duration,
+    ) -> Vec<(NodeEntry, Result<wire::SiteDescription, String>)> {
+        self.call_all(deadline, |mut client, deadline| async move {
+            client
+                .describe(with_timeout(wire::DescribeRequest {}, deadline))
+                .await
+        })
+        .await
+    }
+
+    /// Asks every node for its latest signed audit head.
+    pub async fn audit_heads_all(
+        &self,
+        deadline: Duration,
+    ) -> Vec<(NodeEntry, Result<wire::SignedAuditHead, String>)> {
+        self.call_all(deadline, |mut client, deadline| async move {
+            client
+                .audit_head(with_timeout(wire::AuditHeadRequest {}, deadline))
+                .await
+        })
+        .await
+    }
+
+    /// Asks every node for its transparency register.
+    pub async fn registers_all(
+        &self,
+        deadline: Duration,
+    ) -> Vec<(NodeEntry, Result<wire::SiteRegister, String>)> {
+        self.call_all(deadline, |mut client, deadline| async move {
+            client
+                .transparency_register(with_timeout(wire::RegisterRequest {}, deadline))
+                .await
+        })
+        .await
+    }
+}
+
+fn with_timeout<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
 }
 
 /// Sorts a failed call into refused (the node's own typed reason), timed out, unreachable or

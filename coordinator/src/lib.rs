@@ -6,9 +6,12 @@
 //! - [`config`]: the coordinator's TOML configuration.
 //! - [`catalogue`]: approved templates loaded from a folder and checked against the data model.
 //! - [`fanout`]: calling every node concurrently, each bounded by its deadline.
+//! - [`heads`]: collecting the nodes' signed audit heads.
 //! - [`pool`]: summing released cells across sites; incomplete cells stay marked.
 //! - [`service`] / [`server`]: the `fedq.v1.Coordinator` gRPC service over TLS.
 //! - [`client`] / [`render`]: the CLI's connection to the coordinator and its tables and JSON.
+//! - [`store`]: the coordinator's SQLite records: nodes' signed audit heads and the
+//!   contribution ledger.
 //! - [`users`]: study leads, experts and administrators, authenticated by API tokens.
 //! - [`certs`]: a development certificate authority (`fedq certs`).
 //! - [`experts`]: expert keys, signing and verifying templates (`fedq keys`, `fedq template`).
@@ -20,10 +23,12 @@ pub mod config;
 mod error;
 pub mod experts;
 pub mod fanout;
+pub mod heads;
 pub mod pool;
 pub mod render;
 pub mod server;
 pub mod service;
+pub mod store;
 pub mod users;
 
 pub use error::CoordinatorError;

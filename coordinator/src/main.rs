@@ -101,6 +101,30 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The contribution ledger: per study and site, queries answered and records contributed
+    /// to released cells (for crediting sites in publications).
+    Ledger {
+        /// Only this study.
+        #[arg(long)]
+        study: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The signed audit-log heads a site's node published (administrators and experts); save
+    /// the --json output for `fedq-node audit verify --heads FILE` at the site.
+    AuditHeads {
+        #[arg(long)]
+        site: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The alliance-wide transparency register: which studies used each site's data, for what,
+    /// and how often (no query contents, no results). JSON on stdout, or a static HTML page.
+    Register {
+        /// Write a static HTML page here instead of printing JSON.
+        #[arg(long)]
+        html: Option<PathBuf>,
+    },
     /// Create a development CA and certificates (for demos and tests, not production).
     Certs {
         /// Folder to write ca.pem, ca.key and <identity>.pem/.key into.
@@ -335,6 +359,77 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 client::reply(coordinator.list_studies(wire::ListStudiesRequest {}).await)?;
             for study in studies.studies {
                 print!("{}", render::study(&study));
+            }
+            Ok(())
+        }
+        Command::Ledger { study, json } => {
+            let mut coordinator =
+                client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
+            let ledger = client::reply(
+                coordinator
+                    .ledger(wire::LedgerRequest {
+                        study_id: study.unwrap_or_default(),
+                    })
+                    .await,
+            )?;
+            if json {
+                println!("{:#}", render::ledger_json(&ledger.entries));
+            } else {
+                print!("{}", render::ledger(&ledger.entries));
+            }
+            Ok(())
+        }
+        Command::AuditHeads { site, json } => {
+            let mut coordinator =
+                client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
+            let heads = client::reply(
+                coordinator
+                    .audit_heads(wire::AuditHeadsRequest { site_id: site })
+                    .await,
+            )?;
+            let published: Vec<fedq_proto::audit_head::PublishedHead> =
+                heads.heads.iter().map(Into::into).collect();
+            if json {
+                let text = serde_json::to_string_pretty(&published)
+                    .map_err(|err| CoordinatorError::Client(err.to_string()))?;
+                println!("{text}");
+            } else {
+                for head in published {
+                    println!(
+                        "{:>10} records  {}  signed {}  key {}",
+                        head.count, head.hash, head.signed_at, head.key_id
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Register { html } => {
+            let mut coordinator =
+                client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
+            let register = client::reply(
+                coordinator
+                    .transparency_register(wire::AllianceRegisterRequest {})
+                    .await,
+            )?;
+            for problem in &register.unavailable {
+                eprintln!("fedq: register incomplete: {problem}");
+            }
+            match html {
+                Some(path) => {
+                    let page = fedq_proto::register::to_html(
+                        "Alliance transparency register",
+                        &register.generated_at,
+                        &register.sites,
+                    );
+                    std::fs::write(&path, page).map_err(|err| {
+                        CoordinatorError::Client(format!("cannot write {}: {err}", path.display()))
+                    })?;
+                    println!("wrote {}", path.display());
+                }
+                None => println!(
+                    "{:#}",
+                    fedq_proto::register::to_json(&register.generated_at, &register.sites)
+                ),
             }
             Ok(())
         }

@@ -438,3 +438,44 @@ mod tests {
         assert_eq!(pooled_text(&none), "*");
     }
 }
+
+/// The contribution ledger as a table: one line per study and site.
+pub fn ledger(entries: &[wire::LedgerEntry]) -> String {
+    if entries.is_empty() {
+        return "no answered queries recorded yet\n".into();
+    }
+    let mut text = format!(
+        "{:<24} {:<12} {:>8} {:>10} {:>14}  {}\n",
+        "study", "site", "queries", "cells", "records", "period"
+    );
+    for entry in entries {
+        text.push_str(&format!(
+            "{:<24} {:<12} {:>8} {:>10} {:>14}  {} to {}\n",
+            entry.study_id,
+            entry.site_id,
+            entry.queries_answered,
+            entry.cells_released,
+            entry.records_contributed,
+            entry.first_query.get(..10).unwrap_or(&entry.first_query),
+            entry.last_query.get(..10).unwrap_or(&entry.last_query),
+        ));
+    }
+    text.push_str("records: the site's records in released cells, summed over answered queries (a patient counted in several results counts in each; withheld cells count nothing)\n");
+    text
+}
+
+/// The contribution ledger as JSON: `{"entries": [{study_id, site_id, queries_answered,
+/// cells_released, records_contributed, first_query, last_query}]}`.
+pub fn ledger_json(entries: &[wire::LedgerEntry]) -> serde_json::Value {
+    serde_json::json!({
+        "entries": entries.iter().map(|entry| serde_json::json!({
+            "study_id": entry.study_id,
+            "site_id": entry.site_id,
+            "queries_answered": entry.queries_answered,
+            "cells_released": entry.cells_released,
+            "records_contributed": entry.records_contributed,
+            "first_query": entry.first_query,
+            "last_query": entry.last_query,
+        })).collect::<Vec<_>>()
+    })
+}

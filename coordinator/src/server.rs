@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fedq_proto::model::DataModel;
 use fedq_proto::tls;
@@ -15,6 +16,7 @@ use crate::catalogue::Catalogue;
 use crate::config::CoordinatorConfig;
 use crate::fanout::NodeClients;
 use crate::service::CoordinatorService;
+use crate::store::Store;
 use crate::users::Users;
 
 /// A coordinator ready to serve: catalogue loaded and checked, node channels and TLS prepared.
@@ -22,6 +24,10 @@ use crate::users::Users;
 pub struct PreparedCoordinator {
     service: CoordinatorService,
     acceptor: TlsAcceptor,
+    nodes: NodeClients,
+    store: Arc<Store>,
+    head_interval: Duration,
+    deadline: Duration,
 }
 
 impl PreparedCoordinator {
@@ -33,6 +39,7 @@ impl PreparedCoordinator {
         )?);
         let nodes = NodeClients::new(config)?;
         let tls_config = tls::server_only_tls_config(&config.tls)?;
+        let store = Arc::new(Store::open(&config.state_dir)?);
         tracing::info!(
             templates = catalogue.entries().len(),
             nodes = config.nodes.len(),
@@ -41,27 +48,41 @@ impl PreparedCoordinator {
         Ok(PreparedCoordinator {
             service: CoordinatorService::new(
                 catalogue,
-                nodes,
+                nodes.clone(),
                 Users::new(config.users.clone())?,
+                Arc::clone(&store),
                 config.default_deadline,
                 config.max_deadline,
             ),
             acceptor: TlsAcceptor::from(Arc::new(tls_config)),
+            nodes,
+            store,
+            head_interval: config.head_interval,
+            deadline: config.default_deadline,
         })
     }
 
-    /// Serves study-lead clients on an already bound `listener` until `shutdown` completes.
+    /// Serves study-lead clients on an already bound `listener` until `shutdown` completes,
+    /// collecting the nodes' audit heads in the background meanwhile.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CoordinatorError> {
-        tonic::transport::Server::builder()
+        let collector = tokio::spawn(crate::heads::collect_every(
+            self.nodes,
+            self.store,
+            self.head_interval,
+            self.deadline,
+        ));
+        let served = tonic::transport::Server::builder()
             .add_service(
                 CoordinatorServer::new(self.service).max_decoding_message_size(1024 * 1024),
             )
             .serve_with_incoming_shutdown(tls::accept_tls(listener, self.acceptor), shutdown)
             .await
-            .map_err(|err| CoordinatorError::Server(err.to_string()))
+            .map_err(|err| CoordinatorError::Server(err.to_string()));
+        collector.abort();
+        served
     }
 }

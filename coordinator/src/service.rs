@@ -16,6 +16,7 @@ use crate::CoordinatorError;
 use crate::catalogue::{Catalogue, CatalogueEntry};
 use crate::fanout::{NodeClients, SiteCall, SiteReply, describe_call, reason};
 use crate::pool::{self, PooledCell, SiteCells};
+use crate::store::{Contribution, LedgerQuery, Store};
 use crate::users::{Role, User, Users};
 
 /// Shared state of the coordinator service.
@@ -24,6 +25,7 @@ pub struct CoordinatorService {
     catalogue: Arc<Catalogue>,
     nodes: NodeClients,
     users: Arc<Users>,
+    store: Arc<Store>,
     default_deadline: Duration,
     max_deadline: Duration,
 }
@@ -33,6 +35,7 @@ impl CoordinatorService {
         catalogue: Arc<Catalogue>,
         nodes: NodeClients,
         users: Users,
+        store: Arc<Store>,
         default_deadline: Duration,
         max_deadline: Duration,
     ) -> Self {
@@ -40,6 +43,7 @@ impl CoordinatorService {
             catalogue,
             nodes,
             users: Arc::new(users),
+            store,
             default_deadline,
             max_deadline,
         }
@@ -195,6 +199,45 @@ fn pool_result(
             .collect(),
         total: Some(pooled_cell(Vec::new(), &pooled.total)),
         sites: sites.to_vec(),
+    }
+}
+
+/// What each answering site contributed to a pooled result: its released cells and the
+/// records in them. Withheld cells add nothing.
+fn contributions(sites: &[wire::SiteProgress]) -> Vec<Contribution> {
+    sites
+        .iter()
+        .filter_map(|site| {
+            let result = site.result.as_ref()?;
+            let released: Vec<u64> = result
+                .cells
+                .iter()
+                .filter_map(|cell| match &cell.outcome {
+                    Some(wire::cell::Outcome::Released(released)) => Some(released.count),
+                    _ => None,
+                })
+                .collect();
+            Some(Contribution {
+                site_id: site.site_id.clone(),
+                cells_released: released.len() as u64,
+                records_contributed: released.iter().sum(),
+            })
+        })
+        .collect()
+}
+
+/// Which studies' ledger entries `user` may read (None: all).
+fn ledger_scope(user: &User, catalogue: &Catalogue) -> Option<Vec<String>> {
+    match user.role {
+        Role::Expert | Role::Administrator => None,
+        Role::StudyLead => Some(
+            catalogue
+                .studies()
+                .iter()
+                .filter(|entry| entry.document.study_lead == user.name)
+                .map(|entry| entry.document.id.clone())
+                .collect(),
+        ),
     }
 }
 
@@ -363,10 +406,18 @@ impl Coordinator for CoordinatorService {
             .map(|entry| entry.site_id.clone())
             .collect();
         let (sender, receiver) = tokio::sync::mpsc::channel(order.len() + 1);
+        let store = Arc::clone(&self.store);
+        let study_id = study.document.id.clone();
+        let requester = user.name.clone();
         tokio::spawn(async move {
             let mut finished: Vec<wire::SiteProgress> = Vec::new();
             while let Some(reply) = replies.next().await {
                 tracing::info!(site = %reply.site_id, outcome = %describe_call(&reply.call), elapsed_ms = reply.elapsed.as_millis() as u64, "site finished");
+                if let SiteCall::Answered(result) = &reply.call
+                    && let Some(head) = &result.audit_head
+                {
+                    crate::heads::keep(&store, &reply.site_id, head.clone()).await;
+                }
                 let site = progress(&reply);
                 let event = wire::QueryEvent {
                     event: Some(wire::query_event::Event::Site(site.clone())),
@@ -377,12 +428,116 @@ impl Coordinator for CoordinatorService {
                 finished.push(site);
             }
             finished.sort_by_key(|site| order.iter().position(|id| id == &site.site_id));
-            let result = pool_result(query_id, &reference, &axes, &mut finished);
+            let result = pool_result(query_id.clone(), &reference, &axes, &mut finished);
+            let contributed = contributions(&result.sites);
+            let recorded = tokio::task::spawn_blocking(move || {
+                store.record_contributions(
+                    &LedgerQuery {
+                        query_id: &query_id,
+                        study_id: &study_id,
+                        template_id: &reference.id,
+                        template_version: reference.version,
+                        requester: &requester,
+                    },
+                    &contributed,
+                )
+            })
+            .await;
+            if !matches!(recorded, Ok(Ok(()))) {
+                tracing::error!("cannot record the query's contributions in the ledger");
+            }
             let event = wire::QueryEvent {
                 event: Some(wire::query_event::Event::Result(result)),
             };
             let _ = sender.send(Ok(event)).await;
         });
         Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+
+    async fn audit_heads(
+        &self,
+        request: Request<wire::AuditHeadsRequest>,
+    ) -> Result<Response<wire::AuditHeadsResponse>, Status> {
+        let user = self.authenticate(&request).await?;
+        if user.role == Role::StudyLead {
+            return Err(CoordinatorError::NotAllowed {
+                user: user.name,
+                role: "study lead".into(),
+                action: "read nodes' audit heads (administrators and experts may)".into(),
+            }
+            .to_status());
+        }
+        let site_id = request.into_inner().site_id;
+        if !self.nodes.entries().any(|entry| entry.site_id == site_id) {
+            return Err(CoordinatorError::UnknownSite(site_id).to_status());
+        }
+        // Ask the node for its newest head first, so the export is as fresh as possible.
+        crate::heads::collect_once(&self.nodes, &self.store, self.default_deadline).await;
+        let store = Arc::clone(&self.store);
+        let heads = tokio::task::spawn_blocking(move || store.heads(&site_id))
+            .await
+            .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
+            .map_err(|err| err.to_status())?;
+        let heads = heads
+            .iter()
+            .map(wire::SignedAuditHead::try_from)
+            .collect::<Result<_, _>>()
+            .map_err(|err| CoordinatorError::from(err).to_status())?;
+        Ok(Response::new(wire::AuditHeadsResponse { heads }))
+    }
+
+    async fn ledger(
+        &self,
+        request: Request<wire::LedgerRequest>,
+    ) -> Result<Response<wire::LedgerResponse>, Status> {
+        let user = self.authenticate(&request).await?;
+        let wanted = request.into_inner().study_id;
+        let mut scope = ledger_scope(&user, &self.catalogue);
+        if !wanted.is_empty() {
+            if scope
+                .as_ref()
+                .is_some_and(|studies| !studies.contains(&wanted))
+            {
+                return Err(CoordinatorError::NotAllowed {
+                    user: user.name,
+                    role: "study lead".into(),
+                    action: format!(
+                        "read the ledger of study '{wanted}' (only of studies they lead)"
+                    ),
+                }
+                .to_status());
+            }
+            scope = Some(vec![wanted]);
+        }
+        let store = Arc::clone(&self.store);
+        let entries = tokio::task::spawn_blocking(move || store.ledger(scope.as_deref()))
+            .await
+            .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
+            .map_err(|err| err.to_status())?;
+        Ok(Response::new(wire::LedgerResponse { entries }))
+    }
+
+    async fn transparency_register(
+        &self,
+        request: Request<wire::AllianceRegisterRequest>,
+    ) -> Result<Response<wire::AllianceRegister>, Status> {
+        self.authenticate(&request).await?;
+        let mut sites = Vec::new();
+        let mut unavailable = Vec::new();
+        for (entry, outcome) in self.nodes.registers_all(self.default_deadline).await {
+            match outcome {
+                Ok(register) if register.site_id == entry.site_id => sites.push(register),
+                Ok(register) => unavailable.push(format!(
+                    "{}: answered with the register of '{}'",
+                    entry.site_id, register.site_id
+                )),
+                Err(reason) => unavailable.push(format!("{}: {reason}", entry.site_id)),
+            }
+        }
+        Ok(Response::new(wire::AllianceRegister {
+            generated_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            sites,
+            unavailable,
+        }))
     }
 }

@@ -237,6 +237,7 @@ pub fn write_coordinator_config(
 listen = "127.0.0.1:0"
 templates = "{templates}"
 studies = "{studies}"
+state_dir = "{state}"
 
 [tls]
 ca_cert = "{ca}"
@@ -249,6 +250,7 @@ max_deadline_ms = 120000
 "#,
         templates = catalogue.templates.display(),
         studies = catalogue.studies.display(),
+        state = folder.join("state").join("coordinator").display(),
         ca = pki.ca_cert.display(),
         cert = issued.cert.display(),
         key = issued.key.display(),
