@@ -5,16 +5,19 @@
 //! caller authorisation and document verification ([`verify`]) → template check and parameter
 //! binding against the site's data (`fedq_proto::template`) → a polars plan over the in-memory
 //! snapshot ([`plan`]) → disclosure control on true counts ([`disclosure`]) → the audit record
-//! ([`audit`]) → the reply ([`service`]).
+//! ([`audit`]: hash-chained, durable before the reply, or the query is refused) → the reply
+//! ([`service`]).
 //!
 //! - [`config`]: the node's TOML configuration and its validation.
 //! - [`check`]: the pre-flight report of `fedq-node check`.
+//! - [`cli`]: the `fedq-node` command line (`serve`, `check`, `audit`).
 //! - [`limits`]: each study's daily query limit, kept in the node's state directory.
 //! - [`data`]: loading Parquet/CSV files and mapping local columns onto the common data model.
 //! - [`server`]: serving the `fedq.v1.Node` gRPC service over mutual TLS.
 
 pub mod audit;
 pub mod check;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod disclosure;

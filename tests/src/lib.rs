@@ -447,3 +447,162 @@ pub async fn query_after_editing_catalogue(
 
 /// A change to a study approval, for table-driven tests.
 pub type StudyEdit = Box<dyn Fn(&mut fedq_proto::study::Study)>;
+
+/// A node running as its own operating-system process (the real `fedq-node` program), on the
+/// loopback port it reports when it starts serving.
+pub struct NodeProcess {
+    child: std::process::Child,
+    pub address: std::net::SocketAddr,
+}
+
+impl NodeProcess {
+    /// Starts `serve --config config`; with `file_size_limit`, every file the process writes
+    /// is limited to that many bytes (RLIMIT_FSIZE), so writes beyond it fail.
+    pub fn start(config: &Path, file_size_limit: Option<u64>) -> anyhow::Result<NodeProcess> {
+        use std::io::BufRead;
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_test-node"));
+        command
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        if let Some(limit) = file_size_limit {
+            // SAFETY: only an async-signal-safe system call runs between fork and exec.
+            unsafe {
+                command.pre_exec(move || {
+                    let limit = libc::rlimit {
+                        rlim_cur: limit as libc::rlim_t,
+                        rlim_max: limit as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
+        let mut child = command.spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+        let (found, address) = std::sync::mpsc::channel();
+        // Reads the log until the serving line, then keeps draining it so the node never
+        // blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut found = Some(found);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("node serving")
+                    && let Some(address) = line
+                        .split_whitespace()
+                        .find_map(|part| part.strip_prefix("address="))
+                        .and_then(|text| text.parse::<std::net::SocketAddr>().ok())
+                    && let Some(sender) = found.take()
+                {
+                    let _ = sender.send(address);
+                }
+            }
+        });
+        match address.recv_timeout(std::time::Duration::from_secs(120)) {
+            Ok(address) => Ok(NodeProcess { child, address }),
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait()?;
+                anyhow::bail!("the node process did not start serving ({status})")
+            }
+        }
+    }
+
+    /// A client presenting the coordinator's certificate.
+    pub async fn client(&self, test: &TestAlliance) -> anyhow::Result<NodeClient<Channel>> {
+        let coordinator = &test.alliance.pki.identities[0];
+        fedq_deploy::node_client(
+            &format!("https://localhost:{}", self.address.port()),
+            &test.alliance.pki.ca_cert,
+            Some((&coordinator.cert, &coordinator.key)),
+            &alliance::site_identity("site-a"),
+        )
+        .await
+    }
+
+    /// SIGKILL: the process dies at once, wherever it is.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A copy of site-a's node configuration with its own state directory (returned too), for a
+/// node process that must not share state with the in-process node.
+pub fn node_config_with_own_state(test: &TestAlliance) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let config = std::fs::read_to_string(&test.alliance.node_configs[0])?;
+    let state = test
+        .dir
+        .path()
+        .join(format!("process-state-{}", rand_suffix()));
+    let line = config
+        .lines()
+        .find(|line| line.starts_with("state_dir"))
+        .ok_or_else(|| anyhow::anyhow!("no state_dir line"))?;
+    let edited = config.replace(line, &format!("state_dir = \"{}\"", state.display()));
+    let path = test
+        .alliance
+        .root
+        .join("config")
+        .join(format!("process-{}.toml", rand_suffix()));
+    std::fs::write(&path, edited)?;
+    Ok((path, state))
+}
+
+/// A node request for `cohort-by-age-sex` with its own request id and minimum severity.
+pub fn cohort_request(
+    alliance: &LocalAlliance,
+    request_id: &str,
+    min_iss: i64,
+) -> anyhow::Result<wire::QueryRequest> {
+    let mut request = node_request(
+        alliance,
+        "cohort-by-age-sex",
+        vec![integer("min_iss", min_iss)],
+    )?;
+    request.request_id = request_id.to_string();
+    Ok(request)
+}
+
+/// The query records of the audit log in a node's state directory.
+pub fn audit_queries(
+    state_dir: &Path,
+) -> anyhow::Result<Vec<fedq_node::audit::record::QueryEvent>> {
+    let records = fedq_node::audit::verify::records(&state_dir.join("audit"))?;
+    Ok(records
+        .into_iter()
+        .filter_map(|record| match record.event {
+            fedq_node::audit::record::Event::Query(query) => Some(query),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Verifies the audit log in a node's state directory against `heads`.
+pub fn verify_audit(
+    state_dir: &Path,
+    heads: &[wire::SignedAuditHead],
+) -> Result<fedq_node::audit::verify::Verified, fedq_node::audit::verify::Problem> {
+    let key_text = std::fs::read_to_string(state_dir.join("audit-key.toml")).ok();
+    let key_id = key_text
+        .and_then(|text| fedq_proto::signing::ExpertSecretKey::from_toml(&text, "key").ok())
+        .map(|key| key.key_id());
+    fedq_node::audit::verify::verify(&state_dir.join("audit"), key_id.as_deref(), heads)
+}

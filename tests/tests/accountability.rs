@@ -1,0 +1,393 @@
+//! Accountability, end to end: every request leaves one hash-chained audit record at the node,
+//! durable before the reply; the coordinator keeps the heads nodes sign, so a cut log shows;
+//! a node that cannot write its log refuses; a node killed under load loses no answered query;
+//! the contribution ledger credits sites only with released cells; the transparency register
+//! names studies and templates but no parameter values.
+
+use fedq_node::audit::record::Outcome;
+use fedq_node::audit::verify::Problem;
+use fedq_proto::wire::{self, RefusalCode};
+use fedq_tests::{
+    NodeProcess, TestAlliance, assert_refused, audit_queries, cohort_request, integer,
+    node_config_with_own_state, query, verify_audit,
+};
+use tonic::Code;
+
+fn state_dir(test: &TestAlliance, site_id: &str) -> std::path::PathBuf {
+    test.alliance
+        .root
+        .join("config")
+        .join("state")
+        .join(site_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_carry_signed_heads_the_coordinator_keeps_and_a_cut_log_is_caught_by_them()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut lead = test.coordinator().await?;
+    for min_iss in [0, 16, 25] {
+        let result = query(
+            &mut lead,
+            "cohort-by-age-sex",
+            vec![integer("min_iss", min_iss)],
+            0,
+        )
+        .await?;
+        for site in &result.sites {
+            let head = site
+                .result
+                .as_ref()
+                .and_then(|result| result.audit_head.as_ref())
+                .expect("every answer carries the node's signed audit head");
+            assert!(fedq_proto::audit_head::AuditHead::verify(head).is_ok());
+        }
+    }
+    // A request the node refuses is audited too.
+    let mut node = test.node_as_coordinator(0).await?;
+    let mut unapproved = cohort_request(&test.alliance, "no-study", 0)?;
+    unapproved.study = None;
+    let status = node.run_query(unapproved).await.unwrap_err();
+    assert_refused(
+        &status,
+        Code::InvalidArgument,
+        RefusalCode::StudyMissing,
+        "names no study",
+    );
+
+    let mut expert = test.coordinator_as(&test.alliance.users.expert).await?;
+    let heads = expert
+        .audit_heads(wire::AuditHeadsRequest {
+            site_id: "site-a".into(),
+        })
+        .await?
+        .into_inner()
+        .heads;
+    assert!(heads.len() >= 4, "{} heads kept", heads.len());
+    // Study leads may not read them.
+    let denied = lead
+        .audit_heads(wire::AuditHeadsRequest {
+            site_id: "site-a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+
+    let site_a = state_dir(&test, "site-a");
+    let verified = verify_audit(&site_a, &heads)?;
+    assert_eq!(verified.heads_checked, heads.len());
+    let queries = audit_queries(&site_a)?;
+    assert_eq!(queries.len(), 4);
+    let released: Vec<_> = queries
+        .iter()
+        .filter(|query| query.outcome == Outcome::Released)
+        .collect();
+    assert_eq!(released.len(), 3);
+    assert_eq!(
+        released[1].parameters.get("min_iss").map(String::as_str),
+        Some("16")
+    );
+    assert_eq!(released[1].requester, fedq_deploy::alliance::STUDY_LEAD);
+    assert_eq!(
+        released[1].study.as_ref().map(|study| study.id.as_str()),
+        Some(fedq_deploy::alliance::STUDY_ID)
+    );
+    let refused = queries.last().expect("four records");
+    assert_eq!(refused.outcome, Outcome::Refused);
+    assert_eq!(
+        refused
+            .refusal
+            .as_ref()
+            .map(|refusal| refusal.code.as_str()),
+        Some("REFUSAL_CODE_STUDY_MISSING")
+    );
+    test.alliance.stop().await?;
+
+    // Cut the last record off: the chain alone still looks whole, the kept heads do not.
+    let segment = fedq_node::audit::log::segments(&site_a.join("audit"))?
+        .pop()
+        .expect("a segment");
+    let text = std::fs::read_to_string(&segment.path)?;
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.pop();
+    std::fs::write(&segment.path, lines.join("\n") + "\n")?;
+    assert!(verify_audit(&site_a, &[]).is_ok());
+    assert!(matches!(
+        verify_audit(&site_a, &heads),
+        Err(Problem::Truncated { .. })
+    ));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_queries_leave_exactly_a_thousand_records_in_a_verifying_chain()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let node = test.node_as_coordinator(0).await?;
+    let calls = (0..1000).map(|index| {
+        let mut node = node.clone();
+        let request = cohort_request(&test.alliance, &format!("concurrent-{index}"), index % 30);
+        async move { node.run_query(request?).await.map_err(anyhow::Error::from) }
+    });
+    let outcomes = futures::future::join_all(calls).await;
+    let answered = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+    assert_eq!(answered, 1000, "{:?}", outcomes.iter().find(|o| o.is_err()));
+    let site_a = state_dir(&test, "site-a");
+    let queries = audit_queries(&site_a)?;
+    assert_eq!(queries.len(), 1000);
+    let mut ids: Vec<&str> = queries
+        .iter()
+        .map(|query| query.request_id.as_str())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 1000, "each request has its own record");
+    verify_audit(&site_a, &[])?;
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_cannot_write_its_audit_log_refuses_and_releases_nothing() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    let (config, state) = node_config_with_own_state(&test)?;
+    // Every file the node writes is capped at 8 KiB: a dozen records fit, then appends fail.
+    let process = NodeProcess::start(&config, Some(8 * 1024))?;
+    let mut node = process.client(&test).await?;
+    let mut answered = 0;
+    let mut refusal = None;
+    for index in 0..200 {
+        match node
+            .run_query(cohort_request(&test.alliance, &format!("full-{index}"), 0)?)
+            .await
+        {
+            Ok(_) => answered += 1,
+            Err(status) => {
+                refusal = Some(status);
+                break;
+            }
+        }
+    }
+    let status = refusal.expect("the log fills up within 200 queries");
+    assert!(answered > 0, "the first queries fit");
+    assert_refused(
+        &status,
+        Code::Unavailable,
+        RefusalCode::AuditUnavailable,
+        "cannot write its audit log",
+    );
+    // It stays closed: the next query is refused as well.
+    let again = node
+        .run_query(cohort_request(&test.alliance, "full-again", 0)?)
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::Unavailable);
+    process.kill()?;
+    // The failed appends were cut back: the chain verifies and holds exactly the answered
+    // queries.
+    verify_audit(&state, &[])?;
+    let queries = audit_queries(&state)?;
+    assert_eq!(queries.len(), answered);
+    assert!(
+        queries
+            .iter()
+            .all(|query| query.outcome == Outcome::Released)
+    );
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_under_load_keeps_every_answered_query_in_a_log_that_verifies()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let (config, state) = node_config_with_own_state(&test)?;
+    let process = NodeProcess::start(&config, None)?;
+    let node = process.client(&test).await?;
+    let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let workers: Vec<_> = (0..8)
+        .map(|worker| {
+            let mut node = node.clone();
+            let answered = std::sync::Arc::clone(&answered);
+            let requests: Vec<wire::QueryRequest> = (0..10_000)
+                .map(|index| cohort_request(&test.alliance, &format!("load-{worker}-{index}"), 0))
+                .take(400)
+                .collect::<Result<_, _>>()
+                .expect("requests build");
+            tokio::spawn(async move {
+                for request in requests {
+                    let id = request.request_id.clone();
+                    match node.run_query(request).await {
+                        Ok(_) => answered.lock().expect("not poisoned").push(id),
+                        Err(_) => break,
+                    }
+                }
+            })
+        })
+        .collect();
+    // Kill once a good number of queries were answered, while the rest are in flight.
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        if answered.lock().expect("not poisoned").len() >= 150 {
+            break;
+        }
+    }
+    process.kill()?;
+    for worker in workers {
+        worker.await?;
+    }
+    let seen = answered.lock().expect("not poisoned").clone();
+    assert!(seen.len() >= 150);
+
+    // Restart on the same state: the log verifies and has every answered query.
+    let restarted = NodeProcess::start(&config, None)?;
+    let mut node = restarted.client(&test).await?;
+    node.run_query(cohort_request(&test.alliance, "after-restart", 0)?)
+        .await?;
+    verify_audit(&state, &[])?;
+    let recorded: std::collections::BTreeSet<String> = audit_queries(&state)?
+        .into_iter()
+        .map(|query| query.request_id)
+        .collect();
+    for id in &seen {
+        assert!(
+            recorded.contains(id),
+            "answered query {id} is not in the log"
+        );
+    }
+    assert!(recorded.contains("after-restart"));
+    restarted.kill()?;
+
+    // The command an auditor runs agrees, and names a record edited afterwards.
+    let verify = |state: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_test-node"))
+            .args(["audit", "verify", "--state-dir"])
+            .arg(state)
+            .output()
+    };
+    let passed = verify(&state)?;
+    assert!(
+        passed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&passed.stdout)
+    );
+    let segment = fedq_node::audit::log::segments(&state.join("audit"))?
+        .pop()
+        .expect("a segment");
+    let text = std::fs::read_to_string(&segment.path)?;
+    let edited = text.replacen("\"load-", "\"lOad-", 1);
+    assert_ne!(edited, text);
+    std::fs::write(&segment.path, edited)?;
+    let failed = verify(&state)?;
+    let stdout = String::from_utf8_lossy(&failed.stdout);
+    assert_eq!(failed.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.starts_with("FAIL record #") && stdout.contains("was edited"),
+        "{stdout}"
+    );
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_credits_sites_with_released_cells_only_and_only_for_the_leads_studies()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut lead = test.coordinator().await?;
+    let mut expected: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+    for min_iss in [0, 25] {
+        let result = query(
+            &mut lead,
+            "cohort-by-age-sex",
+            vec![integer("min_iss", min_iss)],
+            0,
+        )
+        .await?;
+        for site in &result.sites {
+            let released: Vec<u64> = site
+                .result
+                .iter()
+                .flat_map(|result| &result.cells)
+                .filter_map(|cell| match &cell.outcome {
+                    Some(wire::cell::Outcome::Released(released)) => Some(released.count),
+                    _ => None,
+                })
+                .collect();
+            let entry = expected.entry(site.site_id.clone()).or_default();
+            entry.0 += released.len() as u64;
+            entry.1 += released.iter().sum::<u64>();
+        }
+    }
+    let entries = lead
+        .ledger(wire::LedgerRequest::default())
+        .await?
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 3);
+    for entry in &entries {
+        assert_eq!(entry.study_id, fedq_deploy::alliance::STUDY_ID);
+        assert_eq!(entry.queries_answered, 2);
+        assert_eq!(
+            (entry.cells_released, entry.records_contributed),
+            expected[&entry.site_id],
+            "site {}",
+            entry.site_id
+        );
+    }
+    // The small site withheld cells: its credit is below its true total.
+    let small = entries
+        .iter()
+        .find(|entry| entry.site_id == "site-c")
+        .expect("site-c");
+    assert!(small.cells_released < 2 * 21, "site-c released every cell");
+    let denied = lead
+        .ledger(wire::LedgerRequest {
+            study_id: "someone-elses-study".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_register_names_study_and_templates_and_carries_no_parameter_values()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut lead = test.coordinator().await?;
+    for _ in 0..2 {
+        query(
+            &mut lead,
+            "cohort-by-age-sex",
+            vec![integer("min_iss", 37)],
+            0,
+        )
+        .await?;
+    }
+    let register = lead
+        .transparency_register(wire::AllianceRegisterRequest {})
+        .await?
+        .into_inner();
+    assert!(
+        register.unavailable.is_empty(),
+        "{:?}",
+        register.unavailable
+    );
+    assert_eq!(register.sites.len(), 3);
+    for site in &register.sites {
+        assert_eq!(site.studies.len(), 1);
+        let study = &site.studies[0];
+        assert_eq!(study.study_id, fedq_deploy::alliance::STUDY_ID);
+        assert!(!study.purpose.is_empty() && !study.ethics_reference.is_empty());
+        assert_eq!(study.queries_per_month.len(), 1);
+        assert_eq!(study.queries_per_month[0].queries, 2);
+        assert_eq!(
+            study.templates_used,
+            vec!["Trauma admissions by age band and sex".to_string()]
+        );
+        let published = format!("{:?}", site.studies);
+        assert!(!published.contains("37"), "{published}");
+        assert!(!published.contains("min_iss"), "{published}");
+    }
+    let page = fedq_proto::register::to_html("Register", &register.generated_at, &register.sites);
+    assert!(!page.contains("min_iss") && !page.contains(">37<"));
+    test.alliance.stop().await
+}
