@@ -456,12 +456,17 @@ pub struct NodeProcess {
 }
 
 impl NodeProcess {
-    /// Starts `serve --config config`; with `file_size_limit`, every file the process writes
-    /// is limited to that many bytes (RLIMIT_FSIZE), so writes beyond it fail.
-    pub fn start(config: &Path, file_size_limit: Option<u64>) -> anyhow::Result<NodeProcess> {
+    /// Starts `program serve --config config` (`program` is the node program,
+    /// `env!("CARGO_BIN_EXE_test-node")` in this package's tests); with `file_size_limit`,
+    /// every file the process writes is limited to that many bytes (RLIMIT_FSIZE).
+    pub fn start(
+        program: &str,
+        config: &Path,
+        file_size_limit: Option<u64>,
+    ) -> anyhow::Result<NodeProcess> {
         use std::io::BufRead;
         use std::os::unix::process::CommandExt;
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_test-node"));
+        let mut command = std::process::Command::new(program);
         command
             .args(["serve", "--config"])
             .arg(config)

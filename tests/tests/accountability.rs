@@ -13,6 +13,9 @@ use fedq_tests::{
 };
 use tonic::Code;
 
+/// The node program, run as its own process.
+const NODE_PROGRAM: &str = env!("CARGO_BIN_EXE_test-node");
+
 fn state_dir(test: &TestAlliance, site_id: &str) -> std::path::PathBuf {
     test.alliance
         .root
@@ -152,7 +155,7 @@ async fn a_node_that_cannot_write_its_audit_log_refuses_and_releases_nothing() -
     let test = TestAlliance::start().await?;
     let (config, state) = node_config_with_own_state(&test)?;
     // Every file the node writes is capped at 8 KiB: a dozen records fit, then appends fail.
-    let process = NodeProcess::start(&config, Some(8 * 1024))?;
+    let process = NodeProcess::start(NODE_PROGRAM, &config, Some(8 * 1024))?;
     let mut node = process.client(&test).await?;
     let mut answered = 0;
     let mut refusal = None;
@@ -201,7 +204,7 @@ async fn a_node_killed_under_load_keeps_every_answered_query_in_a_log_that_verif
 -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     let (config, state) = node_config_with_own_state(&test)?;
-    let process = NodeProcess::start(&config, None)?;
+    let process = NodeProcess::start(NODE_PROGRAM, &config, None)?;
     let node = process.client(&test).await?;
     let answered = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let workers: Vec<_> = (0..8)
@@ -239,7 +242,7 @@ async fn a_node_killed_under_load_keeps_every_answered_query_in_a_log_that_verif
     assert!(seen.len() >= 150);
 
     // Restart on the same state: the log verifies and has every answered query.
-    let restarted = NodeProcess::start(&config, None)?;
+    let restarted = NodeProcess::start(NODE_PROGRAM, &config, None)?;
     let mut node = restarted.client(&test).await?;
     node.run_query(cohort_request(&test.alliance, "after-restart", 0)?)
         .await?;
@@ -259,7 +262,7 @@ async fn a_node_killed_under_load_keeps_every_answered_query_in_a_log_that_verif
 
     // The command an auditor runs agrees, and names a record edited afterwards.
     let verify = |state: &std::path::Path| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_test-node"))
+        std::process::Command::new(NODE_PROGRAM)
             .args(["audit", "verify", "--state-dir"])
             .arg(state)
             .output()

@@ -14,6 +14,7 @@
 //! before. Documents the records refer to (study approvals, templates) are kept once each, by
 //! content hash, in `documents/`.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -114,6 +115,8 @@ pub struct AuditLog {
     segment_bytes: u64,
     state: Mutex<State>,
     written: Condvar,
+    /// Documents known to be kept; the lock also serialises writing new ones.
+    documents: Mutex<BTreeSet<PathBuf>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -266,6 +269,7 @@ impl AuditLog {
                 segment_first_seq: current.first_seq,
             }),
             written: Condvar::new(),
+            documents: Mutex::new(BTreeSet::new()),
         };
         if discarded > 0 {
             tracing::warn!(segment = %current.name(), bytes = discarded, "discarded an incomplete audit record left by an unclean stop");
@@ -448,12 +452,20 @@ impl AuditLog {
         canonical: &[u8],
     ) -> Result<(), AuditError> {
         let path = document_path(&self.dir, kind, content_hash);
-        if path.exists() {
+        let mut known = self
+            .documents
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if known.contains(&path) {
             return Ok(());
         }
-        write_durably(&path, canonical).map_err(|err| AuditError::Write {
-            detail: io_detail(&path, &err),
-        })
+        if !path.exists() {
+            write_durably(&path, canonical).map_err(|err| AuditError::Write {
+                detail: io_detail(&path, &err),
+            })?;
+        }
+        known.insert(path);
+        Ok(())
     }
 
     /// The first sequence number of the segment being written (for tests and status).
