@@ -408,37 +408,6 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn counts_are_grouped_by_thousands() {
-        assert_eq!(format_count(1234567), "1,234,567");
-        assert_eq!(format_count(999), "999");
-    }
-
-    #[test]
-    fn pooled_cell_with_a_withheld_part_is_marked_incomplete() {
-        let cell = wire::PooledCell {
-            coordinates: vec![],
-            count: Some(40),
-            sites_released: 1,
-            sites_withheld: 1,
-            complete: false,
-        };
-        assert_eq!(pooled_text(&cell), "40+");
-        let none = wire::PooledCell {
-            coordinates: vec![],
-            count: None,
-            sites_released: 0,
-            sites_withheld: 2,
-            complete: false,
-        };
-        assert_eq!(pooled_text(&none), "*");
-    }
-}
-
 /// The contribution ledger as a table: one line per study and site.
 pub fn ledger(entries: &[wire::LedgerEntry]) -> String {
     if entries.is_empty() {
@@ -478,4 +447,35 @@ pub fn ledger_json(entries: &[wire::LedgerEntry]) -> serde_json::Value {
             "last_query": entry.last_query,
         })).collect::<Vec<_>>()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_grouped_by_thousands() {
+        assert_eq!(format_count(1234567), "1,234,567");
+        assert_eq!(format_count(999), "999");
+    }
+
+    #[test]
+    fn pooled_cell_with_a_withheld_part_is_marked_incomplete() {
+        let cell = wire::PooledCell {
+            coordinates: vec![],
+            count: Some(40),
+            sites_released: 1,
+            sites_withheld: 1,
+            complete: false,
+        };
+        assert_eq!(pooled_text(&cell), "40+");
+        let none = wire::PooledCell {
+            coordinates: vec![],
+            count: None,
+            sites_released: 0,
+            sites_withheld: 2,
+            complete: false,
+        };
+        assert_eq!(pooled_text(&none), "*");
+    }
 }

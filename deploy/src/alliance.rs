@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use anyhow::Context;
 use fedq_coordinator::certs::{self, DevPki};
@@ -14,7 +13,6 @@ use fedq_coordinator::config::CoordinatorConfig;
 use fedq_coordinator::experts::{self, DocumentKind, GeneratedKey};
 use fedq_coordinator::server::PreparedCoordinator;
 use fedq_node::config::NodeConfig;
-use fedq_node::query::QueryEngine;
 use fedq_node::server::PreparedNode;
 use fedq_proto::study::{PinnedTemplate, Study};
 use fedq_proto::template::Template;
@@ -97,12 +95,11 @@ async fn loopback(port: u16) -> anyhow::Result<TcpListener> {
 /// Loads a node's configuration and data and serves it on a fresh loopback port.
 pub async fn start_node(config_path: &Path) -> anyhow::Result<Running> {
     let config = NodeConfig::load(config_path)?;
-    let (engine, _warnings) = tokio::task::spawn_blocking({
+    let (node, _warnings) = tokio::task::spawn_blocking({
         let config = config.clone();
-        move || QueryEngine::load(&config)
+        move || PreparedNode::load(&config)
     })
     .await??;
-    let node = PreparedNode::new(Arc::new(engine), &config.tls)?;
     let listener = loopback(0).await?;
     let address = listener.local_addr()?;
     Ok(spawn_server(address, move |stopped| async move {

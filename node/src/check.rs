@@ -1,7 +1,8 @@
 //! `fedq-node check`: everything a node needs before it goes live, checked without serving —
 //! configuration, its own certificate (chain to the alliance CA, validity, identity, key),
 //! expert keys and quorum, every dataset (file, mapping, types, domain violations counted per
-//! column, identifiers), and that the state directory can be written. One finding per line.
+//! column, identifiers), that the state directory can be written, and that the audit log's
+//! chain is intact (read only, so it is safe while the node runs). One finding per line.
 
 use std::path::Path;
 
@@ -9,7 +10,7 @@ use serde::Serialize;
 
 use crate::NodeError;
 use crate::config::NodeConfig;
-use crate::query::QueryEngine;
+use crate::query::load_snapshots;
 
 /// Certificates closer than this to expiry are reported as a warning.
 const EXPIRY_WARNING_DAYS: i64 = 30;
@@ -27,7 +28,8 @@ pub enum Level {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {
     pub level: Level,
-    /// What was checked: `config`, `certificate`, `expert keys`, `data`, `state dir`.
+    /// What was checked: `config`, `certificate`, `expert keys`, `data`, `state dir`,
+    /// `audit log`.
     pub check: &'static str,
     pub detail: String,
 }
@@ -99,9 +101,9 @@ pub fn run(path: &Path) -> Vec<Finding> {
             format!("{} trusted, quorum {}", trust.trusted.len(), trust.quorum),
         )
     });
-    match QueryEngine::load(&config) {
-        Ok((engine, warnings)) => {
-            for snapshot in engine.snapshots() {
+    match load_snapshots(&config) {
+        Ok((snapshots, warnings)) => {
+            for snapshot in snapshots.values() {
                 findings.push(finding(
                     Level::Pass,
                     "data",
@@ -117,7 +119,6 @@ pub fn run(path: &Path) -> Vec<Finding> {
             findings.extend(
                 warnings
                     .into_iter()
-                    .filter(|warning| !warning.contains("trusts no expert keys"))
                     .map(|warning| finding(Level::Warn, "data", warning)),
             );
         }
@@ -128,7 +129,32 @@ pub fn run(path: &Path) -> Vec<Finding> {
         ),
     }
     findings.push(state_dir_writable(&config.state_dir));
+    findings.push(audit_log(&config.state_dir));
     findings
+}
+
+/// Verifies the audit log as it is (read only: safe while the node runs).
+fn audit_log(state_dir: &Path) -> Finding {
+    let location = crate::audit::commands::Location::of_state_dir(state_dir);
+    if !location.audit_dir.exists() {
+        return finding(
+            Level::Pass,
+            "audit log",
+            "none yet; the node creates it and its audit key at first start",
+        );
+    }
+    let own_key = location.key_id();
+    match crate::audit::verify::verify(&location.audit_dir, own_key.as_deref(), &[]) {
+        Ok(verified) => finding(
+            Level::Pass,
+            "audit log",
+            format!(
+                "{} records in {} segment(s), chain intact",
+                verified.last_seq, verified.segments
+            ),
+        ),
+        Err(problem) => finding(Level::Fail, "audit log", problem.to_string()),
+    }
 }
 
 fn state_dir_writable(state_dir: &Path) -> Finding {

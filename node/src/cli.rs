@@ -4,12 +4,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use crate::audit::commands::{self, Location};
 use crate::audit::record::Outcome;
 use crate::config::NodeConfig;
-use crate::query::QueryEngine;
 use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
@@ -260,16 +258,15 @@ fn ignore_file_size_signal() {
 
 async fn serve(config_path: PathBuf) -> Result<(), String> {
     let config = NodeConfig::load(&config_path).map_err(|err| err.to_string())?;
-    let (engine, warnings) = QueryEngine::load(&config).map_err(|err| err.to_string())?;
+    let (node, warnings) =
+        crate::server::PreparedNode::load(&config).map_err(|err| err.to_string())?;
     for warning in warnings {
         tracing::warn!(%warning, "data quality");
     }
-    for snapshot in engine.snapshots() {
+    for snapshot in node.engine().snapshots() {
         tracing::info!(dataset = %snapshot.dataset, rows = snapshot.rows(), version = %snapshot.version, "dataset loaded");
     }
-    let audit_key = engine.audit().key_id();
-    let node = crate::server::PreparedNode::new(Arc::new(engine), &config.tls)
-        .map_err(|err| err.to_string())?;
+    let audit_key = node.engine().audit().key_id();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;

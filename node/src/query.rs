@@ -40,6 +40,38 @@ pub struct QueryRequest {
     pub study: Option<wire::SignedDocument>,
 }
 
+/// Loads every configured dataset (without touching the state directory). Returns the
+/// snapshots by dataset name and warning lines for the log.
+pub fn load_snapshots(
+    config: &NodeConfig,
+) -> Result<(BTreeMap<String, Snapshot>, Vec<String>), NodeError> {
+    let mut snapshots = BTreeMap::new();
+    let mut warnings = Vec::new();
+    let mut problems = Vec::new();
+    for dataset in &config.datasets {
+        let Some(spec) = config.data_model.dataset(&dataset.name) else {
+            problems.push(format!(
+                "dataset '{}' is not in the data model",
+                dataset.name
+            ));
+            continue;
+        };
+        match data::load(dataset, spec) {
+            Ok((snapshot, mut found)) => {
+                warnings.append(&mut found);
+                snapshots.insert(dataset.name.clone(), snapshot);
+            }
+            Err(NodeError::Data(mut found)) => problems.append(&mut found),
+            Err(other) => return Err(other),
+        }
+    }
+    if problems.is_empty() {
+        Ok((snapshots, warnings))
+    } else {
+        Err(NodeError::Data(problems))
+    }
+}
+
 /// What identifies a retry: the same request id for the same template and the same parameter
 /// values. Reusing a request id for a different question counts as a new query.
 fn retry_key(request: &QueryRequest, template: &Template) -> String {
@@ -77,31 +109,10 @@ pub struct SiteAnswer {
 }
 
 impl QueryEngine {
-    /// Loads every configured dataset. Returns the engine and warning lines for the log.
+    /// Loads every configured dataset and opens the audit log. Returns the engine and warning
+    /// lines for the log.
     pub fn load(config: &NodeConfig) -> Result<(QueryEngine, Vec<String>), NodeError> {
-        let mut snapshots = BTreeMap::new();
-        let mut warnings = Vec::new();
-        let mut problems = Vec::new();
-        for dataset in &config.datasets {
-            let Some(spec) = config.data_model.dataset(&dataset.name) else {
-                problems.push(format!(
-                    "dataset '{}' is not in the data model",
-                    dataset.name
-                ));
-                continue;
-            };
-            match data::load(dataset, spec) {
-                Ok((snapshot, mut found)) => {
-                    warnings.append(&mut found);
-                    snapshots.insert(dataset.name.clone(), snapshot);
-                }
-                Err(NodeError::Data(mut found)) => problems.append(&mut found),
-                Err(other) => return Err(other),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(NodeError::Data(problems));
-        }
+        let (snapshots, mut warnings) = load_snapshots(config)?;
         if config.policy.trust.trusted.is_empty() {
             warnings.push(fedq_proto::signing::SignatureProblem::NoTrustedKeys.to_string());
         }
@@ -147,7 +158,7 @@ impl QueryEngine {
         audit::trace(&event);
         let head = self
             .keep_documents(&seen)
-            .and_then(|()| self.audit.append(Event::Query(event)))
+            .and_then(|()| self.audit.append(Event::Query(Box::new(event))))
             .map_err(|err| {
                 tracing::error!(request_id = %audit::bounded(&request.request_id), error = %err, "audit record not written; query refused");
                 NodeError::AuditUnavailable

@@ -5,12 +5,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use fedq_proto::tls::{self, TlsFiles};
+use fedq_proto::tls;
 use fedq_proto::wire::node_server::NodeServer;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::NodeError;
+use crate::config::NodeConfig;
 use crate::query::QueryEngine;
 use crate::service::NodeService;
 
@@ -27,12 +28,22 @@ pub struct PreparedNode {
 }
 
 impl PreparedNode {
-    pub fn new(engine: Arc<QueryEngine>, tls_files: &TlsFiles) -> Result<PreparedNode, NodeError> {
-        let tls_config = tls::mutual_tls_server_config(tls_files)?;
-        Ok(PreparedNode {
-            engine,
-            acceptor: TlsAcceptor::from(Arc::new(tls_config)),
-        })
+    /// Builds the TLS configuration first (quick, and the commonest mistake), then loads the
+    /// data and opens the state directory. Returns the node and warning lines for the log.
+    pub fn load(config: &NodeConfig) -> Result<(PreparedNode, Vec<String>), NodeError> {
+        let tls_config = tls::mutual_tls_server_config(&config.tls)?;
+        let (engine, warnings) = QueryEngine::load(config)?;
+        Ok((
+            PreparedNode {
+                engine: Arc::new(engine),
+                acceptor: TlsAcceptor::from(Arc::new(tls_config)),
+            },
+            warnings,
+        ))
+    }
+
+    pub fn engine(&self) -> &QueryEngine {
+        &self.engine
     }
 
     /// Serves on an already bound `listener` until `shutdown` completes.

@@ -347,12 +347,14 @@ pub fn refusal_of(status: &tonic::Status) -> RefusalCode {
     RefusalCode::try_from(refusal.code).expect("a known refusal code")
 }
 
-/// Writes a variant of site-a's node configuration and starts it.
+/// Writes a variant of site-a's node configuration (with its own state directory: two nodes
+/// never share one) and starts it.
 pub async fn node_variant(
     test: &TestAlliance,
     edit: impl Fn(String) -> String,
 ) -> anyhow::Result<alliance::Running> {
-    let config = std::fs::read_to_string(&test.alliance.node_configs[0])?;
+    let (config_path, _) = node_config_with_own_state(test)?;
+    let config = std::fs::read_to_string(config_path)?;
     let edited = edit(config.clone());
     assert_ne!(edited, config, "the edit must change the configuration");
     let path = test
@@ -594,7 +596,7 @@ pub fn audit_queries(
     Ok(records
         .into_iter()
         .filter_map(|record| match record.event {
-            fedq_node::audit::record::Event::Query(query) => Some(query),
+            fedq_node::audit::record::Event::Query(query) => Some(*query),
             _ => None,
         })
         .collect())

@@ -12,6 +12,7 @@ async fn benchmark_runs_end_to_end_and_prints_both_timings() -> anyhow::Result<(
         "polars plan, direct",
         "node end to end (gRPC + mTLS)",
         "ratio",
+        "audited throughput",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }

@@ -28,6 +28,11 @@ impl Location {
         }
     }
 
+    /// The id of the node's audit key, when its file is here and readable.
+    pub fn key_id(&self) -> Option<String> {
+        self.key().ok().flatten().map(|key| key.key_id())
+    }
+
     /// The site the audit key was made for, when the key file is here.
     pub fn site_id(&self) -> Option<String> {
         self.key().ok().flatten().map(|key| key.name)

@@ -117,6 +117,33 @@ pub struct AuditLog {
     written: Condvar,
     /// Documents known to be kept; the lock also serialises writing new ones.
     documents: Mutex<BTreeSet<PathBuf>>,
+    /// Held open with an exclusive lock for the log's lifetime: one writer per state directory.
+    _lock: File,
+}
+
+/// The lock file inside the audit folder.
+const LOCK_FILE: &str = ".lock";
+
+/// Takes the audit folder's exclusive lock, or says who holds it.
+fn lock_dir(dir: &Path) -> Result<File, String> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|err| io_detail(&path, &err))?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked == 0 {
+        Ok(file)
+    } else {
+        Err(format!(
+            "another fedq-node process is using this state directory ({} is locked); two nodes must never share one",
+            path.display()
+        ))
+    }
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -224,6 +251,7 @@ impl AuditLog {
         };
         std::fs::create_dir_all(dir.join(DOCUMENTS_DIR))
             .map_err(|err| failed(io_detail(&dir, &err)))?;
+        let lock = lock_dir(&dir).map_err(failed)?;
         let (key, new_key) = open_key(state_dir, site_id)?;
         let mut existing = segments(&dir).map_err(|err| failed(io_detail(&dir, &err)))?;
         if existing.is_empty() {
@@ -270,6 +298,7 @@ impl AuditLog {
             }),
             written: Condvar::new(),
             documents: Mutex::new(BTreeSet::new()),
+            _lock: lock,
         };
         if discarded > 0 {
             tracing::warn!(segment = %current.name(), bytes = discarded, "discarded an incomplete audit record left by an unclean stop");

@@ -26,7 +26,7 @@ pub struct Record {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum Event {
     /// One query request, answered or refused.
-    Query(QueryEvent),
+    Query(Box<QueryEvent>),
     /// The node created a new audit signing key (first start, or the old key file was lost).
     AuditKeyCreated { key_id: String },
     /// At start-up the node found an incomplete last line (the node stopped while writing it;
@@ -155,7 +155,7 @@ mod tests {
             seq: 3,
             time: "2026-11-23T10:00:00.000Z".into(),
             prev: fedq_proto::audit_head::GENESIS_HASH.into(),
-            event: Event::Query(QueryEvent {
+            event: Event::Query(Box::new(QueryEvent {
                 request_id: "r-1".into(),
                 caller: "coordinator.alliance".into(),
                 requester: "Dr. Lea Study".into(),
@@ -171,7 +171,7 @@ mod tests {
                 cells_released: 10,
                 cells_withheld: BTreeMap::from([("threshold".into(), 2)]),
                 total_withheld: true,
-            }),
+            })),
         }
     }
 

@@ -10,7 +10,7 @@ use super::record::{self, Event, Outcome, QueryEvent, Record};
 use super::verify::{Problem, verify};
 
 fn query(request_id: &str) -> Event {
-    Event::Query(QueryEvent {
+    Event::Query(Box::new(QueryEvent {
         request_id: request_id.into(),
         caller: "coordinator.alliance".into(),
         requester: "Dr. Lea Study".into(),
@@ -23,7 +23,7 @@ fn query(request_id: &str) -> Event {
         cells_released: 4,
         cells_withheld: BTreeMap::new(),
         total_withheld: false,
-    })
+    }))
 }
 
 /// A log of `count` query records (plus the key-creation record #1).
@@ -308,4 +308,15 @@ fn a_restarted_log_continues_the_same_chain_with_the_same_key() {
     assert_eq!(reopened.key_id(), key_id);
     assert_eq!(reopened.append(query("again")).unwrap().count, 4);
     assert_eq!(check(state.path(), &reopened, &[head]), Ok(4));
+}
+
+#[test]
+fn a_second_writer_on_the_same_state_directory_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let _log = log_with(state.path(), 1);
+    let second = AuditLog::open(state.path(), "north", DEFAULT_SEGMENT_BYTES).unwrap_err();
+    assert!(
+        second.to_string().contains("another fedq-node process"),
+        "{second}"
+    );
 }
