@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use fedq_node::config::NodeConfig;
 use fedq_node::plan;
-use fedq_node::query::QueryEngine;
+use fedq_node::query::load_snapshots;
 use fedq_proto::study::{PinnedTemplate, Study};
 use fedq_proto::template::Template;
 use fedq_proto::wire;
@@ -114,8 +114,8 @@ pub async fn run(
 
     // The direct plan: the same snapshot type and plan the node runs, without gRPC.
     let config = NodeConfig::load(&config_path)?;
-    let (engine, _) = QueryEngine::load(&config)?;
-    let snapshot = engine.snapshots().next().context("snapshot")?;
+    let (snapshots, _) = load_snapshots(&config)?;
+    let snapshot = snapshots.values().next().context("snapshot")?;
     let template = Template::from_toml(BENCH_TEMPLATE, "bench template")?;
     let checked = template.check(&config.data_model, &BTreeSet::new())?;
     let query = checked.bind(&[("min_iss".into(), fedq_proto::template::Value::Integer(0))])?;

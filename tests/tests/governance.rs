@@ -114,7 +114,9 @@ async fn template_signed_with_a_revoked_key_is_refused() -> anyhow::Result<()> {
 async fn node_with_no_trusted_keys_refuses_every_query_and_says_why_at_start() -> anyhow::Result<()>
 {
     let test = TestAlliance::start().await?;
-    let config_text = std::fs::read_to_string(&test.alliance.node_configs[0])?;
+    // Its own state directory: the running site-a node holds its own.
+    let (own_config, _) = node_config_with_own_state(&test)?;
+    let config_text = std::fs::read_to_string(own_config)?;
     let trusted_line = config_text
         .lines()
         .find(|line| line.starts_with("trusted_expert_keys"))
