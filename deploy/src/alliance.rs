@@ -141,6 +141,11 @@ pub struct NodeFiles<'a> {
     pub accepted_studies: &'a [&'a str],
 }
 
+/// The state directory a node configuration written into `folder` gives its site.
+pub fn node_state_dir(folder: &Path, site_id: &str) -> PathBuf {
+    folder.join("state").join(site_id)
+}
+
 /// Writes a node configuration file (as a hospital administrator would) and returns its path.
 pub fn write_node_config(folder: &Path, files: &NodeFiles<'_>) -> anyhow::Result<PathBuf> {
     let identifiers: Vec<String> = synth::identifier_columns(files.format)
@@ -178,7 +183,7 @@ identifiers = [{identifiers}]
 [datasets.columns]
 {mapping}"#,
         site = files.site_id,
-        state = folder.join("state").join(files.site_id).display(),
+        state = node_state_dir(folder, files.site_id).display(),
         ca = files.ca_cert.display(),
         cert = files.cert.display(),
         key = files.key.display(),
@@ -490,6 +495,11 @@ impl LocalAlliance {
             nodes,
             coordinator,
         })
+    }
+
+    /// The state directory (audit log, key, daily counts) of site `site_id`'s node.
+    pub fn node_state_dir(&self, site_id: &str) -> PathBuf {
+        node_state_dir(&self.root.join("config"), site_id)
     }
 
     /// The address study-lead clients use.

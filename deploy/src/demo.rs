@@ -137,7 +137,48 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
         Err(err) => writeln!(output, "  {err}\n")?,
         Ok(_) => anyhow::bail!("the expert's query was not refused"),
     }
+
+    writeln!(output, "{}", "=".repeat(78))?;
+    writeln!(
+        output,
+        "Contribution ledger (fedq ledger): records each site contributed to released cells\n"
+    )?;
+    let ledger = client::reply(coordinator.ledger(wire::LedgerRequest::default()).await)?;
+    write!(output, "{}", render::ledger(&ledger.entries))?;
+    let mut heads = Vec::new();
+    for (site_id, _) in &alliance.nodes {
+        let kept = client::reply(
+            expert
+                .audit_heads(wire::AuditHeadsRequest {
+                    site_id: site_id.clone(),
+                })
+                .await,
+        )?;
+        heads.push((site_id.clone(), kept.heads));
+    }
+    let state_dirs: Vec<_> = heads
+        .iter()
+        .map(|(site_id, _)| alliance.node_state_dir(site_id))
+        .collect();
     alliance.stop().await?;
+    writeln!(
+        output,
+        "\nAudit logs (fedq-node audit verify --heads): each node's hash chain against the signed heads the coordinator kept"
+    )?;
+    for ((site_id, kept), state_dir) in heads.iter().zip(&state_dirs) {
+        let verified = fedq_node::audit::verify::verify(
+            &state_dir.join(fedq_node::audit::log::AUDIT_DIR),
+            None,
+            kept,
+        )
+        .map_err(|problem| anyhow::anyhow!("{site_id}: {problem}"))?;
+        writeln!(
+            output,
+            "  {site_id}: {} records, chain intact, agrees with {} published heads",
+            verified.last_seq, verified.heads_checked
+        )?;
+    }
+    writeln!(output)?;
     writeln!(
         output,
         "fedq demo: done; the alliance has stopped. Certificates, data and configs remain in {}",

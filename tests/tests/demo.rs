@@ -1,8 +1,10 @@
 //! The main job, scaled down: the demo starts a local alliance, prints pooled tables with
-//! per-site columns and suppression marks, shows a refusal, and stops cleanly.
+//! per-site columns and suppression marks, shows a refusal, the contribution ledger and each
+//! node's audit log verified against the heads the coordinator kept, and stops cleanly.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_prints_pooled_tables_with_suppression_marks_and_a_refusal() -> anyhow::Result<()> {
+async fn demo_prints_pooled_tables_suppression_marks_refusals_ledger_and_verified_audit_logs()
+-> anyhow::Result<()> {
     fedq_proto::tls::install_crypto_provider();
     // A relative output folder, as `--out demo-output` gives: configuration files must still
     // find their certificates and data.
@@ -20,6 +22,10 @@ async fn demo_prints_pooled_tables_with_suppression_marks_and_a_refusal() -> any
         "* withheld by the site",
         "parameter 'min_age': 30 is outside its limits 50 to 100",
         "only its study lead (Dr. Lea Study) may",
+        "Contribution ledger",
+        "trauma-outcomes          site-a",
+        "site-a: ",
+        "chain intact, agrees with",
         "the alliance has stopped",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
