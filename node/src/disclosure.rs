@@ -1,18 +1,25 @@
 //! Disclosure control: turns a table of true counts into what may leave the node.
 //!
 //! Every decision is made on true values, in this order:
-//! 1. small-cell suppression: a cell whose count is from 1 to k-1 is withheld;
-//! 2. complementary suppression: whenever any cell is withheld, the total is withheld too, so
-//!    no withheld cell can be recovered by subtracting the released cells from the total.
+//! 1. small-cell suppression (primary): a cell whose count is from 1 to k-1 is withheld;
+//! 2. complementary suppression (secondary): in every line of the table — each row, column and
+//!    higher-dimensional line, whose sum another query could ask for as a margin — and in the
+//!    table as a whole, either no cell is withheld, or at least two are and their combined
+//!    count is at least k. Where a line falls short, more of its released cells are withheld,
+//!    smallest non-zero counts first (they lose the least information), until it holds; a line
+//!    that cannot be made to hold is withheld entirely. So no withheld value is the difference
+//!    of released ones within one answer or against the same filter's total asked another way.
+//! 3. the total is released when the whole table satisfies the rule and is not small itself.
 //!
-//! Which mechanisms an answer reports depends only on whether anything was withheld, so the
-//! report itself says nothing about the withheld values.
+//! Which mechanisms an answer reports depends only on whether anything was withheld, never on
+//! the withheld values (a "complementary" flag present or absent would tell whether the small
+//! cells alone reach k). Per-cell reasons go only to the node's audit log.
 //!
 //! k is the larger of the node's floor and the template's own minimum; nothing the
 //! coordinator sends can lower it. A withheld value is represented by [`Outcome::Withheld`],
 //! which carries no number.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fedq_proto::wire::Mechanism;
 
@@ -25,6 +32,24 @@ pub enum Outcome {
     Withheld,
 }
 
+/// Why a cell was withheld (kept in the node's audit log only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    /// Its own count is from 1 to k-1.
+    Threshold,
+    /// Withheld so that a small cell in one of its lines cannot be recovered.
+    Complementary,
+}
+
+impl Reason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::Threshold => "threshold",
+            Reason::Complementary => "complementary",
+        }
+    }
+}
+
 /// The releasable form of a table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DisclosedTable {
@@ -33,8 +58,10 @@ pub struct DisclosedTable {
     /// One outcome per cell, in the raw table's order.
     pub cells: Vec<Outcome>,
     pub total: Outcome,
-    /// Mechanisms that withheld or altered something in this answer.
+    /// Mechanisms reported with the answer.
     pub mechanisms: BTreeSet<Mechanism>,
+    /// Withheld cells per reason, for the audit log (never sent).
+    pub withheld_by_reason: BTreeMap<Reason, u64>,
 }
 
 impl DisclosedTable {
@@ -55,37 +82,134 @@ fn is_small(count: u64, k: u32) -> bool {
     count >= 1 && count < u64::from(k)
 }
 
+/// Every line of a row-major grid of `shape`: for each axis, the cells that differ only in
+/// that axis's coordinate; plus the whole table. Lines of one cell are left out (a margin
+/// equal to its only cell adds no constraint the cell itself does not).
+fn lines(shape: &[usize]) -> Vec<Vec<usize>> {
+    let cells: usize = shape.iter().product();
+    let mut strides = vec![1usize; shape.len()];
+    for axis in (0..shape.len().saturating_sub(1)).rev() {
+        strides[axis] = strides[axis + 1] * shape[axis + 1];
+    }
+    let mut found = Vec::new();
+    for (axis, &length) in shape.iter().enumerate() {
+        if length < 2 {
+            continue;
+        }
+        let stride = strides[axis];
+        for start in 0..cells {
+            if (start / stride).is_multiple_of(length) {
+                found.push((0..length).map(|step| start + step * stride).collect());
+            }
+        }
+    }
+    if cells > 1 {
+        found.push((0..cells).collect());
+    }
+    found
+}
+
+/// Whether a line's withheld cells are safe: none; or at least two summing to at least k; or
+/// all of them when the line's own sum is below k (then its margin is a small count that any
+/// other query withholds in turn, so nothing released pins them down).
+fn line_holds(line: &[usize], counts: &[u64], withheld: &[bool], k: u32) -> bool {
+    let (number, sum) = line
+        .iter()
+        .filter(|&&cell| withheld[cell])
+        .fold((0usize, 0u64), |(number, sum), &cell| {
+            (number + 1, sum + counts[cell])
+        });
+    let whole_line_small = number == line.len() && sum < u64::from(k);
+    number == 0 || (number >= 2 && sum >= u64::from(k)) || whole_line_small
+}
+
+/// Withholds more cells of `line` (smallest non-zero counts first, then zeros) until it holds,
+/// or all of it when it cannot. Returns whether anything changed.
+fn complete_line(line: &[usize], counts: &[u64], withheld: &mut [bool], k: u32) -> bool {
+    let mut candidates: Vec<usize> = line
+        .iter()
+        .copied()
+        .filter(|&cell| !withheld[cell])
+        .collect();
+    // Non-zero counts first, smallest first; zeros last (they add nothing to the sum, but one
+    // may be needed to reach two withheld cells). Ties keep grid order, so results repeat.
+    candidates.sort_by_key(|&cell| (counts[cell] == 0, counts[cell]));
+    let mut changed = false;
+    for cell in candidates {
+        if line_holds(line, counts, withheld, k) {
+            break;
+        }
+        withheld[cell] = true;
+        changed = true;
+    }
+    changed
+}
+
 /// Applies disclosure control with threshold `k`.
 pub fn apply(table: &RawTable, k: u32) -> DisclosedTable {
-    let mut mechanisms = BTreeSet::new();
-    let cells: Vec<Outcome> = table
-        .counts
+    let counts = &table.counts;
+    let primary: Vec<bool> = counts.iter().map(|&count| is_small(count, k)).collect();
+    let mut withheld = primary.clone();
+    let all_lines = lines(&table.shape);
+    if withheld.contains(&true) {
+        // Each pass only adds withheld cells, so this ends after at most one pass per cell.
+        loop {
+            let mut changed = false;
+            for line in &all_lines {
+                if !line_holds(line, counts, &withheld, k) {
+                    changed |= complete_line(line, counts, &mut withheld, k);
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+    }
+    let total_count = table.total();
+    let whole_table_holds =
+        line_holds(&(0..counts.len()).collect::<Vec<_>>(), counts, &withheld, k);
+    let total = if is_small(total_count, k) || !whole_table_holds {
+        // Nothing can protect a small total: everything is withheld.
+        withheld.iter_mut().for_each(|cell| *cell = true);
+        Outcome::Withheld
+    } else {
+        Outcome::Released(total_count)
+    };
+    let cells: Vec<Outcome> = counts
         .iter()
-        .map(|&count| {
-            if is_small(count, k) {
-                mechanisms.insert(Mechanism::SmallCellSuppression);
+        .zip(&withheld)
+        .map(|(&count, &hidden)| {
+            if hidden {
                 Outcome::Withheld
             } else {
                 Outcome::Released(count)
             }
         })
         .collect();
-    // The total is withheld whenever any cell is (its value would give the withheld cells'
-    // sum away) or when it is small itself. The mechanisms reported depend only on whether
-    // anything was withheld, never on the withheld values.
-    let total_count = table.total();
-    let total = if cells.contains(&Outcome::Withheld) || is_small(total_count, k) {
+    let mut withheld_by_reason = BTreeMap::new();
+    for (&hidden, &small) in withheld.iter().zip(&primary) {
+        if hidden {
+            let reason = if small {
+                Reason::Threshold
+            } else {
+                Reason::Complementary
+            };
+            *withheld_by_reason.entry(reason).or_insert(0) += 1;
+        }
+    }
+    let mut mechanisms = BTreeSet::new();
+    if withheld.contains(&true) || total == Outcome::Withheld {
         mechanisms.insert(Mechanism::SmallCellSuppression);
-        mechanisms.insert(Mechanism::ComplementarySuppression);
-        Outcome::Withheld
-    } else {
-        Outcome::Released(total_count)
-    };
+        if counts.len() > 1 {
+            mechanisms.insert(Mechanism::ComplementarySuppression);
+        }
+    }
     DisclosedTable {
         k,
         cells,
         total,
         mechanisms,
+        withheld_by_reason,
     }
 }
 
@@ -97,6 +221,68 @@ mod tests {
         RawTable {
             shape: vec![counts.len()],
             counts: counts.to_vec(),
+        }
+    }
+
+    fn grid(shape: &[usize], counts: &[u64]) -> RawTable {
+        RawTable {
+            shape: shape.to_vec(),
+            counts: counts.to_vec(),
+        }
+    }
+
+    fn hidden(disclosed: &DisclosedTable) -> Vec<bool> {
+        disclosed
+            .cells
+            .iter()
+            .map(|cell| *cell == Outcome::Withheld)
+            .collect()
+    }
+
+    /// Checks the rule on every row, column and pillar of the answer, written independently
+    /// of the implementation: in each, no cell withheld; or two or more withheld summing to at
+    /// least k; or every cell withheld and the line's sum below k.
+    fn assert_every_line_holds(raw: &RawTable, disclosed: &DisclosedTable) {
+        let withheld = hidden(disclosed);
+        let shape = &raw.shape;
+        let at = |coordinates: &[usize]| {
+            coordinates
+                .iter()
+                .zip(shape)
+                .fold(0, |index, (coordinate, length)| index * length + coordinate)
+        };
+        let k = u64::from(disclosed.k);
+        let cells: usize = shape.iter().product();
+        for axis in 0..shape.len() {
+            for start in 0..cells {
+                let mut coordinates = fedq_proto::template::cell_coordinates(shape, start)
+                    .into_iter()
+                    .map(|coordinate| coordinate as usize)
+                    .collect::<Vec<_>>();
+                if coordinates[axis] != 0 {
+                    continue;
+                }
+                let mut hidden_sum = 0;
+                let mut hidden_number = 0;
+                let mut line_sum = 0;
+                for level in 0..shape[axis] {
+                    coordinates[axis] = level;
+                    let index = at(&coordinates);
+                    line_sum += raw.counts[index];
+                    if withheld[index] {
+                        hidden_number += 1;
+                        hidden_sum += raw.counts[index];
+                    }
+                }
+                let holds = hidden_number == 0
+                    || (hidden_number >= 2 && hidden_sum >= k)
+                    || (hidden_number == shape[axis] && line_sum < k);
+                assert!(
+                    holds,
+                    "axis {axis} line from cell {start} of {:?}: withheld {withheld:?}",
+                    raw.counts
+                );
+            }
         }
     }
 
@@ -114,33 +300,96 @@ mod tests {
             ]
         );
         assert_eq!(disclosed.withheld_cells(), 2);
+        // 1 + 9 reach k: no complementary cell is needed and the total is safe to release.
+        assert_eq!(disclosed.total, Outcome::Released(270));
     }
 
     #[test]
-    fn total_is_withheld_when_any_cell_is() {
-        let disclosed = apply(&table(&[3, 40, 50]), 10);
-        assert_eq!(disclosed.total, Outcome::Withheld);
-        assert!(
-            disclosed
-                .mechanisms
-                .contains(&Mechanism::ComplementarySuppression)
+    fn a_single_small_cell_gets_the_smallest_complement_and_the_total_is_released() {
+        let disclosed = apply(&table(&[3, 40, 25, 0]), 10);
+        assert_eq!(
+            disclosed.cells,
+            [
+                Outcome::Withheld,
+                Outcome::Released(40),
+                Outcome::Withheld,
+                Outcome::Released(0)
+            ]
+        );
+        assert_eq!(disclosed.total, Outcome::Released(68));
+        assert_eq!(
+            disclosed.withheld_by_reason,
+            BTreeMap::from([(Reason::Threshold, 1), (Reason::Complementary, 1)])
         );
     }
 
     #[test]
+    fn small_cells_that_together_stay_below_k_get_a_complement() {
+        let disclosed = apply(&table(&[2, 3, 40, 50]), 10);
+        assert_eq!(
+            hidden(&disclosed),
+            [true, true, true, false],
+            "2 + 3 < 10, so the 40 joins them"
+        );
+        assert_eq!(disclosed.total, Outcome::Released(95));
+    }
+
+    #[test]
+    fn rows_and_columns_of_a_two_way_table_each_hold() {
+        // 3 x 3: one small cell in the middle.
+        let raw = grid(&[3, 3], &[50, 60, 70, 80, 4, 90, 100, 110, 120]);
+        let disclosed = apply(&raw, 10);
+        assert_every_line_holds(&raw, &disclosed);
+        // The small cell cannot be the only withheld cell of its row or column.
+        let withheld = hidden(&disclosed);
+        assert!(withheld[4]);
+        assert!(withheld.iter().filter(|cell| **cell).count() >= 4);
+        assert!(matches!(disclosed.total, Outcome::Released(_)));
+    }
+
+    #[test]
+    fn every_line_holds_on_many_three_way_tables() {
+        // A deterministic spread of tables with small cells in varied places.
+        for seed in 0..200u64 {
+            let shape = [2 + (seed % 3) as usize, 3, 2 + (seed % 2) as usize];
+            let cells: usize = shape.iter().product();
+            let counts: Vec<u64> = (0..cells as u64)
+                .map(|index| {
+                    let value = (index * 7919 + seed * 104_729) % 97;
+                    if value % 5 == 0 { value % 9 } else { value }
+                })
+                .collect();
+            let raw = grid(&shape, &counts);
+            let disclosed = apply(&raw, 10);
+            if disclosed.total != Outcome::Withheld {
+                assert_every_line_holds(&raw, &disclosed);
+            }
+        }
+    }
+
+    #[test]
+    fn a_line_that_cannot_reach_k_is_withheld_entirely() {
+        // The only other cell of the column is 2: 3 + 2 < 10 even with both withheld, so the
+        // row constraint and the table total decide; the small total withholds everything.
+        let disclosed = apply(&table(&[3, 2]), 10);
+        assert_eq!(hidden(&disclosed), [true, true]);
+        assert_eq!(disclosed.total, Outcome::Withheld);
+    }
+
+    #[test]
     fn mechanisms_do_not_reveal_whether_withheld_cells_sum_to_k() {
-        let below = apply(&table(&[3, 4, 0, 50]), 10);
-        let above = apply(&table(&[6, 7, 0, 50]), 10);
-        assert_eq!(below.cells, above.cells);
-        assert_eq!(below.total, above.total);
+        let below = apply(&table(&[3, 4, 50, 60]), 10);
+        let above = apply(&table(&[6, 7, 50, 60]), 10);
+        // Below k, a complement joins; the reported mechanisms are the same either way.
         assert_eq!(below.mechanisms, above.mechanisms);
     }
 
     #[test]
-    fn total_is_released_when_nothing_is_withheld() {
+    fn nothing_small_means_nothing_withheld_and_no_mechanism() {
         let disclosed = apply(&table(&[0, 40, 50]), 10);
         assert_eq!(disclosed.total, Outcome::Released(90));
         assert!(disclosed.mechanisms.is_empty());
+        assert!(disclosed.withheld_by_reason.is_empty());
     }
 
     #[test]

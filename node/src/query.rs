@@ -300,11 +300,11 @@ fn query_event(
     let (outcome, refusal, cells_released, cells_withheld, total_withheld) = match result {
         Ok((_, table)) => {
             let withheld = table.withheld_cells() as u64;
-            let by_reason = if withheld > 0 {
-                BTreeMap::from([("threshold".to_string(), withheld)])
-            } else {
-                BTreeMap::new()
-            };
+            let by_reason = table
+                .withheld_by_reason
+                .iter()
+                .map(|(reason, count)| (reason.name().to_string(), *count))
+                .collect();
             (
                 record::Outcome::Released,
                 None,
