@@ -27,6 +27,7 @@ fn mechanism_name(mechanism: i32) -> &'static str {
     match wire::Mechanism::try_from(mechanism).unwrap_or(wire::Mechanism::Unspecified) {
         wire::Mechanism::SmallCellSuppression => "small_cell_suppression",
         wire::Mechanism::ComplementarySuppression => "complementary_suppression",
+        wire::Mechanism::QueryOverlapControl => "query_overlap_control",
         wire::Mechanism::Unspecified => "unspecified",
     }
 }

@@ -114,7 +114,7 @@ pub async fn run(
 
     // The direct plan: the same snapshot type and plan the node runs, without gRPC.
     let config = NodeConfig::load(&config_path)?;
-    let (snapshots, _) = load_snapshots(&config)?;
+    let (snapshots, _) = load_snapshots(&config, &fedq_node::records::NodeSecret::ephemeral())?;
     let snapshot = snapshots.values().next().context("snapshot")?;
     let template = Template::from_toml(BENCH_TEMPLATE, "bench template")?;
     let checked = template.check(&config.data_model, &BTreeSet::new())?;

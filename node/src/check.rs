@@ -101,7 +101,7 @@ pub fn run(path: &Path) -> Vec<Finding> {
             format!("{} trusted, quorum {}", trust.trusted.len(), trust.quorum),
         )
     });
-    match load_snapshots(&config) {
+    match load_snapshots(&config, &crate::records::NodeSecret::ephemeral()) {
         Ok((snapshots, warnings)) => {
             for snapshot in snapshots.values() {
                 findings.push(finding(

@@ -38,7 +38,17 @@ pub struct RawNodeConfig {
     #[serde(default)]
     audit: RawAudit,
     #[serde(default)]
+    privacy: RawPrivacy,
+    #[serde(default)]
     datasets: Vec<RawDataset>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrivacy {
+    overlap_control: Option<bool>,
+    overlap_memory_mb: Option<u64>,
+    rounding_base: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -71,6 +81,7 @@ struct RawDataset {
     format: Option<FileFormat>,
     #[serde(default)]
     identifiers: Vec<String>,
+    record_key: Option<Vec<String>>,
     #[serde(default)]
     on_domain_violation: DomainViolationPolicy,
     objections: Option<RawObjections>,
@@ -145,7 +156,26 @@ pub struct Policy {
     pub refused_templates: BTreeSet<String>,
     /// Study ids this site has itself accepted; experts alone cannot enrol it.
     pub accepted_studies: BTreeSet<String>,
+    /// The node's privacy mechanisms beyond the threshold.
+    pub privacy: Privacy,
 }
+
+/// Query-set overlap control and rounding (node policy; both decided at the node only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Privacy {
+    /// Withhold a cell whose record set differs from an earlier released set by 1 to k-1
+    /// records.
+    pub overlap_control: bool,
+    /// Most memory the remembered released sets may take; beyond it the node refuses queries.
+    pub overlap_memory_bytes: u64,
+    /// Released counts are rounded to a multiple of this (0: no rounding).
+    pub rounding_base: u32,
+}
+
+/// Default bound of the overlap memory.
+pub const DEFAULT_OVERLAP_MEMORY_MB: u64 = 1024;
+/// Largest rounding base accepted.
+pub const MAX_ROUNDING_BASE: u32 = 100;
 
 /// The signature quorum when the configuration names none.
 pub const DEFAULT_SIGNATURE_QUORUM: usize = 2;
@@ -158,6 +188,9 @@ pub struct DatasetConfig {
     pub format: FileFormat,
     /// Local columns that identify a person; never loaded, never mappable.
     pub identifiers: Vec<String>,
+    /// Local columns whose keyed hash identifies a record for overlap control (default: the
+    /// identifiers). Read only to compute that hash.
+    pub record_key: Vec<String>,
     pub on_domain_violation: DomainViolationPolicy,
     /// Patients who refused research use: their records are left out before any computation.
     pub objections: Option<Objections>,
@@ -251,6 +284,24 @@ impl RawNodeConfig {
             );
         }
         let trust = trust_policy(&self.policy, base, &mut problems);
+        let privacy = Privacy {
+            overlap_control: self.privacy.overlap_control.unwrap_or(true),
+            overlap_memory_bytes: self
+                .privacy
+                .overlap_memory_mb
+                .unwrap_or(DEFAULT_OVERLAP_MEMORY_MB)
+                .saturating_mul(1024 * 1024),
+            rounding_base: self.privacy.rounding_base.unwrap_or(0),
+        };
+        if privacy.rounding_base == 1 || privacy.rounding_base > MAX_ROUNDING_BASE {
+            problems.push(format!(
+                "privacy.rounding_base is {}; use 0 (no rounding) or 2 to {MAX_ROUNDING_BASE}",
+                privacy.rounding_base
+            ));
+        }
+        if privacy.overlap_control && privacy.overlap_memory_bytes == 0 {
+            problems.push("privacy.overlap_memory_mb must be above 0".into());
+        }
         let mut datasets: Vec<DatasetConfig> = Vec::new();
         if self.datasets.is_empty() {
             problems.push(
@@ -263,7 +314,15 @@ impl RawNodeConfig {
                 continue;
             }
             match raw.validate(base, &data_model) {
-                Ok(dataset) => datasets.push(dataset),
+                Ok(dataset) => {
+                    if privacy.overlap_control && dataset.record_key.is_empty() {
+                        problems.push(format!(
+                            "dataset '{}': query-set overlap control needs a stable record identity: declare the identifying local columns under 'identifiers' (or name them in 'record_key'); only a keyed hash of them is kept. To run without overlap control, set privacy.overlap_control = false",
+                            dataset.name
+                        ));
+                    }
+                    datasets.push(dataset);
+                }
                 Err(mut found) => problems.append(&mut found),
             }
         }
@@ -280,6 +339,7 @@ impl RawNodeConfig {
                     trust,
                     refused_templates: self.policy.refused_templates.into_iter().collect(),
                     accepted_studies: self.policy.accepted_studies.into_iter().collect(),
+                    privacy,
                 },
                 datasets,
                 data_model,
@@ -414,6 +474,7 @@ impl RawDataset {
             name: self.name,
             path,
             format,
+            record_key: self.record_key.unwrap_or_else(|| self.identifiers.clone()),
             identifiers: self.identifiers,
             on_domain_violation: self.on_domain_violation,
             objections,

@@ -19,6 +19,7 @@ use polars::prelude::*;
 
 use crate::NodeError;
 use crate::config::{ColumnMapping, DatasetConfig, DomainViolationPolicy, FileFormat, Objections};
+use crate::records::{NodeSecret, RecordKey};
 
 /// One dataset held in memory in common-model terms.
 #[derive(Debug, Clone)]
@@ -29,6 +30,8 @@ pub struct Snapshot {
     pub frame: DataFrame,
     /// Model columns this site provides.
     pub columns: BTreeSet<String>,
+    /// One keyed-hash record key per row (empty when the dataset names no record key).
+    pub record_keys: Vec<RecordKey>,
 }
 
 impl Snapshot {
@@ -51,6 +54,7 @@ pub struct ColumnQuality {
 pub fn load(
     config: &DatasetConfig,
     spec: &DatasetSpec,
+    secret: &NodeSecret,
 ) -> Result<(Snapshot, Vec<String>), NodeError> {
     let at = format!("dataset '{}' ({})", config.name, config.path.display());
     let bytes = std::fs::read(&config.path)
@@ -76,6 +80,13 @@ pub fn load(
         if !present.contains(identifier) {
             problems.push(format!(
                 "{at}: declared identifier column '{identifier}' is not in the file; correct the name or remove it"
+            ));
+        }
+    }
+    for key_column in &config.record_key {
+        if !present.contains(key_column) {
+            problems.push(format!(
+                "{at}: record_key column '{key_column}' is not in the file; correct the name"
             ));
         }
     }
@@ -165,18 +176,32 @@ pub fn load(
     }
     let frame = DataFrame::new(local.height(), columns)
         .map_err(|err| NodeError::Data(vec![format!("{at}: {}", describe_polars_error(&err))]))?;
-    let (frame, version) = match &config.objections {
+    let record_keys = record_keys(&local, config, secret, &at, &mut warnings)?;
+    let (frame, record_keys, version) = match &config.objections {
         Some(objections) => {
-            let (frame, list_hash) =
-                exclude_objections(frame, &local, objections, &at, &mut warnings)?;
+            let (keep, list_hash) = objection_mask(&local, objections, &at, &mut warnings)?;
+            let frame = frame.filter(&keep).map_err(|err| {
+                NodeError::Data(vec![format!("{at}: {}", describe_polars_error(&err))])
+            })?;
+            let record_keys = if record_keys.is_empty() {
+                record_keys
+            } else {
+                record_keys
+                    .into_iter()
+                    .zip(keep.iter())
+                    .filter(|(_, kept)| *kept == Some(true))
+                    .map(|(key, _)| key)
+                    .collect()
+            };
             // The list is part of the snapshot: a changed list gives a new version, so the
             // difference between two answers is never silently the number of new objections.
             (
                 frame,
+                record_keys,
                 content_hash(format!("{version}\n{list_hash}").as_bytes()),
             )
         }
-        None => (frame, version),
+        None => (frame, record_keys, version),
     };
     Ok((
         Snapshot {
@@ -184,21 +209,71 @@ pub fn load(
             version,
             frame,
             columns: config.columns.keys().cloned().collect(),
+            record_keys,
         },
         warnings,
     ))
 }
 
-/// Leaves out the records of patients on the objection list, before any computation, and
-/// returns the list's hash. How many records were left out is never reported in any answer;
-/// the node's own log only warns when a non-empty list matched no record at all.
-fn exclude_objections(
-    frame: DataFrame,
+/// The keyed-hash record key of every row, from the dataset's record-key columns (read as
+/// text, hashed, and dropped: no value is kept or reported). Rows sharing a key are counted
+/// in a warning, since overlap control then treats them as one record.
+fn record_keys(
+    local: &DataFrame,
+    config: &DatasetConfig,
+    secret: &NodeSecret,
+    at: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Vec<RecordKey>, NodeError> {
+    if config.record_key.is_empty() {
+        return Ok(Vec::new());
+    }
+    let unusable = |err: PolarsError| {
+        NodeError::Data(vec![format!(
+            "{at}: record key columns: {}",
+            describe_polars_error(&err)
+        )])
+    };
+    let texts = config
+        .record_key
+        .iter()
+        .map(|name| {
+            local
+                .column(name)
+                .and_then(|column| column.as_materialized_series().cast(&DataType::String))
+                .map_err(unusable)
+        })
+        .collect::<Result<Vec<Series>, NodeError>>()?;
+    let texts = texts
+        .iter()
+        .map(|series| series.str().map_err(unusable))
+        .collect::<Result<Vec<&StringChunked>, NodeError>>()?;
+    let keys: Vec<RecordKey> = (0..local.height())
+        .map(|row| {
+            let values: Vec<Option<&str>> = texts.iter().map(|text| text.get(row)).collect();
+            secret.record_key(&config.name, &values)
+        })
+        .collect();
+    let distinct: HashSet<&RecordKey> = keys.iter().collect();
+    if distinct.len() < keys.len() {
+        warnings.push(format!(
+            "{at}: {} row(s) share their record key ({}) with another row; overlap control treats rows with one key as one record",
+            keys.len() - distinct.len(),
+            config.record_key.join(", ")
+        ));
+    }
+    Ok(keys)
+}
+
+/// Which rows to keep (false: the patient is on the objection list), applied before any
+/// computation, and the list's hash. How many records are left out is never reported in any
+/// answer; the node's own log only warns when a non-empty list matched no record at all.
+fn objection_mask(
     local: &DataFrame,
     objections: &Objections,
     at: &str,
     warnings: &mut Vec<String>,
-) -> Result<(DataFrame, String), NodeError> {
+) -> Result<(BooleanChunked, String), NodeError> {
     let text = std::fs::read_to_string(&objections.file).map_err(|err| {
         NodeError::Data(vec![format!(
             "{at}: cannot read the objection list {}: {err}",
@@ -234,8 +309,7 @@ fn exclude_objections(
             objections.key_column
         ));
     }
-    let frame = frame.filter(&keep).map_err(unusable)?;
-    Ok((frame, content_hash(text.as_bytes())))
+    Ok((keep, content_hash(text.as_bytes())))
 }
 
 fn read_frame(bytes: Vec<u8>, format: FileFormat) -> PolarsResult<DataFrame> {
@@ -401,6 +475,7 @@ mod tests {
             path: path.to_path_buf(),
             format: FileFormat::Csv,
             identifiers: vec!["NAME".into()],
+            record_key: vec!["NAME".into()],
             on_domain_violation: policy,
             objections: None,
             columns,
@@ -433,6 +508,7 @@ mod tests {
         let err = load(
             &dataset(&path, columns(), DomainViolationPolicy::RefuseToStart),
             spec,
+            &NodeSecret::ephemeral(),
         )
         .unwrap_err()
         .to_string();
@@ -461,6 +537,7 @@ mod tests {
         let (snapshot, warnings) = load(
             &dataset(&path, columns(), DomainViolationPolicy::TreatAsMissing),
             spec,
+            &NodeSecret::ephemeral(),
         )
         .unwrap();
         assert_eq!(warnings.len(), 3, "{warnings:?}");
@@ -491,6 +568,7 @@ mod tests {
         let err = load(
             &dataset(&path, columns(), DomainViolationPolicy::RefuseToStart),
             spec,
+            &NodeSecret::ephemeral(),
         )
         .unwrap_err()
         .to_string();
@@ -523,7 +601,7 @@ mod tests {
             file: objections,
             key_column: "NAME".into(),
         });
-        let (snapshot, _) = load(&config, spec).unwrap();
+        let (snapshot, _) = load(&config, spec, &NodeSecret::ephemeral()).unwrap();
         let age: Vec<Option<i64>> = snapshot
             .frame
             .column("age")

@@ -37,6 +37,9 @@ pub enum Outcome {
 pub enum Reason {
     /// Its own count is from 1 to k-1.
     Threshold,
+    /// Its record set differs from a record set this node released before by 1 to k-1
+    /// records (query-set overlap control).
+    Overlap,
     /// Withheld so that a small cell in one of its lines cannot be recovered.
     Complementary,
 }
@@ -45,6 +48,7 @@ impl Reason {
     pub fn name(self) -> &'static str {
         match self {
             Reason::Threshold => "threshold",
+            Reason::Overlap => "overlap",
             Reason::Complementary => "complementary",
         }
     }
@@ -109,10 +113,11 @@ fn lines(shape: &[usize]) -> Vec<Vec<usize>> {
     found
 }
 
-/// Whether a line's withheld cells are safe: none; or at least two summing to at least k; or
-/// all of them when the line's own sum is below k (then its margin is a small count that any
-/// other query withholds in turn, so nothing released pins them down).
-fn line_holds(line: &[usize], counts: &[u64], withheld: &[bool], k: u32) -> bool {
+/// Whether a line's withheld cells are safe: none (unless `must_hide`, for a sum that must
+/// not be derivable); or at least two summing to at least k; or all of them when the line's
+/// own sum is below k (then its margin is a small count that any other query withholds in
+/// turn, so nothing released pins them down).
+fn line_holds(line: &[usize], counts: &[u64], withheld: &[bool], k: u32, must_hide: bool) -> bool {
     let (number, sum) = line
         .iter()
         .filter(|&&cell| withheld[cell])
@@ -120,12 +125,18 @@ fn line_holds(line: &[usize], counts: &[u64], withheld: &[bool], k: u32) -> bool
             (number + 1, sum + counts[cell])
         });
     let whole_line_small = number == line.len() && sum < u64::from(k);
-    number == 0 || (number >= 2 && sum >= u64::from(k)) || whole_line_small
+    (number == 0 && !must_hide) || (number >= 2 && sum >= u64::from(k)) || whole_line_small
 }
 
 /// Withholds more cells of `line` (smallest non-zero counts first, then zeros) until it holds,
 /// or all of it when it cannot. Returns whether anything changed.
-fn complete_line(line: &[usize], counts: &[u64], withheld: &mut [bool], k: u32) -> bool {
+fn complete_line(
+    line: &[usize],
+    counts: &[u64],
+    withheld: &mut [bool],
+    k: u32,
+    must_hide: bool,
+) -> bool {
     let mut candidates: Vec<usize> = line
         .iter()
         .copied()
@@ -136,7 +147,7 @@ fn complete_line(line: &[usize], counts: &[u64], withheld: &mut [bool], k: u32) 
     candidates.sort_by_key(|&cell| (counts[cell] == 0, counts[cell]));
     let mut changed = false;
     for cell in candidates {
-        if line_holds(line, counts, withheld, k) {
+        if line_holds(line, counts, withheld, k, must_hide) {
             break;
         }
         withheld[cell] = true;
@@ -147,17 +158,38 @@ fn complete_line(line: &[usize], counts: &[u64], withheld: &mut [bool], k: u32) 
 
 /// Applies disclosure control with threshold `k`.
 pub fn apply(table: &RawTable, k: u32) -> DisclosedTable {
+    apply_with(table, k, &[], false)
+}
+
+/// Applies disclosure control with threshold `k`, where `forced` cells (and the total, when
+/// `total_forced`) must be withheld as well — query-set overlap control's decisions, which
+/// complementary suppression then protects like small cells.
+pub fn apply_with(table: &RawTable, k: u32, forced: &[bool], total_forced: bool) -> DisclosedTable {
     let counts = &table.counts;
     let primary: Vec<bool> = counts.iter().map(|&count| is_small(count, k)).collect();
-    let mut withheld = primary.clone();
+    let overlap: Vec<bool> = (0..counts.len())
+        .map(|cell| forced.get(cell).copied().unwrap_or(false) && !primary[cell])
+        .collect();
+    let mut withheld: Vec<bool> = primary
+        .iter()
+        .zip(&overlap)
+        .map(|(small, close)| *small || *close)
+        .collect();
     let all_lines = lines(&table.shape);
-    if withheld.contains(&true) {
+    let whole_table = all_lines.len().saturating_sub(1);
+    // The whole table is the last line; a withheld total must not be derivable from it.
+    let must_hide = |index: usize| total_forced && index == whole_table && counts.len() > 1;
+    if total_forced && counts.len() == 1 {
+        // A one-cell table's cell is its total.
+        withheld[0] = true;
+    }
+    if withheld.contains(&true) || total_forced {
         // Each pass only adds withheld cells, so this ends after at most one pass per cell.
         loop {
             let mut changed = false;
-            for line in &all_lines {
-                if !line_holds(line, counts, &withheld, k) {
-                    changed |= complete_line(line, counts, &mut withheld, k);
+            for (index, line) in all_lines.iter().enumerate() {
+                if !line_holds(line, counts, &withheld, k, must_hide(index)) {
+                    changed |= complete_line(line, counts, &mut withheld, k, must_hide(index));
                 }
             }
             if !changed {
@@ -166,11 +198,18 @@ pub fn apply(table: &RawTable, k: u32) -> DisclosedTable {
         }
     }
     let total_count = table.total();
-    let whole_table_holds =
-        line_holds(&(0..counts.len()).collect::<Vec<_>>(), counts, &withheld, k);
+    let whole_table_holds = line_holds(
+        &(0..counts.len()).collect::<Vec<_>>(),
+        counts,
+        &withheld,
+        k,
+        false,
+    );
     let total = if is_small(total_count, k) || !whole_table_holds {
         // Nothing can protect a small total: everything is withheld.
         withheld.iter_mut().for_each(|cell| *cell = true);
+        Outcome::Withheld
+    } else if total_forced {
         Outcome::Withheld
     } else {
         Outcome::Released(total_count)
@@ -187,10 +226,12 @@ pub fn apply(table: &RawTable, k: u32) -> DisclosedTable {
         })
         .collect();
     let mut withheld_by_reason = BTreeMap::new();
-    for (&hidden, &small) in withheld.iter().zip(&primary) {
-        if hidden {
-            let reason = if small {
+    for cell in 0..counts.len() {
+        if withheld[cell] {
+            let reason = if primary[cell] {
                 Reason::Threshold
+            } else if overlap[cell] {
+                Reason::Overlap
             } else {
                 Reason::Complementary
             };
@@ -203,6 +244,11 @@ pub fn apply(table: &RawTable, k: u32) -> DisclosedTable {
         if counts.len() > 1 {
             mechanisms.insert(Mechanism::ComplementarySuppression);
         }
+    }
+    if overlap.contains(&true) || total_forced {
+        // Withholding a large cell already shows that something acted; naming overlap
+        // control tells the study lead why, and adds nothing about any value.
+        mechanisms.insert(Mechanism::QueryOverlapControl);
     }
     DisclosedTable {
         k,

@@ -71,6 +71,11 @@ pub enum NodeError {
         "this site cannot write its audit log, so it refuses the query; nothing was released (the site's administrator can find the cause in the node log)"
     )]
     AuditUnavailable,
+    /// The overlap memory reached its bound: the node refuses rather than forget.
+    #[error(
+        "this site's memory of released results is full ({used_mb} of {limit_mb} MiB), so it refuses queries until its administrator raises privacy.overlap_memory_mb or archives the memory; nothing was released"
+    )]
+    OverlapMemoryFull { used_mb: u64, limit_mb: u64 },
     /// The site's own policy refuses this template.
     #[error(
         "this site does not run template '{0}' (its local policy refuses it, however it is signed); ask the site's administrator"
@@ -120,6 +125,7 @@ impl NodeError {
             NodeError::DailyLimitReached { .. } => RefusalCode::DailyLimitReached,
             NodeError::StateUnwritable => RefusalCode::Internal,
             NodeError::AuditUnavailable => RefusalCode::AuditUnavailable,
+            NodeError::OverlapMemoryFull { .. } => RefusalCode::OverlapMemoryFull,
             NodeError::StudyNotInForce { .. } => RefusalCode::StudyNotInForce,
             NodeError::SiteNotInStudy { .. } => RefusalCode::SiteNotInStudy,
             NodeError::TemplateNotInStudy { .. } => RefusalCode::TemplateNotInStudy,

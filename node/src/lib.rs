@@ -11,6 +11,8 @@
 //! - [`config`]: the node's TOML configuration and its validation.
 //! - [`check`]: the pre-flight report of `fedq-node check`.
 //! - [`cli`]: the `fedq-node` command line (`serve`, `check`, `audit`).
+//! - [`overlap`]: query-set overlap control over remembered released record sets.
+//! - [`records`]: stable keyed-hash record identities and their dense numbers.
 //! - [`limits`]: each study's daily query limit, kept in the node's state directory.
 //! - [`data`]: loading Parquet/CSV files and mapping local columns onto the common data model.
 //! - [`server`]: serving the `fedq.v1.Node` gRPC service over mutual TLS.
@@ -23,8 +25,10 @@ pub mod data;
 pub mod disclosure;
 mod error;
 pub mod limits;
+pub mod overlap;
 pub mod plan;
 pub mod query;
+pub mod records;
 pub mod server;
 pub mod service;
 pub mod verify;

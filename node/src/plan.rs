@@ -8,6 +8,7 @@
 use fedq_proto::model::days_since_epoch;
 use fedq_proto::template::{Axis, BoundFilter, BoundQuery, BoundStratum, CompareOp, Scalar};
 use polars::prelude::*;
+use roaring::RoaringBitmap;
 
 use crate::data::Snapshot;
 
@@ -76,6 +77,55 @@ pub fn count_grid(
         counts[cell] += count_column.get(row).unwrap_or(0);
     }
     Ok(RawTable { shape, counts })
+}
+
+/// The snapshot column holding each row's record number (never a model column, so no
+/// template can name it).
+pub const RECORD_COLUMN: &str = "__fedq_record";
+
+/// Like [`count_grid`], and also the set of record numbers in each cell, for overlap control.
+pub fn count_grid_with_sets(
+    query: &BoundQuery,
+    axes: &[Axis],
+    snapshot: &Snapshot,
+) -> PolarsResult<(RawTable, Vec<RoaringBitmap>)> {
+    let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+    let cells: usize = shape.iter().product();
+    let mut counts = vec![0u64; cells];
+    let mut sets = vec![RoaringBitmap::new(); cells];
+    let mut plan = snapshot.frame.clone().lazy();
+    if let Some(filter) = &query.filter {
+        plan = plan.filter(filter_expr(filter));
+    }
+    let mut selected: Vec<Expr> = query
+        .strata
+        .iter()
+        .enumerate()
+        .map(|(index, stratum)| stratum_expr(stratum).alias(stratum_key(index)))
+        .collect();
+    selected.push(col(RECORD_COLUMN));
+    let frame = plan.select(selected).collect()?;
+    let records = frame.column(RECORD_COLUMN)?.u32()?;
+    let key_columns = (0..query.strata.len())
+        .map(|index| {
+            frame
+                .column(&stratum_key(index))
+                .and_then(|column| column.u32().cloned())
+        })
+        .collect::<PolarsResult<Vec<_>>>()?;
+    for (row, record) in records.iter().enumerate() {
+        let mut cell = 0usize;
+        for (axis, keys) in key_columns.iter().enumerate() {
+            let missing_level = shape[axis] - 1;
+            let level = keys.get(row).map_or(missing_level, |level| level as usize);
+            cell = cell * shape[axis] + level.min(missing_level);
+        }
+        counts[cell] += 1;
+        if let Some(record) = record {
+            sets[cell].insert(record);
+        }
+    }
+    Ok((RawTable { shape, counts }, sets))
 }
 
 fn stratum_key(index: usize) -> String {
@@ -186,11 +236,13 @@ mod tests {
             [Some(5i64), Some(30), Some(70), None, Some(30)],
         );
         let sex = Series::new("sex".into(), [Some(0u32), Some(1), Some(0), Some(1), None]);
+        let records = Series::new(RECORD_COLUMN.into(), [10u32, 11, 12, 13, 14]);
         Snapshot {
             dataset: "trauma_admissions".into(),
             version: "sha256:test".into(),
-            frame: DataFrame::new(5, vec![age.into(), sex.into()]).unwrap(),
+            frame: DataFrame::new(5, vec![age.into(), sex.into(), records.into()]).unwrap(),
             columns: BTreeSet::from(["age".to_string(), "sex".to_string()]),
+            record_keys: Vec::new(),
         }
     }
 
@@ -242,6 +294,23 @@ mod tests {
             fedq_proto::template::cell_coordinates(&table.shape, 7),
             [1, 3]
         );
+    }
+
+    #[test]
+    fn record_sets_match_the_counts_cell_by_cell() {
+        let query = BoundQuery {
+            dataset: "trauma_admissions".into(),
+            filter: None,
+            strata: strata(),
+        };
+        let counted = count_grid(&query, &axes(), &snapshot()).unwrap();
+        let (table, sets) = count_grid_with_sets(&query, &axes(), &snapshot()).unwrap();
+        assert_eq!(table, counted);
+        for (count, set) in table.counts.iter().zip(&sets) {
+            assert_eq!(*count, set.len());
+        }
+        // The row aged 5 (record 10) is female: cell (<18, female).
+        assert_eq!(sets[0].iter().collect::<Vec<_>>(), [10]);
     }
 
     #[test]

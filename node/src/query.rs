@@ -2,6 +2,9 @@
 //! through them — verify, check, bind, compute, disclose, audit — in that order.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+use polars::prelude::{Column, PolarsError};
 
 use fedq_proto::model::DataModel;
 use fedq_proto::study::Study;
@@ -16,7 +19,9 @@ use crate::config::{NodeConfig, Policy};
 use crate::data::{self, Snapshot};
 use crate::disclosure::{self, DisclosedTable};
 use crate::limits::DailyLimits;
+use crate::overlap::{self, OverlapError, OverlapMemory};
 use crate::plan;
+use crate::records::{NodeSecret, RecordNumbers};
 use crate::verify;
 
 /// A loaded node: its identity, policy, data model and data snapshots.
@@ -28,6 +33,9 @@ pub struct QueryEngine {
     snapshots: BTreeMap<String, Snapshot>,
     limits: DailyLimits,
     audit: AuditLog,
+    /// Released record sets, when overlap control is on. The lock makes check-and-remember
+    /// one step: of two concurrent near-identical queries, the second sees the first's sets.
+    overlap: Option<Mutex<OverlapMemory>>,
 }
 
 /// What a study lead's request carries into the node, already out of its wire form.
@@ -44,6 +52,7 @@ pub struct QueryRequest {
 /// snapshots by dataset name and warning lines for the log.
 pub fn load_snapshots(
     config: &NodeConfig,
+    secret: &NodeSecret,
 ) -> Result<(BTreeMap<String, Snapshot>, Vec<String>), NodeError> {
     let mut snapshots = BTreeMap::new();
     let mut warnings = Vec::new();
@@ -56,7 +65,7 @@ pub fn load_snapshots(
             ));
             continue;
         };
-        match data::load(dataset, spec) {
+        match data::load(dataset, spec, secret) {
             Ok((snapshot, mut found)) => {
                 warnings.append(&mut found);
                 snapshots.insert(dataset.name.clone(), snapshot);
@@ -70,6 +79,30 @@ pub fn load_snapshots(
     } else {
         Err(NodeError::Data(problems))
     }
+}
+
+/// Gives every snapshot's records their stable numbers (a column the plans read for overlap
+/// control) and drops the keys.
+fn number_records(
+    state_dir: &std::path::Path,
+    snapshots: &mut BTreeMap<String, Snapshot>,
+) -> Result<(), NodeError> {
+    let mut numbers = RecordNumbers::open(state_dir).map_err(|err| NodeError::Config(vec![err]))?;
+    for snapshot in snapshots.values_mut() {
+        let keys = std::mem::take(&mut snapshot.record_keys);
+        let assigned = numbers
+            .number(&keys)
+            .map_err(|err| NodeError::Config(vec![err]))?;
+        let column = Column::new(plan::RECORD_COLUMN.into(), assigned);
+        snapshot.frame.with_column(column).map_err(|err| {
+            NodeError::Data(vec![format!(
+                "dataset '{}': cannot attach record numbers: {}",
+                snapshot.dataset,
+                data::describe_polars_error(&err)
+            )])
+        })?;
+    }
+    Ok(())
 }
 
 /// What identifies a retry: the same request id for the same template and the same parameter
@@ -112,7 +145,21 @@ impl QueryEngine {
     /// Loads every configured dataset and opens the audit log. Returns the engine and warning
     /// lines for the log.
     pub fn load(config: &NodeConfig) -> Result<(QueryEngine, Vec<String>), NodeError> {
-        let (snapshots, mut warnings) = load_snapshots(config)?;
+        let state_problem = |detail: String| NodeError::Config(vec![detail]);
+        let secret = NodeSecret::open(&config.state_dir).map_err(state_problem)?;
+        let (mut snapshots, mut warnings) = load_snapshots(config, &secret)?;
+        let overlap = if config.policy.privacy.overlap_control {
+            number_records(&config.state_dir, &mut snapshots)?;
+            Some(Mutex::new(
+                OverlapMemory::open(
+                    &config.state_dir,
+                    config.policy.privacy.overlap_memory_bytes,
+                )
+                .map_err(state_problem)?,
+            ))
+        } else {
+            None
+        };
         if config.policy.trust.trusted.is_empty() {
             warnings.push(fedq_proto::signing::SignatureProblem::NoTrustedKeys.to_string());
         }
@@ -131,6 +178,7 @@ impl QueryEngine {
                 snapshots,
                 limits,
                 audit,
+                overlap,
             },
             warnings,
         ))
@@ -259,7 +307,7 @@ impl QueryEngine {
             &retry_key(request, template),
             today,
         )?;
-        let raw = plan::count_grid(&query, &checked.axes, snapshot).map_err(|err| {
+        let plan_failed = |err: PolarsError| {
             // Plans run over already-typed columns, so polars errors here describe the plan,
             // not data; still, only the error's kind is logged.
             tracing::error!(
@@ -268,9 +316,32 @@ impl QueryEngine {
                 "query plan failed"
             );
             NodeError::Engine
-        })?;
+        };
         let k = disclosure::effective_k(self.policy.min_cell_count, template.min_cell_count);
-        let table = disclosure::apply(&raw, k);
+        let table = match &self.overlap {
+            None => {
+                let raw = plan::count_grid(&query, &checked.axes, snapshot).map_err(plan_failed)?;
+                disclosure::apply(&raw, k)
+            }
+            Some(memory) => {
+                let (raw, sets) = plan::count_grid_with_sets(&query, &checked.axes, snapshot)
+                    .map_err(plan_failed)?;
+                let mut memory = memory.lock().map_err(|_| NodeError::Engine)?;
+                let decided = overlap::decide(&raw, &sets, k, &memory);
+                memory
+                    .remember(decided.released_sets)
+                    .map_err(|err| match err {
+                        OverlapError::Full { used_mb, limit_mb } => {
+                            NodeError::OverlapMemoryFull { used_mb, limit_mb }
+                        }
+                        OverlapError::Write(detail) => {
+                            tracing::error!(%detail, "overlap memory not written; query refused");
+                            NodeError::StateUnwritable
+                        }
+                    })?;
+                decided.table
+            }
+        };
         Ok((
             Computed {
                 template: TemplateRef::of(template),

@@ -48,7 +48,9 @@ pub fn status_of(err: &NodeError) -> Status {
         NodeError::StudyNotInForce { .. }
         | NodeError::SiteNotInStudy { .. }
         | NodeError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
-        NodeError::DailyLimitReached { .. } => Code::ResourceExhausted,
+        NodeError::DailyLimitReached { .. } | NodeError::OverlapMemoryFull { .. } => {
+            Code::ResourceExhausted
+        }
         NodeError::StateUnwritable | NodeError::AuditUnavailable => Code::Unavailable,
         NodeError::StudyMissing | NodeError::Contract(fedq_proto::Error::Study { .. }) => {
             Code::InvalidArgument

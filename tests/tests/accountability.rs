@@ -154,12 +154,14 @@ async fn a_node_that_cannot_write_its_audit_log_refuses_and_releases_nothing() -
 {
     let test = TestAlliance::start().await?;
     let (config, state) = node_config_with_own_state(&test)?;
-    // Every file the node writes is capped at 8 KiB: a dozen records fit, then appends fail.
-    let process = NodeProcess::start(NODE_PROGRAM, &config, Some(8 * 1024))?;
+    // Every file the node writes is capped at 64 KiB: the record-number dictionary (16 bytes
+    // per record) fits, so do some dozens of audit records; then appends fail. The queries are
+    // identical, so the overlap memory does not grow.
+    let process = NodeProcess::start(NODE_PROGRAM, &config, Some(64 * 1024))?;
     let mut node = process.client(&test).await?;
     let mut answered = 0;
     let mut refusal = None;
-    for index in 0..200 {
+    for index in 0..400 {
         match node
             .run_query(cohort_request(&test.alliance, &format!("full-{index}"), 0)?)
             .await
@@ -171,7 +173,7 @@ async fn a_node_that_cannot_write_its_audit_log_refuses_and_releases_nothing() -
             }
         }
     }
-    let status = refusal.expect("the log fills up within 200 queries");
+    let status = refusal.expect("the log fills up within 400 queries");
     assert!(answered > 0, "the first queries fit");
     assert_refused(
         &status,
