@@ -19,6 +19,9 @@ pub async fn keep(store: &Arc<Store>, site_id: &str, head: wire::SignedAuditHead
     let outcome = tokio::task::spawn_blocking(move || store.record_head(&site, &head)).await;
     match outcome {
         Ok(Ok(HeadOutcome::Stored | HeadOutcome::Known)) => {}
+        Ok(Ok(HeadOutcome::Forked { count })) => {
+            tracing::warn!(site = %site_id, count, "a node's audit log was rewritten: two different hashes for one record count; ask the site to run `fedq-node audit verify --heads`");
+        }
         Ok(Ok(HeadOutcome::WentBack { before })) => {
             tracing::warn!(site = %site_id, before, "a node's audit log is shorter than a head it published earlier: it was restored from an older backup or cut short; ask the site to run `fedq-node audit verify --heads`");
         }

@@ -107,16 +107,23 @@ enum Command {
         /// Only this study.
         #[arg(long)]
         study: Option<String>,
+        /// Print the documented JSON form.
         #[arg(long)]
         json: bool,
     },
     /// The signed audit-log heads a site's node published (administrators and experts); save
     /// the --json output for `fedq-node audit verify --heads FILE` at the site.
     AuditHeads {
+        /// The site whose heads to list.
         #[arg(long)]
         site: String,
+        /// Print the heads as JSON, the form `fedq-node audit verify --heads FILE` reads.
         #[arg(long)]
         json: bool,
+        /// Administrators only: forget the site's pinned audit key after a deliberate key
+        /// replacement (the next head it presents is pinned).
+        #[arg(long)]
+        clear_pin: bool,
     },
     /// The alliance-wide transparency register: which studies used each site's data, for what,
     /// and how often (no query contents, no results). JSON on stdout, or a static HTML page.
@@ -379,14 +386,25 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             }
             Ok(())
         }
-        Command::AuditHeads { site, json } => {
+        Command::AuditHeads {
+            site,
+            json,
+            clear_pin,
+        } => {
             let mut coordinator =
                 client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
             let heads = client::reply(
                 coordinator
-                    .audit_heads(wire::AuditHeadsRequest { site_id: site })
+                    .audit_heads(wire::AuditHeadsRequest {
+                        site_id: site.clone(),
+                        clear_pin,
+                    })
                     .await,
             )?;
+            // Problems go to stderr, so `--json > file` stays a clean heads file.
+            for event in &heads.events {
+                eprintln!("fedq: {site}: {event}");
+            }
             let published: Vec<fedq_proto::audit_head::PublishedHead> =
                 heads.heads.iter().map(Into::into).collect();
             if json {
@@ -394,9 +412,21 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                     .map_err(|err| CoordinatorError::Client(err.to_string()))?;
                 println!("{text}");
             } else {
+                println!(
+                    "audit heads of {site} (pinned key {}):",
+                    if heads.pinned_key_id.is_empty() {
+                        "none yet"
+                    } else {
+                        heads.pinned_key_id.as_str()
+                    }
+                );
+                println!(
+                    "{:>10}  {:<71}  {:<24}  key",
+                    "records", "hash", "signed at"
+                );
                 for head in published {
                     println!(
-                        "{:>10} records  {}  signed {}  key {}",
+                        "{:>10}  {:<71}  {:<24}  {}",
                         head.count, head.hash, head.signed_at, head.key_id
                     );
                 }

@@ -28,6 +28,7 @@ fn mechanism_name(mechanism: i32) -> &'static str {
         wire::Mechanism::SmallCellSuppression => "small_cell_suppression",
         wire::Mechanism::ComplementarySuppression => "complementary_suppression",
         wire::Mechanism::QueryOverlapControl => "query_overlap_control",
+        wire::Mechanism::Rounding => "rounding",
         wire::Mechanism::Unspecified => "unspecified",
     }
 }

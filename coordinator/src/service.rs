@@ -467,23 +467,51 @@ impl Coordinator for CoordinatorService {
             }
             .to_status());
         }
-        let site_id = request.into_inner().site_id;
+        let request = request.into_inner();
+        let site_id = request.site_id;
         if !self.nodes.entries().any(|entry| entry.site_id == site_id) {
             return Err(CoordinatorError::UnknownSite(site_id).to_status());
+        }
+        if request.clear_pin {
+            if user.role != Role::Administrator {
+                return Err(CoordinatorError::NotAllowed {
+                    user: user.name,
+                    role: "expert".into(),
+                    action: "clear a site's pinned audit key (administrators may)".into(),
+                }
+                .to_status());
+            }
+            let store = Arc::clone(&self.store);
+            let (site, by) = (site_id.clone(), user.name.clone());
+            tokio::task::spawn_blocking(move || store.clear_pin(&site, &by))
+                .await
+                .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
+                .map_err(|err| err.to_status())?;
+            tracing::warn!(site = %site_id, by = %user.name, "pinned audit key cleared");
         }
         // Ask the node for its newest head first, so the export is as fresh as possible.
         crate::heads::collect_once(&self.nodes, &self.store, self.default_deadline).await;
         let store = Arc::clone(&self.store);
-        let heads = tokio::task::spawn_blocking(move || store.heads(&site_id))
-            .await
-            .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
-            .map_err(|err| err.to_status())?;
+        let (heads, pinned_key_id, events) = tokio::task::spawn_blocking(move || {
+            Ok::<_, CoordinatorError>((
+                store.heads(&site_id)?,
+                store.pinned_key(&site_id)?.unwrap_or_default(),
+                store.head_events(&site_id)?,
+            ))
+        })
+        .await
+        .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
+        .map_err(|err| err.to_status())?;
         let heads = heads
             .iter()
             .map(wire::SignedAuditHead::try_from)
             .collect::<Result<_, _>>()
             .map_err(|err| CoordinatorError::from(err).to_status())?;
-        Ok(Response::new(wire::AuditHeadsResponse { heads }))
+        Ok(Response::new(wire::AuditHeadsResponse {
+            heads,
+            pinned_key_id,
+            events,
+        }))
     }
 
     async fn ledger(

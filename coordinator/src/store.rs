@@ -34,6 +34,11 @@ CREATE TABLE IF NOT EXISTS audit_heads (
     received_at TEXT NOT NULL,
     PRIMARY KEY (site_id, count, hash)
 );
+CREATE TABLE IF NOT EXISTS head_events (
+    site_id TEXT NOT NULL,
+    at TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS ledger (
     query_id TEXT NOT NULL,
     answered_at TEXT NOT NULL,
@@ -58,6 +63,9 @@ pub enum HeadOutcome {
     /// Stored, but the log is shorter than a head stored earlier: the node's log went back
     /// (restored from an older backup, or truncated).
     WentBack { before: u64 },
+    /// Stored, but an earlier head gave another hash for the same record count: the log was
+    /// rewritten (forked).
+    Forked { count: u64 },
     /// Not stored: bad signature, another site's head, or not the pinned key.
     Rejected(String),
 }
@@ -129,6 +137,32 @@ impl Store {
         site_id: &str,
         signed: &wire::SignedAuditHead,
     ) -> Result<HeadOutcome, CoordinatorError> {
+        let outcome = self.judge_head(site_id, signed)?;
+        let detail = match &outcome {
+            HeadOutcome::Stored | HeadOutcome::Known => return Ok(outcome),
+            HeadOutcome::WentBack { before } => format!(
+                "the log went back: a head of {} records after one of {before} (restored from an older backup, or cut short)",
+                signed.count
+            ),
+            HeadOutcome::Forked { count } => {
+                format!("the log was rewritten: two different hashes for record #{count}")
+            }
+            HeadOutcome::Rejected(reason) => format!("head not kept: {reason}"),
+        };
+        self.connection()
+            .execute(
+                "INSERT INTO head_events (site_id, at, detail) VALUES (?1, ?2, ?3)",
+                params![site_id, now_text(), detail],
+            )
+            .map_err(database_error)?;
+        Ok(outcome)
+    }
+
+    fn judge_head(
+        &self,
+        site_id: &str,
+        signed: &wire::SignedAuditHead,
+    ) -> Result<HeadOutcome, CoordinatorError> {
         let (head, key_id) = match AuditHead::verify(signed) {
             Ok(verified) => verified,
             Err(err) => return Ok(HeadOutcome::Rejected(format!("bad signature: {err}"))),
@@ -151,7 +185,7 @@ impl Store {
         match pinned {
             Some(pinned) if pinned != key_id => {
                 return Ok(HeadOutcome::Rejected(format!(
-                    "signed by audit key {key_id}, but the key pinned for this site is {pinned}"
+                    "signed by audit key {key_id}, but the key pinned for this site is {pinned} (if the site's key was replaced on purpose, an administrator clears the pin: fedq audit-heads --site SITE --clear-pin)"
                 )));
             }
             Some(_) => {}
@@ -171,6 +205,14 @@ impl Store {
                 |row| row.get(0),
             )
             .map_err(database_error)?;
+        let other_hash: Option<String> = connection
+            .query_row(
+                "SELECT hash FROM audit_heads WHERE site_id = ?1 AND count = ?2 AND hash != ?3 LIMIT 1",
+                params![site_id, head.count as i64, head.hash],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(database_error)?;
         let published = PublishedHead::from(signed);
         let inserted = connection
             .execute(
@@ -189,12 +231,76 @@ impl Store {
             )
             .map_err(database_error)?;
         Ok(match before {
-            Some(before) if (before as u64) > head.count => HeadOutcome::WentBack {
+            _ if inserted > 0 && other_hash.is_some() => HeadOutcome::Forked { count: head.count },
+            Some(before) if (before as u64) > head.count && inserted > 0 => HeadOutcome::WentBack {
                 before: before as u64,
             },
             _ if inserted == 0 => HeadOutcome::Known,
             _ => HeadOutcome::Stored,
         })
+    }
+
+    /// What went wrong with a site's heads, oldest first ("time: detail").
+    pub fn head_events(&self, site_id: &str) -> Result<Vec<String>, CoordinatorError> {
+        let connection = self.connection();
+        let mut statement = connection
+            .prepare("SELECT at, detail FROM head_events WHERE site_id = ?1 ORDER BY rowid")
+            .map_err(database_error)?;
+        let rows = statement
+            .query_map(params![site_id], |row| {
+                Ok(format!(
+                    "{}: {}",
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?
+                ))
+            })
+            .map_err(database_error)?;
+        rows.collect::<Result<_, _>>().map_err(database_error)
+    }
+
+    /// The audit key pinned for a site.
+    pub fn pinned_key(&self, site_id: &str) -> Result<Option<String>, CoordinatorError> {
+        self.connection()
+            .query_row(
+                "SELECT key_id FROM audit_keys WHERE site_id = ?1",
+                params![site_id],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(database_error)
+    }
+
+    /// Forgets the key pinned for a site (its next head pins a new one), recording who did.
+    pub fn clear_pin(&self, site_id: &str, by: &str) -> Result<(), CoordinatorError> {
+        let connection = self.connection();
+        let pinned: Option<String> = connection
+            .query_row(
+                "SELECT key_id FROM audit_keys WHERE site_id = ?1",
+                params![site_id],
+                |row| row.get(0),
+            )
+            .optional()
+            .map_err(database_error)?;
+        connection
+            .execute(
+                "DELETE FROM audit_keys WHERE site_id = ?1",
+                params![site_id],
+            )
+            .map_err(database_error)?;
+        connection
+            .execute(
+                "INSERT INTO head_events (site_id, at, detail) VALUES (?1, ?2, ?3)",
+                params![
+                    site_id,
+                    now_text(),
+                    format!(
+                        "pinned audit key {} cleared by {by}; the next head the site presents is pinned",
+                        pinned.unwrap_or_else(|| "(none)".into())
+                    )
+                ],
+            )
+            .map_err(database_error)?;
+        Ok(())
     }
 
     /// Every head kept for `site_id`, oldest count first.
@@ -330,6 +436,41 @@ mod tests {
             HeadOutcome::Rejected(_)
         ));
         assert_eq!(store.heads("north").unwrap().len(), 1);
+    }
+
+    #[test]
+    fn two_hashes_for_one_count_are_a_fork_and_clearing_the_pin_accepts_a_new_key() {
+        let state = tempfile::tempdir().unwrap();
+        let store = Store::open(state.path()).unwrap();
+        let key = ExpertSecretKey::generate("north");
+        store.record_head("north", &head(&key, "north", 5)).unwrap();
+        let mut rewritten = AuditHead {
+            site_id: "north".into(),
+            count: 5,
+            hash: format!("sha256:{}", "f".repeat(64)),
+            signed_at: "2026-11-23T11:00:00.000Z".into(),
+        }
+        .sign(&key);
+        assert_eq!(
+            store.record_head("north", &rewritten).unwrap(),
+            HeadOutcome::Forked { count: 5 }
+        );
+        let new_key = ExpertSecretKey::generate("north");
+        rewritten = head(&new_key, "north", 6);
+        assert!(matches!(
+            store.record_head("north", &rewritten).unwrap(),
+            HeadOutcome::Rejected(_)
+        ));
+        store.clear_pin("north", "Admin").unwrap();
+        assert_eq!(
+            store.record_head("north", &rewritten).unwrap(),
+            HeadOutcome::Stored
+        );
+        assert_eq!(store.pinned_key("north").unwrap(), Some(new_key.key_id()));
+        let events = store.head_events("north").unwrap();
+        assert_eq!(events.len(), 3, "{events:?}");
+        assert!(events[0].contains("rewritten"));
+        assert!(events[2].contains("cleared by Admin"));
     }
 
     #[test]

@@ -324,7 +324,10 @@ async fn audited_throughput(
     }
     let elapsed = started.elapsed();
     node.stop().await?;
-    let records = fedq_node::audit::verify::verify(&state.join("audit"), None, &[])?;
+    let records = fedq_node::audit::verify::verify(
+        &state.join("audit"),
+        fedq_node::audit::verify::Expected::default(),
+    )?;
     anyhow::ensure!(
         records.last_seq as usize > queries,
         "the audit log holds {} records for {queries} queries",

@@ -151,6 +151,7 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
             expert
                 .audit_heads(wire::AuditHeadsRequest {
                     site_id: site_id.clone(),
+                    clear_pin: false,
                 })
                 .await,
         )?;
@@ -168,8 +169,11 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
     for ((site_id, kept), state_dir) in heads.iter().zip(&state_dirs) {
         let verified = fedq_node::audit::verify::verify(
             &state_dir.join(fedq_node::audit::log::AUDIT_DIR),
-            None,
-            kept,
+            fedq_node::audit::verify::Expected {
+                own_key_id: None,
+                site_id: Some(site_id),
+                heads: kept,
+            },
         )
         .map_err(|problem| anyhow::anyhow!("{site_id}: {problem}"))?;
         writeln!(
@@ -222,6 +226,17 @@ pub async fn up(
     writeln!(
         output,
         "  cargo run --release -p fedq-coordinator --bin fedq -- query deaths-by-mechanism -p min_iss=25 -p mechanisms=fall,assault"
+    )?;
+    writeln!(
+        output,
+        "the expert {} (reads catalogue, sites and audit heads; runs no queries) has the token\n  {}",
+        crate::alliance::EXPERTS[0].0,
+        alliance.users.expert
+    )?;
+    writeln!(
+        output,
+        "each node's state directory (audit log, audit key, overlap memory) is {}",
+        alliance.node_state_dir("<site>").display()
     )?;
     writeln!(output, "stop with Ctrl-C")?;
     output.flush()?;

@@ -144,7 +144,13 @@ fn audit_log(state_dir: &Path) -> Finding {
         );
     }
     let own_key = location.key_id();
-    match crate::audit::verify::verify(&location.audit_dir, own_key.as_deref(), &[]) {
+    let site_id = location.site_id();
+    let expected = crate::audit::verify::Expected {
+        own_key_id: own_key.as_deref(),
+        site_id: site_id.as_deref(),
+        heads: &[],
+    };
+    match crate::audit::verify::verify(&location.audit_dir, expected) {
         Ok(verified) => finding(
             Level::Pass,
             "audit log",

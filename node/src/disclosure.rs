@@ -259,6 +259,24 @@ pub fn apply_with(table: &RawTable, k: u32, forced: &[bool], total_forced: bool)
     }
 }
 
+/// Rounds every released value to the nearest multiple of `base` (halves up), after every
+/// suppression decision was made on true values; withheld values stay withheld. Each value is
+/// rounded on its own, so a rounded total need not equal the sum of rounded cells.
+pub fn round_released(table: &mut DisclosedTable, base: u32) {
+    if base < 2 {
+        return;
+    }
+    let base = u64::from(base);
+    let round = |outcome: &mut Outcome| {
+        if let Outcome::Released(count) = outcome {
+            *count = (*count + base / 2) / base * base;
+        }
+    };
+    table.cells.iter_mut().for_each(round);
+    round(&mut table.total);
+    table.mechanisms.insert(Mechanism::Rounding);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +461,36 @@ mod tests {
         let disclosed = apply(&table(&[4]), 5);
         assert_eq!(disclosed.cells, [Outcome::Withheld]);
         assert_eq!(disclosed.total, Outcome::Withheld);
+    }
+
+    #[test]
+    fn rounding_acts_on_released_values_after_suppression_decided_on_true_ones() {
+        // 12 rounds to 10 and 3 to 5, but 3 is small: it is withheld before any rounding,
+        // and its complement is chosen on the true counts.
+        let mut disclosed = apply(&table(&[3, 12, 40, 0]), 10);
+        round_released(&mut disclosed, 5);
+        assert_eq!(
+            disclosed.cells,
+            [
+                Outcome::Withheld,
+                Outcome::Withheld,
+                Outcome::Released(40),
+                Outcome::Released(0)
+            ]
+        );
+        assert_eq!(disclosed.total, Outcome::Released(55));
+        assert!(disclosed.mechanisms.contains(&Mechanism::Rounding));
+        let mut plain = apply(&table(&[12, 17, 22]), 10);
+        round_released(&mut plain, 5);
+        assert_eq!(
+            plain.cells,
+            [
+                Outcome::Released(10),
+                Outcome::Released(15),
+                Outcome::Released(20)
+            ]
+        );
+        assert_eq!(plain.total, Outcome::Released(50));
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub struct QueryEngine {
     /// Released record sets, when overlap control is on. The lock makes check-and-remember
     /// one step: of two concurrent near-identical queries, the second sees the first's sets.
     overlap: Option<Mutex<OverlapMemory>>,
+    register_lock: Mutex<()>,
 }
 
 /// What a study lead's request carries into the node, already out of its wire form.
@@ -179,6 +180,7 @@ impl QueryEngine {
                 limits,
                 audit,
                 overlap,
+                register_lock: Mutex::new(()),
             },
             warnings,
         ))
@@ -220,8 +222,10 @@ impl QueryEngine {
         })
     }
 
-    /// The site's transparency register, from its audit log.
+    /// The site's transparency register, from its audit log (one at a time: it reads the
+    /// whole log).
     pub fn transparency_register(&self) -> Result<wire::SiteRegister, NodeError> {
+        let _one_at_a_time = self.register_lock.lock().map_err(|_| NodeError::Engine)?;
         let records = audit::verify::records(self.audit.dir()).map_err(|err| {
             tracing::error!(error = %err, "cannot read the audit log for the transparency register");
             NodeError::AuditUnavailable
@@ -342,6 +346,8 @@ impl QueryEngine {
                 decided.table
             }
         };
+        let mut table = table;
+        disclosure::round_released(&mut table, self.policy.privacy.rounding_base);
         Ok((
             Computed {
                 template: TemplateRef::of(template),
@@ -368,6 +374,7 @@ fn query_event(
     seen: &Seen,
     result: &Result<(Computed, DisclosedTable), NodeError>,
 ) -> QueryEvent {
+    let caller_refused = matches!(result, Err(NodeError::CallerNotAccepted { .. }));
     let (outcome, refusal, cells_released, cells_withheld, total_withheld) = match result {
         Ok((_, table)) => {
             let withheld = table.withheld_cells() as u64;
@@ -388,7 +395,7 @@ fn query_event(
             record::Outcome::Refused,
             Some(record::Refusal {
                 code: err.refusal_code().as_str_name().to_string(),
-                message: err.to_string(),
+                message: audit::bounded_message(&err.to_string()),
             }),
             0,
             BTreeMap::new(),
@@ -403,12 +410,26 @@ fn query_event(
             id: study.id.clone(),
             content_hash: study.content_hash(),
         }),
+        study_named: if seen.study.is_some() || caller_refused {
+            None
+        } else {
+            request
+                .study
+                .as_ref()
+                .and_then(|document| fedq_proto::document::open_study(document).ok())
+                .map(|study| audit::bounded(&study.id))
+        },
         template: seen.template.as_ref().map(|template| TemplateRecord {
             id: template.id.clone(),
             version: template.version,
             content_hash: template.content_hash(),
         }),
-        parameters: audit::parameters_of(&request.parameters),
+        // A caller this node does not accept gets a short record: what it sent is not kept.
+        parameters: if caller_refused {
+            BTreeMap::new()
+        } else {
+            audit::parameters_of(&request.parameters)
+        },
         outcome,
         refusal,
         snapshot_version: seen.snapshot_version.clone(),

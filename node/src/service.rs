@@ -188,7 +188,10 @@ impl Node for NodeService {
     ) -> Result<Response<wire::SiteResult>, Status> {
         let identities = caller_identities(&request);
         let message = request.into_inner();
-        tracing::Span::current().record("request_id", message.request_id.as_str());
+        tracing::Span::current().record(
+            "request_id",
+            crate::audit::bounded(&message.request_id).as_str(),
+        );
         let query = QueryRequest {
             request_id: message.request_id,
             template: message.template,

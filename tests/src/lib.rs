@@ -611,5 +611,12 @@ pub fn verify_audit(
     let key_id = key_text
         .and_then(|text| fedq_proto::signing::ExpertSecretKey::from_toml(&text, "key").ok())
         .map(|key| key.key_id());
-    fedq_node::audit::verify::verify(&state_dir.join("audit"), key_id.as_deref(), heads)
+    fedq_node::audit::verify::verify(
+        &state_dir.join("audit"),
+        fedq_node::audit::verify::Expected {
+            own_key_id: key_id.as_deref(),
+            site_id: Some("site-a"),
+            heads,
+        },
+    )
 }

@@ -62,6 +62,7 @@ async fn answers_carry_signed_heads_the_coordinator_keeps_and_a_cut_log_is_caugh
     let heads = expert
         .audit_heads(wire::AuditHeadsRequest {
             site_id: "site-a".into(),
+            clear_pin: false,
         })
         .await?
         .into_inner()
@@ -71,6 +72,7 @@ async fn answers_carry_signed_heads_the_coordinator_keeps_and_a_cut_log_is_caugh
     let denied = lead
         .audit_heads(wire::AuditHeadsRequest {
             site_id: "site-a".into(),
+            clear_pin: false,
         })
         .await
         .unwrap_err();

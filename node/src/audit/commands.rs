@@ -86,7 +86,15 @@ pub fn verify(location: &Location, heads: Option<&Path>, json: bool) -> Output {
         Ok(heads) => heads.unwrap_or_default(),
         Err(err) => return failed(format!("FAIL {err}\n")),
     };
-    let result = verify::verify(&location.audit_dir, own_key_id.as_deref(), &heads);
+    let site_id = location.site_id();
+    let result = verify::verify(
+        &location.audit_dir,
+        verify::Expected {
+            own_key_id: own_key_id.as_deref(),
+            site_id: site_id.as_deref(),
+            heads: &heads,
+        },
+    );
     if json {
         let value = match &result {
             Ok(verified) => serde_json::json!({ "ok": true, "verified": verified }),
@@ -114,6 +122,12 @@ pub fn verify(location: &Location, heads: Option<&Path>, json: bool) -> Output {
                 text.push_str(&format!(
                     "NOTE records before #{} are not here (archived segments); the first present record builds on {anchor}. Verify them with the archived segments copied back beside these.\n",
                     verified.first_seq
+                ));
+            }
+            if verified.heads_archived > 0 {
+                text.push_str(&format!(
+                    "NOTE {} published head(s) cover only archived records (before #{}); verify with the archived segments copied back to check them\n",
+                    verified.heads_archived, verified.first_seq
                 ));
             }
             if verified.heads_checked > 0 {
@@ -178,6 +192,7 @@ impl Filter {
                 .study
                 .as_ref()
                 .is_some_and(|study| &study.id == wanted)
+                || query.study_named.as_ref() == Some(wanted)
         });
         let outcome_matches = self.outcome.is_none_or(|wanted| query.outcome == wanted);
         study_matches && outcome_matches
@@ -201,11 +216,11 @@ fn describe(record: &Record) -> String {
                     )
                 }
                 Outcome::Refused => format!(
-                    "refused {}",
+                    "refused: {}",
                     query
                         .refusal
                         .as_ref()
-                        .map_or("", |refusal| refusal.code.as_str())
+                        .map_or("", |refusal| refusal.message.as_str())
                 ),
             };
             let template = query.template.as_ref().map_or("-".to_string(), |template| {
@@ -217,12 +232,14 @@ fn describe(record: &Record) -> String {
                 .map(|(name, value)| format!("{name}={value}"))
                 .collect::<Vec<_>>()
                 .join(" ");
+            let study = match (&query.study, &query.study_named) {
+                (Some(study), _) => study.id.clone(),
+                (None, Some(named)) => format!("{named}(unverified)"),
+                (None, None) => "-".into(),
+            };
             format!(
-                "study={} template={template} requester=\"{}\" caller={} request={} [{parameters}] {outcome}",
-                query.study.as_ref().map_or("-", |study| study.id.as_str()),
-                query.requester,
-                query.caller,
-                query.request_id,
+                "study={study} template={template} requester=\"{}\" caller={} request={} [{parameters}] {outcome}",
+                query.requester, query.caller, query.request_id,
             )
         }
         Event::AuditKeyCreated { key_id } => format!("audit key created {key_id}"),
@@ -247,6 +264,11 @@ pub fn show(location: &Location, filter: &Filter, json: bool) -> Output {
             "{}\n",
             serde_json::to_string_pretty(&chosen).expect("records serialise")
         )
+    } else if chosen.is_empty() {
+        format!(
+            "no records match (the log holds {} records; `audit show` without filters lists them all)\n",
+            records.len()
+        )
     } else {
         chosen
             .iter()
@@ -265,12 +287,18 @@ fn problem_output(problem: &Problem) -> Output {
 /// `fedq-node audit key`: the node's audit public key, for the alliance to pin.
 pub fn key(location: &Location) -> Output {
     match location.key() {
-        Ok(Some(key)) => Output {
-            text: key.public().to_toml(),
-            ok: true,
-        },
+        Ok(Some(key)) => {
+            let public = key.public();
+            Output {
+                text: format!(
+                    "audit key of site '{}'\nkey id:     {}\npublic key: {} (ed25519, hex)\nEvery head this node signs carries this key; the coordinator pins the first key it sees for the site.\n",
+                    public.name, public.key_id, public.public_key
+                ),
+                ok: true,
+            }
+        }
         Ok(None) => failed(format!(
-            "FAIL no audit key at {} (the node creates it at its first start)\n",
+            "FAIL no audit key at {} (a node creates one at its first start; if this is a node's state directory whose key was lost, restore it from the backup — a new key will not be accepted by the coordinator for this site)\n",
             location.key_file.display()
         )),
         Err(err) => failed(format!("FAIL {err}\n")),

@@ -77,7 +77,13 @@ pub fn segments(dir: &Path) -> std::io::Result<Vec<Segment>> {
         else {
             continue;
         };
-        if let Ok(first_seq) = number.parse::<u64>() {
+        // Exactly the names the writer makes: twelve digits, numbering from 1.
+        if number.len() != 12 || !number.bytes().all(|byte| byte.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(first_seq) = number.parse::<u64>()
+            && first_seq >= 1
+        {
             found.push(Segment { first_seq, path });
         }
     }
@@ -98,9 +104,12 @@ struct State {
     pending: Vec<u8>,
     /// Someone is writing a batch.
     flushing: bool,
-    /// Bumped whenever a batch fails: records appended under an older generation are lost.
+    /// Bumped whenever a batch fails.
     generation: u64,
-    last_failure: String,
+    /// For each failure (indexed by the generation it ended): the last durable record at
+    /// that moment and why it failed. A record of an older generation numbered above that
+    /// boundary was lost; at or below it, it is on disk.
+    failures: Vec<(u64, String)>,
     /// The file cannot be cut back after a failure: refuse everything until a restart.
     broken: Option<String>,
     file: Option<File>,
@@ -216,7 +225,13 @@ fn recover_tail(path: &Path) -> Result<SegmentTail, String> {
         .map_or(0, |at| at + 1);
     let discarded = (bytes.len() - complete) as u64;
     if discarded > 0 {
-        file.set_len(complete as u64)
+        // The cut bytes are kept beside the log as evidence, then removed from it.
+        let evidence = path.with_extension(format!(
+            "discarded-{}",
+            chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ")
+        ));
+        std::fs::write(&evidence, &bytes[complete..])
+            .and_then(|()| file.set_len(complete as u64))
             .and_then(|()| file.sync_all())
             .map_err(|err| io_detail(path, &err))?;
     }
@@ -264,10 +279,18 @@ impl AuditLog {
         }
         let current = existing.last().cloned().expect("at least one segment");
         let (mut last, durable_len, discarded) = recover_tail(&current.path).map_err(failed)?;
+        let mut torn = Vec::new();
+        if discarded > 0 {
+            torn.push((current.name(), discarded));
+        }
         // An empty newest segment continues from the one before it.
         if last.is_none() && existing.len() > 1 {
             let before = &existing[existing.len() - 2];
-            last = recover_tail(&before.path).map_err(failed)?.0;
+            let (before_last, _, before_discarded) = recover_tail(&before.path).map_err(failed)?;
+            if before_discarded > 0 {
+                torn.push((before.name(), before_discarded));
+            }
+            last = before_last;
         }
         let (tip_seq, tip_hash) = match last {
             Some((record, hash)) => (record.seq, hash),
@@ -291,7 +314,7 @@ impl AuditLog {
                 pending: Vec::new(),
                 flushing: false,
                 generation: 0,
-                last_failure: String::new(),
+                failures: Vec::new(),
                 broken: None,
                 file: Some(file),
                 segment_first_seq: current.first_seq,
@@ -300,13 +323,10 @@ impl AuditLog {
             documents: Mutex::new(BTreeSet::new()),
             _lock: lock,
         };
-        if discarded > 0 {
-            tracing::warn!(segment = %current.name(), bytes = discarded, "discarded an incomplete audit record left by an unclean stop");
-            log.append(Event::TornTailDiscarded {
-                segment: current.name(),
-                bytes: discarded,
-            })
-            .map_err(|err| failed(err.to_string()))?;
+        for (segment, bytes) in torn {
+            tracing::warn!(%segment, bytes, "cut an incomplete last audit record (kept beside the log as .discarded-*); if its query had been answered, `audit verify --heads` will show the mismatch");
+            log.append(Event::TornTailDiscarded { segment, bytes })
+                .map_err(|err| failed(err.to_string()))?;
         }
         if new_key {
             log.append(Event::AuditKeyCreated {
@@ -356,9 +376,13 @@ impl AuditLog {
         let generation = state.generation;
         loop {
             if state.generation != generation {
-                return Err(AuditError::Write {
-                    detail: state.last_failure.clone(),
-                });
+                // The first failure after this record was appended decides its fate.
+                let (boundary, detail) = state.failures[generation as usize].clone();
+                if record.seq > boundary {
+                    return Err(AuditError::Write { detail });
+                }
+                drop(state);
+                return Ok(self.sign_head(record.seq, hash));
             }
             if state.durable_seq >= record.seq {
                 drop(state);
@@ -409,7 +433,7 @@ impl AuditLog {
     /// durable length and continues from the last durable record.
     fn fail_batch(&self, state: &mut State, err: &std::io::Error) {
         tracing::error!(error = %err, durable_records = state.durable_seq, "audit write failed; the affected queries are refused");
-        state.last_failure = err.to_string();
+        state.failures.push((state.durable_seq, err.to_string()));
         state.generation += 1;
         state.pending.clear();
         state.tip_seq = state.durable_seq;

@@ -31,13 +31,37 @@ const MAX_TEXT: usize = 200;
 /// Most parameters recorded from one request (templates declare at most 32).
 const MAX_RECORDED_PARAMETERS: usize = 32;
 
-/// `text`, cut at [`MAX_TEXT`] characters with a marker.
-pub fn bounded(text: &str) -> String {
-    if text.chars().count() <= MAX_TEXT {
-        return text.to_string();
+/// Longest refusal message kept (messages may quote a caller's text).
+const MAX_MESSAGE: usize = 1000;
+
+/// `text` with control characters escaped (so no caller's text can forge a line in a report or
+/// log), cut at `limit` characters with a marker.
+fn cut(text: &str, limit: usize) -> String {
+    let mut kept = String::new();
+    for (count, character) in text.chars().enumerate() {
+        if count == limit {
+            kept.push_str("…(cut)");
+            break;
+        }
+        if character.is_control() {
+            kept.extend(character.escape_default());
+        } else {
+            kept.push(character);
+        }
     }
-    let kept: String = text.chars().take(MAX_TEXT).collect();
-    format!("{kept}…(cut)")
+    kept
+}
+
+/// A request field as audit text: control characters escaped, at most [`MAX_TEXT`]
+/// characters.
+pub fn bounded(text: &str) -> String {
+    cut(text, MAX_TEXT)
+}
+
+/// A refusal message as audit text: control characters escaped, at most [`MAX_MESSAGE`]
+/// characters.
+pub fn bounded_message(text: &str) -> String {
+    cut(text, MAX_MESSAGE)
 }
 
 /// A wire parameter value as audit text.

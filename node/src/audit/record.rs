@@ -45,9 +45,12 @@ pub struct QueryEvent {
     pub requester: String,
     /// The study approval, when its signature verified.
     pub study: Option<DocumentRef>,
+    /// For a request refused before its study verified: the study id it named (unverified).
+    pub study_named: Option<String>,
     /// The template, when its signature verified.
     pub template: Option<TemplateRecord>,
-    /// Parameter values as sent, as text (templates never touch identifier columns).
+    /// Parameter values as sent, as text (templates never touch identifier columns). Not
+    /// recorded for callers the node does not accept.
     pub parameters: BTreeMap<String, String>,
     pub outcome: Outcome,
     /// For a refusal: the typed reason and the message sent to the coordinator.
@@ -163,6 +166,7 @@ mod tests {
                     id: "trauma-outcomes".into(),
                     content_hash: "sha256:ab".into(),
                 }),
+                study_named: None,
                 template: None,
                 parameters: BTreeMap::from([("min_age".into(), "65".into())]),
                 outcome: Outcome::Released,

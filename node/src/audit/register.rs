@@ -54,18 +54,27 @@ pub fn build(audit_dir: &Path, site_id: &str, records: &[Record]) -> wire::SiteR
     }
 }
 
-fn register_study(audit_dir: &Path, study_id: String, used: StudyUse) -> wire::RegisterStudy {
-    let study = std::fs::read(document_path(audit_dir, STUDY_DOCUMENT, &used.content_hash))
+/// The kept copy of a document, only if it still matches its hash (an edited copy must not
+/// reach the public register).
+fn kept_document(audit_dir: &Path, kind: &str, content_hash: &str) -> Option<Vec<u8>> {
+    std::fs::read(document_path(audit_dir, kind, content_hash))
         .ok()
+        .filter(|bytes| fedq_proto::template::content_hash(bytes) == content_hash)
+}
+
+fn register_study(audit_dir: &Path, study_id: String, used: StudyUse) -> wire::RegisterStudy {
+    let study = kept_document(audit_dir, STUDY_DOCUMENT, &used.content_hash)
         .and_then(|bytes| Study::from_canonical(&bytes).ok());
     let templates_used = used
         .templates
         .iter()
         .map(|hash| {
-            std::fs::read(document_path(audit_dir, TEMPLATE_DOCUMENT, hash))
-                .ok()
+            kept_document(audit_dir, TEMPLATE_DOCUMENT, hash)
                 .and_then(|bytes| Template::from_canonical(&bytes).ok())
-                .map_or_else(|| format!("(template {hash})"), |template| template.title)
+                .map_or_else(
+                    || format!("(template {hash}: kept copy missing or altered)"),
+                    |template| template.title,
+                )
         })
         .collect::<BTreeSet<_>>()
         .into_iter()
@@ -89,7 +98,7 @@ fn register_study(audit_dir: &Path, study_id: String, used: StudyUse) -> wire::R
         },
         None => wire::RegisterStudy {
             study_id,
-            title: "(approval document missing from the audit folder)".into(),
+            title: "(approval document missing from the audit folder or altered)".into(),
             queries_per_month,
             templates_used,
             ..Default::default()

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::log::{AuditLog, DEFAULT_SEGMENT_BYTES, segments};
 use super::record::{self, Event, Outcome, QueryEvent, Record};
-use super::verify::{Problem, verify};
+use super::verify::{Expected, Problem, verify};
 
 fn query(request_id: &str) -> Event {
     Event::Query(Box::new(QueryEvent {
@@ -15,6 +15,7 @@ fn query(request_id: &str) -> Event {
         caller: "coordinator.alliance".into(),
         requester: "Dr. Lea Study".into(),
         study: None,
+        study_named: None,
         template: None,
         parameters: BTreeMap::from([("min_age".into(), "65".into())]),
         outcome: Outcome::Released,
@@ -58,7 +59,16 @@ fn check(
     log: &AuditLog,
     heads: &[fedq_proto::wire::SignedAuditHead],
 ) -> Result<u64, Problem> {
-    verify(&state.join("audit"), Some(&log.key_id()), heads).map(|verified| verified.last_seq)
+    let key_id = log.key_id();
+    verify(
+        &state.join("audit"),
+        Expected {
+            own_key_id: Some(&key_id),
+            site_id: Some("north"),
+            heads,
+        },
+    )
+    .map(|verified| verified.last_seq)
 }
 
 #[test]
@@ -257,7 +267,7 @@ fn an_incomplete_last_line_is_reported_then_discarded_and_recorded_at_restart() 
     bytes.extend_from_slice(b"{\"record\":{\"seq\":4,");
     std::fs::write(&path, &bytes).unwrap();
     assert!(matches!(
-        verify(&state.path().join("audit"), None, &[]),
+        verify(&state.path().join("audit"), Expected::default()),
         Err(Problem::TornTail {
             bytes: 19,
             last: 3,
@@ -286,7 +296,7 @@ fn segments_chain_across_files_and_archiving_old_ones_keeps_the_rest_verifiable(
     assert!(found.len() >= 4, "{} segments", found.len());
     assert_eq!(check(state.path(), &log, &[]), Ok(61));
     std::fs::remove_file(&found[0].path).unwrap();
-    let verified = verify(&state.path().join("audit"), Some(&log.key_id()), &[]).unwrap();
+    let verified = verify(&state.path().join("audit"), Expected::default()).unwrap();
     assert_eq!(verified.first_seq, found[1].first_seq);
     assert!(verified.anchored_at.is_some());
     // Removing a middle segment is a gap, not an archive.
@@ -319,4 +329,116 @@ fn a_second_writer_on_the_same_state_directory_is_refused() {
         second.to_string().contains("another fedq-node process"),
         "{second}"
     );
+}
+
+#[test]
+fn an_emptied_log_with_its_key_still_present_is_detected() {
+    let state = tempfile::tempdir().unwrap();
+    let log = log_with(state.path(), 3);
+    let path = only_segment(state.path());
+    std::fs::write(&path, "").unwrap();
+    assert_eq!(check(state.path(), &log, &[]), Err(Problem::Wiped));
+}
+
+/// A log with one query record that refers to a kept study document.
+fn log_with_document(state: &Path) -> (AuditLog, std::path::PathBuf) {
+    let log = log_with(state, 0);
+    let canonical = b"{\"id\":\"s1\"}";
+    let content_hash = fedq_proto::template::content_hash(canonical);
+    log.keep_document("study", &content_hash, canonical)
+        .unwrap();
+    let Event::Query(mut event) = query("with-study") else {
+        unreachable!("query() makes a query event")
+    };
+    event.study = Some(super::record::DocumentRef {
+        id: "s1".into(),
+        content_hash: content_hash.clone(),
+    });
+    log.append(Event::Query(event)).unwrap();
+    let path = super::log::document_path(&state.join("audit"), "study", &content_hash);
+    (log, path)
+}
+
+#[test]
+fn an_edited_or_deleted_kept_document_is_detected() {
+    let state = tempfile::tempdir().unwrap();
+    let (log, document) = log_with_document(state.path());
+    assert_eq!(check(state.path(), &log, &[]), Ok(2));
+    std::fs::write(&document, b"{\"id\":\"forged\"}").unwrap();
+    assert!(matches!(
+        check(state.path(), &log, &[]),
+        Err(Problem::DocumentAltered { .. })
+    ));
+    std::fs::remove_file(&document).unwrap();
+    assert!(matches!(
+        check(state.path(), &log, &[]),
+        Err(Problem::DocumentMissing { seq: 2, .. })
+    ));
+}
+
+#[test]
+fn a_head_naming_another_site_or_a_false_empty_log_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let log = log_with(state.path(), 2);
+    let key = fedq_proto::signing::ExpertSecretKey::from_toml(
+        &std::fs::read_to_string(state.path().join(super::log::KEY_FILE)).unwrap(),
+        "key",
+    )
+    .unwrap();
+    let head = |site: &str, count: u64, hash: &str| {
+        fedq_proto::audit_head::AuditHead {
+            site_id: site.into(),
+            count,
+            hash: hash.into(),
+            signed_at: "2026-11-23T10:00:00.000Z".into(),
+        }
+        .sign(&key)
+    };
+    assert!(matches!(
+        check(state.path(), &log, &[head("south", 3, "sha256:x")]),
+        Err(Problem::OtherSite { .. })
+    ));
+    assert!(matches!(
+        check(state.path(), &log, &[head("north", 0, "sha256:forged")]),
+        Err(Problem::Rewritten { count: 0, .. })
+    ));
+    let genesis = fedq_proto::audit_head::GENESIS_HASH;
+    assert_eq!(
+        check(state.path(), &log, &[head("north", 0, genesis)]),
+        Ok(3)
+    );
+}
+
+#[test]
+fn the_cut_bytes_of_an_incomplete_record_are_kept_as_evidence() {
+    let state = tempfile::tempdir().unwrap();
+    let log = log_with(state.path(), 1);
+    let path = only_segment(state.path());
+    drop(log);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend_from_slice(b"{\"record\":");
+    std::fs::write(&path, &bytes).unwrap();
+    let _reopened = AuditLog::open(state.path(), "north", DEFAULT_SEGMENT_BYTES).unwrap();
+    let evidence: Vec<_> = std::fs::read_dir(state.path().join("audit"))
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.to_string_lossy().contains(".discarded-"))
+        .collect();
+    assert_eq!(evidence.len(), 1);
+    assert_eq!(std::fs::read(&evidence[0]).unwrap(), b"{\"record\":");
+}
+
+#[test]
+fn only_segment_names_the_writer_makes_are_read() {
+    let state = tempfile::tempdir().unwrap();
+    let log = log_with(state.path(), 1);
+    for stray in [
+        "audit-000000000000.jsonl",
+        "audit-+1.jsonl",
+        "audit-1.jsonl",
+    ] {
+        std::fs::write(state.path().join("audit").join(stray), "junk\n").unwrap();
+    }
+    assert_eq!(segments(&state.path().join("audit")).unwrap().len(), 1);
+    assert_eq!(check(state.path(), &log, &[]), Ok(2));
 }

@@ -10,6 +10,7 @@ use fedq_proto::wire;
 
 use super::log::{read_segment, segments};
 use super::record::{self, Event, LineProblem, Record};
+use super::register::{STUDY_DOCUMENT, TEMPLATE_DOCUMENT};
 
 /// A log that verified.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -23,6 +24,8 @@ pub struct Verified {
     pub anchored_at: Option<String>,
     /// Published heads checked against the log.
     pub heads_checked: usize,
+    /// Published heads older than the first record present (their records are archived).
+    pub heads_archived: usize,
 }
 
 /// The first thing wrong with a log.
@@ -87,7 +90,7 @@ pub enum Problem {
     #[error("a published head does not carry a valid signature: {0}")]
     BadHeadSignature(String),
     #[error(
-        "the log ends at record #{last} but the node published a head of {count} records at {signed_at}: records #{} to #{count} were removed (truncated)", .last + 1
+        "the log ends at record #{last} but the node published a head of {count} records at {signed_at}: {} removed (truncated)", removed(*.last, *.count)
     )]
     Truncated {
         last: u64,
@@ -95,33 +98,107 @@ pub enum Problem {
         signed_at: String,
     },
     #[error(
-        "record #{count} is not the one the node published at {signed_at}: the log was rewritten from that record or before"
+        "record #{count} is not the one the node published at {signed_at}: the log was rewritten from that record or before{hint}"
     )]
-    Rewritten { count: u64, signed_at: String },
-    #[error(
-        "the published head of {count} records from {signed_at} predates the records present here (the first is #{first}); verify with the archived segments too"
-    )]
-    HeadInArchive {
+    Rewritten {
         count: u64,
-        first: u64,
         signed_at: String,
+        hint: String,
+    },
+    #[error(
+        "a published head names site '{named}', but this log is site '{site}''s: it is another node's head"
+    )]
+    OtherSite { named: String, site: String },
+    #[error(
+        "the log holds no records, but the node's audit key exists (every node records its key's creation first): the log was deleted or emptied"
+    )]
+    Wiped,
+    #[error(
+        "record #{seq} refers to {kind} {content_hash}, whose kept copy is missing from documents/: it was deleted"
+    )]
+    DocumentMissing {
+        seq: u64,
+        kind: &'static str,
+        content_hash: String,
+    },
+    #[error(
+        "the kept copy of {kind} {content_hash} (documents/) does not match its hash: it was edited"
+    )]
+    DocumentAltered {
+        kind: &'static str,
+        content_hash: String,
     },
 }
 
-/// Verifies the log in `audit_dir` (its segments, in order), and then the log against
-/// `heads`. `own_key_id` is the node's current audit key; heads signed by it, or by a key the
-/// log records creating, count as this node's.
-pub fn verify(
+fn removed(last: u64, count: u64) -> String {
+    if count == last + 1 {
+        format!("record #{count} was")
+    } else {
+        format!("records #{} to #{count} were", last + 1)
+    }
+}
+
+/// Checks the kept copy of a document a record refers to, once per document.
+fn check_document(
     audit_dir: &Path,
-    own_key_id: Option<&str>,
-    heads: &[wire::SignedAuditHead],
-) -> Result<Verified, Problem> {
+    checked: &mut BTreeSet<String>,
+    seq: u64,
+    kind: &'static str,
+    content_hash: &str,
+) -> Result<(), Problem> {
+    if !checked.insert(format!("{kind}:{content_hash}")) {
+        return Ok(());
+    }
+    let path = super::log::document_path(audit_dir, kind, content_hash);
+    let bytes = std::fs::read(&path).map_err(|_| Problem::DocumentMissing {
+        seq,
+        kind,
+        content_hash: content_hash.to_string(),
+    })?;
+    if fedq_proto::template::content_hash(&bytes) == content_hash {
+        Ok(())
+    } else {
+        Err(Problem::DocumentAltered {
+            kind,
+            content_hash: content_hash.to_string(),
+        })
+    }
+}
+
+/// What the log is checked against: the node's current audit key (heads signed by it, or by
+/// a key the log records creating, count as this node's; a key without any record means a
+/// wiped log), its site, and the heads it published.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Expected<'a> {
+    pub own_key_id: Option<&'a str>,
+    pub site_id: Option<&'a str>,
+    pub heads: &'a [wire::SignedAuditHead],
+}
+
+/// Verifies the log in `audit_dir` (its segments in order, and the documents its records
+/// refer to), then the log against the published heads.
+pub fn verify(audit_dir: &Path, expected: Expected<'_>) -> Result<Verified, Problem> {
+    let Expected {
+        own_key_id,
+        site_id,
+        heads,
+    } = expected;
     let mut verified_heads = Vec::new();
     for signed in heads {
         let (head, key_id) =
             AuditHead::verify(signed).map_err(|err| Problem::BadHeadSignature(err.to_string()))?;
+        if let Some(site) = site_id
+            && head.site_id != site
+        {
+            return Err(Problem::OtherSite {
+                named: head.site_id,
+                site: site.to_string(),
+            });
+        }
         verified_heads.push((head, key_id));
     }
+    let mut documents_checked = BTreeSet::new();
+    let mut torn_at: Vec<u64> = Vec::new();
     let wanted: BTreeSet<u64> = verified_heads.iter().map(|(head, _)| head.count).collect();
     let mut hashes_at: BTreeMap<u64, String> = BTreeMap::new();
     let mut key_ids: BTreeSet<String> = own_key_id.map(str::to_string).into_iter().collect();
@@ -162,8 +239,31 @@ pub fn verify(
                     anchored_at = Some(record.prev.clone());
                 }
             }
-            if let Event::AuditKeyCreated { key_id } = &record.event {
-                key_ids.insert(key_id.clone());
+            match &record.event {
+                Event::AuditKeyCreated { key_id } => {
+                    key_ids.insert(key_id.clone());
+                }
+                Event::TornTailDiscarded { .. } => torn_at.push(record.seq),
+                Event::Query(query) => {
+                    if let Some(study) = &query.study {
+                        check_document(
+                            audit_dir,
+                            &mut documents_checked,
+                            record.seq,
+                            STUDY_DOCUMENT,
+                            &study.content_hash,
+                        )?;
+                    }
+                    if let Some(template) = &query.template {
+                        check_document(
+                            audit_dir,
+                            &mut documents_checked,
+                            record.seq,
+                            TEMPLATE_DOCUMENT,
+                            &template.content_hash,
+                        )?;
+                    }
+                }
             }
             if wanted.contains(&record.seq) {
                 hashes_at.insert(record.seq, hash.clone());
@@ -178,7 +278,11 @@ pub fn verify(
             });
         }
     }
+    if last.is_none() && own_key_id.is_some() {
+        return Err(Problem::Wiped);
+    }
     let (last_seq, last_hash) = last.unwrap_or((0, GENESIS_HASH.to_string()));
+    let mut heads_archived = 0;
     for (head, key_id) in &verified_heads {
         if !key_ids.contains(key_id) {
             return Err(Problem::UnknownHeadKey {
@@ -193,24 +297,29 @@ pub fn verify(
                 signed_at: head.signed_at.clone(),
             });
         }
-        if head.count == 0 {
+        // The hash the log holds for record `head.count`: the genesis before record 1, the
+        // anchor just before the first present record, or the record's own hash.
+        let held = if head.count == 0 {
+            Some(GENESIS_HASH.to_string())
+        } else if head.count + 1 == first_seq {
+            anchored_at.clone()
+        } else if head.count < first_seq {
+            heads_archived += 1;
             continue;
-        }
-        match hashes_at.get(&head.count) {
-            Some(hash) if *hash == head.hash => {}
-            Some(_) => {
-                return Err(Problem::Rewritten {
-                    count: head.count,
-                    signed_at: head.signed_at.clone(),
-                });
-            }
-            None => {
-                return Err(Problem::HeadInArchive {
-                    count: head.count,
-                    first: first_seq,
-                    signed_at: head.signed_at.clone(),
-                });
-            }
+        } else {
+            hashes_at.get(&head.count).cloned()
+        };
+        if held.as_deref() != Some(head.hash.as_str()) {
+            let hint = if torn_at.iter().any(|seq| *seq <= head.count + 1) {
+                " (the node cut an incomplete record at start-up, see its torn_tail_discarded record: the log was cut inside a record that had been answered)".to_string()
+            } else {
+                String::new()
+            };
+            return Err(Problem::Rewritten {
+                count: head.count,
+                signed_at: head.signed_at.clone(),
+                hint,
+            });
         }
     }
     Ok(Verified {
@@ -219,7 +328,8 @@ pub fn verify(
         last_seq,
         last_hash,
         anchored_at,
-        heads_checked: verified_heads.len(),
+        heads_checked: verified_heads.len() - heads_archived,
+        heads_archived,
     })
 }
 
