@@ -1,0 +1,219 @@
+//! Red-team tests of disclosure control, against real nodes: each plays an attack a study lead
+//! (or a coordinator) could run with approved templates, and fails if the defence it targets
+//! is switched off.
+
+use fedq_deploy::alliance;
+use fedq_proto::wire;
+use fedq_tests::{
+    TestAlliance, client_for, cohort_request, integer, node_config_with_own_state, query,
+};
+
+/// k of the test alliance.
+const K: u64 = 10;
+
+/// One site's released values in a pooled result: cells (None: withheld) and the total.
+fn site_values(result: &wire::PooledResult, site_id: &str) -> (Vec<Option<u64>>, Option<u64>) {
+    let answer = result
+        .sites
+        .iter()
+        .find(|site| site.site_id == site_id)
+        .and_then(|site| site.result.as_ref())
+        .expect("the site answered");
+    let value = |cell: &wire::Cell| match &cell.outcome {
+        Some(wire::cell::Outcome::Released(released)) => Some(released.count),
+        _ => None,
+    };
+    (
+        answer.cells.iter().map(value).collect(),
+        answer.total.as_ref().and_then(value),
+    )
+}
+
+fn assert_zero_or_at_least_k(difference: u64, what: &str) {
+    assert!(
+        difference == 0 || difference >= K,
+        "{what}: two released values differ by {difference} records (1 to k-1 reveals someone)"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parameter_sweep_releases_no_difference_of_fewer_than_k_records() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut lead = test.coordinator().await?;
+    // "Severity at least x" for x = 0, 1, 2, ...: consecutive answers differ by the patients
+    // with severity exactly x — often one or two at a small site: all versus all-but-one.
+    let mut answers = Vec::new();
+    for min_iss in 0..=40 {
+        answers.push(
+            query(
+                &mut lead,
+                "cohort-by-age-sex",
+                vec![integer("min_iss", min_iss)],
+                0,
+            )
+            .await?,
+        );
+    }
+    for site in ["site-a", "site-b", "site-c"] {
+        let values: Vec<_> = answers
+            .iter()
+            .map(|result| site_values(result, site))
+            .collect();
+        // The sets are nested (severity >= x contains severity >= y for x < y), so any two
+        // released values' difference is the number of records between them.
+        for (x, (cells_x, total_x)) in values.iter().enumerate() {
+            for (cells_y, total_y) in &values[x + 1..] {
+                if let (Some(a), Some(b)) = (total_x, total_y) {
+                    assert_zero_or_at_least_k(a - b, &format!("{site} totals"));
+                }
+                for (cell, (a, b)) in cells_x.iter().zip(cells_y).enumerate() {
+                    if let (Some(a), Some(b)) = (a, b) {
+                        assert_zero_or_at_least_k(a - b, &format!("{site} cell {cell}"));
+                    }
+                }
+            }
+        }
+    }
+    // The defence was needed: overlap control withheld something along the way.
+    let overlap_acted = answers.iter().any(|result| {
+        result.sites.iter().any(|site| {
+            site.result.as_ref().is_some_and(|answer| {
+                answer
+                    .mechanisms
+                    .contains(&(wire::Mechanism::QueryOverlapControl as i32))
+            })
+        })
+    });
+    assert!(overlap_acted, "the sweep must have met overlap control");
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn margins_and_totals_from_other_templates_recover_no_withheld_cell() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut lead = test.coordinator().await?;
+    let by_age_sex = query(&mut lead, "cohort-by-age-sex", vec![], 0).await?;
+    let by_age = query(&mut lead, "cohort-by-age", vec![], 0).await?;
+    let total = query(&mut lead, "cohort-total", vec![], 0).await?;
+    let shape: Vec<usize> = by_age_sex
+        .axes
+        .iter()
+        .map(|axis| axis.levels.len())
+        .collect();
+    let mut withheld_somewhere = false;
+    for site in ["site-a", "site-b", "site-c"] {
+        let (cells, _) = site_values(&by_age_sex, site);
+        let (ages, _) = site_values(&by_age, site);
+        let (_, site_total) = site_values(&total, site);
+        withheld_somewhere |= cells.contains(&None);
+        for age in 0..shape[0] {
+            let row = &cells[age * shape[1]..(age + 1) * shape[1]];
+            let hidden = row.iter().filter(|cell| cell.is_none()).count();
+            assert_ne!(hidden, 1, "{site}: age row {age} has one withheld cell");
+            // The age margin from the other template, minus the released cells of the row,
+            // is the sum of the row's withheld cells: never a small number.
+            if let Some(margin) = ages[age] {
+                let released: u64 = row.iter().flatten().sum();
+                assert_zero_or_at_least_k(margin - released, &format!("{site} age {age}"));
+            }
+        }
+        for sex in 0..shape[1] {
+            let hidden = (0..shape[0])
+                .filter(|age| cells[age * shape[1] + sex].is_none())
+                .count();
+            assert_ne!(hidden, 1, "{site}: sex column {sex} has one withheld cell");
+        }
+        if let Some(site_total) = site_total {
+            let released: u64 = cells.iter().flatten().sum();
+            assert_zero_or_at_least_k(site_total - released, &format!("{site} total"));
+        }
+    }
+    assert!(withheld_somewhere, "the fixture must withhold something");
+    test.alliance.stop().await
+}
+
+/// Site-a's node configuration with its own state and `privacy` settings, started.
+async fn site_a_variant(
+    test: &TestAlliance,
+    privacy: &str,
+) -> anyhow::Result<(std::path::PathBuf, alliance::Running)> {
+    let (config, _) = node_config_with_own_state(test)?;
+    let text = std::fs::read_to_string(&config)?;
+    let edited = text.replacen(
+        "[[datasets]]",
+        &format!("[privacy]\n{privacy}\n\n[[datasets]]"),
+        1,
+    );
+    assert_ne!(edited, text);
+    std::fs::write(&config, edited)?;
+    let running = alliance::start_node(&config).await?;
+    Ok((config, running))
+}
+
+async fn node_total(
+    test: &TestAlliance,
+    node: &alliance::Running,
+    request_id: &str,
+    min_iss: i64,
+) -> anyhow::Result<Option<u64>> {
+    let mut client = client_for(test, node).await?;
+    let answer = client
+        .run_query(cohort_request(&test.alliance, request_id, min_iss)?)
+        .await?
+        .into_inner();
+    Ok(match answer.total.and_then(|total| total.outcome) {
+        Some(wire::cell::Outcome::Released(released)) => Some(released.count),
+        _ => None,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlap_memory_survives_a_restart_and_concurrent_near_duplicates_do_not_both_pass()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    // Find, on a node without overlap control, two thresholds whose totals differ by 1 to k-1.
+    let (_, open) = site_a_variant(&test, "overlap_control = false").await?;
+    let mut pair = None;
+    for min_iss in 0..60 {
+        let (Some(a), Some(b)) = (
+            node_total(&test, &open, &format!("probe-{min_iss}"), min_iss).await?,
+            node_total(&test, &open, &format!("probe-next-{min_iss}"), min_iss + 1).await?,
+        ) else {
+            continue;
+        };
+        if (1..K).contains(&(a - b)) {
+            pair = Some(min_iss);
+            break;
+        }
+    }
+    open.stop().await?;
+    let x = pair.expect("site-a has a severity level with 1 to k-1 patients");
+
+    // Released before a restart, remembered after it.
+    let (config, guarded) = site_a_variant(&test, "overlap_control = true").await?;
+    assert!(node_total(&test, &guarded, "first", x).await?.is_some());
+    guarded.stop().await?;
+    let restarted = alliance::start_node(&config).await?;
+    assert_eq!(
+        node_total(&test, &restarted, "second", x + 1).await?,
+        None,
+        "the near-duplicate must be withheld after a restart"
+    );
+    restarted.stop().await?;
+
+    // Sent at the same moment to a fresh node: at most one of the two is released.
+    let (_, fresh) = site_a_variant(&test, "overlap_control = true").await?;
+    for round in 0..5 {
+        let (first, second) = (format!("race-a-{round}"), format!("race-b-{round}"));
+        let (a, b) = tokio::join!(
+            node_total(&test, &fresh, &first, x),
+            node_total(&test, &fresh, &second, x + 1)
+        );
+        assert!(
+            !(a?.is_some() && b?.is_some()),
+            "both near-duplicates were released"
+        );
+    }
+    fresh.stop().await?;
+    test.alliance.stop().await
+}
