@@ -131,17 +131,8 @@ pub async fn run(
         );
     }
 
-    // End to end: a real node over mutual TLS.
-    let node = start_node(&config_path).await?;
-    let address = format!("https://localhost:{}", node.address.port());
-    let coordinator = &pki.identities[0];
-    let mut client = crate::node_client(
-        &address,
-        &pki.ca_cert,
-        Some((&coordinator.cert, &coordinator.key)),
-        &identity,
-    )
-    .await?;
+    let costs = mechanism_costs(&query, &checked.axes, snapshot, iterations, out)?;
+
     let study = Study {
         id: "bench".into(),
         title: "Benchmark".into(),
@@ -175,25 +166,30 @@ pub async fn run(
         )],
         requester: "benchmark".into(),
     };
-    let mut end_to_end = Vec::new();
-    for _ in 0..iterations {
-        let started = Instant::now();
-        let answer = client.run_query(request.clone()).await?.into_inner();
-        end_to_end.push(started.elapsed());
-        anyhow::ensure!(
-            answer.cells.len()
-                == checked
-                    .axes
-                    .iter()
-                    .map(|axis| axis.levels.len())
-                    .product::<usize>()
-        );
-    }
-    node.stop().await?;
+    let cells: usize = checked.axes.iter().map(|axis| axis.levels.len()).product();
+    // End to end: a real node over mutual TLS, as configured (overlap control on), and the
+    // same node with overlap control off (its own state directory).
+    let end_to_end =
+        node_median(&config_path, &pki, &identity, &request, iterations, cells).await?;
+    let plain_config = out.join("bench-without-overlap.toml");
+    let text = std::fs::read_to_string(&config_path)?;
+    std::fs::write(
+        &plain_config,
+        text.replace(
+            &config.state_dir.display().to_string(),
+            &out.join("state-without-overlap").display().to_string(),
+        )
+        .replacen(
+            "[[datasets]]",
+            "[privacy]\noverlap_control = false\n\n[[datasets]]",
+            1,
+        ),
+    )?;
+    let without_overlap =
+        node_median(&plain_config, &pki, &identity, &request, iterations, cells).await?;
     let throughput = audited_throughput(out, &pki, &config_path, &request, iterations * 50).await?;
 
     let direct = median(direct);
-    let end_to_end = median(end_to_end);
     writeln!(
         output,
         "\nthree-strata count (age band x sex x mechanism = {} cells), {rows} rows, median of {iterations}:",
@@ -213,13 +209,39 @@ pub async fn run(
         output,
         "  {:<34} {:>10.2} ms",
         "node end to end (gRPC + mTLS)",
-        end_to_end.as_secs_f64() * 1e3
+        without_overlap.as_secs_f64() * 1e3
     )?;
     writeln!(
         output,
         "  {:<34} {:>10.2} x   (target <= 1.5 x)",
         "ratio",
+        without_overlap.as_secs_f64() / direct.as_secs_f64()
+    )?;
+    writeln!(
+        output,
+        "  {:<34} {:>10.2} ms   ({:.2} x the plan)",
+        "same, with overlap control",
+        end_to_end.as_secs_f64() * 1e3,
         end_to_end.as_secs_f64() / direct.as_secs_f64()
+    )?;
+    writeln!(
+        output,
+        "\ndisclosure mechanisms, each on its own, same query, median of {iterations}:"
+    )?;
+    for (name, time) in [
+        ("threshold + complementary", costs.suppression),
+        ("record sets per cell", costs.record_sets),
+        (OVERLAP_CHECK_LABEL, costs.overlap_check),
+        ("rounding", costs.rounding),
+    ] {
+        writeln!(output, "  {name:<34} {:>10.3} ms", time.as_secs_f64() * 1e3)?;
+    }
+    writeln!(
+        output,
+        "  {:<34} {:>10.2} ms   (target: below the scan, {:.2} ms)",
+        "overlap control in all",
+        (costs.record_sets + costs.overlap_check).as_secs_f64() * 1e3,
+        direct.as_secs_f64() * 1e3
     )?;
     writeln!(
         output,
@@ -243,6 +265,123 @@ pub async fn run(
         "audit chain after the run", "verified"
     )?;
     Ok(())
+}
+
+/// The median time of `iterations` runs of `request` at a node started from `config_path`.
+async fn node_median(
+    config_path: &Path,
+    pki: &fedq_coordinator::certs::DevPki,
+    identity: &str,
+    request: &wire::QueryRequest,
+    iterations: usize,
+    cells: usize,
+) -> anyhow::Result<Duration> {
+    let node = start_node(config_path).await?;
+    let coordinator = &pki.identities[0];
+    let mut client = crate::node_client(
+        &format!("https://localhost:{}", node.address.port()),
+        &pki.ca_cert,
+        Some((&coordinator.cert, &coordinator.key)),
+        identity,
+    )
+    .await?;
+    let mut samples = Vec::new();
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let answer = client.run_query(request.clone()).await?.into_inner();
+        samples.push(started.elapsed());
+        anyhow::ensure!(
+            answer.cells.len() == cells,
+            "the node answered another grid"
+        );
+    }
+    node.stop().await?;
+    Ok(median(samples))
+}
+
+/// How many released sets the overlap benchmark remembers.
+const REMEMBERED_SETS: usize = 10_000;
+const OVERLAP_CHECK_LABEL: &str = "overlap check, 10,000 sets";
+
+struct MechanismCosts {
+    suppression: Duration,
+    record_sets: Duration,
+    overlap_check: Duration,
+    rounding: Duration,
+}
+
+/// Times each disclosure mechanism on its own for one query: threshold and complementary
+/// suppression, collecting each cell's record set, checking the answer (cells, total,
+/// margins) against [`REMEMBERED_SETS`] remembered sets of scattered records spread over the
+/// whole dataset, and rounding.
+fn mechanism_costs(
+    query: &fedq_proto::template::BoundQuery,
+    axes: &[fedq_proto::template::Axis],
+    snapshot: &fedq_node::data::Snapshot,
+    iterations: usize,
+    out: &Path,
+) -> anyhow::Result<MechanismCosts> {
+    use fedq_node::{disclosure, overlap};
+    let rows = snapshot.rows() as u32;
+    let mut numbered = snapshot.clone();
+    numbered.frame.with_column(polars::prelude::Column::new(
+        plan::RECORD_COLUMN.into(),
+        (0..rows).collect::<Vec<u32>>(),
+    ))?;
+    let raw = plan::count_grid(query, axes, &numbered)?;
+    let time = |mut work: Box<dyn FnMut() -> anyhow::Result<()> + '_>| -> anyhow::Result<Duration> {
+        let mut samples = Vec::new();
+        for _ in 0..iterations {
+            let started = Instant::now();
+            work()?;
+            samples.push(started.elapsed());
+        }
+        Ok(median(samples))
+    };
+    let suppression = time(Box::new(|| {
+        disclosure::apply(&raw, 10);
+        Ok(())
+    }))?;
+    let counting = time(Box::new(|| {
+        plan::count_grid(query, axes, &numbered)?;
+        Ok(())
+    }))?;
+    let with_sets = time(Box::new(|| {
+        plan::count_grid_with_sets(query, axes, &numbered)?;
+        Ok(())
+    }))?;
+    // Remembered sets: sizes spread evenly on a log scale from 10 to 100,000 records (or the
+    // dataset's size), each scattered over the whole dataset (as a filter's records are).
+    let state = out.join("overlap-bench");
+    let mut memory = overlap::OverlapMemory::open(&state, u64::MAX).map_err(anyhow::Error::msg)?;
+    let sets: Vec<roaring::RoaringBitmap> = (0..REMEMBERED_SETS)
+        .map(|index| {
+            let largest = 100_000f64.min(f64::from(rows)).max(10.0);
+            let spread = largest / 10.0;
+            let size = (10f64 * spread.powf(index as f64 / REMEMBERED_SETS as f64)) as u32;
+            let stride = (rows / size.max(1)).max(1);
+            let offset = (index as u32).wrapping_mul(7_919) % stride;
+            (0..size).map(|step| offset + step * stride).collect()
+        })
+        .collect();
+    memory.remember(sets)?;
+    let (raw_with_sets, cell_sets) = plan::count_grid_with_sets(query, axes, &numbered)?;
+    let overlap_check = time(Box::new(|| {
+        overlap::decide(&raw_with_sets, &cell_sets, 10, &memory);
+        Ok(())
+    }))?;
+    let decided = disclosure::apply(&raw, 10);
+    let rounding = time(Box::new(|| {
+        let mut table = decided.clone();
+        disclosure::round_released(&mut table, 5);
+        Ok(())
+    }))?;
+    Ok(MechanismCosts {
+        suppression,
+        record_sets: with_sets.saturating_sub(counting),
+        overlap_check,
+        rounding,
+    })
 }
 
 const THROUGHPUT_ROWS: usize = 2_000;

@@ -11,12 +11,12 @@
 //! reply. It is bounded: when the next answer would pass `privacy.overlap_memory_mb`, the node
 //! refuses queries (fail closed) until an administrator raises the bound or archives the file.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use roaring::RoaringBitmap;
+use roaring::{MultiOps, RoaringBitmap};
 use sha2::{Digest, Sha256};
 
 use crate::disclosure::{self, DisclosedTable, Outcome};
@@ -43,7 +43,6 @@ pub struct OverlapMemory {
     sets: Vec<RoaringBitmap>,
     /// Cardinality → positions in `sets`.
     by_size: BTreeMap<u64, Vec<usize>>,
-    fingerprints: HashSet<[u8; 32]>,
     bytes: u64,
     limit: u64,
 }
@@ -70,7 +69,6 @@ impl OverlapMemory {
             path: path.clone(),
             sets: Vec::new(),
             by_size: BTreeMap::new(),
-            fingerprints: HashSet::new(),
             bytes: 0,
             limit,
         };
@@ -93,7 +91,7 @@ impl OverlapMemory {
                 return Err(damaged());
             }
             let set = RoaringBitmap::deserialize_from(payload).map_err(|_| damaged())?;
-            memory.insert(set, fingerprint(payload), length as u64);
+            memory.insert(set, length as u64);
             at = end;
         }
         if at < bytes.len() {
@@ -109,14 +107,22 @@ impl OverlapMemory {
         Ok(memory)
     }
 
-    fn insert(&mut self, set: RoaringBitmap, print: [u8; 32], size: u64) {
+    fn insert(&mut self, set: RoaringBitmap, size: u64) {
         self.by_size
             .entry(set.len())
             .or_default()
             .push(self.sets.len());
         self.sets.push(set);
-        self.fingerprints.insert(print);
         self.bytes += size;
+    }
+
+    /// Whether exactly this set is remembered.
+    fn contains(&self, set: &RoaringBitmap) -> bool {
+        self.by_size.get(&set.len()).is_some_and(|positions| {
+            positions
+                .iter()
+                .any(|&position| self.sets[position] == *set)
+        })
     }
 
     /// Remembered sets.
@@ -150,24 +156,21 @@ impl OverlapMemory {
     /// remembered. Refuses, writing nothing, when they would pass the bound.
     pub fn remember(&mut self, sets: Vec<RoaringBitmap>) -> Result<(), OverlapError> {
         let mut entries = Vec::new();
-        let mut fresh = Vec::new();
+        let mut fresh: Vec<(RoaringBitmap, u64)> = Vec::new();
         let mut added = 0u64;
         for set in sets {
-            if set.is_empty() {
+            // Known sets (a repeated query) cost one comparison, no serialisation.
+            if set.is_empty() || self.contains(&set) || fresh.iter().any(|(seen, _)| *seen == set) {
                 continue;
             }
             let mut payload = Vec::with_capacity(set.serialized_size());
             set.serialize_into(&mut payload)
                 .map_err(|err| OverlapError::Write(err.to_string()))?;
-            let print = fingerprint(&payload);
-            if self.fingerprints.contains(&print) || fresh.iter().any(|(p, _, _)| *p == print) {
-                continue;
-            }
             entries.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-            entries.extend_from_slice(&print);
+            entries.extend_from_slice(&fingerprint(&payload));
             entries.extend_from_slice(&payload);
             added += payload.len() as u64;
-            fresh.push((print, set, payload.len() as u64));
+            fresh.push((set, payload.len() as u64));
         }
         if fresh.is_empty() {
             return Ok(());
@@ -187,8 +190,8 @@ impl OverlapMemory {
                 file.sync_data()
             })
             .map_err(|err| OverlapError::Write(format!("{}: {err}", self.path.display())))?;
-        for (print, set, size) in fresh {
-            self.insert(set, print, size);
+        for (set, size) in fresh {
+            self.insert(set, size);
         }
         Ok(())
     }
@@ -224,11 +227,7 @@ fn margins(shape: &[usize]) -> Vec<Vec<usize>> {
 }
 
 fn union(sets: &[RoaringBitmap], cells: &[usize]) -> RoaringBitmap {
-    let mut all = RoaringBitmap::new();
-    for &cell in cells {
-        all |= &sets[cell];
-    }
-    all
+    cells.iter().map(|&cell| &sets[cell]).union()
 }
 
 /// The smallest non-zero released cell of `cells` (or the first released one).

@@ -105,23 +105,25 @@ pub fn count_grid_with_sets(
         .collect();
     selected.push(col(RECORD_COLUMN));
     let frame = plan.select(selected).collect()?;
-    let records = frame.column(RECORD_COLUMN)?.u32()?;
-    let key_columns = (0..query.strata.len())
-        .map(|index| {
-            frame
-                .column(&stratum_key(index))
-                .and_then(|column| column.u32().cloned())
-        })
-        .collect::<PolarsResult<Vec<_>>>()?;
-    for (row, record) in records.iter().enumerate() {
-        let mut cell = 0usize;
-        for (axis, keys) in key_columns.iter().enumerate() {
-            let missing_level = shape[axis] - 1;
-            let level = keys.get(row).map_or(missing_level, |level| level as usize);
-            cell = cell * shape[axis] + level.min(missing_level);
+    // Each row's cell, one stratum column at a time (column-wise iteration is fast; looking
+    // rows up one by one is not).
+    let mut row_cells = vec![0usize; frame.height()];
+    for (axis, &levels) in shape.iter().enumerate() {
+        let missing_level = levels - 1;
+        let keys = frame.column(&stratum_key(axis))?.u32()?;
+        for (cell, level) in row_cells.iter_mut().zip(keys.iter()) {
+            let level = level.map_or(missing_level, |level| (level as usize).min(missing_level));
+            *cell = *cell * levels + level;
         }
+    }
+    let records = frame.column(RECORD_COLUMN)?.u32()?;
+    for (&cell, record) in row_cells.iter().zip(records.iter()) {
         counts[cell] += 1;
-        if let Some(record) = record {
+        // Appending is the fast path (numbers ascend in file order); numbers out of order
+        // (records first seen in an earlier load) take a plain insert.
+        if let Some(record) = record
+            && !sets[cell].push(record)
+        {
             sets[cell].insert(record);
         }
     }

@@ -12,7 +12,12 @@ async fn benchmark_runs_end_to_end_and_prints_both_timings() -> anyhow::Result<(
         "polars plan, direct",
         "node end to end (gRPC + mTLS)",
         "ratio",
+        "same, with overlap control",
         "audited throughput",
+        "threshold + complementary",
+        "overlap check, 10,000 sets",
+        "overlap control in all",
+        "rounding",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
