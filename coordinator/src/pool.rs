@@ -7,19 +7,24 @@ use fedq_proto::template::{Axis, TemplateRef};
 use fedq_proto::wire;
 
 /// One site's answer in domain form: `None` is a withheld value.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SiteCells {
     pub cells: Vec<Option<u64>>,
     pub total: Option<u64>,
+    /// Noise variance of each released cell and of the total (0 without noise).
+    pub cell_variance: f64,
+    pub total_variance: f64,
 }
 
 /// A pooled cell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct PooledCell {
     /// Sum of released counts; `None` when no site released the cell.
     pub count: Option<u64>,
     pub sites_released: u32,
     pub sites_withheld: u32,
+    /// Sum of the releasing sites' noise variances.
+    pub noise_variance: f64,
 }
 
 impl PooledCell {
@@ -28,11 +33,12 @@ impl PooledCell {
         self.sites_withheld == 0 && self.sites_released > 0
     }
 
-    fn add(&mut self, value: Option<u64>) {
+    fn add(&mut self, value: Option<u64>, variance: f64) {
         match value {
             Some(count) => {
                 self.count = Some(self.count.unwrap_or(0) + count);
                 self.sites_released += 1;
+                self.noise_variance += variance;
             }
             None => self.sites_withheld += 1,
         }
@@ -40,7 +46,7 @@ impl PooledCell {
 }
 
 /// The pooled grid.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PooledTable {
     pub cells: Vec<PooledCell>,
     pub total: PooledCell,
@@ -98,7 +104,19 @@ impl SiteCells {
             cells.push(released(cell)?);
         }
         let total = released(result.total.as_ref().ok_or("the site sent no total")?)?;
-        Ok(SiteCells { cells, total })
+        let cell_variance = match &result.noise {
+            Some(noise) if noise.cell_variance.is_finite() && noise.cell_variance >= 0.0 => {
+                noise.cell_variance
+            }
+            Some(_) => return Err("the site sent an invalid noise variance".into()),
+            None => 0.0,
+        };
+        Ok(SiteCells {
+            total_variance: cell_variance * expected as f64,
+            cells,
+            total,
+            cell_variance,
+        })
     }
 }
 
@@ -108,9 +126,9 @@ pub fn pool(cell_count: usize, answers: &[&SiteCells]) -> PooledTable {
     let mut total = PooledCell::default();
     for answer in answers {
         for (pooled, value) in cells.iter_mut().zip(&answer.cells) {
-            pooled.add(*value);
+            pooled.add(*value, answer.cell_variance);
         }
-        total.add(answer.total);
+        total.add(answer.total, answer.total_variance);
     }
     PooledTable { cells, total }
 }
@@ -124,10 +142,14 @@ mod tests {
         let a = SiteCells {
             cells: vec![Some(100), Some(20), None],
             total: None,
+            cell_variance: 0.0,
+            total_variance: 0.0,
         };
         let b = SiteCells {
             cells: vec![Some(50), None, None],
             total: None,
+            cell_variance: 0.0,
+            total_variance: 0.0,
         };
         let pooled = pool(3, &[&a, &b]);
         assert_eq!(
@@ -135,7 +157,8 @@ mod tests {
             PooledCell {
                 count: Some(150),
                 sites_released: 2,
-                sites_withheld: 0
+                sites_withheld: 0,
+                noise_variance: 0.0,
             }
         );
         assert!(pooled.cells[0].complete());
@@ -144,7 +167,8 @@ mod tests {
             PooledCell {
                 count: Some(20),
                 sites_released: 1,
-                sites_withheld: 1
+                sites_withheld: 1,
+                noise_variance: 0.0,
             }
         );
         assert!(!pooled.cells[1].complete());
@@ -153,10 +177,34 @@ mod tests {
             PooledCell {
                 count: None,
                 sites_released: 0,
-                sites_withheld: 2
+                sites_withheld: 2,
+                noise_variance: 0.0,
             }
         );
         assert_eq!(pooled.total.count, None);
+    }
+
+    #[test]
+    fn noise_variances_add_up_over_the_sites_that_released_a_cell() {
+        let noisy = SiteCells {
+            cells: vec![Some(100), None],
+            total: Some(130),
+            cell_variance: 2.5,
+            total_variance: 5.0,
+        };
+        let plain = SiteCells {
+            cells: vec![Some(40), Some(12)],
+            total: Some(52),
+            cell_variance: 0.0,
+            total_variance: 0.0,
+        };
+        let pooled = pool(2, &[&noisy, &noisy, &plain]);
+        assert_eq!(pooled.cells[0].noise_variance, 5.0);
+        assert_eq!(
+            pooled.cells[1].noise_variance, 0.0,
+            "only released parts count"
+        );
+        assert_eq!(pooled.total.noise_variance, 10.0);
     }
 
     #[test]

@@ -29,6 +29,7 @@ fn mechanism_name(mechanism: i32) -> &'static str {
         wire::Mechanism::ComplementarySuppression => "complementary_suppression",
         wire::Mechanism::QueryOverlapControl => "query_overlap_control",
         wire::Mechanism::Rounding => "rounding",
+        wire::Mechanism::DifferentialPrivacy => "differential_privacy",
         wire::Mechanism::Unspecified => "unspecified",
     }
 }
@@ -195,6 +196,19 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
             let _ = writeln!(out, "{mark} {meaning}");
         }
     }
+    let noisiest = result
+        .cells
+        .iter()
+        .chain(result.total.iter())
+        .map(|cell| cell.noise_variance)
+        .fold(0.0f64, f64::max);
+    if noisiest > 0.0 {
+        let _ = writeln!(
+            out,
+            "counts carry differential-privacy noise: standard deviation up to {:.1} per pooled value (`--json` gives each value's noise variance)",
+            noisiest.sqrt()
+        );
+    }
     let _ = writeln!(out, "\nsites:");
     for site in &result.sites {
         let _ = writeln!(out, "  {}", site_line(site));
@@ -312,6 +326,8 @@ pub struct JsonCell {
     pub complete: bool,
     pub sites_released: u32,
     pub sites_withheld: u32,
+    /// Variance of the differential-privacy noise in `pooled` (0 without noise).
+    pub noise_variance: f64,
     /// Site id → released count, or null when that site withheld it. Sites that did not answer
     /// are absent.
     pub by_site: std::collections::BTreeMap<String, Option<u64>>,
@@ -351,6 +367,7 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
         complete: pooled.complete,
         sites_released: pooled.sites_released,
         sites_withheld: pooled.sites_withheld,
+        noise_variance: pooled.noise_variance,
         by_site: result
             .sites
             .iter()
@@ -469,6 +486,7 @@ mod tests {
             sites_released: 1,
             sites_withheld: 1,
             complete: false,
+            noise_variance: 0.0,
         };
         assert_eq!(pooled_text(&cell), "40+");
         let none = wire::PooledCell {
@@ -477,6 +495,7 @@ mod tests {
             sites_released: 0,
             sites_withheld: 2,
             complete: false,
+            noise_variance: 0.0,
         };
         assert_eq!(pooled_text(&none), "*");
     }

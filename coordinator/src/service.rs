@@ -158,6 +158,7 @@ fn pooled_cell(coordinates: Vec<u32>, cell: &PooledCell) -> wire::PooledCell {
         sites_released: cell.sites_released,
         sites_withheld: cell.sites_withheld,
         complete: cell.complete(),
+        noise_variance: cell.noise_variance,
     }
 }
 

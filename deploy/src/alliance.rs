@@ -370,6 +370,7 @@ pub fn sign_catalogue(
         valid_from: "2025-01-01".into(),
         valid_until: "2035-12-31".into(),
         max_queries_per_day: 1000,
+        differential_privacy: None,
     };
     let study_file = studies.join(format!("{STUDY_ID}.toml"));
     std::fs::write(&study_file, toml::to_string(&study)?)?;

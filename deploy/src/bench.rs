@@ -145,6 +145,7 @@ pub async fn run(
         valid_from: "2000-01-01".into(),
         valid_until: "2099-12-31".into(),
         max_queries_per_day: u32::MAX,
+        differential_privacy: None,
     };
     let study_signature = expert.sign(fedq_proto::study::DOCUMENT_KIND, &study.canonical_bytes());
     let request = wire::QueryRequest {

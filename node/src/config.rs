@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use fedq_proto::model::{DataModel, Domain};
+use fedq_proto::rational::Rational;
 use fedq_proto::signing::{PublicKeyFile, TrustPolicy, TrustedKey};
 use fedq_proto::tls::TlsFiles;
 use serde::Deserialize;
@@ -49,6 +50,10 @@ struct RawPrivacy {
     overlap_control: Option<bool>,
     overlap_memory_mb: Option<u64>,
     rounding_base: Option<u32>,
+    differential_privacy: Option<bool>,
+    epsilon_per_query: Option<String>,
+    study_epsilon: Option<String>,
+    node_epsilon: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,7 +175,25 @@ pub struct Privacy {
     pub overlap_memory_bytes: u64,
     /// Released counts are rounded to a multiple of this (0: no rounding).
     pub rounding_base: u32,
+    /// Differential privacy, when on.
+    pub differential_privacy: Option<DifferentialPrivacy>,
 }
+
+/// The node's differential-privacy policy (exact rationals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DifferentialPrivacy {
+    /// Epsilon per new query for studies whose approval sets none.
+    pub epsilon_per_query: Rational,
+    /// Most a study may spend at this site, whatever its approval says.
+    pub study_epsilon: Rational,
+    /// Most all studies together may spend at this site.
+    pub node_epsilon: Rational,
+}
+
+/// Defaults of the differential-privacy policy.
+pub const DEFAULT_EPSILON_PER_QUERY: &str = "1/10";
+pub const DEFAULT_STUDY_EPSILON: &str = "1";
+pub const DEFAULT_NODE_EPSILON: &str = "10";
 
 /// Default bound of the overlap memory.
 pub const DEFAULT_OVERLAP_MEMORY_MB: u64 = 1024;
@@ -292,7 +315,55 @@ impl RawNodeConfig {
                 .unwrap_or(DEFAULT_OVERLAP_MEMORY_MB)
                 .saturating_mul(1024 * 1024),
             rounding_base: self.privacy.rounding_base.unwrap_or(0),
+            differential_privacy: None,
         };
+        let mut privacy = privacy;
+        if self.privacy.differential_privacy.unwrap_or(false) {
+            let mut rational = |key: &str, value: &Option<String>, default: &str| {
+                let text = value.as_deref().unwrap_or(default);
+                match Rational::parse(text) {
+                    Ok(value) if !value.is_zero() => value,
+                    _ => {
+                        problems.push(format!(
+                            "privacy.{key} is '{text}'; write a positive exact number like 1/10 or 0.5"
+                        ));
+                        Rational::ZERO
+                    }
+                }
+            };
+            let policy = DifferentialPrivacy {
+                epsilon_per_query: rational(
+                    "epsilon_per_query",
+                    &self.privacy.epsilon_per_query,
+                    DEFAULT_EPSILON_PER_QUERY,
+                ),
+                study_epsilon: rational(
+                    "study_epsilon",
+                    &self.privacy.study_epsilon,
+                    DEFAULT_STUDY_EPSILON,
+                ),
+                node_epsilon: rational(
+                    "node_epsilon",
+                    &self.privacy.node_epsilon,
+                    DEFAULT_NODE_EPSILON,
+                ),
+            };
+            if policy.epsilon_per_query > policy.study_epsilon
+                || policy.study_epsilon > policy.node_epsilon
+            {
+                problems.push(
+                    "privacy: epsilon_per_query <= study_epsilon <= node_epsilon must hold".into(),
+                );
+            }
+            privacy.differential_privacy = Some(policy);
+        } else if self.privacy.epsilon_per_query.is_some()
+            || self.privacy.study_epsilon.is_some()
+            || self.privacy.node_epsilon.is_some()
+        {
+            problems.push(
+                "privacy: epsilon settings are given but differential_privacy is not true".into(),
+            );
+        }
         if privacy.rounding_base == 1 || privacy.rounding_base > MAX_ROUNDING_BASE {
             problems.push(format!(
                 "privacy.rounding_base is {}; use 0 (no rounding) or 2 to {MAX_ROUNDING_BASE}",

@@ -71,6 +71,15 @@ pub enum NodeError {
         "this site cannot write its audit log, so it refuses the query; nothing was released (the site's administrator can find the cause in the node log)"
     )]
     AuditUnavailable,
+    /// A privacy budget would be passed.
+    #[error(
+        "the privacy budget of {scope} at this site is used up ({spent} of epsilon {budget} spent; this query would pass it); nothing was released. Budgets do not reset by themselves: the study needs a new approval with a larger budget, within this site's cap"
+    )]
+    BudgetExhausted {
+        scope: String,
+        spent: String,
+        budget: String,
+    },
     /// The overlap memory reached its bound: the node refuses rather than forget.
     #[error(
         "this site's memory of released results is full ({used_mb} of {limit_mb} MiB), so it refuses queries until its administrator raises privacy.overlap_memory_mb or archives the memory; nothing was released"
@@ -126,6 +135,7 @@ impl NodeError {
             NodeError::StateUnwritable => RefusalCode::Internal,
             NodeError::AuditUnavailable => RefusalCode::AuditUnavailable,
             NodeError::OverlapMemoryFull { .. } => RefusalCode::OverlapMemoryFull,
+            NodeError::BudgetExhausted { .. } => RefusalCode::PrivacyBudgetExhausted,
             NodeError::StudyNotInForce { .. } => RefusalCode::StudyNotInForce,
             NodeError::SiteNotInStudy { .. } => RefusalCode::SiteNotInStudy,
             NodeError::TemplateNotInStudy { .. } => RefusalCode::TemplateNotInStudy,

@@ -11,6 +11,7 @@
 //! - [`config`]: the node's TOML configuration and its validation.
 //! - [`check`]: the pre-flight report of `fedq-node check`.
 //! - [`cli`]: the `fedq-node` command line (`serve`, `check`, `audit`).
+//! - [`dp`]: differential privacy: exact discrete Laplace noise and the privacy budget.
 //! - [`overlap`]: query-set overlap control over remembered released record sets.
 //! - [`records`]: stable keyed-hash record identities and their dense numbers.
 //! - [`limits`]: each study's daily query limit, kept in the node's state directory.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod disclosure;
+pub mod dp;
 mod error;
 pub mod limits;
 pub mod overlap;

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use polars::prelude::{Column, PolarsError};
 
 use fedq_proto::model::DataModel;
+use fedq_proto::rational::Rational;
 use fedq_proto::study::Study;
 use fedq_proto::template::{Axis, Template, TemplateRef, Value};
 use fedq_proto::wire;
@@ -18,6 +19,7 @@ use crate::audit::{self, AuditLog};
 use crate::config::{NodeConfig, Policy};
 use crate::data::{self, Snapshot};
 use crate::disclosure::{self, DisclosedTable};
+use crate::dp::{self, PrivacyBudget};
 use crate::limits::DailyLimits;
 use crate::overlap::{self, OverlapError, OverlapMemory};
 use crate::plan;
@@ -37,6 +39,10 @@ pub struct QueryEngine {
     /// one step: of two concurrent near-identical queries, the second sees the first's sets.
     overlap: Option<Mutex<OverlapMemory>>,
     register_lock: Mutex<()>,
+    /// The node's secret (keyed record hashes, noise seeds).
+    secret: NodeSecret,
+    /// Epsilon spent per study and in all, when differential privacy is on.
+    budget: Option<PrivacyBudget>,
 }
 
 /// What a study lead's request carries into the node, already out of its wire form.
@@ -129,6 +135,8 @@ struct Seen {
     template: Option<Template>,
     study: Option<Study>,
     snapshot_version: Option<String>,
+    /// Epsilon this query spent (zero for a repeat), when differential privacy is on.
+    epsilon_spent: Option<Rational>,
 }
 
 /// A released answer: only disclosed values.
@@ -140,6 +148,8 @@ pub struct SiteAnswer {
     pub table: DisclosedTable,
     /// The node's signed audit head including this query's record.
     pub audit_head: wire::SignedAuditHead,
+    /// Differential privacy: the epsilon of the noise and each released cell's noise variance.
+    pub noise: Option<(Rational, f64)>,
 }
 
 impl QueryEngine {
@@ -161,6 +171,10 @@ impl QueryEngine {
         } else {
             None
         };
+        let budget = match config.policy.privacy.differential_privacy {
+            Some(_) => Some(PrivacyBudget::open(&config.state_dir).map_err(state_problem)?),
+            None => None,
+        };
         if config.policy.trust.trusted.is_empty() {
             warnings.push(fedq_proto::signing::SignatureProblem::NoTrustedKeys.to_string());
         }
@@ -181,6 +195,8 @@ impl QueryEngine {
                 audit,
                 overlap,
                 register_lock: Mutex::new(()),
+                secret,
+                budget,
             },
             warnings,
         ))
@@ -219,6 +235,7 @@ impl QueryEngine {
             axes: answer.axes,
             table,
             audit_head: head,
+            noise: answer.noise,
         })
     }
 
@@ -321,11 +338,39 @@ impl QueryEngine {
             );
             NodeError::Engine
         };
+        // Differential privacy: charge the budget first (a repeat of a paid query is free).
+        let content = checked.canonical_content(&values)?;
+        let noise_epsilon = match (&self.budget, self.policy.privacy.differential_privacy) {
+            (Some(budget), Some(policy)) => {
+                let (epsilon, study_budget) = match &study.differential_privacy {
+                    Some(own) => (
+                        own.epsilon_per_query,
+                        own.total_epsilon.min(policy.study_epsilon),
+                    ),
+                    None => (policy.epsilon_per_query, policy.study_epsilon),
+                };
+                let key = fedq_proto::template::content_hash(
+                    &[content.as_slice(), b"\0", snapshot.version.as_bytes()].concat(),
+                );
+                seen.epsilon_spent = Some(budget.charge(
+                    &key,
+                    dp::Charge {
+                        study: &study.id,
+                        epsilon,
+                        study_budget,
+                        node_budget: policy.node_epsilon,
+                    },
+                )?);
+                Some(epsilon)
+            }
+            _ => None,
+        };
         let k = disclosure::effective_k(self.policy.min_cell_count, template.min_cell_count);
-        let table = match &self.overlap {
+        let (raw, table) = match &self.overlap {
             None => {
                 let raw = plan::count_grid(&query, &checked.axes, snapshot).map_err(plan_failed)?;
-                disclosure::apply(&raw, k)
+                let table = disclosure::apply(&raw, k);
+                (raw, table)
             }
             Some(memory) => {
                 let (raw, sets) = plan::count_grid_with_sets(&query, &checked.axes, snapshot)
@@ -343,16 +388,24 @@ impl QueryEngine {
                             NodeError::StateUnwritable
                         }
                     })?;
-                decided.table
+                (raw, decided.table)
             }
         };
+        // Every suppression decision was made on true counts; noise and rounding now act on
+        // what is released.
         let mut table = table;
+        let noise = noise_epsilon.map(|epsilon| {
+            let mut rng = dp::noise_generator(&self.secret, &content, &snapshot.version);
+            let variance = dp::add_noise(&mut table, &raw.counts, epsilon, &mut rng);
+            (epsilon, variance)
+        });
         disclosure::round_released(&mut table, self.policy.privacy.rounding_base);
         Ok((
             Computed {
                 template: TemplateRef::of(template),
                 snapshot_version: snapshot.version.clone(),
                 axes: checked.axes,
+                noise,
             },
             table,
         ))
@@ -365,6 +418,7 @@ struct Computed {
     template: TemplateRef,
     snapshot_version: String,
     axes: Vec<Axis>,
+    noise: Option<(Rational, f64)>,
 }
 
 /// The audit facts of one request.
@@ -433,6 +487,7 @@ fn query_event(
         outcome,
         refusal,
         snapshot_version: seen.snapshot_version.clone(),
+        epsilon_spent: seen.epsilon_spent.map(|epsilon| epsilon.to_string()),
         cells_released,
         cells_withheld,
         total_withheld,

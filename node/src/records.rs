@@ -69,6 +69,10 @@ impl NodeSecret {
         Ok(secret)
     }
 
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+
     /// A secret for checks that must not touch the state directory (`fedq-node check`).
     pub fn ephemeral() -> NodeSecret {
         NodeSecret(rand::random())

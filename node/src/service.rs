@@ -48,9 +48,9 @@ pub fn status_of(err: &NodeError) -> Status {
         NodeError::StudyNotInForce { .. }
         | NodeError::SiteNotInStudy { .. }
         | NodeError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
-        NodeError::DailyLimitReached { .. } | NodeError::OverlapMemoryFull { .. } => {
-            Code::ResourceExhausted
-        }
+        NodeError::DailyLimitReached { .. }
+        | NodeError::OverlapMemoryFull { .. }
+        | NodeError::BudgetExhausted { .. } => Code::ResourceExhausted,
         NodeError::StateUnwritable | NodeError::AuditUnavailable => Code::Unavailable,
         NodeError::StudyMissing | NodeError::Contract(fedq_proto::Error::Study { .. }) => {
             Code::InvalidArgument
@@ -115,6 +115,10 @@ fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
             .map(|mechanism| *mechanism as i32)
             .collect(),
         audit_head: Some(answer.audit_head),
+        noise: answer.noise.map(|(epsilon, cell_variance)| wire::Noise {
+            epsilon: epsilon.to_string(),
+            cell_variance,
+        }),
     }
 }
 

@@ -151,6 +151,7 @@ mod tests {
             valid_from: "2026-01-01".into(),
             valid_until: "2026-12-31".into(),
             max_queries_per_day: 1,
+            differential_privacy: None,
         };
         let template: Template = serde_json::from_str(
             r#"{"id":"t","version":1,"title":"T","description":"D","data_model":"fedq-trauma/1","dataset":"trauma_admissions","parameters":[],"strata":[],"statistic":{"kind":"count"}}"#,

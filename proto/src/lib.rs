@@ -10,6 +10,7 @@
 //! - [`signing`]: expert keys, signatures and the verification rule (trusted keys, quorum,
 //!   revocation).
 //! - [`audit_head`]: the signed head of a node's hash-chained audit log.
+//! - [`rational`]: exact rationals for privacy budgets.
 //! - [`register`]: the transparency register's JSON and HTML forms.
 //! - [`tls`]: certificate loading, mutual-TLS configuration and certificate identities.
 //! - [`config`]: layered configuration (TOML file, then environment overrides).
@@ -25,6 +26,7 @@ pub mod document;
 mod error;
 pub mod model;
 pub mod process;
+pub mod rational;
 pub mod register;
 pub mod signing;
 pub mod study;

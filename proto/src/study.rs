@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Error;
 use crate::model::parse_date;
+use crate::rational::Rational;
 use crate::template::{Template, TemplateRef, content_hash};
 
 /// The `kind` of the signed document a study approval travels in.
@@ -35,6 +36,19 @@ pub struct Study {
     pub valid_until: String,
     /// How many queries of this study each site answers per UTC day.
     pub max_queries_per_day: u32,
+    /// The study's differential-privacy budget at each site that adds noise (optional: such a
+    /// site otherwise applies its own defaults; a site's cap always applies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differential_privacy: Option<StudyPrivacy>,
+}
+
+/// A study's privacy budget: epsilon spent per (new) query, and in all, at each site.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyPrivacy {
+    /// Exact rational, e.g. "1" or "3/2".
+    pub total_epsilon: Rational,
+    pub epsilon_per_query: Rational,
 }
 
 /// A template a study may use, exactly.
@@ -182,6 +196,15 @@ impl Study {
             if self.sites[..index].contains(site) {
                 return Err(invalid(&self.id, format!("site '{site}' is listed twice")));
             }
+        }
+        if let Some(privacy) = &self.differential_privacy
+            && (privacy.epsilon_per_query.is_zero()
+                || privacy.epsilon_per_query > privacy.total_epsilon)
+        {
+            return Err(invalid(
+                &self.id,
+                "differential_privacy: epsilon_per_query must be above 0 and at most total_epsilon",
+            ));
         }
         if Study::from_canonical(&self.canonical_bytes()).is_err() {
             return Err(invalid(&self.id, "the study cannot be encoded canonically"));

@@ -1088,6 +1088,51 @@ impl CheckedTemplate<'_> {
     /// The effective parameter values: given ones, then defaults. Unknown, duplicate, missing,
     /// mistyped and out-of-limits values are refused with a message naming the parameter.
     pub fn bind(&self, given: &[(String, Value)]) -> Result<BoundQuery, Error> {
+        let values = self.effective_values(given)?;
+        let filter = match &self.template.filter {
+            Some(filter) => Some(bind_filter(filter, self.dataset, &values)?),
+            None => None,
+        };
+        let strata = self
+            .template
+            .strata
+            .iter()
+            .map(|stratum| bind_stratum(stratum, self.dataset))
+            .collect();
+        Ok(BoundQuery {
+            dataset: self.template.dataset.clone(),
+            filter,
+            strata,
+        })
+    }
+
+    /// The query's canonical content: the template's content hash and every parameter's
+    /// effective value in the template's order, each in one exact form. The same question
+    /// gives the same bytes however it was asked (an omitted default equals the default given
+    /// explicitly; a category list in any order).
+    pub fn canonical_content(&self, given: &[(String, Value)]) -> Result<Vec<u8>, Error> {
+        let mut content = self.template.content_hash().into_bytes();
+        for (name, value) in self.effective_values(given)? {
+            let text = match value {
+                Value::Integer(value) => format!("integer:{value}"),
+                Value::Float(value) => format!("float:{:016x}", value.to_bits()),
+                Value::Date(date) => format!("date:{date}"),
+                Value::Category(name) => format!("category:{name}"),
+                Value::Categories(mut names) => {
+                    names.sort();
+                    names.dedup();
+                    format!("categories:{}", names.join("\u{1f}"))
+                }
+            };
+            for part in [name.as_bytes(), text.as_bytes()] {
+                content.extend_from_slice(&(part.len() as u64).to_be_bytes());
+                content.extend_from_slice(part);
+            }
+        }
+        Ok(content)
+    }
+
+    fn effective_values(&self, given: &[(String, Value)]) -> Result<Vec<(&str, Value)>, Error> {
         let checker = Checker {
             template: self.template,
             dataset: self.dataset,
@@ -1147,21 +1192,7 @@ impl CheckedTemplate<'_> {
                 })?;
             values.push((spec.name.as_str(), value));
         }
-        let filter = match &self.template.filter {
-            Some(filter) => Some(bind_filter(filter, self.dataset, &values)?),
-            None => None,
-        };
-        let strata = self
-            .template
-            .strata
-            .iter()
-            .map(|stratum| bind_stratum(stratum, self.dataset))
-            .collect();
-        Ok(BoundQuery {
-            dataset: self.template.dataset.clone(),
-            filter,
-            strata,
-        })
+        Ok(values)
     }
 }
 

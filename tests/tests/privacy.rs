@@ -217,3 +217,117 @@ async fn overlap_memory_survives_a_restart_and_concurrent_near_duplicates_do_not
     fresh.stop().await?;
     test.alliance.stop().await
 }
+
+/// The whole answer a node gave (cells and total), for comparing repeats.
+async fn node_answer(
+    test: &TestAlliance,
+    node: &alliance::Running,
+    request_id: &str,
+    min_iss: i64,
+) -> Result<wire::SiteResult, tonic::Status> {
+    let mut client = client_for(test, node)
+        .await
+        .map_err(|err| tonic::Status::unavailable(err.to_string()))?;
+    let request = cohort_request(&test.alliance, request_id, min_iss)
+        .map_err(|err| tonic::Status::internal(err.to_string()))?;
+    client
+        .run_query(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn values_of(answer: &wire::SiteResult) -> (Vec<Option<u64>>, Option<u64>) {
+    let value = |cell: &wire::Cell| match &cell.outcome {
+        Some(wire::cell::Outcome::Released(released)) => Some(released.count),
+        _ => None,
+    };
+    (
+        answer.cells.iter().map(value).collect(),
+        answer.total.as_ref().and_then(value),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_differential_privacy_two_hundred_repeats_give_one_answer_and_spend_once()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let (_, plain) = site_a_variant(&test, "overlap_control = false").await?;
+    let truth = values_of(&node_answer(&test, &plain, "truth", 0).await?);
+    plain.stop().await?;
+    let (config, noisy) = site_a_variant(
+        &test,
+        "differential_privacy = true\nepsilon_per_query = \"1/10\"",
+    )
+    .await?;
+    let first = node_answer(&test, &noisy, "repeat-0", 0).await?;
+    assert!(
+        first
+            .mechanisms
+            .contains(&(wire::Mechanism::DifferentialPrivacy as i32))
+    );
+    let noise = first.noise.clone().expect("the answer reports its noise");
+    assert_eq!(noise.epsilon, "1/10");
+    assert!(noise.cell_variance > 100.0, "scale 10: variance about 200");
+    let answer = values_of(&first);
+    assert_ne!(answer, truth, "noise changed the released counts");
+    // The total is the sum of the noisy cells (withheld ones included, which are not sent).
+    let released: u64 = answer.0.iter().flatten().sum();
+    assert!(answer.1.is_none_or(|total| total >= released));
+    for repeat in 1..200 {
+        let again = node_answer(&test, &noisy, &format!("repeat-{repeat}"), 0).await?;
+        assert_eq!(
+            values_of(&again),
+            answer,
+            "repeat {repeat} gave another answer"
+        );
+    }
+    noisy.stop().await?;
+    let state = config_state_dir(&config)?;
+    let spent: Vec<String> = fedq_tests::audit_queries(&state)?
+        .into_iter()
+        .filter_map(|query| query.epsilon_spent)
+        .collect();
+    assert_eq!(spent.len(), 200);
+    assert_eq!(spent[0], "1/10");
+    assert!(spent[1..].iter().all(|epsilon| epsilon == "0"), "{spent:?}");
+    test.alliance.stop().await
+}
+
+/// The state directory a node configuration names.
+fn config_state_dir(config: &std::path::Path) -> anyhow::Result<std::path::PathBuf> {
+    Ok(fedq_node::config::NodeConfig::load(config)?.state_dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_privacy_budget_refuses_and_stays_exhausted_after_a_restart()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let (config, node) = site_a_variant(
+        &test,
+        "differential_privacy = true\nepsilon_per_query = \"1/10\"\nstudy_epsilon = \"3/10\"",
+    )
+    .await?;
+    let first = values_of(&node_answer(&test, &node, "b-0", 0).await?);
+    for (index, min_iss) in [20, 40].into_iter().enumerate() {
+        node_answer(&test, &node, &format!("b-{}", index + 1), min_iss).await?;
+    }
+    let refused = node_answer(&test, &node, "b-3", 60).await.unwrap_err();
+    fedq_tests::assert_refused(
+        &refused,
+        tonic::Code::ResourceExhausted,
+        wire::RefusalCode::PrivacyBudgetExhausted,
+        "privacy budget of study 'trauma-outcomes'",
+    );
+    node.stop().await?;
+    let restarted = alliance::start_node(&config).await?;
+    let still = node_answer(&test, &restarted, "b-4", 60).await.unwrap_err();
+    assert_eq!(
+        fedq_tests::refusal_of(&still),
+        wire::RefusalCode::PrivacyBudgetExhausted
+    );
+    // A question already paid for is answered again, the same, for free.
+    let repeat = values_of(&node_answer(&test, &restarted, "b-5", 0).await?);
+    assert_eq!(repeat, first);
+    restarted.stop().await?;
+    test.alliance.stop().await
+}

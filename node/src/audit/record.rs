@@ -57,6 +57,8 @@ pub struct QueryEvent {
     pub refusal: Option<Refusal>,
     /// The data snapshot the answer was computed from.
     pub snapshot_version: Option<String>,
+    /// Differential privacy: the epsilon this query spent ("0" for a repeat of a paid query).
+    pub epsilon_spent: Option<String>,
     pub cells_released: u64,
     /// Withheld cells per reason (per-cell reasons stay here, in the node's own log).
     pub cells_withheld: BTreeMap<String, u64>,
@@ -172,6 +174,7 @@ mod tests {
                 outcome: Outcome::Released,
                 refusal: None,
                 snapshot_version: Some("sha256:cd".into()),
+                epsilon_spent: None,
                 cells_released: 10,
                 cells_withheld: BTreeMap::from([("threshold".into(), 2)]),
                 total_withheld: true,

@@ -21,6 +21,7 @@ fn query(request_id: &str) -> Event {
         outcome: Outcome::Released,
         refusal: None,
         snapshot_version: None,
+        epsilon_spent: None,
         cells_released: 4,
         cells_withheld: BTreeMap::new(),
         total_withheld: false,

@@ -408,3 +408,36 @@ fn oversized_filters_and_duplicate_in_values_are_refused() {
     let err = template.check(&model, &no_extra()).unwrap_err().to_string();
     assert!(err.contains("'male' is listed twice"), "{err}");
 }
+
+#[test]
+fn canonical_content_is_the_same_however_the_same_question_is_asked() {
+    let template = cohort();
+    let model = model();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    let period = |extra: Vec<(String, Value)>| {
+        let mut values = vec![
+            ("from".to_string(), date("2020-01-01")),
+            ("to".to_string(), date("2020-12-31")),
+        ];
+        values.extend(extra);
+        values
+    };
+    let omitted = checked.canonical_content(&period(vec![])).unwrap();
+    let explicit = checked
+        .canonical_content(&period(vec![("min_iss".into(), Value::Integer(0))]))
+        .unwrap();
+    assert_eq!(
+        omitted, explicit,
+        "an omitted default equals the default given"
+    );
+    let reordered = {
+        let mut values = period(vec![]);
+        values.reverse();
+        checked.canonical_content(&values).unwrap()
+    };
+    assert_eq!(omitted, reordered);
+    let other = checked
+        .canonical_content(&period(vec![("min_iss".into(), Value::Integer(1))]))
+        .unwrap();
+    assert_ne!(omitted, other);
+}
