@@ -234,6 +234,7 @@ pub async fn run(
         ("record sets per cell", costs.record_sets),
         (OVERLAP_CHECK_LABEL, costs.overlap_check),
         ("rounding", costs.rounding),
+        ("differential-privacy noise", costs.noise),
     ] {
         writeln!(output, "  {name:<34} {:>10.3} ms", time.as_secs_f64() * 1e3)?;
     }
@@ -309,6 +310,7 @@ struct MechanismCosts {
     record_sets: Duration,
     overlap_check: Duration,
     rounding: Duration,
+    noise: Duration,
 }
 
 /// Times each disclosure mechanism on its own for one query: threshold and complementary
@@ -377,11 +379,20 @@ fn mechanism_costs(
         disclosure::round_released(&mut table, 5);
         Ok(())
     }))?;
+    let secret = fedq_node::records::NodeSecret::ephemeral();
+    let epsilon = fedq_proto::rational::Rational::new(1, 10).context("epsilon")?;
+    let noise = time(Box::new(|| {
+        let mut table = decided.clone();
+        let mut rng = fedq_node::dp::noise_generator(&secret, b"bench query", "snapshot");
+        fedq_node::dp::add_noise(&mut table, &raw.counts, epsilon, &mut rng);
+        Ok(())
+    }))?;
     Ok(MechanismCosts {
         suppression,
         record_sets: with_sets.saturating_sub(counting),
         overlap_check,
         rounding,
+        noise,
     })
 }
 

@@ -18,6 +18,7 @@ async fn benchmark_runs_end_to_end_and_prints_both_timings() -> anyhow::Result<(
         "overlap check, 10,000 sets",
         "overlap control in all",
         "rounding",
+        "differential-privacy noise",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
     }
