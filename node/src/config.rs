@@ -22,6 +22,11 @@ pub const ENV_PREFIX: &str = "FEDQ_NODE";
 /// The disclosure floor when the config names none.
 pub const DEFAULT_MIN_CELL_COUNT: u32 = 10;
 
+/// Queries a node computes at once when the config says nothing.
+pub const DEFAULT_MAX_CONCURRENT_QUERIES: usize = 8;
+/// Most concurrent queries a node accepts as a setting.
+const MOST_CONCURRENT_QUERIES: usize = 256;
+
 /// Smallest audit segment size accepted (a few records).
 pub const MIN_AUDIT_SEGMENT_BYTES: u64 = 4096;
 
@@ -33,6 +38,7 @@ pub const LOWEST_MIN_CELL_COUNT: u32 = 3;
 pub struct RawNodeConfig {
     site_id: String,
     listen: String,
+    max_concurrent_queries: Option<usize>,
     state_dir: PathBuf,
     tls: TlsFiles,
     policy: RawPolicy,
@@ -137,6 +143,8 @@ pub enum DomainViolationPolicy {
 pub struct NodeConfig {
     pub site_id: String,
     pub listen: SocketAddr,
+    /// Queries computed at once; more are refused at once as busy (no growing queue).
+    pub max_concurrent_queries: usize,
     /// Files the node owns and keeps across restarts (audit log and key, daily query counts).
     pub state_dir: PathBuf,
     pub tls: TlsFiles,
@@ -270,6 +278,14 @@ impl RawNodeConfig {
                 self.listen
             ))
         });
+        let max_concurrent_queries = self
+            .max_concurrent_queries
+            .unwrap_or(DEFAULT_MAX_CONCURRENT_QUERIES);
+        if !(1..=MOST_CONCURRENT_QUERIES).contains(&max_concurrent_queries) {
+            problems.push(format!(
+                "max_concurrent_queries is {max_concurrent_queries}; it must be from 1 to {MOST_CONCURRENT_QUERIES}"
+            ));
+        }
         let state_dir = fedq_proto::config::resolve_path(base, &self.state_dir);
         if state_dir.exists() && !state_dir.is_dir() {
             problems.push(format!(
@@ -401,6 +417,7 @@ impl RawNodeConfig {
             (true, Ok(listen)) => Ok(NodeConfig {
                 site_id: self.site_id,
                 listen,
+                max_concurrent_queries,
                 state_dir,
                 tls,
                 audit_segment_bytes,

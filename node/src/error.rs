@@ -71,6 +71,11 @@ pub enum NodeError {
         "this site cannot write its audit log, so it refuses the query; nothing was released (the site's administrator can find the cause in the node log)"
     )]
     AuditUnavailable,
+    /// The node is computing as many queries as it allows at once.
+    #[error(
+        "this site is busy ({most} queries are being computed, its limit); nothing was computed — try again shortly"
+    )]
+    Busy { most: usize },
     /// A privacy budget would be passed.
     #[error(
         "the privacy budget of {scope} at this site is used up ({spent} of epsilon {budget} spent; this query would pass it); nothing was released. Budgets do not reset by themselves: the study needs a new approval with a larger budget, within this site's cap"
@@ -136,6 +141,7 @@ impl NodeError {
             NodeError::AuditUnavailable => RefusalCode::AuditUnavailable,
             NodeError::OverlapMemoryFull { .. } => RefusalCode::OverlapMemoryFull,
             NodeError::BudgetExhausted { .. } => RefusalCode::PrivacyBudgetExhausted,
+            NodeError::Busy { .. } => RefusalCode::SiteBusy,
             NodeError::StudyNotInForce { .. } => RefusalCode::StudyNotInForce,
             NodeError::SiteNotInStudy { .. } => RefusalCode::SiteNotInStudy,
             NodeError::TemplateNotInStudy { .. } => RefusalCode::TemplateNotInStudy,

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use polars::prelude::{Column, PolarsError};
 
@@ -41,6 +42,9 @@ pub struct QueryEngine {
     register_lock: Mutex<()>,
     /// The node's secret (keyed record hashes, noise seeds).
     secret: NodeSecret,
+    /// Queries being computed, and the most allowed at once.
+    running: AtomicUsize,
+    most_running: usize,
     /// Epsilon spent per study and in all, when differential privacy is on.
     budget: Option<PrivacyBudget>,
 }
@@ -197,6 +201,8 @@ impl QueryEngine {
                 register_lock: Mutex::new(()),
                 secret,
                 budget,
+                running: AtomicUsize::new(0),
+                most_running: config.max_concurrent_queries,
             },
             warnings,
         ))
@@ -210,16 +216,34 @@ impl QueryEngine {
         &self.audit
     }
 
-    /// Runs one query for a caller presenting `caller_identities`, and records it in the audit
-    /// log whatever the outcome. Nothing is returned unless the record is on disk: if it cannot
-    /// be written, the query is refused.
+    /// A computing slot, if one is free: a node computes at most `max_concurrent_queries`
+    /// queries at once and refuses the rest at once (no queue grows).
+    pub fn take_slot(&self) -> Option<Slot<'_>> {
+        self.running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |running| {
+                (running < self.most_running).then_some(running + 1)
+            })
+            .ok()
+            .map(|_| Slot { engine: self })
+    }
+
+    /// Runs one query for a caller presenting `caller_identities` in `slot` (`None`: no slot
+    /// was free, so it is refused as busy), and records it in the audit log whatever the
+    /// outcome. Nothing is returned unless the record is on disk: if it cannot be written, the
+    /// query is refused.
     pub fn run(
         &self,
         caller_identities: &[String],
         request: &QueryRequest,
+        slot: Option<Slot<'_>>,
     ) -> Result<SiteAnswer, NodeError> {
         let mut seen = Seen::default();
-        let result = self.answer(caller_identities, request, &mut seen);
+        let result = match slot {
+            Some(_computing) => self.answer(caller_identities, request, &mut seen),
+            None => Err(NodeError::Busy {
+                most: self.most_running,
+            }),
+        };
         let event = query_event(caller_identities, request, &seen, &result);
         audit::trace(&event);
         let head = self
@@ -409,6 +433,18 @@ impl QueryEngine {
             },
             table,
         ))
+    }
+}
+
+/// One of the node's computing slots, given back when dropped.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    engine: &'a QueryEngine,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.engine.running.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -50,7 +50,8 @@ pub fn status_of(err: &NodeError) -> Status {
         | NodeError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
         NodeError::DailyLimitReached { .. }
         | NodeError::OverlapMemoryFull { .. }
-        | NodeError::BudgetExhausted { .. } => Code::ResourceExhausted,
+        | NodeError::BudgetExhausted { .. }
+        | NodeError::Busy { .. } => Code::ResourceExhausted,
         NodeError::StateUnwritable | NodeError::AuditUnavailable => Code::Unavailable,
         NodeError::StudyMissing | NodeError::Contract(fedq_proto::Error::Study { .. }) => {
             Code::InvalidArgument
@@ -204,9 +205,12 @@ impl Node for NodeService {
             study: message.study,
         };
         let engine = Arc::clone(&self.engine);
-        let outcome = tokio::task::spawn_blocking(move || engine.run(&identities, &query))
-            .await
-            .map_err(|_| status_of(&NodeError::Engine))?;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let slot = engine.take_slot();
+            engine.run(&identities, &query, slot)
+        })
+        .await
+        .map_err(|_| status_of(&NodeError::Engine))?;
         match outcome {
             Ok(answer) => Ok(Response::new(answer_to_wire(&self.engine.site_id, answer))),
             Err(err) => Err(status_of(&err)),

@@ -81,3 +81,47 @@ async fn check_passes_a_good_node_and_names_each_seeded_misconfiguration() -> an
     }
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_node_answers_or_refuses_each_query_as_busy_and_stays_up() -> anyhow::Result<()> {
+    use fedq_proto::wire::RefusalCode;
+    let test = TestAlliance::start().await?;
+    let node = fedq_tests::node_variant(&test, |config| {
+        config.replacen("listen = ", "max_concurrent_queries = 1\nlisten = ", 1)
+    })
+    .await?;
+    let client = fedq_tests::client_for(&test, &node).await?;
+    let calls = (0..200).map(|index| {
+        let mut client = client.clone();
+        let request = fedq_tests::cohort_request(&test.alliance, &format!("flood-{index}"), 0);
+        async move {
+            let mut request = tonic::Request::new(request?);
+            request.set_timeout(std::time::Duration::from_secs(20));
+            Ok::<_, anyhow::Error>(client.run_query(request).await)
+        }
+    });
+    let outcomes = futures::future::join_all(calls).await;
+    let (mut answered, mut busy) = (0, 0);
+    for outcome in outcomes {
+        match outcome? {
+            Ok(_) => answered += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert_eq!(fedq_tests::refusal_of(&status), RefusalCode::SiteBusy);
+                busy += 1;
+            }
+        }
+    }
+    assert!(answered > 0 && busy > 0, "answered {answered}, busy {busy}");
+    // Still up.
+    let mut client = client.clone();
+    client
+        .run_query(fedq_tests::cohort_request(
+            &test.alliance,
+            "after-flood",
+            0,
+        )?)
+        .await?;
+    node.stop().await?;
+    test.alliance.stop().await
+}
