@@ -536,6 +536,29 @@ impl NodeProcess {
         .await
     }
 
+    /// SIGTERM, then waits (at most a minute) for the process to exit; returns its status.
+    pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: sending a signal to our own child process.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            anyhow::bail!(
+                "cannot signal the node: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the node did not exit within a minute of SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL: the process dies at once, wherever it is.
     pub fn kill(mut self) -> anyhow::Result<()> {
         self.child.kill()?;

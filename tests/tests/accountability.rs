@@ -398,3 +398,56 @@ async fn the_register_names_study_and_templates_and_carries_no_parameter_values(
     assert!(!page.contains("min_iss") && !page.contains(">37<"));
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_queries_in_flight_finish_with_their_audit_records_and_exits_zero()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let (config, state) = node_config_with_own_state(&test)?;
+    let process = NodeProcess::start(NODE_PROGRAM, &config, None)?;
+    let node = process.client(&test).await?;
+    let first_answer = std::sync::Arc::new(tokio::sync::Notify::new());
+    let calls: Vec<_> = (0..200)
+        .map(|index| {
+            let mut node = node.clone();
+            let first_answer = std::sync::Arc::clone(&first_answer);
+            let request = cohort_request(&test.alliance, &format!("term-{index}"), index % 20);
+            tokio::spawn(async move {
+                let request = request?;
+                let id = request.request_id.clone();
+                let answered = node.run_query(request).await.is_ok();
+                if answered {
+                    first_answer.notify_one();
+                }
+                Ok::<_, anyhow::Error>((id, answered, std::time::Instant::now()))
+            })
+        })
+        .collect();
+    // Terminate as soon as the first answer is back: most queries are still in flight.
+    first_answer.notified().await;
+    let signalled = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || process.terminate()).await??;
+    assert!(status.success(), "the node exited with {status}");
+    let mut answered = Vec::new();
+    let mut after_signal = 0;
+    for call in calls {
+        let (id, ok, at) = call.await??;
+        if ok {
+            answered.push(id);
+            after_signal += usize::from(at > signalled);
+        }
+    }
+    assert!(after_signal > 0, "no query in flight at SIGTERM completed");
+    verify_audit(&state, &[])?;
+    let recorded: std::collections::BTreeSet<String> = audit_queries(&state)?
+        .into_iter()
+        .map(|query| query.request_id)
+        .collect();
+    for id in &answered {
+        assert!(
+            recorded.contains(id),
+            "answered query {id} has no audit record"
+        );
+    }
+    test.alliance.stop().await
+}
