@@ -441,6 +441,12 @@ async fn audited_throughput(
         .replace(
             &config.state_dir.display().to_string(),
             &state.display().to_string(),
+        )
+        // Every client's query is computed, none refused as busy.
+        .replacen(
+            "listen = ",
+            &format!("max_concurrent_queries = {THROUGHPUT_CLIENTS}\nlisten = "),
+            1,
         );
     let config_path = folder.join("node.toml");
     std::fs::write(&config_path, small)?;

@@ -385,6 +385,12 @@ impl RawNodeConfig {
                 "privacy.rounding_base is {}; use 0 (no rounding) or 2 to {MAX_ROUNDING_BASE}",
                 privacy.rounding_base
             ));
+        } else if privacy.rounding_base > 2 * min_cell_count {
+            problems.push(format!(
+                "privacy.rounding_base is {}; at most twice policy.min_cell_count ({}), or released counts of k or more would be shown as 0",
+                privacy.rounding_base,
+                2 * min_cell_count
+            ));
         }
         if privacy.overlap_control && privacy.overlap_memory_bytes == 0 {
             problems.push("privacy.overlap_memory_mb must be above 0".into());

@@ -248,17 +248,28 @@ fn record_keys(
         .iter()
         .map(|series| series.str().map_err(unusable))
         .collect::<Result<Vec<&StringChunked>, NodeError>>()?;
+    // Rows sharing a key (a patient's readmissions under a patient-level key, or empty key
+    // columns) are told apart by their order among the rows with that key, so each row is
+    // one record and counts and record sets always agree.
+    let mut seen: std::collections::HashMap<RecordKey, u32> = std::collections::HashMap::new();
+    let mut shared = 0usize;
     let keys: Vec<RecordKey> = (0..local.height())
         .map(|row| {
             let values: Vec<Option<&str>> = texts.iter().map(|text| text.get(row)).collect();
-            secret.record_key(&config.name, &values)
+            let key = secret.record_key(&config.name, &values);
+            let occurrence = seen.entry(key).or_insert(0);
+            *occurrence += 1;
+            if *occurrence == 1 {
+                key
+            } else {
+                shared += 1;
+                secret.occurrence_key(&key, *occurrence)
+            }
         })
         .collect();
-    let distinct: HashSet<&RecordKey> = keys.iter().collect();
-    if distinct.len() < keys.len() {
+    if shared > 0 {
         warnings.push(format!(
-            "{at}: {} row(s) share their record key ({}) with another row; overlap control treats rows with one key as one record",
-            keys.len() - distinct.len(),
+            "{at}: {shared} row(s) share their record key ({}) with an earlier row; they are told apart by their order in the file, so keep that order stable between loads (or name columns that identify each row in record_key)",
             config.record_key.join(", ")
         ));
     }

@@ -164,6 +164,12 @@ impl QueryEngine {
         let secret = NodeSecret::open(&config.state_dir).map_err(state_problem)?;
         let (mut snapshots, mut warnings) = load_snapshots(config, &secret)?;
         let overlap = if config.policy.privacy.overlap_control {
+            let setup = config
+                .datasets
+                .iter()
+                .map(|dataset| (dataset.name.clone(), dataset.record_key.clone()))
+                .collect();
+            crate::records::check_key_setup(&config.state_dir, &setup).map_err(state_problem)?;
             number_records(&config.state_dir, &mut snapshots)?;
             Some(Mutex::new(
                 OverlapMemory::open(

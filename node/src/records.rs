@@ -102,6 +102,60 @@ impl NodeSecret {
     }
 }
 
+impl NodeSecret {
+    /// The key of the `occurrence`-th row (from 2) sharing `key`.
+    pub fn occurrence_key(&self, key: &RecordKey, occurrence: u32) -> RecordKey {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
+        mac.update(b"fedq.record-occurrence/1\0");
+        mac.update(key);
+        mac.update(&occurrence.to_be_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut derived = [0u8; KEY_BYTES];
+        derived.copy_from_slice(&digest[..KEY_BYTES]);
+        derived
+    }
+}
+
+/// The record-key setup file inside [`OVERLAP_DIR`].
+const KEY_SETUP_FILE: &str = "record-keys.json";
+
+/// Checks that each dataset's record-key columns are the ones the overlap memory was built
+/// with (recording them on first start). Changed keys would give every record a new number and
+/// silently empty the memory of what was released.
+pub fn check_key_setup(
+    state_dir: &Path,
+    setup: &std::collections::BTreeMap<String, Vec<String>>,
+) -> Result<(), String> {
+    let path = state_dir.join(OVERLAP_DIR).join(KEY_SETUP_FILE);
+    if path.exists() {
+        let text =
+            std::fs::read_to_string(&path).map_err(|err| format!("{}: {err}", path.display()))?;
+        let recorded: std::collections::BTreeMap<String, Vec<String>> = serde_json::from_str(&text)
+            .map_err(|err| {
+                format!(
+                    "{} is damaged ({err}); restore it from the node's backup",
+                    path.display()
+                )
+            })?;
+        for (dataset, columns) in setup {
+            if let Some(before) = recorded.get(dataset)
+                && before != columns
+            {
+                return Err(format!(
+                    "dataset '{dataset}': record_key is now [{}] but the overlap memory was built with [{}]; every record would get a new number and overlap control would forget what was released. Restore the old record_key, or archive the overlap memory deliberately (README, \"Overlap memory\") and delete {}",
+                    columns.join(", "),
+                    before.join(", "),
+                    path.display()
+                ));
+            }
+        }
+    }
+    let text = serde_json::to_string_pretty(setup).map_err(|err| err.to_string())?;
+    std::fs::create_dir_all(state_dir.join(OVERLAP_DIR))
+        .and_then(|()| std::fs::write(&path, text))
+        .map_err(|err| format!("{}: {err}", path.display()))
+}
+
 /// Record keys → dense record numbers, kept in `state_dir/overlap/record-ids.bin` (the keys
 /// in number order; append-only, fsynced before any number is used).
 #[derive(Debug)]
@@ -221,6 +275,31 @@ mod tests {
             numbers.number(&[keys[4], keys[1], keys[3]]).unwrap(),
             [3, 1, 4]
         );
+    }
+
+    #[test]
+    fn a_changed_record_key_is_refused_and_an_unchanged_one_passes() {
+        let state = tempfile::tempdir().unwrap();
+        let setup = |columns: &[&str]| {
+            std::collections::BTreeMap::from([(
+                "d".to_string(),
+                columns.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            )])
+        };
+        check_key_setup(state.path(), &setup(&["CASE_NO"])).unwrap();
+        check_key_setup(state.path(), &setup(&["CASE_NO"])).unwrap();
+        let err = check_key_setup(state.path(), &setup(&["ID_CARD"])).unwrap_err();
+        assert!(err.contains("record_key is now [ID_CARD]"), "{err}");
+    }
+
+    #[test]
+    fn rows_sharing_a_key_get_distinct_stable_occurrence_keys() {
+        let secret = NodeSecret::ephemeral();
+        let key = secret.record_key("d", &[Some("4711")]);
+        let second = secret.occurrence_key(&key, 2);
+        assert_ne!(second, key);
+        assert_ne!(second, secret.occurrence_key(&key, 3));
+        assert_eq!(second, secret.occurrence_key(&key, 2));
     }
 
     #[test]

@@ -135,8 +135,19 @@ async fn a_thousand_concurrent_queries_leave_exactly_a_thousand_records_in_a_ver
         async move { node.run_query(request?).await.map_err(anyhow::Error::from) }
     });
     let outcomes = futures::future::join_all(calls).await;
-    let answered = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
-    assert_eq!(answered, 1000, "{:?}", outcomes.iter().find(|o| o.is_err()));
+    // Each is answered or, beyond the node's concurrency limit, refused as busy — and every
+    // one of them, refused or not, leaves exactly one record.
+    let mut answered = 0;
+    for outcome in &outcomes {
+        match outcome {
+            Ok(_) => answered += 1,
+            Err(err) => {
+                let status = err.downcast_ref::<tonic::Status>().expect("a gRPC status");
+                assert_eq!(fedq_tests::refusal_of(status), RefusalCode::SiteBusy);
+            }
+        }
+    }
+    assert!(answered > 0);
     let site_a = state_dir(&test, "site-a");
     let queries = audit_queries(&site_a)?;
     assert_eq!(queries.len(), 1000);

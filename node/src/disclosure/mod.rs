@@ -25,6 +25,8 @@ use fedq_proto::wire::Mechanism;
 
 use crate::plan::RawTable;
 
+mod solvable;
+
 /// What happens to one value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -156,6 +158,23 @@ fn complete_line(
     changed
 }
 
+/// The released cell to withhold next to unpin `cell`: the smallest non-zero released cell
+/// (then a zero) in any line through `cell`.
+fn smallest_released_in_lines_of(
+    cell: usize,
+    lines: &[Vec<usize>],
+    counts: &[u64],
+    withheld: &[bool],
+) -> Option<usize> {
+    lines
+        .iter()
+        .filter(|line| line.contains(&cell))
+        .flatten()
+        .copied()
+        .filter(|&other| !withheld[other])
+        .min_by_key(|&other| (counts[other] == 0, counts[other], other))
+}
+
 /// Applies disclosure control with threshold `k`.
 pub fn apply(table: &RawTable, k: u32) -> DisclosedTable {
     apply_with(table, k, &[], false)
@@ -190,6 +209,19 @@ pub fn apply_with(table: &RawTable, k: u32, forced: &[bool], total_forced: bool)
             for (index, line) in all_lines.iter().enumerate() {
                 if !line_holds(line, counts, &withheld, k, must_hide(index)) {
                     changed |= complete_line(line, counts, &mut withheld, k, must_hide(index));
+                }
+            }
+            if changed {
+                continue;
+            }
+            // Every line holds on its own; now no withheld cell may be solvable from all the
+            // lines together (a bridge between groups of withheld cells).
+            for cell in solvable::determined(&all_lines, &withheld) {
+                if let Some(extra) =
+                    smallest_released_in_lines_of(cell, &all_lines, counts, &withheld)
+                {
+                    withheld[extra] = true;
+                    changed = true;
                 }
             }
             if !changed {
@@ -409,6 +441,49 @@ mod tests {
         assert!(withheld[4]);
         assert!(withheld.iter().filter(|cell| **cell).count() >= 4);
         assert!(matches!(disclosed.total, Outcome::Released(_)));
+    }
+
+    #[test]
+    fn no_withheld_cell_is_solvable_from_margins_in_the_auditors_bridge_table() {
+        // A 5 x 4 table where the per-line rule alone left a bridge cell solvable from the
+        // row and column margins: (43-20) + (30-10-0) - (95-75) - (80-60) = 3.
+        let raw = grid(
+            &[5, 4],
+            &[
+                10, 60, 20, 2, 2, 15, 40, 60, 20, 8, 12, 3, 10, 12, 8, 0, 0, 0, 0, 0,
+            ],
+        );
+        let disclosed = apply(&raw, 10);
+        assert_every_line_holds(&raw, &disclosed);
+        let withheld = hidden(&disclosed);
+        assert!(
+            solvable::determined(&lines(&raw.shape), &withheld).is_empty(),
+            "withheld {withheld:?}"
+        );
+    }
+
+    #[test]
+    fn no_withheld_cell_is_solvable_on_many_tables() {
+        for seed in 0..300u64 {
+            let shape = [3 + (seed % 3) as usize, 2 + (seed % 4) as usize];
+            let cells: usize = shape.iter().product();
+            let counts: Vec<u64> = (0..cells as u64)
+                .map(|index| {
+                    let value = (index * 7919 + seed * 104_729 + seed * seed) % 71;
+                    if value % 4 == 0 { value % 9 } else { value }
+                })
+                .collect();
+            let raw = grid(&shape, &counts);
+            let disclosed = apply(&raw, 10);
+            let withheld = hidden(&disclosed);
+            if withheld.iter().all(|cell| *cell) {
+                continue;
+            }
+            assert!(
+                solvable::determined(&lines(&raw.shape), &withheld).is_empty(),
+                "{counts:?} shape {shape:?} withheld {withheld:?}"
+            );
+        }
     }
 
     #[test]
