@@ -69,6 +69,10 @@ impl PreparedCoordinator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CoordinatorError> {
+        let (health, reflection) =
+            fedq_proto::process::standard_services::<CoordinatorServer<CoordinatorService>>()
+                .await
+                .map_err(CoordinatorError::Server)?;
         let collector = tokio::spawn(crate::heads::collect_every(
             self.nodes,
             self.store,
@@ -76,6 +80,8 @@ impl PreparedCoordinator {
             self.deadline,
         ));
         let served = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
             .add_service(
                 CoordinatorServer::new(self.service).max_decoding_message_size(1024 * 1024),
             )

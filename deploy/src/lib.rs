@@ -26,18 +26,31 @@ pub async fn node_client(
     client_cert: Option<(&Path, &Path)>,
     node_identity: &str,
 ) -> anyhow::Result<NodeClient<Channel>> {
+    Ok(NodeClient::new(
+        tls_channel(address, ca_cert, client_cert, node_identity).await?,
+    ))
+}
+
+/// A connected TLS channel to a fedq server (a node, or the coordinator), presenting
+/// `client_cert` when given and expecting the server to prove `server_identity`; for any of its
+/// services (fedq, health, reflection).
+pub async fn tls_channel(
+    address: &str,
+    ca_cert: &Path,
+    client_cert: Option<(&Path, &Path)>,
+    server_identity: &str,
+) -> anyhow::Result<Channel> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(std::fs::read(ca_cert)?))
-        .domain_name(node_identity);
+        .domain_name(server_identity);
     if let Some((cert, key)) = client_cert {
         tls = tls.identity(Identity::from_pem(
             std::fs::read(cert)?,
             std::fs::read(key)?,
         ));
     }
-    let channel = Channel::from_shared(address.to_string())?
+    Ok(Channel::from_shared(address.to_string())?
         .tls_config(tls)?
         .connect()
-        .await?;
-    Ok(NodeClient::new(channel))
+        .await?)
 }

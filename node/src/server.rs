@@ -55,7 +55,13 @@ impl PreparedNode {
         let service = NodeServer::new(NodeService::new(self.engine))
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES);
+        let (health, reflection) =
+            fedq_proto::process::standard_services::<NodeServer<NodeService>>()
+                .await
+                .map_err(NodeError::Server)?;
         tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
             .add_service(service)
             .serve_with_incoming_shutdown(tls::accept_tls(listener, self.acceptor), shutdown)
             .await

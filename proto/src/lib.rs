@@ -41,6 +41,10 @@ pub mod wire {
     tonic::include_proto!("fedq.v1");
 }
 
+/// The encoded protobuf descriptor set of `fedq.v1`, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/fedq_descriptor.bin"));
+
 /// The wire protocol version both sides announce.
 pub const PROTOCOL_VERSION: &str = "fedq.v1";
 

@@ -1,6 +1,28 @@
 //! Process plumbing the binaries share: how a `main` starts (logs, TLS provider, runtime, one-line
 //! errors) and when a service stops.
 
+/// The standard services every fedq server offers beside its own, on the same TLS port: gRPC
+/// health (`grpc.health.v1.Health`, reporting `service` as serving) and server reflection
+/// (`grpc.reflection.v1`, describing `fedq.v1`), so standard tools (grpc_health_probe, grpcurl)
+/// can check and explore a node or coordinator.
+pub async fn standard_services<S: tonic::server::NamedService>() -> Result<
+    (
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+    ),
+    String,
+> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<S>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|err| format!("cannot build the reflection service: {err}"))?;
+    Ok((health, reflection))
+}
+
 /// Completes on Ctrl-C or SIGTERM, so a service can stop gracefully.
 pub async fn shutdown_signal() {
     let terminate = async {

@@ -125,3 +125,81 @@ async fn a_flooded_node_answers_or_refuses_each_query_as_busy_and_stays_up() -> 
     node.stop().await?;
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_and_the_coordinator_answer_health_checks_and_reflection() -> anyhow::Result<()> {
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let test = TestAlliance::start().await?;
+    let (site_id, node) = &test.alliance.nodes[0];
+    let coordinator_cert = &test.alliance.pki.identities[0];
+    let channel = fedq_deploy::tls_channel(
+        &format!("https://localhost:{}", node.address.port()),
+        &test.alliance.pki.ca_cert,
+        Some((&coordinator_cert.cert, &coordinator_cert.key)),
+        &fedq_deploy::alliance::site_identity(site_id),
+    )
+    .await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "fedq.v1.Node"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), tonic::Code::NotFound);
+
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await?
+        .into_inner();
+    let first = answers
+        .message()
+        .await?
+        .and_then(|answer| answer.message_response);
+    let Some(MessageResponse::ListServicesResponse(listed)) = first else {
+        panic!("expected a list of services, got {first:?}");
+    };
+    let names: Vec<String> = listed
+        .service
+        .into_iter()
+        .map(|service| service.name)
+        .collect();
+    assert!(names.contains(&"fedq.v1.Node".to_string()), "{names:?}");
+
+    // The coordinator, over TLS without a client certificate, as study-lead clients connect.
+    let coordinator = fedq_deploy::tls_channel(
+        &test.alliance.coordinator_url(),
+        &test.alliance.pki.ca_cert,
+        None,
+        fedq_deploy::alliance::COORDINATOR_IDENTITY,
+    )
+    .await?;
+    let status = tonic_health::pb::health_client::HealthClient::new(coordinator)
+        .check(HealthCheckRequest {
+            service: "fedq.v1.Coordinator".into(),
+        })
+        .await?
+        .into_inner()
+        .status;
+    assert_eq!(status, ServingStatus::Serving as i32);
+    test.alliance.stop().await
+}
