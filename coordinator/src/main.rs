@@ -226,6 +226,8 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                     CoordinatorError::Server(format!("cannot listen on {}: {err}", config.listen))
                 })?;
             tracing::info!(address = %config.listen, "coordinator serving");
+            // Its own renewed certificate is picked up on SIGHUP, without a restart.
+            coordinator.tls().reload_on_hangup();
             coordinator
                 .serve(listener, fedq_proto::process::shutdown_signal())
                 .await

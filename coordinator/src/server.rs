@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedq_proto::model::DataModel;
-use fedq_proto::tls;
+use fedq_proto::tls::{self, TlsReloader};
 use fedq_proto::wire::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::CoordinatorError;
 use crate::catalogue::Catalogue;
@@ -23,7 +22,7 @@ use crate::users::Users;
 /// Building it surfaces every start-up problem before a port is served.
 pub struct PreparedCoordinator {
     service: CoordinatorService,
-    acceptor: TlsAcceptor,
+    tls: Arc<TlsReloader>,
     nodes: NodeClients,
     store: Arc<Store>,
     head_interval: Duration,
@@ -38,7 +37,10 @@ impl PreparedCoordinator {
             DataModel::builtin(),
         )?);
         let nodes = NodeClients::new(config)?;
-        let tls_config = tls::server_only_tls_config(&config.tls)?;
+        let files = config.tls.clone();
+        let tls = Arc::new(TlsReloader::new(move || {
+            tls::server_only_tls_config(&files)
+        })?);
         let store = Arc::new(Store::open(&config.state_dir)?);
         tracing::info!(
             templates = catalogue.entries().len(),
@@ -54,12 +56,17 @@ impl PreparedCoordinator {
                 config.default_deadline,
                 config.max_deadline,
             ),
-            acceptor: TlsAcceptor::from(Arc::new(tls_config)),
+            tls,
             nodes,
             store,
             head_interval: config.head_interval,
             deadline: config.default_deadline,
         })
+    }
+
+    /// The coordinator's TLS configuration, to reload renewed certificates without a restart.
+    pub fn tls(&self) -> Arc<TlsReloader> {
+        Arc::clone(&self.tls)
     }
 
     /// Serves study-lead clients on an already bound `listener` until `shutdown` completes,
@@ -85,7 +92,7 @@ impl PreparedCoordinator {
             .add_service(
                 CoordinatorServer::new(self.service).max_decoding_message_size(1024 * 1024),
             )
-            .serve_with_incoming_shutdown(tls::accept_tls(listener, self.acceptor), shutdown)
+            .serve_with_incoming_shutdown(tls::accept_tls(listener, &self.tls), shutdown)
             .await
             .map_err(|err| CoordinatorError::Server(err.to_string()));
         collector.abort();

@@ -267,6 +267,8 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
         tracing::info!(dataset = %snapshot.dataset, rows = snapshot.rows(), version = %snapshot.version, "dataset loaded");
     }
     let audit_key = node.engine().audit().key_id();
+    // Renewed certificates are picked up on SIGHUP, without a restart.
+    node.tls().reload_on_hangup();
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;

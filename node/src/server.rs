@@ -5,10 +5,9 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use fedq_proto::tls;
+use fedq_proto::tls::{self, TlsReloader};
 use fedq_proto::wire::node_server::NodeServer;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::NodeError;
 use crate::config::NodeConfig;
@@ -24,19 +23,20 @@ pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 /// start-up problem before a port is served.
 pub struct PreparedNode {
     engine: Arc<QueryEngine>,
-    acceptor: TlsAcceptor,
+    tls: Arc<TlsReloader>,
 }
 
 impl PreparedNode {
     /// Builds the TLS configuration first (quick, and the commonest mistake), then loads the
     /// data and opens the state directory. Returns the node and warning lines for the log.
     pub fn load(config: &NodeConfig) -> Result<(PreparedNode, Vec<String>), NodeError> {
-        let tls_config = tls::mutual_tls_server_config(&config.tls)?;
+        let files = config.tls.clone();
+        let tls = TlsReloader::new(move || tls::mutual_tls_server_config(&files))?;
         let (engine, warnings) = QueryEngine::load(config)?;
         Ok((
             PreparedNode {
                 engine: Arc::new(engine),
-                acceptor: TlsAcceptor::from(Arc::new(tls_config)),
+                tls: Arc::new(tls),
             },
             warnings,
         ))
@@ -44,6 +44,11 @@ impl PreparedNode {
 
     pub fn engine(&self) -> &QueryEngine {
         &self.engine
+    }
+
+    /// The node's TLS configuration, to reload renewed certificates without a restart.
+    pub fn tls(&self) -> Arc<TlsReloader> {
+        Arc::clone(&self.tls)
     }
 
     /// Serves on an already bound `listener` until `shutdown` completes.
@@ -63,7 +68,7 @@ impl PreparedNode {
             .add_service(health)
             .add_service(reflection)
             .add_service(service)
-            .serve_with_incoming_shutdown(tls::accept_tls(listener, self.acceptor), shutdown)
+            .serve_with_incoming_shutdown(tls::accept_tls(listener, &self.tls), shutdown)
             .await
             .map_err(|err| NodeError::Server(err.to_string()))
     }

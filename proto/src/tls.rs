@@ -257,14 +257,70 @@ pub fn peer_identities(chain: &[CertificateDer<'_>]) -> Result<Vec<String>, Erro
     certificate_identities(leaf)
 }
 
+/// A server's TLS configuration that can be replaced while it serves: new connections use the
+/// newest configuration, established ones keep theirs. Built from the configured files by
+/// `build`; [`TlsReloader::reload`] reads them again (after certificates were renewed).
+pub struct TlsReloader {
+    build: Box<dyn Fn() -> Result<rustls::ServerConfig, Error> + Send + Sync>,
+    current: tokio::sync::watch::Sender<TlsAcceptor>,
+}
+
+impl TlsReloader {
+    /// Builds the first configuration; fails as start-up would.
+    pub fn new(
+        build: impl Fn() -> Result<rustls::ServerConfig, Error> + Send + Sync + 'static,
+    ) -> Result<TlsReloader, Error> {
+        let first = TlsAcceptor::from(Arc::new(build()?));
+        Ok(TlsReloader {
+            build: Box::new(build),
+            current: tokio::sync::watch::channel(first).0,
+        })
+    }
+
+    /// Reads the certificate files again and uses them for new connections. A configuration
+    /// that does not load (a half-copied key, a certificate not matching its key) is refused
+    /// and the current one kept.
+    pub fn reload(&self) -> Result<(), Error> {
+        let next = TlsAcceptor::from(Arc::new((self.build)()?));
+        self.current.send_replace(next);
+        Ok(())
+    }
+
+    fn acceptors(&self) -> tokio::sync::watch::Receiver<TlsAcceptor> {
+        self.current.subscribe()
+    }
+
+    /// Reloads on every SIGHUP until the process ends (logging the outcome).
+    pub fn reload_on_hangup(self: Arc<Self>) {
+        tokio::spawn(async move {
+            let Ok(mut hangups) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                tracing::warn!("cannot listen for SIGHUP; certificates reload only on restart");
+                return;
+            };
+            while hangups.recv().await.is_some() {
+                match self.reload() {
+                    Ok(()) => tracing::info!("tls certificates reloaded"),
+                    Err(err) => {
+                        tracing::error!(error = %err, "tls certificates not reloaded; the previous ones stay in use")
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// Accepts TCP connections on `listener` and completes TLS handshakes in their own tasks, so a
 /// slow or hostile client never holds up others. Yields established streams for
 /// `tonic::transport::Server::serve_with_incoming*`. Failed handshakes are logged (they are
-/// how wrong or missing client certificates show up) and dropped.
+/// how wrong or missing client certificates show up) and dropped. Each handshake uses the
+/// reloader's newest configuration.
 pub fn accept_tls(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    reloader: &TlsReloader,
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let acceptors = reloader.acceptors();
     let (sender, receiver) = tokio::sync::mpsc::channel(64);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
     tokio::spawn(async move {
@@ -289,7 +345,7 @@ pub fn accept_tls(
                 tracing::warn!(%peer, "too many tls handshakes in progress; connection dropped");
                 continue;
             };
-            let acceptor = acceptor.clone();
+            let acceptor = acceptors.borrow().clone();
             let sender = sender.clone();
             tokio::spawn(async move {
                 let _permit = permit;

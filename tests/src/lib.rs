@@ -559,6 +559,19 @@ impl NodeProcess {
         }
     }
 
+    /// SIGHUP: the node reloads its certificates.
+    pub fn hang_up(&self) -> anyhow::Result<()> {
+        let pid = libc::pid_t::try_from(self.child.id())?;
+        // SAFETY: sending a signal to our own child process.
+        if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+            anyhow::bail!(
+                "cannot signal the node: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
     /// SIGKILL: the process dies at once, wherever it is.
     pub fn kill(mut self) -> anyhow::Result<()> {
         self.child.kill()?;

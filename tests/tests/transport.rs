@@ -246,3 +246,78 @@ async fn node_with_a_key_that_does_not_match_its_certificate_refuses_to_start() 
     assert!(err.contains("do not form a usable pair"), "{err}");
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewed_certificates_are_picked_up_on_sighup_without_a_restart() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let (config, _) = node_config_with_own_state(&test)?;
+    // The node's own copies of its TLS files, so they can be replaced in place.
+    let folder = test.dir.path().join(format!("renewal-{}", rand_suffix()));
+    std::fs::create_dir_all(&folder)?;
+    let pki = &test.alliance.pki;
+    let (ca, cert, key) = (
+        folder.join("ca.pem"),
+        folder.join("node.pem"),
+        folder.join("node.key"),
+    );
+    std::fs::copy(&pki.ca_cert, &ca)?;
+    std::fs::copy(&pki.identities[1].cert, &cert)?;
+    std::fs::copy(&pki.identities[1].key, &key)?;
+    let text = std::fs::read_to_string(&config)?
+        .replace(
+            &pki.ca_cert.display().to_string(),
+            &ca.display().to_string(),
+        )
+        .replace(
+            &pki.identities[1].cert.display().to_string(),
+            &cert.display().to_string(),
+        )
+        .replace(
+            &pki.identities[1].key.display().to_string(),
+            &key.display().to_string(),
+        );
+    std::fs::write(&config, text)?;
+    let process = NodeProcess::start(env!("CARGO_BIN_EXE_test-node"), &config, None)?;
+    let address = format!("https://localhost:{}", process.address.port());
+    let identity = alliance::site_identity("site-a");
+    let connect = |pki: &fedq_coordinator::certs::DevPki| {
+        let (address, identity) = (address.clone(), identity.clone());
+        let (ca, client_cert, client_key) = (
+            pki.ca_cert.clone(),
+            pki.identities[0].cert.clone(),
+            pki.identities[0].key.clone(),
+        );
+        async move {
+            fedq_deploy::node_client(&address, &ca, Some((&client_cert, &client_key)), &identity)
+                .await
+        }
+    };
+    assert!(connect(pki).await.is_ok(), "the original certificates work");
+
+    // The alliance renews everything: a new CA, new certificates for node and coordinator.
+    let renewed = fedq_coordinator::certs::create_dev_pki(
+        &folder.join("renewed"),
+        "renewed CA",
+        &[alliance::COORDINATOR_IDENTITY.into(), identity.clone()],
+    )?;
+    std::fs::copy(&renewed.ca_cert, &ca)?;
+    std::fs::copy(&renewed.identities[1].cert, &cert)?;
+    std::fs::copy(&renewed.identities[1].key, &key)?;
+    assert!(
+        connect(&renewed).await.is_err(),
+        "files replaced, not yet reloaded"
+    );
+    process.hang_up()?;
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if connect(&renewed).await.is_ok() {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "the renewed certificates were not picked up");
+    assert!(connect(pki).await.is_err(), "the old CA no longer works");
+    process.kill()?;
+    test.alliance.stop().await
+}
