@@ -44,6 +44,15 @@ struct Cli {
         hide_env_values = true
     )]
     token: String,
+    /// Log line format (for `serve`): text, or JSON lines for log collectors.
+    #[arg(
+        long,
+        global = true,
+        env = "FEDQ_LOG_FORMAT",
+        default_value = "text",
+        value_parser = ["text", "json"]
+    )]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -212,7 +221,8 @@ enum TemplatesCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    fedq_proto::process::run_main("fedq", "info", false, run(cli))
+    let json_logs = cli.log_format == "json";
+    fedq_proto::process::run_main("fedq", "info", json_logs, run(cli))
 }
 
 async fn run(cli: Cli) -> Result<(), CoordinatorError> {
