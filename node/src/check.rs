@@ -101,7 +101,11 @@ pub fn run(path: &Path) -> Vec<Finding> {
             format!("{} trusted, quorum {}", trust.trusted.len(), trust.quorum),
         )
     });
-    match load_snapshots(&config, &crate::records::NodeSecret::ephemeral()) {
+    // The node's own secret when it exists, so the snapshot versions shown are the ones it
+    // publishes; never created here.
+    let secret = crate::records::NodeSecret::existing(&config.state_dir)
+        .unwrap_or_else(crate::records::NodeSecret::ephemeral);
+    match load_snapshots(&config, &secret) {
         Ok((snapshots, warnings)) => {
             for snapshot in snapshots.values() {
                 findings.push(finding(

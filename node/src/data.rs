@@ -25,7 +25,7 @@ use crate::records::{NodeSecret, RecordKey};
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub dataset: String,
-    /// "sha256:<hex>" of the file the snapshot was loaded from.
+    /// Keyed hash (with the node's secret) of the file and objection list it was loaded from.
     pub version: String,
     pub frame: DataFrame,
     /// Model columns this site provides.
@@ -203,6 +203,9 @@ pub fn load(
         }
         None => (frame, record_keys, version),
     };
+    // Keyed with the node's secret: someone holding a candidate copy of the file cannot confirm
+    // it from the published version.
+    let version = secret.snapshot_version(&version);
     Ok((
         Snapshot {
             dataset: config.name.clone(),
@@ -545,14 +548,29 @@ mod tests {
         std::fs::write(&path, CSV).unwrap();
         let model = DataModel::builtin();
         let spec = model.dataset("trauma_admissions").unwrap();
-        let (snapshot, warnings) = load(
-            &dataset(&path, columns(), DomainViolationPolicy::TreatAsMissing),
-            spec,
-            &NodeSecret::ephemeral(),
-        )
-        .unwrap();
+        let secret = NodeSecret::ephemeral();
+        let config = dataset(&path, columns(), DomainViolationPolicy::TreatAsMissing);
+        let (snapshot, warnings) = load(&config, spec, &secret).unwrap();
         assert_eq!(warnings.len(), 3, "{warnings:?}");
-        assert!(snapshot.version.starts_with("sha256:"));
+        // The version is keyed: stable at this node, not the file's plain hash.
+        assert!(snapshot.version.starts_with("hmac-sha256:"));
+        assert_eq!(
+            load(&config, spec, &secret).unwrap().0.version,
+            snapshot.version
+        );
+        let plain = content_hash(&std::fs::read(&path).unwrap());
+        assert!(
+            !snapshot
+                .version
+                .contains(plain.trim_start_matches("sha256:"))
+        );
+        assert_ne!(
+            load(&config, spec, &NodeSecret::ephemeral())
+                .unwrap()
+                .0
+                .version,
+            snapshot.version
+        );
         let frame = &snapshot.frame;
         assert!(frame.column("NAME").is_err());
         let age: Vec<Option<i64>> = frame.column("age").unwrap().i64().unwrap().iter().collect();

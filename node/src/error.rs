@@ -71,6 +71,11 @@ pub enum NodeError {
         "this site cannot write its audit log, so it refuses the query; nothing was released (the site's administrator can find the cause in the node log)"
     )]
     AuditUnavailable,
+    /// The caller's deadline passed before the query could start.
+    #[error(
+        "the query's deadline passed before this site could start it; nothing was computed (ask again with a longer --deadline-ms)"
+    )]
+    DeadlinePassed,
     /// The node is computing as many queries as it allows at once.
     #[error(
         "this site is busy ({most} queries are being computed, its limit); nothing was computed — try again shortly"
@@ -142,6 +147,7 @@ impl NodeError {
             NodeError::OverlapMemoryFull { .. } => RefusalCode::OverlapMemoryFull,
             NodeError::BudgetExhausted { .. } => RefusalCode::PrivacyBudgetExhausted,
             NodeError::Busy { .. } => RefusalCode::SiteBusy,
+            NodeError::DeadlinePassed => RefusalCode::DeadlinePassed,
             NodeError::StudyNotInForce { .. } => RefusalCode::StudyNotInForce,
             NodeError::SiteNotInStudy { .. } => RefusalCode::SiteNotInStudy,
             NodeError::TemplateNotInStudy { .. } => RefusalCode::TemplateNotInStudy,

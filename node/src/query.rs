@@ -234,17 +234,22 @@ impl QueryEngine {
     }
 
     /// Runs one query for a caller presenting `caller_identities` in `slot` (`None`: no slot
-    /// was free, so it is refused as busy), and records it in the audit log whatever the
-    /// outcome. Nothing is returned unless the record is on disk: if it cannot be written, the
+    /// was free, so it is refused as busy) unless the caller's `deadline` has passed, and
+    /// records it in the audit log whatever the outcome. Nothing is returned unless the record is on disk: if it cannot be written, the
     /// query is refused.
     pub fn run(
         &self,
         caller_identities: &[String],
         request: &QueryRequest,
         slot: Option<Slot<'_>>,
+        deadline: Option<std::time::Instant>,
     ) -> Result<SiteAnswer, NodeError> {
         let mut seen = Seen::default();
         let result = match slot {
+            // The caller stopped waiting before a slot was free: nothing is computed.
+            Some(_) if deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline) => {
+                Err(NodeError::DeadlinePassed)
+            }
             Some(_computing) => self.answer(caller_identities, request, &mut seen),
             None => Err(NodeError::Busy {
                 most: self.most_running,

@@ -103,6 +103,24 @@ impl NodeSecret {
 }
 
 impl NodeSecret {
+    /// The published version of a data snapshot whose content hash is `content`: a keyed hash,
+    /// equal for the same data at this node and unlinkable to the file for anyone else.
+    pub fn snapshot_version(&self, content: &str) -> String {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");
+        mac.update(b"fedq.snapshot/1\0");
+        mac.update(content.as_bytes());
+        format!("hmac-sha256:{}", hex::encode(mac.finalize().into_bytes()))
+    }
+
+    /// The node's secret as it is, if `state_dir` holds one (never creates it).
+    pub fn existing(state_dir: &Path) -> Option<NodeSecret> {
+        state_dir
+            .join(SECRET_FILE)
+            .exists()
+            .then(|| NodeSecret::open(state_dir).ok())
+            .flatten()
+    }
+
     /// The key of the `occurrence`-th row (from 2) sharing `key`.
     pub fn occurrence_key(&self, key: &RecordKey, occurrence: u32) -> RecordKey {
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("any key length");

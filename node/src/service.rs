@@ -25,6 +25,23 @@ impl NodeService {
     }
 }
 
+/// When the caller stops waiting: the `grpc-timeout` it sent (e.g. "5000m"), from now.
+fn caller_deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
+    let text = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = text.split_at(text.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    let timeout = match unit {
+        "H" => std::time::Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => std::time::Duration::from_secs(amount.saturating_mul(60)),
+        "S" => std::time::Duration::from_secs(amount),
+        "m" => std::time::Duration::from_millis(amount),
+        "u" => std::time::Duration::from_micros(amount),
+        "n" => std::time::Duration::from_nanos(amount),
+        _ => return None,
+    };
+    std::time::Instant::now().checked_add(timeout)
+}
+
 /// The certificate identities of the caller (empty when it presented none).
 fn caller_identities<T>(request: &Request<T>) -> Vec<String> {
     request
@@ -52,6 +69,7 @@ pub fn status_of(err: &NodeError) -> Status {
         | NodeError::OverlapMemoryFull { .. }
         | NodeError::BudgetExhausted { .. }
         | NodeError::Busy { .. } => Code::ResourceExhausted,
+        NodeError::DeadlinePassed => Code::DeadlineExceeded,
         NodeError::StateUnwritable | NodeError::AuditUnavailable => Code::Unavailable,
         NodeError::StudyMissing | NodeError::Contract(fedq_proto::Error::Study { .. }) => {
             Code::InvalidArgument
@@ -192,6 +210,7 @@ impl Node for NodeService {
         request: Request<wire::QueryRequest>,
     ) -> Result<Response<wire::SiteResult>, Status> {
         let identities = caller_identities(&request);
+        let deadline = caller_deadline(&request);
         let message = request.into_inner();
         tracing::Span::current().record(
             "request_id",
@@ -207,7 +226,7 @@ impl Node for NodeService {
         let engine = Arc::clone(&self.engine);
         let outcome = tokio::task::spawn_blocking(move || {
             let slot = engine.take_slot();
-            engine.run(&identities, &query, slot)
+            engine.run(&identities, &query, slot, deadline)
         })
         .await
         .map_err(|_| status_of(&NodeError::Engine))?;

@@ -203,3 +203,40 @@ async fn nodes_and_the_coordinator_answer_health_checks_and_reflection() -> anyh
     assert_eq!(status, ServingStatus::Serving as i32);
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_whose_deadline_passed_while_waiting_is_refused_without_computing()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let (config, state) = fedq_tests::node_config_with_own_state(&test)?;
+    let config = fedq_node::config::NodeConfig::load(&config)?;
+    let (engine, _) = fedq_node::query::QueryEngine::load(&config)?;
+    let request = fedq_tests::cohort_request(&test.alliance, "late", 0)?;
+    let query = fedq_node::query::QueryRequest {
+        request_id: request.request_id,
+        template: request.template,
+        parameters: request.parameters,
+        requester: request.requester,
+        study: request.study,
+    };
+    let caller = vec![fedq_deploy::alliance::COORDINATOR_IDENTITY.to_string()];
+    let past = std::time::Instant::now() - std::time::Duration::from_millis(1);
+    let err = engine
+        .run(&caller, &query, engine.take_slot(), Some(past))
+        .unwrap_err();
+    assert!(matches!(err, fedq_node::NodeError::DeadlinePassed), "{err}");
+    // The same request in time is answered; both are audited.
+    let future = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    engine.run(&caller, &query, engine.take_slot(), Some(future))?;
+    drop(engine);
+    let queries = fedq_tests::audit_queries(&state)?;
+    assert_eq!(queries.len(), 2);
+    assert_eq!(
+        queries[0]
+            .refusal
+            .as_ref()
+            .map(|refusal| refusal.code.as_str()),
+        Some("REFUSAL_CODE_DEADLINE_PASSED")
+    );
+    test.alliance.stop().await
+}
