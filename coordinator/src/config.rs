@@ -18,6 +18,7 @@ pub const ENV_PREFIX: &str = "FEDQ_COORDINATOR";
 #[serde(deny_unknown_fields)]
 pub struct RawCoordinatorConfig {
     listen: String,
+    metrics_listen: Option<String>,
     templates: PathBuf,
     studies: PathBuf,
     tls: TlsFiles,
@@ -60,6 +61,9 @@ struct RawNode {
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
+    /// Where Prometheus metrics are served over plain HTTP (loopback or an internal network);
+    /// none by default.
+    pub metrics_listen: Option<SocketAddr>,
     /// Folder of approved template files (`*.toml`).
     pub templates: PathBuf,
     /// Folder of signed study approval files (`*.toml`).
@@ -107,6 +111,17 @@ impl RawCoordinatorConfig {
                 self.listen
             ));
         }
+        let metrics_listen = match self.metrics_listen.as_deref().map(str::parse::<SocketAddr>) {
+            None => None,
+            Some(Ok(address)) => Some(address),
+            Some(Err(_)) => {
+                problems.push(format!(
+                    "metrics_listen '{}' is not an address with port (e.g. '127.0.0.1:9465')",
+                    self.metrics_listen.as_deref().unwrap_or_default()
+                ));
+                None
+            }
+        };
         let templates = fedq_proto::config::resolve_path(base, &self.templates);
         let studies = fedq_proto::config::resolve_path(base, &self.studies);
         if !studies.is_dir() {
@@ -176,6 +191,7 @@ impl RawCoordinatorConfig {
         match listen {
             Ok(listen) if problems.is_empty() => Ok(CoordinatorConfig {
                 listen,
+                metrics_listen,
                 templates,
                 studies,
                 tls,

@@ -238,6 +238,17 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             tracing::info!(address = %config.listen, "coordinator serving");
             // Its own renewed certificate is picked up on SIGHUP, without a restart.
             coordinator.tls().reload_on_hangup();
+            if let Some(metrics) = config.metrics_listen {
+                let listener = tokio::net::TcpListener::bind(metrics)
+                    .await
+                    .map_err(|err| {
+                        CoordinatorError::Server(format!(
+                            "cannot listen on {metrics} for metrics: {err}"
+                        ))
+                    })?;
+                tracing::info!(address = %metrics, "metrics serving");
+                coordinator.serve_metrics(listener);
+            }
             coordinator
                 .serve(listener, fedq_proto::process::shutdown_signal())
                 .await

@@ -64,6 +64,15 @@ impl PreparedCoordinator {
         })
     }
 
+    /// Serves the coordinator's Prometheus metrics (`GET /metrics`, plain HTTP) on an already
+    /// bound `listener` in the background.
+    pub fn serve_metrics(&self, listener: TcpListener) {
+        let metrics = self.service.metrics();
+        tokio::spawn(fedq_proto::metrics::serve_metrics(listener, move || {
+            metrics.render()
+        }));
+    }
+
     /// The coordinator's TLS configuration, to reload renewed certificates without a restart.
     pub fn tls(&self) -> Arc<TlsReloader> {
         Arc::clone(&self.tls)

@@ -18,6 +18,7 @@ use crate::fanout::{NodeClients, SiteCall, SiteReply, describe_call, reason};
 use crate::pool::{self, PooledCell, SiteCells};
 use crate::store::{Contribution, LedgerQuery, Store};
 use crate::users::{Role, User, Users};
+use fedq_proto::metrics::Metrics;
 
 /// Shared state of the coordinator service.
 #[derive(Debug)]
@@ -28,6 +29,7 @@ pub struct CoordinatorService {
     store: Arc<Store>,
     default_deadline: Duration,
     max_deadline: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl CoordinatorService {
@@ -44,9 +46,15 @@ impl CoordinatorService {
             nodes,
             users: Arc::new(users),
             store,
+            metrics: Arc::new(Metrics::default()),
             default_deadline,
             max_deadline,
         }
+    }
+
+    /// The coordinator's metrics (queries, and each site's replies and latency).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// The user whose token (`authorization: Bearer <token>`) the request carries. The slow
@@ -242,6 +250,17 @@ fn ledger_scope(user: &User, catalogue: &Catalogue) -> Option<Vec<String>> {
     }
 }
 
+/// A site reply's status as a metric label.
+fn site_status_label(call: &SiteCall) -> &'static str {
+    match call {
+        SiteCall::Answered(_) => "ok",
+        SiteCall::Refused { .. } => "refused",
+        SiteCall::TimedOut => "timed_out",
+        SiteCall::Unreachable(_) => "unreachable",
+        SiteCall::Failed(_) => "failed",
+    }
+}
+
 fn new_query_id() -> String {
     format!("q-{:016x}", rand::random::<u64>())
 }
@@ -408,12 +427,32 @@ impl Coordinator for CoordinatorService {
             .collect();
         let (sender, receiver) = tokio::sync::mpsc::channel(order.len() + 1);
         let store = Arc::clone(&self.store);
+        let metrics = Arc::clone(&self.metrics);
+        metrics.count(
+            "fedq_coordinator_queries_total",
+            "Queries fanned out, by template.",
+            &[("template", &reference.id)],
+            1,
+        );
         let study_id = study.document.id.clone();
         let requester = user.name.clone();
         tokio::spawn(async move {
             let mut finished: Vec<wire::SiteProgress> = Vec::new();
             while let Some(reply) = replies.next().await {
                 tracing::info!(site = %reply.site_id, outcome = %describe_call(&reply.call), elapsed_ms = reply.elapsed.as_millis() as u64, "site finished");
+                let status = site_status_label(&reply.call);
+                metrics.count(
+                    "fedq_coordinator_site_replies_total",
+                    "Site replies to queries, by site and status.",
+                    &[("site", &reply.site_id), ("status", status)],
+                    1,
+                );
+                metrics.observe(
+                    "fedq_coordinator_site_seconds",
+                    "Time each site took to reply (or to fail), by site.",
+                    &[("site", &reply.site_id)],
+                    reply.elapsed,
+                );
                 if let SiteCall::Answered(result) = &reply.call
                     && let Some(head) = &result.audit_head
                 {

@@ -269,6 +269,13 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
     let audit_key = node.engine().audit().key_id();
     // Renewed certificates are picked up on SIGHUP, without a restart.
     node.tls().reload_on_hangup();
+    if let Some(metrics) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(metrics)
+            .await
+            .map_err(|err| format!("cannot listen on {metrics} for metrics: {err}"))?;
+        tracing::info!(address = %metrics, "metrics serving");
+        node.serve_metrics(listener);
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;

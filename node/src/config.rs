@@ -38,6 +38,7 @@ pub const LOWEST_MIN_CELL_COUNT: u32 = 3;
 pub struct RawNodeConfig {
     site_id: String,
     listen: String,
+    metrics_listen: Option<String>,
     max_concurrent_queries: Option<usize>,
     state_dir: PathBuf,
     tls: TlsFiles,
@@ -143,6 +144,9 @@ pub enum DomainViolationPolicy {
 pub struct NodeConfig {
     pub site_id: String,
     pub listen: SocketAddr,
+    /// Where Prometheus metrics are served over plain HTTP (keep it on loopback or an internal
+    /// network); none by default.
+    pub metrics_listen: Option<SocketAddr>,
     /// Queries computed at once; more are refused at once as busy (no growing queue).
     pub max_concurrent_queries: usize,
     /// Files the node owns and keeps across restarts (audit log and key, daily query counts).
@@ -278,6 +282,17 @@ impl RawNodeConfig {
                 self.listen
             ))
         });
+        let metrics_listen = match self.metrics_listen.as_deref().map(str::parse::<SocketAddr>) {
+            None => None,
+            Some(Ok(address)) => Some(address),
+            Some(Err(_)) => {
+                problems.push(format!(
+                    "metrics_listen '{}' is not an address with port (e.g. '127.0.0.1:9464')",
+                    self.metrics_listen.as_deref().unwrap_or_default()
+                ));
+                None
+            }
+        };
         let max_concurrent_queries = self
             .max_concurrent_queries
             .unwrap_or(DEFAULT_MAX_CONCURRENT_QUERIES);
@@ -423,6 +438,7 @@ impl RawNodeConfig {
             (true, Ok(listen)) => Ok(NodeConfig {
                 site_id: self.site_id,
                 listen,
+                metrics_listen,
                 max_concurrent_queries,
                 state_dir,
                 tls,

@@ -26,6 +26,7 @@ use crate::overlap::{self, OverlapError, OverlapMemory};
 use crate::plan;
 use crate::records::{NodeSecret, RecordNumbers};
 use crate::verify;
+use fedq_proto::metrics::Metrics;
 
 /// A loaded node: its identity, policy, data model and data snapshots.
 #[derive(Debug)]
@@ -47,6 +48,7 @@ pub struct QueryEngine {
     most_running: usize,
     /// Epsilon spent per study and in all, when differential privacy is on.
     budget: Option<PrivacyBudget>,
+    metrics: Metrics,
 }
 
 /// What a study lead's request carries into the node, already out of its wire form.
@@ -209,6 +211,7 @@ impl QueryEngine {
                 budget,
                 running: AtomicUsize::new(0),
                 most_running: config.max_concurrent_queries,
+                metrics: Metrics::default(),
             },
             warnings,
         ))
@@ -244,6 +247,7 @@ impl QueryEngine {
         slot: Option<Slot<'_>>,
         deadline: Option<std::time::Instant>,
     ) -> Result<SiteAnswer, NodeError> {
+        let started = std::time::Instant::now();
         let mut seen = Seen::default();
         let result = match slot {
             // The caller stopped waiting before a slot was free: nothing is computed.
@@ -257,6 +261,7 @@ impl QueryEngine {
         };
         let event = query_event(caller_identities, request, &seen, &result);
         audit::trace(&event);
+        self.measure(&event, started.elapsed());
         let head = self
             .keep_documents(&seen)
             .and_then(|()| self.audit.append(Event::Query(Box::new(event))))
@@ -272,6 +277,73 @@ impl QueryEngine {
             audit_head: head,
             noise: answer.noise,
         })
+    }
+
+    /// Counts one request in the node's metrics (outcomes and reasons only).
+    fn measure(&self, event: &QueryEvent, took: std::time::Duration) {
+        let (outcome, reason) = match &event.refusal {
+            None => ("released", "none"),
+            Some(refusal) => ("refused", refusal.code.as_str()),
+        };
+        self.metrics.count(
+            "fedq_node_queries_total",
+            "Query requests by outcome and refusal reason.",
+            &[("outcome", outcome), ("reason", reason)],
+            1,
+        );
+        self.metrics.count(
+            "fedq_node_cells_released_total",
+            "Cells released.",
+            &[],
+            event.cells_released,
+        );
+        for (reason, cells) in &event.cells_withheld {
+            self.metrics.count(
+                "fedq_node_cells_withheld_total",
+                "Cells withheld, by reason.",
+                &[("reason", reason)],
+                *cells,
+            );
+        }
+        self.metrics.observe(
+            "fedq_node_query_seconds",
+            "Time from a request reaching the engine to its audit record, by outcome.",
+            &[("outcome", outcome)],
+            took,
+        );
+    }
+
+    /// The node's metrics in the Prometheus text format.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.set(
+            "fedq_node_audit_records",
+            "Records in the audit log.",
+            &[],
+            i64::try_from(self.audit.head().count).unwrap_or(i64::MAX),
+        );
+        if let Some(memory) = &self.overlap
+            && let Ok(memory) = memory.lock()
+        {
+            self.metrics.set(
+                "fedq_node_overlap_memory_bytes",
+                "Bytes the remembered released record sets take.",
+                &[],
+                i64::try_from(memory.bytes()).unwrap_or(i64::MAX),
+            );
+            self.metrics.set(
+                "fedq_node_overlap_memory_sets",
+                "Remembered released record sets.",
+                &[],
+                i64::try_from(memory.len()).unwrap_or(i64::MAX),
+            );
+        }
+        self.metrics.set(
+            "fedq_node_queries_running",
+            "Queries being computed now.",
+            &[],
+            i64::try_from(self.running.load(Ordering::Acquire)).unwrap_or(i64::MAX),
+        );
+        self.metrics.render()
     }
 
     /// The site's transparency register, from its audit log (one at a time: it reads the

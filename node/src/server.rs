@@ -46,6 +46,15 @@ impl PreparedNode {
         &self.engine
     }
 
+    /// Serves the node's Prometheus metrics (`GET /metrics`, plain HTTP) on an already bound
+    /// `listener` in the background.
+    pub fn serve_metrics(&self, listener: TcpListener) {
+        let engine = Arc::clone(&self.engine);
+        tokio::spawn(fedq_proto::metrics::serve_metrics(listener, move || {
+            engine.render_metrics()
+        }));
+    }
+
     /// The node's TLS configuration, to reload renewed certificates without a restart.
     pub fn tls(&self) -> Arc<TlsReloader> {
         Arc::clone(&self.tls)

@@ -2,6 +2,7 @@
 //!
 //! - [`wire`]: the gRPC services and messages generated from `proto/fedq/v1/*.proto`, and the
 //!   one place ([`convert`]) where wire messages become domain values and back.
+//! - [`metrics`]: Prometheus counters and histograms and the `/metrics` endpoint.
 //! - [`model`]: the alliance's common data model (datasets, columns, types, domains).
 //! - [`template`]: the query-template language: parsing, validation against the data model,
 //!   canonical bytes and content hash, typed parameter binding.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod convert;
 pub mod document;
 mod error;
+pub mod metrics;
 pub mod model;
 pub mod process;
 pub mod rational;

@@ -240,3 +240,116 @@ async fn a_query_whose_deadline_passed_while_waiting_is_refused_without_computin
     );
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_metrics_count_outcomes_and_reasons_without_any_request_content() -> anyhow::Result<()>
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let test = TestAlliance::start().await?;
+    let (config, _) = fedq_tests::node_config_with_own_state(&test)?;
+    let config = fedq_node::config::NodeConfig::load(&config)?;
+    let (node, _) = fedq_node::server::PreparedNode::load(&config)?;
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let metrics_address = metrics.local_addr()?;
+    node.serve_metrics(metrics);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(node.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let coordinator = &test.alliance.pki.identities[0];
+    let mut client = fedq_deploy::node_client(
+        &format!("https://localhost:{port}"),
+        &test.alliance.pki.ca_cert,
+        Some((&coordinator.cert, &coordinator.key)),
+        &fedq_deploy::alliance::site_identity("site-a"),
+    )
+    .await?;
+    client
+        .run_query(fedq_tests::cohort_request(
+            &test.alliance,
+            "secret-request-id",
+            33,
+        )?)
+        .await?;
+    let mut unapproved = fedq_tests::cohort_request(&test.alliance, "other-id", 0)?;
+    unapproved.study = None;
+    assert!(client.run_query(unapproved).await.is_err());
+
+    let mut http = tokio::net::TcpStream::connect(metrics_address).await?;
+    http.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    http.read_to_string(&mut response).await?;
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    for expected in [
+        "fedq_node_queries_total{outcome=\"released\",reason=\"none\"} 1",
+        "fedq_node_queries_total{outcome=\"refused\",reason=\"REFUSAL_CODE_STUDY_MISSING\"} 1",
+        "fedq_node_query_seconds_count{outcome=\"released\"} 1",
+        "fedq_node_audit_records 3",
+        "# TYPE fedq_node_query_seconds histogram",
+    ] {
+        assert!(
+            response.contains(expected),
+            "missing {expected:?} in:\n{response}"
+        );
+    }
+    for secret in [
+        "secret-request-id",
+        "other-id",
+        "min_iss",
+        "trauma-outcomes",
+    ] {
+        assert!(!response.contains(secret), "metrics leak {secret:?}");
+    }
+    let _ = stop.send(());
+    server.await??;
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_metrics_count_queries_and_each_sites_replies() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let test = TestAlliance::start().await?;
+    let config_path = test.alliance.root.join("config").join("coordinator.toml");
+    let mut config = fedq_coordinator::config::CoordinatorConfig::load(&config_path)?;
+    config.state_dir = test.dir.path().join("metrics-coordinator-state");
+    let coordinator = fedq_coordinator::server::PreparedCoordinator::new(&config)?;
+    let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let metrics_address = metrics.local_addr()?;
+    coordinator.serve_metrics(metrics);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(coordinator.serve(listener, async {
+        let _ = stopped.await;
+    }));
+    let mut lead = fedq_coordinator::client::connect(
+        &format!("https://localhost:{port}"),
+        &test.alliance.pki.ca_cert,
+        &test.alliance.users.study_lead,
+    )
+    .await?;
+    fedq_tests::query(&mut lead, "cohort-by-age-sex", vec![], 0).await?;
+
+    let mut http = tokio::net::TcpStream::connect(metrics_address).await?;
+    http.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        .await?;
+    let mut response = String::new();
+    http.read_to_string(&mut response).await?;
+    for expected in [
+        "fedq_coordinator_queries_total{template=\"cohort-by-age-sex\"} 1",
+        "fedq_coordinator_site_replies_total{site=\"site-a\",status=\"ok\"} 1",
+        "fedq_coordinator_site_replies_total{site=\"site-c\",status=\"ok\"} 1",
+        "fedq_coordinator_site_seconds_count{site=\"site-b\"} 1",
+    ] {
+        assert!(
+            response.contains(expected),
+            "missing {expected:?} in:\n{response}"
+        );
+    }
+    let _ = stop.send(());
+    server.await??;
+    test.alliance.stop().await
+}
