@@ -38,6 +38,20 @@ pub fn create_dev_pki(
     ca_name: &str,
     identities: &[String],
 ) -> Result<DevPki, CoordinatorError> {
+    create_dev_pki_valid(out_dir, ca_name, identities, None)
+}
+
+/// A calendar day (year, month, day), UTC.
+pub type Day = (i32, u8, u8);
+
+/// Like [`create_dev_pki`], with the identities' certificates valid only from the first to the
+/// second day (for example already expired, to rehearse what a node does with one).
+pub fn create_dev_pki_valid(
+    out_dir: &Path,
+    ca_name: &str,
+    identities: &[String],
+    validity: Option<(Day, Day)>,
+) -> Result<DevPki, CoordinatorError> {
     std::fs::create_dir_all(out_dir).map_err(|err| {
         CoordinatorError::Certificates(format!("cannot create {}: {err}", out_dir.display()))
     })?;
@@ -77,6 +91,10 @@ pub fn create_dev_pki(
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if let Some(((from_y, from_m, from_d), (until_y, until_m, until_d))) = validity {
+            params.not_before = rcgen::date_time_ymd(from_y, from_m, from_d);
+            params.not_after = rcgen::date_time_ymd(until_y, until_m, until_d);
+        }
         let key = KeyPair::generate().map_err(cert_error)?;
         let cert = params.signed_by(&key, &issuer).map_err(cert_error)?;
         let cert_path = out_dir.join(format!("{identity}.pem"));

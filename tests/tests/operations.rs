@@ -1,5 +1,7 @@
-//! Operations: `fedq-node check` on real configurations, certificates and data files — it
-//! passes a good node and names each seeded misconfiguration on its own line.
+//! Operations: `fedq-node check` on real configurations, certificates and data files (a good
+//! node passes; each seeded misconfiguration, an expired certificate and an unwritable state
+//! directory included, is named on its own line); a flooded node refusing as busy; a query whose
+//! deadline passed; health, reflection and metrics on node and coordinator.
 
 use fedq_node::check::{self, Level};
 use fedq_tests::TestAlliance;
@@ -34,7 +36,41 @@ async fn check_passes_a_good_node_and_names_each_seeded_misconfiguration() -> an
         .find(|line| line.starts_with("trusted_expert_keys"))
         .unwrap()
         .to_string();
-    let cases: [(String, &str, &str); 4] = [
+    let expired = fedq_coordinator::certs::create_dev_pki_valid(
+        &test.dir.path().join("expired"),
+        "expired CA",
+        &[fedq_deploy::alliance::site_identity("site-a")],
+        Some(((2020, 1, 1), (2021, 1, 1))),
+    )?;
+    let with_expired = config
+        .replace(
+            &pki.ca_cert.display().to_string(),
+            &expired.ca_cert.display().to_string(),
+        )
+        .replace(
+            &pki.identities[1].cert.display().to_string(),
+            &expired.identities[0].cert.display().to_string(),
+        )
+        .replace(
+            &pki.identities[1].key.display().to_string(),
+            &expired.identities[0].key.display().to_string(),
+        );
+    // Tests run as root, so permission bits cannot make the state directory unwritable: put
+    // it under a regular file instead.
+    let blocker = test.dir.path().join("not-a-folder");
+    std::fs::write(&blocker, "a file")?;
+    let state_line = config
+        .lines()
+        .find(|line| line.starts_with("state_dir"))
+        .unwrap()
+        .to_string();
+    let unwritable = config.replace(
+        &state_line,
+        &format!("state_dir = \"{}\"", blocker.join("state").display()),
+    );
+    let cases: [(String, &str, &str); 6] = [
+        (with_expired, "certificate", "expired"),
+        (unwritable, "state dir", "cannot write"),
         (
             config.replace(
                 &pki.identities[1].key.display().to_string(),
