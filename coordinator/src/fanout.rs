@@ -96,12 +96,14 @@ impl NodeClients {
             .map(|(entry, client)| {
                 let mut client = client.clone();
                 let site_id = entry.site_id.clone();
-                let mut call = tonic::Request::new(request.clone());
-                call.set_timeout(deadline);
+                let call = with_timeout(request.clone(), deadline);
                 async move {
                     let started = Instant::now();
                     let call = match tokio::time::timeout(deadline, client.run_query(call)).await {
-                        Ok(Ok(response)) => SiteCall::Answered(Box::new(response.into_inner())),
+                        Ok(Ok(response)) => match check_protocol(&response) {
+                            Ok(()) => SiteCall::Answered(Box::new(response.into_inner())),
+                            Err(problem) => SiteCall::Failed(problem),
+                        },
                         Ok(Err(status)) => classify(status),
                         Err(_) => SiteCall::TimedOut,
                     };
@@ -179,10 +181,32 @@ impl NodeClients {
     }
 }
 
+/// A node request with its deadline and the protocol versions this coordinator speaks.
 fn with_timeout<T>(message: T, deadline: Duration) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.set_timeout(deadline);
+    request.metadata_mut().insert(
+        fedq_proto::PROTOCOL_HEADER,
+        tonic::metadata::MetadataValue::from_static(fedq_proto::PROTOCOL_VERSION),
+    );
     request
+}
+
+/// A node's answer is usable only in a protocol this coordinator speaks.
+fn check_protocol<T>(response: &tonic::Response<T>) -> Result<(), String> {
+    let chosen = response
+        .metadata()
+        .get(fedq_proto::PROTOCOL_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("(none)");
+    if chosen == fedq_proto::PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "the node answered in protocol {chosen}; this coordinator speaks {} — upgrade one of them",
+            fedq_proto::PROTOCOL_VERSION
+        ))
+    }
 }
 
 /// Sorts a failed call into refused (the node's own typed reason), timed out, unreachable or

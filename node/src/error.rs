@@ -71,6 +71,11 @@ pub enum NodeError {
         "this site cannot write its audit log, so it refuses the query; nothing was released (the site's administrator can find the cause in the node log)"
     )]
     AuditUnavailable,
+    /// The caller offered no protocol version this node speaks.
+    #[error(
+        "this site speaks protocol {speaks}, but the coordinator offered {offered}; upgrade the coordinator or the node so they share a version"
+    )]
+    ProtocolMismatch { speaks: String, offered: String },
     /// The caller's deadline passed before the query could start.
     #[error(
         "the query's deadline passed before this site could start it; nothing was computed (ask again with a longer --deadline-ms)"
@@ -148,6 +153,7 @@ impl NodeError {
             NodeError::BudgetExhausted { .. } => RefusalCode::PrivacyBudgetExhausted,
             NodeError::Busy { .. } => RefusalCode::SiteBusy,
             NodeError::DeadlinePassed => RefusalCode::DeadlinePassed,
+            NodeError::ProtocolMismatch { .. } => RefusalCode::ProtocolMismatch,
             NodeError::StudyNotInForce { .. } => RefusalCode::StudyNotInForce,
             NodeError::SiteNotInStudy { .. } => RefusalCode::SiteNotInStudy,
             NodeError::TemplateNotInStudy { .. } => RefusalCode::TemplateNotInStudy,

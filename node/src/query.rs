@@ -238,8 +238,8 @@ impl QueryEngine {
 
     /// Runs one query for a caller presenting `caller_identities` in `slot` (`None`: no slot
     /// was free, so it is refused as busy) unless the caller's `deadline` has passed, and
-    /// records it in the audit log whatever the outcome. Nothing is returned unless the record is on disk: if it cannot be written, the
-    /// query is refused.
+    /// records it in the audit log whatever the outcome. Nothing is returned unless the record
+    /// is on disk: if it cannot be written, the query is refused.
     pub fn run(
         &self,
         caller_identities: &[String],
@@ -259,11 +259,45 @@ impl QueryEngine {
                 most: self.most_running,
             }),
         };
-        let event = query_event(caller_identities, request, &seen, &result);
+        self.finish(caller_identities, request, &seen, result, started)
+    }
+
+    /// Records a request refused before the engine could look at it (for example in a
+    /// protocol this node does not speak) and returns the refusal.
+    pub fn refuse(
+        &self,
+        caller_identities: &[String],
+        request: &QueryRequest,
+        refusal: NodeError,
+    ) -> NodeError {
+        let started = std::time::Instant::now();
+        match self.finish(
+            caller_identities,
+            request,
+            &Seen::default(),
+            Err(refusal),
+            started,
+        ) {
+            Err(err) => err,
+            Ok(_) => NodeError::Engine,
+        }
+    }
+
+    /// Audits a request's outcome (durably, before anything is returned) and builds the
+    /// answer.
+    fn finish(
+        &self,
+        caller_identities: &[String],
+        request: &QueryRequest,
+        seen: &Seen,
+        result: Result<(Computed, DisclosedTable), NodeError>,
+        started: std::time::Instant,
+    ) -> Result<SiteAnswer, NodeError> {
+        let event = query_event(caller_identities, request, seen, &result);
         audit::trace(&event);
         self.measure(&event, started.elapsed());
         let head = self
-            .keep_documents(&seen)
+            .keep_documents(seen)
             .and_then(|()| self.audit.append(Event::Query(Box::new(event))))
             .map_err(|err| {
                 tracing::error!(request_id = %audit::bounded(&request.request_id), error = %err, "audit record not written; query refused");

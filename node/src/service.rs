@@ -25,6 +25,33 @@ impl NodeService {
     }
 }
 
+/// Checks the protocol versions the caller offered (`fedq-protocol` metadata). A caller that
+/// offers none predates negotiation and speaks fedq.v1.
+fn check_protocol<T>(request: &Request<T>) -> Result<(), NodeError> {
+    let Some(offer) = request.metadata().get(fedq_proto::PROTOCOL_HEADER) else {
+        return Ok(());
+    };
+    let offer = offer.to_str().unwrap_or("(unreadable)");
+    if fedq_proto::protocol_offered(offer) {
+        Ok(())
+    } else {
+        Err(NodeError::ProtocolMismatch {
+            speaks: fedq_proto::PROTOCOL_VERSION.into(),
+            offered: crate::audit::bounded(offer),
+        })
+    }
+}
+
+/// A response carrying the protocol version this node answered in.
+fn respond<T>(message: T) -> Response<T> {
+    let mut response = Response::new(message);
+    response.metadata_mut().insert(
+        fedq_proto::PROTOCOL_HEADER,
+        tonic::metadata::MetadataValue::from_static(fedq_proto::PROTOCOL_VERSION),
+    );
+    response
+}
+
 /// When the caller stops waiting: the `grpc-timeout` it sent (e.g. "5000m"), from now.
 fn caller_deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
     let text = request.metadata().get("grpc-timeout")?.to_str().ok()?;
@@ -70,6 +97,7 @@ pub fn status_of(err: &NodeError) -> Status {
         | NodeError::BudgetExhausted { .. }
         | NodeError::Busy { .. } => Code::ResourceExhausted,
         NodeError::DeadlinePassed => Code::DeadlineExceeded,
+        NodeError::ProtocolMismatch { .. } => Code::FailedPrecondition,
         NodeError::StateUnwritable | NodeError::AuditUnavailable => Code::Unavailable,
         NodeError::StudyMissing | NodeError::Contract(fedq_proto::Error::Study { .. }) => {
             Code::InvalidArgument
@@ -201,7 +229,8 @@ impl Node for NodeService {
         let identities = caller_identities(&request);
         crate::verify::authorize_caller(&identities, &self.engine.policy.accepted_coordinators)
             .map_err(|err| status_of(&err))?;
-        Ok(Response::new(describe(&self.engine)))
+        check_protocol(&request).map_err(|err| status_of(&err))?;
+        Ok(respond(describe(&self.engine)))
     }
 
     #[tracing::instrument(skip_all, fields(site = %self.engine.site_id, request_id))]
@@ -211,6 +240,7 @@ impl Node for NodeService {
     ) -> Result<Response<wire::SiteResult>, Status> {
         let identities = caller_identities(&request);
         let deadline = caller_deadline(&request);
+        let protocol = check_protocol(&request);
         let message = request.into_inner();
         tracing::Span::current().record(
             "request_id",
@@ -224,14 +254,17 @@ impl Node for NodeService {
             study: message.study,
         };
         let engine = Arc::clone(&self.engine);
-        let outcome = tokio::task::spawn_blocking(move || {
-            let slot = engine.take_slot();
-            engine.run(&identities, &query, slot, deadline)
+        let outcome = tokio::task::spawn_blocking(move || match protocol {
+            Ok(()) => {
+                let slot = engine.take_slot();
+                engine.run(&identities, &query, slot, deadline)
+            }
+            Err(mismatch) => Err(engine.refuse(&identities, &query, mismatch)),
         })
         .await
         .map_err(|_| status_of(&NodeError::Engine))?;
         match outcome {
-            Ok(answer) => Ok(Response::new(answer_to_wire(&self.engine.site_id, answer))),
+            Ok(answer) => Ok(respond(answer_to_wire(&self.engine.site_id, answer))),
             Err(err) => Err(status_of(&err)),
         }
     }
@@ -244,7 +277,8 @@ impl Node for NodeService {
         let identities = caller_identities(&request);
         crate::verify::authorize_caller(&identities, &self.engine.policy.accepted_coordinators)
             .map_err(|err| status_of(&err))?;
-        Ok(Response::new(self.engine.audit().head()))
+        check_protocol(&request).map_err(|err| status_of(&err))?;
+        Ok(respond(self.engine.audit().head()))
     }
 
     #[tracing::instrument(skip_all, fields(site = %self.engine.site_id))]
@@ -255,11 +289,12 @@ impl Node for NodeService {
         let identities = caller_identities(&request);
         crate::verify::authorize_caller(&identities, &self.engine.policy.accepted_coordinators)
             .map_err(|err| status_of(&err))?;
+        check_protocol(&request).map_err(|err| status_of(&err))?;
         let engine = Arc::clone(&self.engine);
         let register = tokio::task::spawn_blocking(move || engine.transparency_register())
             .await
             .map_err(|_| status_of(&NodeError::Engine))?
             .map_err(|err| status_of(&err))?;
-        Ok(Response::new(register))
+        Ok(respond(register))
     }
 }

@@ -50,5 +50,16 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// The wire protocol version both sides announce.
 pub const PROTOCOL_VERSION: &str = "fedq.v1";
 
+/// Request and response metadata in which the coordinator offers the protocol versions it
+/// speaks (comma-separated) and a node answers with the one it chose.
+pub const PROTOCOL_HEADER: &str = "fedq-protocol";
+
+/// Whether an offer (`"fedq.v1"`, `"fedq.v2, fedq.v1"`) includes this build's protocol.
+pub fn protocol_offered(offer: &str) -> bool {
+    offer
+        .split(',')
+        .any(|version| version.trim() == PROTOCOL_VERSION)
+}
+
 /// The fedq software version of this build.
 pub const SOFTWARE_VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -321,3 +321,39 @@ async fn renewed_certificates_are_picked_up_on_sighup_without_a_restart() -> any
     process.kill()?;
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_offering_no_shared_protocol_version_is_refused_clearly() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut node = test.node_as_coordinator(0).await?;
+    let offering = |offer: &'static str, id: &str| -> anyhow::Result<_> {
+        let mut request = tonic::Request::new(cohort_request(&test.alliance, id, 0)?);
+        request.metadata_mut().insert(
+            fedq_proto::PROTOCOL_HEADER,
+            tonic::metadata::MetadataValue::from_static(offer),
+        );
+        Ok(request)
+    };
+    let status = node
+        .run_query(offering("fedq.v2", "future")?)
+        .await
+        .unwrap_err();
+    assert_refused(
+        &status,
+        Code::FailedPrecondition,
+        RefusalCode::ProtocolMismatch,
+        "this site speaks protocol fedq.v1, but the coordinator offered fedq.v2",
+    );
+    // An offer that includes the node's version is answered, in that version.
+    let answer = node
+        .run_query(offering("fedq.v2, fedq.v1", "both")?)
+        .await?;
+    assert_eq!(
+        answer
+            .metadata()
+            .get(fedq_proto::PROTOCOL_HEADER)
+            .and_then(|value| value.to_str().ok()),
+        Some("fedq.v1")
+    );
+    test.alliance.stop().await
+}
