@@ -263,12 +263,12 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
     for warning in warnings {
         tracing::warn!(%warning, "data quality");
     }
-    for snapshot in node.engine().snapshots() {
+    for snapshot in node.engine().snapshots().values() {
         tracing::info!(dataset = %snapshot.dataset, rows = snapshot.rows(), version = %snapshot.version, "dataset loaded");
     }
     let audit_key = node.engine().audit().key_id();
-    // Renewed certificates are picked up on SIGHUP, without a restart.
-    node.tls().reload_on_hangup();
+    // Renewed certificates and new data files are picked up on SIGHUP, without a restart.
+    node.reload_on_hangup();
     if let Some(metrics) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(metrics)
             .await

@@ -2,8 +2,8 @@
 //! through them — verify, check, bind, compute, disclose, audit — in that order.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use polars::prelude::{Column, PolarsError};
 
@@ -34,7 +34,11 @@ pub struct QueryEngine {
     pub site_id: String,
     pub policy: Policy,
     pub data_model: DataModel,
-    snapshots: BTreeMap<String, Snapshot>,
+    /// The data: replaced whole by [`QueryEngine::reload_data`]; a query keeps the snapshots
+    /// it started with.
+    snapshots: RwLock<Arc<BTreeMap<String, Snapshot>>>,
+    /// What a data reload needs: the configuration it was loaded with.
+    config: NodeConfig,
     limits: DailyLimits,
     audit: AuditLog,
     /// Released record sets, when overlap control is on. The lock makes check-and-remember
@@ -202,7 +206,8 @@ impl QueryEngine {
                 site_id: config.site_id.clone(),
                 policy: config.policy.clone(),
                 data_model: config.data_model.clone(),
-                snapshots,
+                snapshots: RwLock::new(Arc::new(snapshots)),
+                config: config.clone(),
                 limits,
                 audit,
                 overlap,
@@ -217,8 +222,29 @@ impl QueryEngine {
         ))
     }
 
-    pub fn snapshots(&self) -> impl Iterator<Item = &Snapshot> {
-        self.snapshots.values()
+    /// The snapshots in use now.
+    pub fn snapshots(&self) -> Arc<BTreeMap<String, Snapshot>> {
+        Arc::clone(
+            &self
+                .snapshots
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        )
+    }
+
+    /// Reads every dataset file again and swaps the new snapshots in once all loaded; queries
+    /// already running finish on the old ones. On any problem the current data stays in use.
+    /// Returns warning lines for the log.
+    pub fn reload_data(&self) -> Result<Vec<String>, NodeError> {
+        let (mut snapshots, warnings) = load_snapshots(&self.config, &self.secret)?;
+        if self.overlap.is_some() {
+            number_records(&self.config.state_dir, &mut snapshots)?;
+        }
+        *self
+            .snapshots
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(snapshots);
+        Ok(warnings)
     }
 
     pub fn audit(&self) -> &AuditLog {
@@ -440,8 +466,8 @@ impl QueryEngine {
             &self.policy.accepted_studies,
             today,
         )?;
-        let snapshot = self
-            .snapshots
+        let snapshots = self.snapshots();
+        let snapshot = snapshots
             .get(&template.dataset)
             .ok_or_else(|| NodeError::DatasetNotHeld(template.dataset.clone()))?;
         seen.snapshot_version = Some(snapshot.version.clone());

@@ -55,6 +55,50 @@ impl PreparedNode {
         }));
     }
 
+    /// On every SIGHUP: reloads the TLS certificates, then reads the data files again and swaps
+    /// the new snapshots in (each independently: a failure keeps what is in use and is logged).
+    pub fn reload_on_hangup(&self) {
+        let (tls, engine) = (Arc::clone(&self.tls), Arc::clone(&self.engine));
+        tokio::spawn(async move {
+            let Ok(mut hangups) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                tracing::warn!(
+                    "cannot listen for SIGHUP; certificates and data reload only on restart"
+                );
+                return;
+            };
+            while hangups.recv().await.is_some() {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("tls certificates reloaded"),
+                    Err(err) => {
+                        tracing::error!(error = %err, "tls certificates not reloaded; the previous ones stay in use")
+                    }
+                }
+                let engine = Arc::clone(&engine);
+                match tokio::task::spawn_blocking(move || {
+                    let reloaded = engine.reload_data();
+                    (reloaded, engine)
+                })
+                .await
+                {
+                    Ok((Ok(warnings), engine)) => {
+                        for warning in warnings {
+                            tracing::warn!(%warning, "data quality");
+                        }
+                        for snapshot in engine.snapshots().values() {
+                            tracing::info!(dataset = %snapshot.dataset, rows = snapshot.rows(), version = %snapshot.version, "dataset reloaded");
+                        }
+                    }
+                    Ok((Err(err), _)) => {
+                        tracing::error!(error = %err, "data not reloaded; the previous snapshots stay in use")
+                    }
+                    Err(err) => tracing::error!(error = %err, "data reload failed"),
+                }
+            }
+        });
+    }
+
     /// The node's TLS configuration, to reload renewed certificates without a restart.
     pub fn tls(&self) -> Arc<TlsReloader> {
         Arc::clone(&self.tls)

@@ -173,6 +173,7 @@ fn describe(engine: &QueryEngine) -> wire::SiteDescription {
     let model = &engine.data_model;
     let datasets = engine
         .snapshots()
+        .values()
         .map(|snapshot| {
             let spec = model.dataset(&snapshot.dataset);
             let columns = spec

@@ -357,3 +357,61 @@ async fn a_caller_offering_no_shared_protocol_version_is_refused_clearly() -> an
     );
     test.alliance.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_data_files_are_swapped_in_on_sighup_and_show_as_a_new_snapshot() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    let (config, _) = node_config_with_own_state(&test)?;
+    let folder = test.dir.path().join(format!("reload-{}", rand_suffix()));
+    std::fs::create_dir_all(&folder)?;
+    let original = &test.alliance.data_files[0];
+    let data = folder.join(original.file_name().expect("a file name"));
+    std::fs::copy(original, &data)?;
+    let text = std::fs::read_to_string(&config)?
+        .replace(&original.display().to_string(), &data.display().to_string());
+    std::fs::write(&config, text)?;
+    let process = NodeProcess::start(env!("CARGO_BIN_EXE_test-node"), &config, None)?;
+    let mut node = process.client(&test).await?;
+    let before = node
+        .run_query(cohort_request(&test.alliance, "before", 0)?)
+        .await?
+        .into_inner();
+
+    // A new extract of the registry, written beside and moved into place.
+    let mut site = test.sites[0].clone();
+    site.admissions = 1_200;
+    site.seed += 1;
+    let fresh = folder.join("fresh");
+    std::fs::create_dir_all(&fresh)?;
+    let written = fedq_deploy::synth::write_site(&site, &fresh)?;
+    std::fs::rename(&written, &data)?;
+    process.hang_up()?;
+    let mut after = None;
+    for attempt in 0..200 {
+        let answer = node
+            .run_query(cohort_request(
+                &test.alliance,
+                &format!("after-{attempt}"),
+                0,
+            )?)
+            .await?
+            .into_inner();
+        if answer.snapshot_version != before.snapshot_version {
+            after = Some(answer);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = after.expect("the new data was not swapped in");
+    let total = |answer: &wire::SiteResult| match answer.total.as_ref().and_then(|t| t.outcome) {
+        Some(wire::cell::Outcome::Released(released)) => released.count,
+        _ => 0,
+    };
+    assert!(
+        total(&after) < total(&before),
+        "the smaller extract is in use"
+    );
+    process.kill()?;
+    test.alliance.stop().await
+}
