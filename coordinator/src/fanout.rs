@@ -90,6 +90,7 @@ impl NodeClients {
         &self,
         request: wire::QueryRequest,
         deadline: Duration,
+        held: &std::collections::BTreeMap<String, String>,
     ) -> impl Stream<Item = SiteReply> + use<> {
         self.nodes
             .iter()
@@ -97,8 +98,16 @@ impl NodeClients {
                 let mut client = client.clone();
                 let site_id = entry.site_id.clone();
                 let call = with_timeout(request.clone(), deadline);
+                let hold = held.get(&site_id).cloned();
                 async move {
                     let started = Instant::now();
+                    if let Some(reason) = hold {
+                        return SiteReply {
+                            call: SiteCall::Failed(held_message(&site_id, &reason)),
+                            site_id,
+                            elapsed: started.elapsed(),
+                        };
+                    }
                     let call = match tokio::time::timeout(deadline, client.run_query(call)).await {
                         Ok(Ok(response)) => match check_protocol(&response) {
                             Ok(()) => SiteCall::Answered(Box::new(response.into_inner())),
@@ -207,6 +216,13 @@ fn check_protocol<T>(response: &tonic::Response<T>) -> Result<(), String> {
             fedq_proto::PROTOCOL_VERSION
         ))
     }
+}
+
+/// Why a held site was not asked, for the study lead.
+pub fn held_message(site_id: &str, reason: &str) -> String {
+    format!(
+        "not asked: site {site_id} is held {reason}; an administrator lifts the hold with `fedq audit-heads --site {site_id} --acknowledge` once the site is checked"
+    )
 }
 
 /// Sorts a failed call into refused (the node's own typed reason), timed out, unreachable or

@@ -12,11 +12,16 @@ use crate::fanout::NodeClients;
 use crate::store::{HeadOutcome, Store};
 
 /// Checks and keeps one head `site_id` presented (on a blocking thread: SQLite waits for
-/// the disk).
-pub async fn keep(store: &Arc<Store>, site_id: &str, head: wire::SignedAuditHead) {
+/// the disk). Returns whether the site is now held: its log went back or was rewritten, so
+/// nothing from it reaches a study lead until an administrator acknowledges.
+pub async fn keep(store: &Arc<Store>, site_id: &str, head: wire::SignedAuditHead) -> bool {
     let store = Arc::clone(store);
     let site = site_id.to_string();
     let outcome = tokio::task::spawn_blocking(move || store.record_head(&site, &head)).await;
+    let held = matches!(
+        outcome,
+        Ok(Ok(HeadOutcome::WentBack { .. } | HeadOutcome::Forked { .. }))
+    );
     match outcome {
         Ok(Ok(HeadOutcome::Stored | HeadOutcome::Known)) => {}
         Ok(Ok(HeadOutcome::Forked { count })) => {
@@ -31,13 +36,16 @@ pub async fn keep(store: &Arc<Store>, site_id: &str, head: wire::SignedAuditHead
         Ok(Err(err)) => tracing::error!(site = %site_id, error = %err, "cannot keep audit head"),
         Err(err) => tracing::error!(site = %site_id, error = %err, "cannot keep audit head"),
     }
+    held
 }
 
 /// Asks every node for its head once and keeps what arrives.
 pub async fn collect_once(nodes: &NodeClients, store: &Arc<Store>, deadline: Duration) {
     for (entry, outcome) in nodes.audit_heads_all(deadline).await {
         match outcome {
-            Ok(head) => keep(store, &entry.site_id, head).await,
+            Ok(head) => {
+                keep(store, &entry.site_id, head).await;
+            }
             Err(reason) => {
                 tracing::info!(site = %entry.site_id, %reason, "audit head not collected");
             }

@@ -133,6 +133,10 @@ enum Command {
         /// replacement (the next head it presents is pinned).
         #[arg(long)]
         clear_pin: bool,
+        /// Administrators only: lift the hold on a site whose audit log went back or was
+        /// rewritten, once it has been checked (it is then queried again).
+        #[arg(long)]
+        acknowledge: bool,
     },
     /// The alliance-wide transparency register: which studies used each site's data, for what,
     /// and how often (no query contents, no results). JSON on stdout, or a static HTML page.
@@ -413,6 +417,7 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             site,
             json,
             clear_pin,
+            acknowledge,
         } => {
             let mut coordinator =
                 client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
@@ -421,6 +426,7 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                     .audit_heads(wire::AuditHeadsRequest {
                         site_id: site.clone(),
                         clear_pin,
+                        acknowledge,
                     })
                     .await,
             )?;

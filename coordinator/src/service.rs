@@ -419,7 +419,26 @@ impl Coordinator for CoordinatorService {
             )),
         };
         let deadline = self.deadline(request.deadline_ms);
-        let mut replies = self.nodes.run_query(node_request, deadline);
+        let store = Arc::clone(&self.store);
+        let site_ids: Vec<String> = self
+            .nodes
+            .entries()
+            .map(|entry| entry.site_id.clone())
+            .collect();
+        let held = tokio::task::spawn_blocking(move || {
+            site_ids
+                .into_iter()
+                .filter_map(|site| match store.hold(&site) {
+                    Ok(Some(reason)) => Some(Ok((site, reason))),
+                    Ok(None) => None,
+                    Err(err) => Some(Err(err)),
+                })
+                .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+        })
+        .await
+        .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
+        .map_err(|err| err.to_status())?;
+        let mut replies = self.nodes.run_query(node_request, deadline, &held);
         let order: Vec<String> = self
             .nodes
             .entries()
@@ -453,10 +472,16 @@ impl Coordinator for CoordinatorService {
                     &[("site", &reply.site_id)],
                     reply.elapsed,
                 );
+                let mut reply = reply;
                 if let SiteCall::Answered(result) = &reply.call
                     && let Some(head) = &result.audit_head
+                    && crate::heads::keep(&store, &reply.site_id, head.clone()).await
                 {
-                    crate::heads::keep(&store, &reply.site_id, head.clone()).await;
+                    // The answer came from a log that went back: nothing of it is released.
+                    reply.call = SiteCall::Failed(crate::fanout::held_message(
+                        &reply.site_id,
+                        "from now: its audit log went back or was rewritten",
+                    ));
                 }
                 let site = progress(&reply);
                 let event = wire::QueryEvent {
@@ -511,6 +536,23 @@ impl Coordinator for CoordinatorService {
         let site_id = request.site_id;
         if !self.nodes.entries().any(|entry| entry.site_id == site_id) {
             return Err(CoordinatorError::UnknownSite(site_id).to_status());
+        }
+        if request.acknowledge {
+            if user.role != Role::Administrator {
+                return Err(CoordinatorError::NotAllowed {
+                    user: user.name,
+                    role: "expert".into(),
+                    action: "lift a site's hold (administrators may)".into(),
+                }
+                .to_status());
+            }
+            let store = Arc::clone(&self.store);
+            let (site, by) = (site_id.clone(), user.name.clone());
+            tokio::task::spawn_blocking(move || store.acknowledge(&site, &by))
+                .await
+                .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
+                .map_err(|err| err.to_status())?;
+            tracing::warn!(site = %site_id, by = %user.name, "site hold lifted");
         }
         if request.clear_pin {
             if user.role != Role::Administrator {

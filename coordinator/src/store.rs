@@ -34,6 +34,21 @@ CREATE TABLE IF NOT EXISTS audit_heads (
     received_at TEXT NOT NULL,
     PRIMARY KEY (site_id, count, hash)
 );
+CREATE TABLE IF NOT EXISTS superseded_heads (
+    site_id TEXT NOT NULL,
+    count INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    signed_at TEXT NOT NULL,
+    public_key TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    received_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS site_holds (
+    site_id TEXT PRIMARY KEY,
+    since TEXT NOT NULL,
+    reason TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS head_events (
     site_id TEXT NOT NULL,
     at TEXT NOT NULL,
@@ -138,6 +153,21 @@ impl Store {
         signed: &wire::SignedAuditHead,
     ) -> Result<HeadOutcome, CoordinatorError> {
         let outcome = self.judge_head(site_id, signed)?;
+        if matches!(
+            outcome,
+            HeadOutcome::WentBack { .. } | HeadOutcome::Forked { .. }
+        ) {
+            self.connection()
+                .execute(
+                    "INSERT OR IGNORE INTO site_holds (site_id, since, reason) VALUES (?1, ?2, ?3)",
+                    params![
+                        site_id,
+                        now_text(),
+                        "its audit log went back or was rewritten (a restore from an older backup rolls back privacy budgets and overlap memory too)"
+                    ],
+                )
+                .map_err(database_error)?;
+        }
         let detail = match &outcome {
             HeadOutcome::Stored | HeadOutcome::Known => return Ok(outcome),
             HeadOutcome::WentBack { before } => format!(
@@ -256,6 +286,66 @@ impl Store {
             })
             .map_err(database_error)?;
         rows.collect::<Result<_, _>>().map_err(database_error)
+    }
+
+    /// Why a site is held (not queried) until an administrator acknowledges, if it is.
+    pub fn hold(&self, site_id: &str) -> Result<Option<String>, CoordinatorError> {
+        self.connection()
+            .query_row(
+                "SELECT since, reason FROM site_holds WHERE site_id = ?1",
+                params![site_id],
+                |row| {
+                    Ok(format!(
+                        "since {}: {}",
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?
+                    ))
+                },
+            )
+            .optional()
+            .map_err(database_error)
+    }
+
+    /// Lifts a site's hold, recording who did. The heads kept so far describe the history the
+    /// site went back from: they are moved aside (kept as evidence, no longer exported) and the
+    /// site's log is followed afresh from its next head.
+    pub fn acknowledge(&self, site_id: &str, by: &str) -> Result<(), CoordinatorError> {
+        let mut connection = self.connection();
+        let transaction = connection.transaction().map_err(database_error)?;
+        let lifted = transaction
+            .execute(
+                "DELETE FROM site_holds WHERE site_id = ?1",
+                params![site_id],
+            )
+            .map_err(database_error)?;
+        if lifted > 0 {
+            transaction
+                .execute(
+                    "INSERT INTO superseded_heads SELECT * FROM audit_heads WHERE site_id = ?1",
+                    params![site_id],
+                )
+                .and_then(|_| {
+                    transaction.execute(
+                        "DELETE FROM audit_heads WHERE site_id = ?1",
+                        params![site_id],
+                    )
+                })
+                .map_err(database_error)?;
+        }
+        transaction.commit().map_err(database_error)?;
+        if lifted > 0 {
+            connection
+                .execute(
+                    "INSERT INTO head_events (site_id, at, detail) VALUES (?1, ?2, ?3)",
+                    params![
+                        site_id,
+                        now_text(),
+                        format!("hold lifted by {by}: the site is queried again")
+                    ],
+                )
+                .map_err(database_error)?;
+        }
+        Ok(())
     }
 
     /// The audit key pinned for a site.
@@ -471,6 +561,34 @@ mod tests {
         assert_eq!(events.len(), 3, "{events:?}");
         assert!(events[0].contains("rewritten"));
         assert!(events[2].contains("cleared by Admin"));
+    }
+
+    #[test]
+    fn a_log_that_went_back_holds_the_site_until_acknowledged_and_then_starts_afresh() {
+        let state = tempfile::tempdir().unwrap();
+        let store = Store::open(state.path()).unwrap();
+        let key = ExpertSecretKey::generate("north");
+        store.record_head("north", &head(&key, "north", 9)).unwrap();
+        assert_eq!(store.hold("north").unwrap(), None);
+        store.record_head("north", &head(&key, "north", 4)).unwrap();
+        assert!(store.hold("north").unwrap().unwrap().contains("went back"));
+        store.acknowledge("north", "Admin").unwrap();
+        assert_eq!(store.hold("north").unwrap(), None);
+        assert!(
+            store.heads("north").unwrap().is_empty(),
+            "old heads moved aside"
+        );
+        assert_eq!(
+            store.record_head("north", &head(&key, "north", 5)).unwrap(),
+            HeadOutcome::Stored
+        );
+        assert!(
+            store
+                .head_events("north")
+                .unwrap()
+                .iter()
+                .any(|event| event.contains("hold lifted by Admin"))
+        );
     }
 
     #[test]

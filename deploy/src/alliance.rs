@@ -94,13 +94,19 @@ async fn loopback(port: u16) -> anyhow::Result<TcpListener> {
 
 /// Loads a node's configuration and data and serves it on a fresh loopback port.
 pub async fn start_node(config_path: &Path) -> anyhow::Result<Running> {
+    start_node_on(config_path, 0).await
+}
+
+/// Like [`start_node`], on loopback `port` (0: any free port) — to restart a node where the
+/// coordinator expects it.
+pub async fn start_node_on(config_path: &Path, port: u16) -> anyhow::Result<Running> {
     let config = NodeConfig::load(config_path)?;
     let (node, _warnings) = tokio::task::spawn_blocking({
         let config = config.clone();
         move || PreparedNode::load(&config)
     })
     .await??;
-    let listener = loopback(0).await?;
+    let listener = loopback(port).await?;
     let address = listener.local_addr()?;
     Ok(spawn_server(address, move |stopped| async move {
         node.serve(listener, stopped)
@@ -285,9 +291,14 @@ pub struct Users {
     pub study_lead: String,
     /// Token of an expert (may read, may not query).
     pub expert: String,
+    /// Token of an administrator (reads everything, lifts holds, runs no queries).
+    pub administrator: String,
     /// The `[[users]]` configuration blocks (hashes only).
     config: String,
 }
+
+/// The administrator of every local alliance's coordinator.
+pub const ADMINISTRATOR: &str = "Alliance Administrator";
 
 /// The study lead every local alliance's study names.
 pub const STUDY_LEAD: &str = "Dr. Lea Study";
@@ -297,13 +308,15 @@ impl Users {
     pub fn create() -> anyhow::Result<Users> {
         let (study_lead, lead_hash) = fedq_coordinator::users::new_token()?;
         let (expert, expert_hash) = fedq_coordinator::users::new_token()?;
+        let (administrator, administrator_hash) = fedq_coordinator::users::new_token()?;
         let config = format!(
-            "\n[[users]]\nname = \"{STUDY_LEAD}\"\nrole = \"study_lead\"\ntoken_hash = \"{lead_hash}\"\n\n[[users]]\nname = \"{}\"\nrole = \"expert\"\ntoken_hash = \"{expert_hash}\"\n",
+            "\n[[users]]\nname = \"{STUDY_LEAD}\"\nrole = \"study_lead\"\ntoken_hash = \"{lead_hash}\"\n\n[[users]]\nname = \"{}\"\nrole = \"expert\"\ntoken_hash = \"{expert_hash}\"\n\n[[users]]\nname = \"{ADMINISTRATOR}\"\nrole = \"administrator\"\ntoken_hash = \"{administrator_hash}\"\n",
             EXPERTS[0].0
         );
         Ok(Users {
             study_lead,
             expert,
+            administrator,
             config,
         })
     }

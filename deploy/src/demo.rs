@@ -152,6 +152,7 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
                 .audit_heads(wire::AuditHeadsRequest {
                     site_id: site_id.clone(),
                     clear_pin: false,
+                    acknowledge: false,
                 })
                 .await,
         )?;
@@ -232,6 +233,12 @@ pub async fn up(
         "the expert {} (reads catalogue, sites and audit heads; runs no queries) has the token\n  {}",
         crate::alliance::EXPERTS[0].0,
         alliance.users.expert
+    )?;
+    writeln!(
+        output,
+        "the administrator ({}) has the token\n  {}",
+        crate::alliance::ADMINISTRATOR,
+        alliance.users.administrator
     )?;
     writeln!(
         output,

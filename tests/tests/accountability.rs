@@ -63,6 +63,7 @@ async fn answers_carry_signed_heads_the_coordinator_keeps_and_a_cut_log_is_caugh
         .audit_heads(wire::AuditHeadsRequest {
             site_id: "site-a".into(),
             clear_pin: false,
+            acknowledge: false,
         })
         .await?
         .into_inner()
@@ -73,6 +74,7 @@ async fn answers_carry_signed_heads_the_coordinator_keeps_and_a_cut_log_is_caugh
         .audit_heads(wire::AuditHeadsRequest {
             site_id: "site-a".into(),
             clear_pin: false,
+            acknowledge: false,
         })
         .await
         .unwrap_err();
@@ -460,5 +462,116 @@ async fn sigterm_lets_queries_in_flight_finish_with_their_audit_records_and_exit
             "answered query {id} has no audit record"
         );
     }
+    test.alliance.stop().await
+}
+
+/// Copies a folder tree (a node's state directory, as a backup would).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), target)?;
+        }
+    }
+    Ok(())
+}
+
+fn status_of_site(result: &wire::PooledResult, site_id: &str) -> (i32, String) {
+    let site = result
+        .sites
+        .iter()
+        .find(|site| site.site_id == site_id)
+        .expect("the site is listed");
+    (site.status, site.message.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restored_from_an_older_backup_is_held_until_an_administrator_acknowledges()
+-> anyhow::Result<()> {
+    let mut test = TestAlliance::start().await?;
+    let mut lead = test.coordinator().await?;
+    let state = test.alliance.node_state_dir("site-a");
+    let backup = test.dir.path().join("site-a-backup");
+    copy_tree(&state, &backup)?;
+    for min_iss in [0, 16] {
+        query(
+            &mut lead,
+            "cohort-by-age-sex",
+            vec![integer("min_iss", min_iss)],
+            0,
+        )
+        .await?;
+    }
+    // The site restores last week's backup (rolling back its audit log, privacy budgets and
+    // overlap memory) and restarts where the coordinator expects it.
+    let (_, node) = test.alliance.nodes.remove(0);
+    let port = node.address.port();
+    node.stop().await?;
+    std::fs::remove_dir_all(&state)?;
+    copy_tree(&backup, &state)?;
+    let restarted =
+        fedq_deploy::alliance::start_node_on(&test.alliance.node_configs[0], port).await?;
+
+    // Its first answer shows the log went back: nothing of it is released.
+    let first = query(&mut lead, "cohort-by-age-sex", vec![], 0).await?;
+    let (status, message) = status_of_site(&first, "site-a");
+    assert_eq!(status, wire::SiteStatus::Failed as i32, "{message}");
+    assert!(message.contains("is held"), "{message}");
+    assert!(
+        first
+            .sites
+            .iter()
+            .any(|site| site.site_id == "site-a" && site.result.is_none())
+    );
+    // From then on it is not even asked.
+    let second = query(
+        &mut lead,
+        "cohort-by-age-sex",
+        vec![integer("min_iss", 9)],
+        0,
+    )
+    .await?;
+    let (_, message) = status_of_site(&second, "site-a");
+    assert!(
+        message.starts_with("not asked: site site-a is held"),
+        "{message}"
+    );
+
+    // Only an administrator lifts the hold.
+    let mut expert = test.coordinator_as(&test.alliance.users.expert).await?;
+    let lift = wire::AuditHeadsRequest {
+        site_id: "site-a".into(),
+        clear_pin: false,
+        acknowledge: true,
+    };
+    let denied = expert.audit_heads(lift.clone()).await.unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let mut administrator = test
+        .coordinator_as(&test.alliance.users.administrator)
+        .await?;
+    let answer = administrator.audit_heads(lift).await?.into_inner();
+    assert!(
+        answer
+            .events
+            .iter()
+            // Shorter than before, or (once it appended again) two hashes for one record.
+            .any(|event| event.contains("went back") || event.contains("rewritten")),
+        "{:?}",
+        answer.events
+    );
+    let third = query(
+        &mut lead,
+        "cohort-by-age-sex",
+        vec![integer("min_iss", 20)],
+        0,
+    )
+    .await?;
+    let (status, message) = status_of_site(&third, "site-a");
+    assert_eq!(status, wire::SiteStatus::Ok as i32, "{message}");
+    restarted.stop().await?;
     test.alliance.stop().await
 }
