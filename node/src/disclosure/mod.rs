@@ -216,7 +216,8 @@ pub fn apply_with(table: &RawTable, k: u32, forced: &[bool], total_forced: bool)
             }
             // Every line holds on its own; now no withheld cell may be solvable from all the
             // lines together (a bridge between groups of withheld cells).
-            for cell in solvable::determined(&all_lines, &withheld) {
+            let determined = solvable::determined(&all_lines, &withheld);
+            for &cell in &determined {
                 if let Some(extra) =
                     smallest_released_in_lines_of(cell, &all_lines, counts, &withheld)
                 {
@@ -225,6 +226,11 @@ pub fn apply_with(table: &RawTable, k: u32, forced: &[bool], total_forced: bool)
                 }
             }
             if !changed {
+                if !determined.is_empty() {
+                    // Nothing is left to withhold beside a solvable cell: withhold the whole
+                    // table rather than release a solvable one.
+                    withheld.iter_mut().for_each(|cell| *cell = true);
+                }
                 break;
             }
         }
