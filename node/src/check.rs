@@ -103,8 +103,9 @@ pub fn run(path: &Path) -> Vec<Finding> {
     });
     // The node's own secret when it exists, so the snapshot versions shown are the ones it
     // publishes; never created here.
-    let secret = crate::records::NodeSecret::existing(&config.state_dir)
-        .unwrap_or_else(crate::records::NodeSecret::ephemeral);
+    let existing = crate::records::NodeSecret::existing(&config.state_dir);
+    let known_version = existing.is_some();
+    let secret = existing.unwrap_or_else(crate::records::NodeSecret::ephemeral);
     match load_snapshots(&config, &secret) {
         Ok((snapshots, warnings)) => {
             for snapshot in snapshots.values() {
@@ -116,7 +117,11 @@ pub fn run(path: &Path) -> Vec<Finding> {
                         snapshot.dataset,
                         snapshot.rows(),
                         snapshot.columns.len(),
-                        snapshot.version
+                        if known_version {
+                            snapshot.version.clone()
+                        } else {
+                            "(its version is set at the node's first start)".to_string()
+                        }
                     ),
                 ));
             }
@@ -134,6 +139,23 @@ pub fn run(path: &Path) -> Vec<Finding> {
     }
     findings.push(state_dir_writable(&config.state_dir));
     findings.push(audit_log(&config.state_dir));
+    if config.policy.privacy.overlap_control {
+        let setup = config
+            .datasets
+            .iter()
+            .map(|dataset| (dataset.name.clone(), dataset.record_key.clone()))
+            .collect();
+        findings.push(
+            match crate::records::compare_key_setup(&config.state_dir, &setup) {
+                Ok(()) => finding(
+                    Level::Pass,
+                    "overlap",
+                    "record keys match the overlap memory (or it is new)",
+                ),
+                Err(problem) => finding(Level::Fail, "overlap", problem),
+            },
+        );
+    }
     findings
 }
 

@@ -266,6 +266,28 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
     for snapshot in node.engine().snapshots().values() {
         tracing::info!(dataset = %snapshot.dataset, rows = snapshot.rows(), version = %snapshot.version, "dataset loaded");
     }
+    let privacy = &config.policy.privacy;
+    let dp = privacy.differential_privacy.map(|dp| {
+        format!(
+            "epsilon {} per query, {} per study, {} for the site",
+            dp.epsilon_per_query, dp.study_epsilon, dp.node_epsilon
+        )
+    });
+    tracing::info!(
+        floor = config.policy.min_cell_count,
+        overlap_control = privacy.overlap_control,
+        rounding_base = privacy.rounding_base,
+        differential_privacy = dp.as_deref().unwrap_or("off"),
+        "disclosure policy"
+    );
+    if let Some((sets, bytes)) = node.engine().overlap_memory() {
+        tracing::info!(
+            sets,
+            mib = bytes.div_ceil(1024 * 1024),
+            limit_mib = privacy.overlap_memory_bytes / (1024 * 1024),
+            "overlap memory"
+        );
+    }
     let audit_key = node.engine().audit().key_id();
     // Renewed certificates and new data files are picked up on SIGHUP, without a restart.
     node.reload_on_hangup();

@@ -382,9 +382,10 @@ impl RawNodeConfig {
             if policy.epsilon_per_query > policy.study_epsilon
                 || policy.study_epsilon > policy.node_epsilon
             {
-                problems.push(
-                    "privacy: epsilon_per_query <= study_epsilon <= node_epsilon must hold".into(),
-                );
+                problems.push(format!(
+                    "privacy: epsilon_per_query ({}) <= study_epsilon ({}) <= node_epsilon ({}) must hold",
+                    policy.epsilon_per_query, policy.study_epsilon, policy.node_epsilon
+                ));
             }
             privacy.differential_privacy = Some(policy);
         } else if self.privacy.epsilon_per_query.is_some()

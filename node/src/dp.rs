@@ -230,6 +230,15 @@ impl PrivacyBudget {
         Ok(charge.epsilon)
     }
 
+    /// Epsilon spent by all studies together.
+    pub fn node_spent(&self) -> Rational {
+        self.ledger
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .node_spent
+            .unwrap_or(Rational::ZERO)
+    }
+
     /// Epsilon spent by `study` and by the node in all.
     pub fn spent(&self, study: &str) -> (Rational, Rational) {
         let ledger = self

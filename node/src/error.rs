@@ -88,7 +88,7 @@ pub enum NodeError {
     Busy { most: usize },
     /// A privacy budget would be passed.
     #[error(
-        "the privacy budget of {scope} at this site is used up ({spent} of epsilon {budget} spent; this query would pass it); nothing was released. Budgets do not reset by themselves: the study needs a new approval with a larger budget, within this site's cap"
+        "the privacy budget of {scope} at this site is used up ({spent} of epsilon {budget} spent; this query would pass it); nothing was released. Budgets do not reset by themselves: more queries need a larger budget, which this site's administrator sets (privacy.study_epsilon, privacy.node_epsilon; a study's approval can only ask for less)"
     )]
     BudgetExhausted {
         scope: String,

@@ -34,7 +34,7 @@ pub struct DailyLimits {
 impl DailyLimits {
     /// Opens (or starts) the counters kept in `state_dir`.
     pub fn open(state_dir: &Path) -> Result<DailyLimits, NodeError> {
-        std::fs::create_dir_all(state_dir).map_err(|err| {
+        crate::records::create_private_dir(state_dir).map_err(|err| {
             NodeError::Config(vec![format!(
                 "state_dir: cannot create {}: {err}",
                 state_dir.display()

@@ -373,6 +373,12 @@ impl QueryEngine {
         );
     }
 
+    /// Remembered released sets and their bytes, when overlap control is on.
+    pub fn overlap_memory(&self) -> Option<(usize, u64)> {
+        let memory = self.overlap.as_ref()?.lock().ok()?;
+        Some((memory.len(), memory.bytes()))
+    }
+
     /// The node's metrics in the Prometheus text format.
     pub fn render_metrics(&self) -> String {
         self.metrics.set(
@@ -395,6 +401,14 @@ impl QueryEngine {
                 "Remembered released record sets.",
                 &[],
                 i64::try_from(memory.len()).unwrap_or(i64::MAX),
+            );
+        }
+        if let Some(budget) = &self.budget {
+            self.metrics.set(
+                "fedq_node_epsilon_spent_milli",
+                "Differential-privacy epsilon spent at this site over all studies, in thousandths.",
+                &[],
+                (budget.node_spent().approximate() * 1000.0) as i64,
             );
         }
         self.metrics.set(

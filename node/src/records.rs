@@ -26,6 +26,29 @@ const DICTIONARY_FILE: &str = "record-ids.bin";
 pub const KEY_BYTES: usize = 16;
 pub type RecordKey = [u8; KEY_BYTES];
 
+/// Creates a folder (and its parents) readable by the node's user only, whatever the umask.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if path.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+}
+
+/// Creates (or truncates) a file readable by the node's user only, whatever the umask.
+pub fn private_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// The node's secret for keyed hashes.
 #[derive(Clone)]
 pub struct NodeSecret([u8; 32]);
@@ -54,11 +77,10 @@ impl NodeSecret {
                 })?;
             return Ok(NodeSecret(bytes));
         }
-        std::fs::create_dir_all(state_dir)
-            .map_err(|err| format!("{}: {err}", state_dir.display()))?;
+        create_private_dir(state_dir).map_err(|err| format!("{}: {err}", state_dir.display()))?;
         let secret = NodeSecret(rand::random());
         let temporary = path.with_extension("tmp");
-        let written = File::create(&temporary)
+        let written = private_file(&temporary)
             .and_then(|mut file| {
                 file.write_all(hex::encode(secret.0).as_bytes())?;
                 file.sync_all()
@@ -144,6 +166,19 @@ pub fn check_key_setup(
     state_dir: &Path,
     setup: &std::collections::BTreeMap<String, Vec<String>>,
 ) -> Result<(), String> {
+    compare_key_setup(state_dir, setup)?;
+    let path = state_dir.join(OVERLAP_DIR).join(KEY_SETUP_FILE);
+    let text = serde_json::to_string_pretty(setup).map_err(|err| err.to_string())?;
+    std::fs::create_dir_all(state_dir.join(OVERLAP_DIR))
+        .and_then(|()| std::fs::write(&path, text))
+        .map_err(|err| format!("{}: {err}", path.display()))
+}
+
+/// Like [`check_key_setup`] without recording anything (for `fedq-node check`).
+pub fn compare_key_setup(
+    state_dir: &Path,
+    setup: &std::collections::BTreeMap<String, Vec<String>>,
+) -> Result<(), String> {
     let path = state_dir.join(OVERLAP_DIR).join(KEY_SETUP_FILE);
     if path.exists() {
         let text =
@@ -168,10 +203,7 @@ pub fn check_key_setup(
             }
         }
     }
-    let text = serde_json::to_string_pretty(setup).map_err(|err| err.to_string())?;
-    std::fs::create_dir_all(state_dir.join(OVERLAP_DIR))
-        .and_then(|()| std::fs::write(&path, text))
-        .map_err(|err| format!("{}: {err}", path.display()))
+    Ok(())
 }
 
 /// Record keys → dense record numbers, kept in `state_dir/overlap/record-ids.bin` (the keys

@@ -198,7 +198,7 @@ fn open_key(state_dir: &Path, site_id: &str) -> Result<(ExpertSecretKey, bool), 
 fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let temporary = path.with_extension("tmp");
     {
-        let mut file = File::create(&temporary)?;
+        let mut file = crate::records::private_file(&temporary)?;
         file.write_all(bytes)?;
         file.sync_all()?;
     }
