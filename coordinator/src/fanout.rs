@@ -85,7 +85,10 @@ impl NodeClients {
     }
 
     /// Sends `request` to every node at once; yields each reply as it arrives. Every node
-    /// yields exactly one reply, at the latest when `deadline` has passed.
+    /// yields exactly one reply, at the latest when `deadline` has passed. A node that could not
+    /// be reached is tried once more within the deadline: the retry is the same request (same
+    /// request id and content), so the node counts it once against the daily limit and charges
+    /// no privacy budget twice.
     pub fn run_query(
         &self,
         request: wire::QueryRequest,
@@ -97,7 +100,7 @@ impl NodeClients {
             .map(|(entry, client)| {
                 let mut client = client.clone();
                 let site_id = entry.site_id.clone();
-                let call = with_timeout(request.clone(), deadline);
+                let request = request.clone();
                 let hold = held.get(&site_id).cloned();
                 async move {
                     let started = Instant::now();
@@ -108,13 +111,28 @@ impl NodeClients {
                             elapsed: started.elapsed(),
                         };
                     }
-                    let call = match tokio::time::timeout(deadline, client.run_query(call)).await {
-                        Ok(Ok(response)) => match check_protocol(&response) {
-                            Ok(()) => SiteCall::Answered(Box::new(response.into_inner())),
-                            Err(problem) => SiteCall::Failed(problem),
-                        },
-                        Ok(Err(status)) => classify(status),
-                        Err(_) => SiteCall::TimedOut,
+                    let mut retried = false;
+                    let call = loop {
+                        let remaining = deadline.saturating_sub(started.elapsed());
+                        let call = with_timeout(request.clone(), remaining);
+                        let outcome =
+                            match tokio::time::timeout(remaining, client.run_query(call)).await {
+                                Ok(Ok(response)) => match check_protocol(&response) {
+                                    Ok(()) => SiteCall::Answered(Box::new(response.into_inner())),
+                                    Err(problem) => SiteCall::Failed(problem),
+                                },
+                                Ok(Err(status)) => classify(status),
+                                Err(_) => SiteCall::TimedOut,
+                            };
+                        if matches!(outcome, SiteCall::Unreachable(_))
+                            && !retried
+                            && started.elapsed() < deadline
+                        {
+                            retried = true;
+                            tracing::info!(site = %site_id, "node unreachable; trying once more");
+                            continue;
+                        }
+                        break outcome;
                     };
                     SiteReply {
                         site_id,

@@ -60,7 +60,8 @@ pub async fn collect_every(
     interval: Duration,
     deadline: Duration,
 ) {
-    let mut ticks = tokio::time::interval(interval);
+    // The first collection comes one interval after start (answers carry heads meanwhile).
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;

@@ -415,3 +415,64 @@ async fn new_data_files_are_swapped_in_on_sighup_and_show_as_a_new_snapshot() ->
     process.kill()?;
     test.alliance.stop().await
 }
+
+/// A TCP forwarder to `target` that drops the first connection it accepts (a connection lost
+/// on the way) and forwards every later one. Returns its address and how many it accepted.
+async fn flaky_proxy(
+    target: std::net::SocketAddr,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = std::sync::Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                drop(inbound);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    Ok((address, accepted))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_on_the_way_is_retried_once_and_the_site_answers() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let (site_id, node) = &test.alliance.nodes[0];
+    let (proxy, accepted) = flaky_proxy(node.address).await?;
+    let listing = NodeListing {
+        site_id: site_id.clone(),
+        address: proxy,
+        identity: alliance::site_identity(site_id),
+    };
+    let running = coordinator_with(&test, &[listing], 10_000).await?;
+    let mut lead = fedq_coordinator::client::connect(
+        &format!("https://localhost:{}", running.address.port()),
+        &test.alliance.pki.ca_cert,
+        &test.alliance.users.study_lead,
+    )
+    .await?;
+    let result = query(&mut lead, "cohort-by-age-sex", vec![], 0).await?;
+    assert_eq!(
+        result.sites[0].status,
+        SiteStatus::Ok as i32,
+        "{}",
+        result.sites[0].message
+    );
+    assert!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+        "the first connection was dropped and a second one made"
+    );
+    running.stop().await?;
+    test.alliance.stop().await
+}
