@@ -56,6 +56,7 @@ pub struct RawNodeConfig {
 struct RawPrivacy {
     overlap_control: Option<bool>,
     overlap_memory_mb: Option<u64>,
+    overlap_study_share_percent: Option<u32>,
     rounding_base: Option<u32>,
     differential_privacy: Option<bool>,
     epsilon_per_query: Option<String>,
@@ -185,6 +186,9 @@ pub struct Privacy {
     pub overlap_control: bool,
     /// Most memory the remembered released sets may take; beyond it the node refuses queries.
     pub overlap_memory_bytes: u64,
+    /// The part (percent) of that memory one study may fill; beyond it only that study is
+    /// refused.
+    pub overlap_study_share_percent: u32,
     /// Released counts are rounded to a multiple of this (0: no rounding).
     pub rounding_base: u32,
     /// Differential privacy, when on.
@@ -345,9 +349,16 @@ impl RawNodeConfig {
                 .overlap_memory_mb
                 .unwrap_or(DEFAULT_OVERLAP_MEMORY_MB)
                 .saturating_mul(1024 * 1024),
+            overlap_study_share_percent: self.privacy.overlap_study_share_percent.unwrap_or(25),
             rounding_base: self.privacy.rounding_base.unwrap_or(0),
             differential_privacy: None,
         };
+        if !(1..=100).contains(&privacy.overlap_study_share_percent) {
+            problems.push(format!(
+                "privacy.overlap_study_share_percent is {}; it must be from 1 to 100",
+                privacy.overlap_study_share_percent
+            ));
+        }
         let mut privacy = privacy;
         if self.privacy.differential_privacy.unwrap_or(false) {
             let mut rational = |key: &str, value: &Option<String>, default: &str| {

@@ -86,6 +86,15 @@ pub enum NodeError {
         "this site is busy ({most} queries are being computed, its limit); nothing was computed — try again shortly"
     )]
     Busy { most: usize },
+    /// The study has used its share of the overlap memory.
+    #[error(
+        "study '{study}' has used its share of this site's memory of released results ({used_mb} of {share_mb} MiB), so the site refuses its new queries (other studies are not affected); the site's administrator can raise privacy.overlap_study_share_percent or privacy.overlap_memory_mb"
+    )]
+    OverlapStudyShare {
+        study: String,
+        used_mb: u64,
+        share_mb: u64,
+    },
     /// A privacy budget would be passed.
     #[error(
         "the privacy budget of {scope} at this site is used up ({spent} of epsilon {budget} spent; this query would pass it); nothing was released. Budgets do not reset by themselves: more queries need a larger budget, which this site's administrator sets (privacy.study_epsilon, privacy.node_epsilon; a study's approval can only ask for less)"
@@ -149,7 +158,9 @@ impl NodeError {
             NodeError::DailyLimitReached { .. } => RefusalCode::DailyLimitReached,
             NodeError::StateUnwritable => RefusalCode::Internal,
             NodeError::AuditUnavailable => RefusalCode::AuditUnavailable,
-            NodeError::OverlapMemoryFull { .. } => RefusalCode::OverlapMemoryFull,
+            NodeError::OverlapMemoryFull { .. } | NodeError::OverlapStudyShare { .. } => {
+                RefusalCode::OverlapMemoryFull
+            }
             NodeError::BudgetExhausted { .. } => RefusalCode::PrivacyBudgetExhausted,
             NodeError::Busy { .. } => RefusalCode::SiteBusy,
             NodeError::DeadlinePassed => RefusalCode::DeadlinePassed,

@@ -24,6 +24,7 @@ use crate::plan::RawTable;
 use crate::records::OVERLAP_DIR;
 
 const SETS_FILE: &str = "released-sets.bin";
+const SHARES_FILE: &str = "study-shares.json";
 /// Entry header: payload length and its SHA-256.
 const HEADER_BYTES: usize = 4 + 32;
 
@@ -34,6 +35,14 @@ pub enum OverlapError {
     Full { used_mb: u64, limit_mb: u64 },
     #[error("cannot write the overlap memory: {0}")]
     Write(String),
+    #[error(
+        "study '{study}' has used its share of the overlap memory ({used_mb} of {share_mb} MiB)"
+    )]
+    StudyShare {
+        study: String,
+        used_mb: u64,
+        share_mb: u64,
+    },
 }
 
 /// The remembered released record sets of one node.
@@ -45,6 +54,8 @@ pub struct OverlapMemory {
     by_size: BTreeMap<u64, Vec<usize>>,
     bytes: u64,
     limit: u64,
+    /// Bytes added per study (kept in `study-shares.json`).
+    by_study: BTreeMap<String, u64>,
 }
 
 fn fingerprint(payload: &[u8]) -> [u8; 32] {
@@ -65,12 +76,26 @@ impl OverlapMemory {
                 .and_then(|mut file| file.read_to_end(&mut bytes))
                 .map_err(|err| format!("{}: {err}", path.display()))?;
         }
+        let shares_path = dir.join(SHARES_FILE);
+        let by_study = if shares_path.exists() {
+            let text = std::fs::read_to_string(&shares_path)
+                .map_err(|err| format!("{}: {err}", shares_path.display()))?;
+            serde_json::from_str(&text).map_err(|err| {
+                format!(
+                    "{} is damaged ({err}); restore it from the node's backup",
+                    shares_path.display()
+                )
+            })?
+        } else {
+            BTreeMap::new()
+        };
         let mut memory = OverlapMemory {
             path: path.clone(),
             sets: Vec::new(),
             by_size: BTreeMap::new(),
             bytes: 0,
             limit,
+            by_study,
         };
         let mut at = 0;
         while at + HEADER_BYTES <= bytes.len() {
@@ -155,6 +180,25 @@ impl OverlapMemory {
     /// Remembers `sets` durably (one append and fsync), skipping empty sets and sets already
     /// remembered. Refuses, writing nothing, when they would pass the bound.
     pub fn remember(&mut self, sets: Vec<RoaringBitmap>) -> Result<(), OverlapError> {
+        self.remember_for(None, sets)
+    }
+
+    /// Like [`OverlapMemory::remember`], charging the new bytes to `study`, which may take at
+    /// most `share` of the memory's bound (so one study cannot fill the memory for all).
+    pub fn remember_for_study(
+        &mut self,
+        study: &str,
+        share: u64,
+        sets: Vec<RoaringBitmap>,
+    ) -> Result<(), OverlapError> {
+        self.remember_for(Some((study, share)), sets)
+    }
+
+    fn remember_for(
+        &mut self,
+        study: Option<(&str, u64)>,
+        sets: Vec<RoaringBitmap>,
+    ) -> Result<(), OverlapError> {
         let mut entries = Vec::new();
         let mut fresh: Vec<(RoaringBitmap, u64)> = Vec::new();
         let mut added = 0u64;
@@ -181,6 +225,16 @@ impl OverlapMemory {
                 limit_mb: self.limit / (1024 * 1024),
             });
         }
+        if let Some((study, share)) = study {
+            let used = self.by_study.get(study).copied().unwrap_or(0);
+            if used + added > share {
+                return Err(OverlapError::StudyShare {
+                    study: study.to_string(),
+                    used_mb: used.div_ceil(1024 * 1024),
+                    share_mb: share / (1024 * 1024),
+                });
+            }
+        }
         OpenOptions::new()
             .create(true)
             .append(true)
@@ -193,7 +247,26 @@ impl OverlapMemory {
         for (set, size) in fresh {
             self.insert(set, size);
         }
+        if let Some((study, _)) = study {
+            *self.by_study.entry(study.to_string()).or_insert(0) += added;
+            self.write_shares()?;
+        }
         Ok(())
+    }
+
+    /// Keeps each study's share durably (temporary file, fsync, rename).
+    fn write_shares(&self) -> Result<(), OverlapError> {
+        let path = self.path.with_file_name(SHARES_FILE);
+        let temporary = path.with_extension("tmp");
+        let text = serde_json::to_vec_pretty(&self.by_study)
+            .map_err(|err| OverlapError::Write(err.to_string()))?;
+        File::create(&temporary)
+            .and_then(|mut file| {
+                file.write_all(&text)?;
+                file.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(|err| OverlapError::Write(format!("{}: {err}", path.display())))
     }
 }
 
@@ -381,6 +454,27 @@ mod tests {
         let err = memory.remember(vec![set(0..100_000)]).unwrap_err();
         assert!(matches!(err, OverlapError::Full { .. }));
         assert!(memory.is_empty());
+    }
+
+    #[test]
+    fn one_study_cannot_take_more_than_its_share_and_shares_survive_reopening() {
+        let state = tempfile::tempdir().unwrap();
+        let share = 4096;
+        {
+            let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+            memory
+                .remember_for_study("greedy", share, vec![set(0..1000)])
+                .unwrap();
+        }
+        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        let err = memory
+            .remember_for_study("greedy", share, vec![set(5000..7000)])
+            .unwrap_err();
+        assert!(matches!(err, OverlapError::StudyShare { .. }), "{err}");
+        // Another study still has its own share.
+        memory
+            .remember_for_study("other", share, vec![set(5000..7000)])
+            .unwrap();
     }
 
     #[test]

@@ -558,12 +558,23 @@ impl QueryEngine {
                     .map_err(plan_failed)?;
                 let mut memory = memory.lock().map_err(|_| NodeError::Engine)?;
                 let decided = overlap::decide(&raw, &sets, k, &memory);
+                let share = self.policy.privacy.overlap_memory_bytes / 100
+                    * u64::from(self.policy.privacy.overlap_study_share_percent);
                 memory
-                    .remember(decided.released_sets)
+                    .remember_for_study(&study.id, share, decided.released_sets)
                     .map_err(|err| match err {
                         OverlapError::Full { used_mb, limit_mb } => {
                             NodeError::OverlapMemoryFull { used_mb, limit_mb }
                         }
+                        OverlapError::StudyShare {
+                            study,
+                            used_mb,
+                            share_mb,
+                        } => NodeError::OverlapStudyShare {
+                            study,
+                            used_mb,
+                            share_mb,
+                        },
                         OverlapError::Write(detail) => {
                             tracing::error!(%detail, "overlap memory not written; query refused");
                             NodeError::StateUnwritable

@@ -95,7 +95,8 @@ pub fn status_of(err: &NodeError) -> Status {
         NodeError::DailyLimitReached { .. }
         | NodeError::OverlapMemoryFull { .. }
         | NodeError::BudgetExhausted { .. }
-        | NodeError::Busy { .. } => Code::ResourceExhausted,
+        | NodeError::Busy { .. }
+        | NodeError::OverlapStudyShare { .. } => Code::ResourceExhausted,
         NodeError::DeadlinePassed => Code::DeadlineExceeded,
         NodeError::ProtocolMismatch { .. } => Code::FailedPrecondition,
         NodeError::StateUnwritable | NodeError::AuditUnavailable => Code::Unavailable,
