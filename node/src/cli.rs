@@ -289,8 +289,9 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
         );
     }
     let audit_key = node.engine().audit().key_id();
-    // Renewed certificates and new data files are picked up on SIGHUP, without a restart.
-    node.reload_on_hangup();
+    // Renewed certificates and new data files are picked up on SIGHUP, or when they change,
+    // without a restart.
+    node.reload_on_change(config.reload_poll);
     if let Some(metrics) = config.metrics_listen {
         let listener = tokio::net::TcpListener::bind(metrics)
             .await

@@ -22,6 +22,9 @@ pub const ENV_PREFIX: &str = "FEDQ_NODE";
 /// The disclosure floor when the config names none.
 pub const DEFAULT_MIN_CELL_COUNT: u32 = 10;
 
+/// How often, in seconds, certificate and data files are checked for changes by default.
+pub const DEFAULT_RELOAD_POLL_SECS: u64 = 30;
+
 /// Queries a node computes at once when the config says nothing.
 pub const DEFAULT_MAX_CONCURRENT_QUERIES: usize = 8;
 /// Most concurrent queries a node accepts as a setting.
@@ -40,6 +43,7 @@ pub struct RawNodeConfig {
     listen: String,
     metrics_listen: Option<String>,
     max_concurrent_queries: Option<usize>,
+    reload_poll_secs: Option<u64>,
     state_dir: PathBuf,
     tls: TlsFiles,
     policy: RawPolicy,
@@ -150,6 +154,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Queries computed at once; more are refused at once as busy (no growing queue).
     pub max_concurrent_queries: usize,
+    /// How often certificate and data files are checked for changes (None: only on SIGHUP).
+    pub reload_poll: Option<std::time::Duration>,
     /// Files the node owns and keeps across restarts (audit log and key, daily query counts).
     pub state_dir: PathBuf,
     pub tls: TlsFiles,
@@ -452,6 +458,10 @@ impl RawNodeConfig {
                 listen,
                 metrics_listen,
                 max_concurrent_queries,
+                reload_poll: match self.reload_poll_secs.unwrap_or(DEFAULT_RELOAD_POLL_SECS) {
+                    0 => None,
+                    seconds => Some(std::time::Duration::from_secs(seconds)),
+                },
                 state_dir,
                 tls,
                 audit_segment_bytes,

@@ -3,6 +3,7 @@
 //! stop when `shutdown` completes. The caller binds the listener.
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use fedq_proto::tls::{self, TlsReloader};
@@ -14,6 +15,48 @@ use crate::config::NodeConfig;
 use crate::query::QueryEngine;
 use crate::service::NodeService;
 
+/// Each watched file's modification time and length (missing files count as a state too).
+fn fingerprint(files: &[PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
+    files
+        .iter()
+        .map(|path| {
+            std::fs::metadata(path)
+                .ok()
+                .and_then(|meta| Some((meta.modified().ok()?, meta.len())))
+        })
+        .collect()
+}
+
+/// Reloads the certificates, then the data, logging each outcome.
+async fn reload_all(tls: &TlsReloader, engine: &Arc<QueryEngine>) {
+    match tls.reload() {
+        Ok(()) => tracing::info!("tls certificates reloaded"),
+        Err(err) => {
+            tracing::error!(error = %err, "tls certificates not reloaded; the previous ones stay in use")
+        }
+    }
+    let engine = Arc::clone(engine);
+    match tokio::task::spawn_blocking(move || {
+        let reloaded = engine.reload_data();
+        (reloaded, engine)
+    })
+    .await
+    {
+        Ok((Ok(warnings), engine)) => {
+            for warning in warnings {
+                tracing::warn!(%warning, "data quality");
+            }
+            for snapshot in engine.snapshots().values() {
+                tracing::info!(dataset = %snapshot.dataset, rows = snapshot.rows(), version = %snapshot.version, "dataset reloaded");
+            }
+        }
+        Ok((Err(err), _)) => {
+            tracing::error!(error = %err, "data not reloaded; the previous snapshots stay in use")
+        }
+        Err(err) => tracing::error!(error = %err, "data reload failed"),
+    }
+}
+
 /// Largest request a node accepts (a template and its parameters are a few kilobytes).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// Largest answer a node sends (10,000 cells fit easily).
@@ -24,6 +67,24 @@ pub const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 pub struct PreparedNode {
     engine: Arc<QueryEngine>,
     tls: Arc<TlsReloader>,
+    /// The certificate and data files whose change triggers a reload.
+    watched: Vec<PathBuf>,
+}
+
+/// The files a node reloads from: its TLS files, each dataset and objection list.
+fn watched_files(config: &NodeConfig) -> Vec<PathBuf> {
+    let mut files = vec![
+        config.tls.ca_cert.clone(),
+        config.tls.cert.clone(),
+        config.tls.key.clone(),
+    ];
+    for dataset in &config.datasets {
+        files.push(dataset.path.clone());
+        if let Some(objections) = &dataset.objections {
+            files.push(objections.file.clone());
+        }
+    }
+    files
 }
 
 impl PreparedNode {
@@ -37,6 +98,7 @@ impl PreparedNode {
             PreparedNode {
                 engine: Arc::new(engine),
                 tls: Arc::new(tls),
+                watched: watched_files(config),
             },
             warnings,
         ))
@@ -55,45 +117,65 @@ impl PreparedNode {
         }));
     }
 
-    /// On every SIGHUP: reloads the TLS certificates, then reads the data files again and swaps
-    /// the new snapshots in (each independently: a failure keeps what is in use and is logged).
-    pub fn reload_on_hangup(&self) {
+    /// On every SIGHUP, and when a watched file changes (checked every `poll`, if any):
+    /// reloads the TLS certificates, then reads the data files again and swaps the new
+    /// snapshots in (each independently: a failure keeps what is in use and is logged).
+    pub fn reload_on_change(&self, poll: Option<std::time::Duration>) {
         let (tls, engine) = (Arc::clone(&self.tls), Arc::clone(&self.engine));
+        let watched = self.watched.clone();
         tokio::spawn(async move {
-            let Ok(mut hangups) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-            else {
-                tracing::warn!(
-                    "cannot listen for SIGHUP; certificates and data reload only on restart"
-                );
-                return;
-            };
-            while hangups.recv().await.is_some() {
-                match tls.reload() {
-                    Ok(()) => tracing::info!("tls certificates reloaded"),
-                    Err(err) => {
-                        tracing::error!(error = %err, "tls certificates not reloaded; the previous ones stay in use")
+            let mut hangups =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+                    Ok(hangups) => Some(hangups),
+                    Err(_) => {
+                        tracing::warn!(
+                            "cannot listen for SIGHUP; reloads follow file changes only"
+                        );
+                        None
                     }
-                }
-                let engine = Arc::clone(&engine);
-                match tokio::task::spawn_blocking(move || {
-                    let reloaded = engine.reload_data();
-                    (reloaded, engine)
-                })
-                .await
-                {
-                    Ok((Ok(warnings), engine)) => {
-                        for warning in warnings {
-                            tracing::warn!(%warning, "data quality");
+                };
+            let mut ticks = poll.map(|every| {
+                let mut ticks =
+                    tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                ticks
+            });
+            let mut seen = fingerprint(&watched);
+            loop {
+                let hangup = async {
+                    match hangups.as_mut() {
+                        Some(hangups) => hangups.recv().await.is_some(),
+                        None => std::future::pending().await,
+                    }
+                };
+                let tick = async {
+                    match ticks.as_mut() {
+                        Some(ticks) => {
+                            ticks.tick().await;
                         }
-                        for snapshot in engine.snapshots().values() {
-                            tracing::info!(dataset = %snapshot.dataset, rows = snapshot.rows(), version = %snapshot.version, "dataset reloaded");
+                        None => std::future::pending().await,
+                    }
+                };
+                let reload = tokio::select! {
+                    signalled = hangup => {
+                        if !signalled {
+                            return;
                         }
+                        true
                     }
-                    Ok((Err(err), _)) => {
-                        tracing::error!(error = %err, "data not reloaded; the previous snapshots stay in use")
+                    () = tick => {
+                        let now = fingerprint(&watched);
+                        let changed = now != seen;
+                        seen = now;
+                        if changed {
+                            tracing::info!("certificate or data files changed");
+                        }
+                        changed
                     }
-                    Err(err) => tracing::error!(error = %err, "data reload failed"),
+                };
+                if reload {
+                    reload_all(&tls, &engine).await;
+                    seen = fingerprint(&watched);
                 }
             }
         });

@@ -358,21 +358,29 @@ async fn a_caller_offering_no_shared_protocol_version_is_refused_clearly() -> an
     test.alliance.stop().await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn new_data_files_are_swapped_in_on_sighup_and_show_as_a_new_snapshot() -> anyhow::Result<()>
-{
-    let test = TestAlliance::start().await?;
-    let (config, _) = node_config_with_own_state(&test)?;
+/// Replaces site-a's data file of a node process started with `poll_secs` and waits for the
+/// new snapshot, after a SIGHUP when `signal`. Returns the totals before and after.
+async fn swap_data(
+    test: &TestAlliance,
+    poll_secs: u64,
+    signal: bool,
+) -> anyhow::Result<(u64, u64)> {
+    let (config, _) = node_config_with_own_state(test)?;
     let folder = test.dir.path().join(format!("reload-{}", rand_suffix()));
     std::fs::create_dir_all(&folder)?;
     let original = &test.alliance.data_files[0];
     let data = folder.join(original.file_name().expect("a file name"));
     std::fs::copy(original, &data)?;
     let text = std::fs::read_to_string(&config)?
-        .replace(&original.display().to_string(), &data.display().to_string());
+        .replace(&original.display().to_string(), &data.display().to_string())
+        .replacen(
+            "listen = ",
+            &format!("reload_poll_secs = {poll_secs}\nlisten = "),
+            1,
+        );
     std::fs::write(&config, text)?;
     let process = NodeProcess::start(env!("CARGO_BIN_EXE_test-node"), &config, None)?;
-    let mut node = process.client(&test).await?;
+    let mut node = process.client(test).await?;
     let before = node
         .run_query(cohort_request(&test.alliance, "before", 0)?)
         .await?
@@ -386,9 +394,11 @@ async fn new_data_files_are_swapped_in_on_sighup_and_show_as_a_new_snapshot() ->
     std::fs::create_dir_all(&fresh)?;
     let written = fedq_deploy::synth::write_site(&site, &fresh)?;
     std::fs::rename(&written, &data)?;
-    process.hang_up()?;
+    if signal {
+        process.hang_up()?;
+    }
     let mut after = None;
-    for attempt in 0..200 {
+    for attempt in 0..300 {
         let answer = node
             .run_query(cohort_request(
                 &test.alliance,
@@ -403,16 +413,30 @@ async fn new_data_files_are_swapped_in_on_sighup_and_show_as_a_new_snapshot() ->
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let after = after.expect("the new data was not swapped in");
+    process.kill()?;
+    let after = after.ok_or_else(|| anyhow::anyhow!("the new data was not swapped in"))?;
     let total = |answer: &wire::SiteResult| match answer.total.as_ref().and_then(|t| t.outcome) {
         Some(wire::cell::Outcome::Released(released)) => released.count,
         _ => 0,
     };
-    assert!(
-        total(&after) < total(&before),
-        "the smaller extract is in use"
-    );
-    process.kill()?;
+    Ok((total(&before), total(&after)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_data_files_are_swapped_in_on_sighup_and_show_as_a_new_snapshot() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    // Polling off: only the signal can have done it.
+    let (before, after) = swap_data(&test, 0, true).await?;
+    assert!(after < before, "the smaller extract is in use");
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_data_file_is_picked_up_without_any_signal() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let (before, after) = swap_data(&test, 1, false).await?;
+    assert!(after < before, "the smaller extract is in use");
     test.alliance.stop().await
 }
 
