@@ -57,6 +57,18 @@ impl CoordinatorService {
         Arc::clone(&self.metrics)
     }
 
+    /// Runs `work` on the coordinator's store on a blocking thread (SQLite waits for the disk).
+    async fn with_store<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Store) -> Result<T, CoordinatorError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || work(&store))
+            .await
+            .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
+            .map_err(|err| err.to_status())
+    }
+
     /// The user whose token (`authorization: Bearer <token>`) the request carries. The slow
     /// hash runs on a blocking thread, never on the threads serving other requests.
     async fn authenticate<T>(&self, request: &Request<T>) -> Result<User, Status> {
@@ -419,25 +431,23 @@ impl Coordinator for CoordinatorService {
             )),
         };
         let deadline = self.deadline(request.deadline_ms);
-        let store = Arc::clone(&self.store);
         let site_ids: Vec<String> = self
             .nodes
             .entries()
             .map(|entry| entry.site_id.clone())
             .collect();
-        let held = tokio::task::spawn_blocking(move || {
-            site_ids
-                .into_iter()
-                .filter_map(|site| match store.hold(&site) {
-                    Ok(Some(reason)) => Some(Ok((site, reason))),
-                    Ok(None) => None,
-                    Err(err) => Some(Err(err)),
-                })
-                .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
-        })
-        .await
-        .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
-        .map_err(|err| err.to_status())?;
+        let held = self
+            .with_store(move |store| {
+                site_ids
+                    .into_iter()
+                    .filter_map(|site| match store.hold(&site) {
+                        Ok(Some(reason)) => Some(Ok((site, reason))),
+                        Ok(None) => None,
+                        Err(err) => Some(Err(err)),
+                    })
+                    .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+            })
+            .await?;
         let mut replies = self.nodes.run_query(node_request, deadline, &held);
         let order: Vec<String> = self
             .nodes
@@ -537,53 +547,50 @@ impl Coordinator for CoordinatorService {
         if !self.nodes.entries().any(|entry| entry.site_id == site_id) {
             return Err(CoordinatorError::UnknownSite(site_id).to_status());
         }
-        if request.acknowledge {
+        // Administrators' acts on a site: lifting a hold, clearing a pinned key.
+        let acts: [(
+            bool,
+            &str,
+            fn(&Store, &str, &str) -> Result<(), CoordinatorError>,
+        ); 2] = [
+            (
+                request.acknowledge,
+                "lift a site's hold",
+                Store::acknowledge,
+            ),
+            (
+                request.clear_pin,
+                "clear a site's pinned audit key",
+                Store::clear_pin,
+            ),
+        ];
+        for (asked, action, act) in acts {
+            if !asked {
+                continue;
+            }
             if user.role != Role::Administrator {
                 return Err(CoordinatorError::NotAllowed {
                     user: user.name,
                     role: "expert".into(),
-                    action: "lift a site's hold (administrators may)".into(),
+                    action: format!("{action} (administrators may)"),
                 }
                 .to_status());
             }
-            let store = Arc::clone(&self.store);
             let (site, by) = (site_id.clone(), user.name.clone());
-            tokio::task::spawn_blocking(move || store.acknowledge(&site, &by))
-                .await
-                .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
-                .map_err(|err| err.to_status())?;
-            tracing::warn!(site = %site_id, by = %user.name, "site hold lifted");
-        }
-        if request.clear_pin {
-            if user.role != Role::Administrator {
-                return Err(CoordinatorError::NotAllowed {
-                    user: user.name,
-                    role: "expert".into(),
-                    action: "clear a site's pinned audit key (administrators may)".into(),
-                }
-                .to_status());
-            }
-            let store = Arc::clone(&self.store);
-            let (site, by) = (site_id.clone(), user.name.clone());
-            tokio::task::spawn_blocking(move || store.clear_pin(&site, &by))
-                .await
-                .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
-                .map_err(|err| err.to_status())?;
-            tracing::warn!(site = %site_id, by = %user.name, "pinned audit key cleared");
+            self.with_store(move |store| act(store, &site, &by)).await?;
+            tracing::warn!(site = %site_id, by = %user.name, "administrator: {action}");
         }
         // Ask the node for its newest head first, so the export is as fresh as possible.
         crate::heads::collect_once(&self.nodes, &self.store, self.default_deadline).await;
-        let store = Arc::clone(&self.store);
-        let (heads, pinned_key_id, events) = tokio::task::spawn_blocking(move || {
-            Ok::<_, CoordinatorError>((
-                store.heads(&site_id)?,
-                store.pinned_key(&site_id)?.unwrap_or_default(),
-                store.head_events(&site_id)?,
-            ))
-        })
-        .await
-        .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
-        .map_err(|err| err.to_status())?;
+        let (heads, pinned_key_id, events) = self
+            .with_store(move |store| {
+                Ok((
+                    store.heads(&site_id)?,
+                    store.pinned_key(&site_id)?.unwrap_or_default(),
+                    store.head_events(&site_id)?,
+                ))
+            })
+            .await?;
         let heads = heads
             .iter()
             .map(wire::SignedAuditHead::try_from)
@@ -619,11 +626,9 @@ impl Coordinator for CoordinatorService {
             }
             scope = Some(vec![wanted]);
         }
-        let store = Arc::clone(&self.store);
-        let entries = tokio::task::spawn_blocking(move || store.ledger(scope.as_deref()))
-            .await
-            .map_err(|err| CoordinatorError::State(err.to_string()).to_status())?
-            .map_err(|err| err.to_status())?;
+        let entries = self
+            .with_store(move |store| store.ledger(scope.as_deref()))
+            .await?;
         Ok(Response::new(wire::LedgerResponse { entries }))
     }
 

@@ -29,12 +29,7 @@ fn fingerprint(files: &[PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
 
 /// Reloads the certificates, then the data, logging each outcome.
 async fn reload_all(tls: &TlsReloader, engine: &Arc<QueryEngine>) {
-    match tls.reload() {
-        Ok(()) => tracing::info!("tls certificates reloaded"),
-        Err(err) => {
-            tracing::error!(error = %err, "tls certificates not reloaded; the previous ones stay in use")
-        }
-    }
+    tls.reload_logged();
     let engine = Arc::clone(engine);
     match tokio::task::spawn_blocking(move || {
         let reloaded = engine.reload_data();

@@ -118,24 +118,21 @@ impl Metrics {
             }
         };
         let mut last = String::new();
-        for ((name, labels), value) in self
+        let counters: Vec<((String, String), String)> = self
             .counters
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .iter()
-        {
-            if *name != last {
-                header(&mut out, name);
-                last.clone_from(name);
-            }
-            let _ = writeln!(out, "{name}{labels} {value}");
-        }
-        for ((name, labels), value) in self
+            .map(|(key, value)| (key.clone(), value.to_string()))
+            .collect();
+        let gauges: Vec<((String, String), String)> = self
             .gauges
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .iter()
-        {
+            .map(|(key, value)| (key.clone(), value.to_string()))
+            .collect();
+        for ((name, labels), value) in counters.iter().chain(&gauges) {
             if *name != last {
                 header(&mut out, name);
                 last.clone_from(name);

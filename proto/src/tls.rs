@@ -286,6 +286,16 @@ impl TlsReloader {
         Ok(())
     }
 
+    /// [`TlsReloader::reload`], with its outcome in the log.
+    pub fn reload_logged(&self) {
+        match self.reload() {
+            Ok(()) => tracing::info!("tls certificates reloaded"),
+            Err(err) => {
+                tracing::error!(error = %err, "tls certificates not reloaded; the previous ones stay in use")
+            }
+        }
+    }
+
     fn acceptors(&self) -> tokio::sync::watch::Receiver<TlsAcceptor> {
         self.current.subscribe()
     }
@@ -300,12 +310,7 @@ impl TlsReloader {
                 return;
             };
             while hangups.recv().await.is_some() {
-                match self.reload() {
-                    Ok(()) => tracing::info!("tls certificates reloaded"),
-                    Err(err) => {
-                        tracing::error!(error = %err, "tls certificates not reloaded; the previous ones stay in use")
-                    }
-                }
+                self.reload_logged();
             }
         });
     }

@@ -72,6 +72,17 @@ fn check(
     .map(|verified| verified.last_seq)
 }
 
+/// A log of `count` query records whose segment was then changed by `edit` (its lines).
+fn tampered(count: usize, edit: impl FnOnce(&mut Vec<String>)) -> (tempfile::TempDir, AuditLog) {
+    let state = tempfile::tempdir().unwrap();
+    let log = log_with(state.path(), count);
+    let path = only_segment(state.path());
+    let mut all = lines(&path);
+    edit(&mut all);
+    write_lines(&path, &all);
+    (state, log)
+}
+
 #[test]
 fn concurrent_appends_each_get_one_record_and_the_chain_verifies() {
     let state = tempfile::tempdir().unwrap();
@@ -110,12 +121,7 @@ fn each_answer_head_covers_its_own_record_and_verifies() {
 
 #[test]
 fn an_edited_byte_in_a_middle_record_is_named() {
-    let state = tempfile::tempdir().unwrap();
-    let log = log_with(state.path(), 5);
-    let path = only_segment(state.path());
-    let mut all = lines(&path);
-    all[3] = all[3].replacen("\"65\"", "\"66\"", 1);
-    write_lines(&path, &all);
+    let (state, log) = tampered(5, |all| all[3] = all[3].replacen("\"65\"", "\"66\"", 1));
     assert!(matches!(
         check(state.path(), &log, &[]),
         Err(Problem::Edited {
@@ -128,15 +134,12 @@ fn an_edited_byte_in_a_middle_record_is_named() {
 
 #[test]
 fn an_edit_with_a_recomputed_hash_breaks_the_link_of_the_next_record() {
-    let state = tempfile::tempdir().unwrap();
-    let log = log_with(state.path(), 5);
-    let path = only_segment(state.path());
-    let mut all = lines(&path);
-    let (mut edited, _) = record::decode(all[2].as_bytes()).unwrap();
-    edited.time = "2020-01-01T00:00:00.000Z".into();
-    let (line, _) = record::encode(&edited);
-    all[2] = String::from_utf8(line).unwrap().trim_end().to_string();
-    write_lines(&path, &all);
+    let (state, log) = tampered(5, |all| {
+        let (mut edited, _) = record::decode(all[2].as_bytes()).unwrap();
+        edited.time = "2020-01-01T00:00:00.000Z".into();
+        let (line, _) = record::encode(&edited);
+        all[2] = String::from_utf8(line).unwrap().trim_end().to_string();
+    });
     assert!(matches!(
         check(state.path(), &log, &[]),
         Err(Problem::ChainBroken { seq: 4, .. })
@@ -145,12 +148,9 @@ fn an_edit_with_a_recomputed_hash_breaks_the_link_of_the_next_record() {
 
 #[test]
 fn a_deleted_record_is_detected() {
-    let state = tempfile::tempdir().unwrap();
-    let log = log_with(state.path(), 5);
-    let path = only_segment(state.path());
-    let mut all = lines(&path);
-    all.remove(2);
-    write_lines(&path, &all);
+    let (state, log) = tampered(5, |all| {
+        all.remove(2);
+    });
     assert!(matches!(
         check(state.path(), &log, &[]),
         Err(Problem::Missing {
@@ -163,12 +163,7 @@ fn a_deleted_record_is_detected() {
 
 #[test]
 fn swapped_records_are_detected() {
-    let state = tempfile::tempdir().unwrap();
-    let log = log_with(state.path(), 5);
-    let path = only_segment(state.path());
-    let mut all = lines(&path);
-    all.swap(2, 3);
-    write_lines(&path, &all);
+    let (state, log) = tampered(5, |all| all.swap(2, 3));
     assert!(matches!(
         check(state.path(), &log, &[]),
         Err(Problem::Missing {
@@ -181,12 +176,7 @@ fn swapped_records_are_detected() {
 
 #[test]
 fn an_inserted_blank_line_is_damage() {
-    let state = tempfile::tempdir().unwrap();
-    let log = log_with(state.path(), 3);
-    let path = only_segment(state.path());
-    let mut all = lines(&path);
-    all.insert(2, String::new());
-    write_lines(&path, &all);
+    let (state, log) = tampered(3, |all| all.insert(2, String::new()));
     assert!(matches!(
         check(state.path(), &log, &[]),
         Err(Problem::Damaged {
