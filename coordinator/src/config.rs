@@ -18,6 +18,7 @@ pub const ENV_PREFIX: &str = "FEDQ_COORDINATOR";
 #[serde(deny_unknown_fields)]
 pub struct RawCoordinatorConfig {
     listen: String,
+    tunnel_listen: Option<String>,
     metrics_listen: Option<String>,
     templates: PathBuf,
     studies: PathBuf,
@@ -53,7 +54,9 @@ pub const DEFAULT_HEAD_INTERVAL: Duration = Duration::from_secs(120);
 #[serde(deny_unknown_fields)]
 struct RawNode {
     site_id: String,
-    address: String,
+    address: Option<String>,
+    #[serde(default)]
+    outbound: bool,
     identity: String,
 }
 
@@ -61,6 +64,8 @@ struct RawNode {
 #[derive(Debug, Clone)]
 pub struct CoordinatorConfig {
     pub listen: SocketAddr,
+    /// Where outbound-only nodes dial in (mutual TLS); required when any node is outbound.
+    pub tunnel_listen: Option<SocketAddr>,
     /// Where Prometheus metrics are served over plain HTTP (loopback or an internal network);
     /// none by default.
     pub metrics_listen: Option<SocketAddr>,
@@ -86,10 +91,27 @@ pub struct CoordinatorConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeEntry {
     pub site_id: String,
-    /// `https://host:port`.
-    pub address: String,
+    pub address: NodeAddress,
     /// The DNS name the node's certificate must carry.
     pub identity: String,
+}
+
+/// How the coordinator reaches a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAddress {
+    /// The node listens: `https://host:port`.
+    Listening(String),
+    /// The node dials the coordinator's `tunnel_listen` and is queried over that connection.
+    Outbound,
+}
+
+impl std::fmt::Display for NodeAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NodeAddress::Listening(url) => f.write_str(url),
+            NodeAddress::Outbound => f.write_str("outbound (the node dials in)"),
+        }
+    }
 }
 
 impl CoordinatorConfig {
@@ -118,6 +140,17 @@ impl RawCoordinatorConfig {
                 problems.push(format!(
                     "metrics_listen '{}' is not an address with port (e.g. '127.0.0.1:9465')",
                     self.metrics_listen.as_deref().unwrap_or_default()
+                ));
+                None
+            }
+        };
+        let tunnel_listen = match self.tunnel_listen.as_deref().map(str::parse::<SocketAddr>) {
+            None => None,
+            Some(Ok(address)) => Some(address),
+            Some(Err(_)) => {
+                problems.push(format!(
+                    "tunnel_listen '{}' is not an address with port (e.g. '0.0.0.0:7701')",
+                    self.tunnel_listen.as_deref().unwrap_or_default()
                 ));
                 None
             }
@@ -170,12 +203,48 @@ impl RawCoordinatorConfig {
             if nodes.iter().any(|seen| seen.site_id == node.site_id) {
                 problems.push(format!("nodes: site '{}' is listed twice", node.site_id));
             }
-            if !node.address.starts_with("https://") {
-                problems.push(format!(
-                    "nodes: site '{}': address '{}' must start with https:// (nodes are reached over mutual TLS only)",
-                    node.site_id, node.address
-                ));
-            }
+            let address = match (node.address, node.outbound) {
+                (Some(address), false) => {
+                    if !address.starts_with("https://") {
+                        problems.push(format!(
+                            "nodes: site '{}': address '{address}' must start with https:// (nodes are reached over mutual TLS only)",
+                            node.site_id
+                        ));
+                    }
+                    NodeAddress::Listening(address)
+                }
+                (None, true) => {
+                    if self.tunnel_listen.is_none() {
+                        problems.push(format!(
+                            "nodes: site '{}' is outbound, so the coordinator needs tunnel_listen (the address outbound nodes dial, e.g. '0.0.0.0:7701')",
+                            node.site_id
+                        ));
+                    }
+                    if nodes.iter().any(|seen| {
+                        seen.address == NodeAddress::Outbound && seen.identity == node.identity
+                    }) {
+                        problems.push(format!(
+                            "nodes: site '{}': identity '{}' is used by another outbound site; each outbound node is recognised by its own certificate identity",
+                            node.site_id, node.identity
+                        ));
+                    }
+                    NodeAddress::Outbound
+                }
+                (Some(_), true) => {
+                    problems.push(format!(
+                        "nodes: site '{}' is outbound and also has an address; an outbound node dials in, so remove address (or outbound)",
+                        node.site_id
+                    ));
+                    NodeAddress::Outbound
+                }
+                (None, false) => {
+                    problems.push(format!(
+                        "nodes: site '{}': address (https://host:port) is required, or outbound = true if the node dials the coordinator",
+                        node.site_id
+                    ));
+                    NodeAddress::Outbound
+                }
+            };
             if node.identity.is_empty() {
                 problems.push(format!(
                     "nodes: site '{}': identity (the node certificate's DNS name) is required",
@@ -184,13 +253,14 @@ impl RawCoordinatorConfig {
             }
             nodes.push(NodeEntry {
                 site_id: node.site_id,
-                address: node.address,
+                address,
                 identity: node.identity,
             });
         }
         match listen {
             Ok(listen) if problems.is_empty() => Ok(CoordinatorConfig {
                 listen,
+                tunnel_listen,
                 metrics_listen,
                 templates,
                 studies,
@@ -240,6 +310,34 @@ key = "c.key"
         );
         let err = validate(&text).unwrap_err().to_string();
         assert!(err.contains("must start with https://"), "{err}");
+    }
+
+    #[test]
+    fn outbound_node_needs_tunnel_listen_and_no_address() {
+        let outbound = "[[nodes]]\nsite_id = \"a\"\noutbound = true\nidentity = \"a.test\"\n";
+        let err = validate(&format!("{BASE}{outbound}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs tunnel_listen"), "{err}");
+        let both = "[[nodes]]\nsite_id = \"a\"\noutbound = true\naddress = \"https://a:1\"\nidentity = \"a.test\"\n";
+        let err = validate(&format!("tunnel_listen = \"127.0.0.1:0\"\n{BASE}{both}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is outbound and also has an address"), "{err}");
+        let neither = "[[nodes]]\nsite_id = \"a\"\nidentity = \"a.test\"\n";
+        let err = validate(&format!("{BASE}{neither}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("address (https://host:port) is required"),
+            "{err}"
+        );
+        let config = validate(&format!(
+            "tunnel_listen = \"127.0.0.1:0\"\n{BASE}{outbound}"
+        ))
+        .unwrap();
+        assert_eq!(config.nodes[0].address, NodeAddress::Outbound);
+        assert!(config.tunnel_listen.is_some());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Calling every node: one lazily connected mutual-TLS channel per node (verified against the
-//! alliance CA and the node's expected identity), requests sent to all nodes at once, each
+//! alliance CA and the node's expected identity; for an outbound node, over the connection it
+//! dialled, see [`crate::tunnel`]), requests sent to all nodes at once, each
 //! bounded by its deadline, so a dead or slow node never holds up the answer. Replies are
 //! classified into the per-site statuses a study lead sees.
 
@@ -8,14 +9,20 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, Stream};
 use prost::Message;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Status};
 
 use fedq_proto::tls;
 use fedq_proto::wire::{self, RefusalCode, node_client::NodeClient};
 
 use crate::CoordinatorError;
-use crate::config::{CoordinatorConfig, NodeEntry};
+use crate::config::{CoordinatorConfig, NodeAddress, NodeEntry};
+use crate::tunnel::Tunnels;
+
+/// How often the coordinator pings an outbound node's connection, and how long it waits for
+/// the answer before treating the connection as lost.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 use crate::error::error_chain;
 
 /// How one site's call ended.
@@ -40,6 +47,7 @@ pub struct SiteReply {
 #[derive(Debug, Clone)]
 pub struct NodeClients {
     nodes: Vec<(NodeEntry, NodeClient<Channel>)>,
+    tunnels: Tunnels,
 }
 
 impl NodeClients {
@@ -50,34 +58,50 @@ impl NodeClients {
             tls::read_pem(&config.tls.cert)?,
             tls::read_pem(&config.tls.key)?,
         );
+        let tunnels = Tunnels::new(&config.nodes);
         let mut nodes = Vec::new();
         for entry in &config.nodes {
-            let tls_config = ClientTlsConfig::new()
-                .ca_certificate(ca.clone())
-                .identity(identity.clone())
-                .domain_name(entry.identity.clone());
-            let channel = Channel::from_shared(entry.address.clone())
-                .map_err(|err| {
-                    CoordinatorError::Config(vec![format!(
-                        "nodes: site '{}': address: {err}",
-                        entry.site_id
-                    )])
-                })?
-                .tls_config(tls_config)
-                .map_err(|err| {
-                    CoordinatorError::Config(vec![format!(
-                        "nodes: site '{}': tls: {err}",
-                        entry.site_id
-                    )])
-                })?
-                .connect_timeout(config.default_deadline)
-                .connect_lazy();
+            let problem = |what: &str, err: &dyn std::fmt::Display| {
+                CoordinatorError::Config(vec![format!(
+                    "nodes: site '{}': {what}: {err}",
+                    entry.site_id
+                )])
+            };
+            let channel = match &entry.address {
+                NodeAddress::Listening(url) => {
+                    let tls_config = ClientTlsConfig::new()
+                        .ca_certificate(ca.clone())
+                        .identity(identity.clone())
+                        .domain_name(entry.identity.clone());
+                    Channel::from_shared(url.clone())
+                        .map_err(|err| problem("address", &err))?
+                        .tls_config(tls_config)
+                        .map_err(|err| problem("tls", &err))?
+                        .connect_timeout(config.default_deadline)
+                        .connect_lazy()
+                }
+                NodeAddress::Outbound => {
+                    // TLS is already established on the connection the node dialled; the
+                    // URL only names the site in HTTP/2 requests.
+                    let endpoint = Endpoint::from_shared(format!("http://{}", entry.identity))
+                        .map_err(|err| problem("identity", &err))?
+                        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+                        .keep_alive_while_idle(true);
+                    tunnels.channel(&endpoint, &entry.identity)
+                }
+            };
             let client = NodeClient::new(channel)
                 .max_decoding_message_size(16 * 1024 * 1024)
                 .max_encoding_message_size(1024 * 1024);
             nodes.push((entry.clone(), client));
         }
-        Ok(NodeClients { nodes })
+        Ok(NodeClients { nodes, tunnels })
+    }
+
+    /// The slots outbound nodes' connections arrive in.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &NodeEntry> {

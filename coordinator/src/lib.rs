@@ -12,6 +12,7 @@
 //! - [`client`] / [`render`]: the CLI's connection to the coordinator and its tables and JSON.
 //! - [`store`]: the coordinator's SQLite records: nodes' signed audit heads and the
 //!   contribution ledger.
+//! - [`tunnel`]: connections outbound-only nodes dial in, handed to their channels.
 //! - [`users`]: study leads, experts and administrators, authenticated by API tokens.
 //! - [`certs`]: a development certificate authority (`fedq certs`).
 //! - [`experts`]: expert keys, signing and verifying templates (`fedq keys`, `fedq template`).
@@ -29,6 +30,7 @@ pub mod render;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tunnel;
 pub mod users;
 
 pub use error::CoordinatorError;

@@ -240,8 +240,22 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                     CoordinatorError::Server(format!("cannot listen on {}: {err}", config.listen))
                 })?;
             tracing::info!(address = %config.listen, "coordinator serving");
+            let tunnel = match config.tunnel_listen {
+                Some(address) => {
+                    let tunnel = tokio::net::TcpListener::bind(address)
+                        .await
+                        .map_err(|err| {
+                            CoordinatorError::Server(format!(
+                                "cannot listen on {address} for outbound nodes: {err}"
+                            ))
+                        })?;
+                    tracing::info!(%address, "accepting outbound nodes");
+                    Some(tunnel)
+                }
+                None => None,
+            };
             // Its own renewed certificate is picked up on SIGHUP, without a restart.
-            coordinator.tls().reload_on_hangup();
+            coordinator.reload_on_hangup();
             if let Some(metrics) = config.metrics_listen {
                 let listener = tokio::net::TcpListener::bind(metrics)
                     .await
@@ -254,7 +268,7 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 coordinator.serve_metrics(listener);
             }
             coordinator
-                .serve(listener, fedq_proto::process::shutdown_signal())
+                .serve(listener, tunnel, fedq_proto::process::shutdown_signal())
                 .await
         }
         Command::Certs {

@@ -1,5 +1,5 @@
-//! Serving the coordinator to study-lead clients over TLS, and running it from a configuration.
-//! The caller binds the listener.
+//! Serving the coordinator to study-lead clients over TLS, and accepting outbound nodes on the
+//! tunnel port (mutual TLS). The caller binds the listeners.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,6 +23,8 @@ use crate::users::Users;
 pub struct PreparedCoordinator {
     service: CoordinatorService,
     tls: Arc<TlsReloader>,
+    /// Mutual TLS for the tunnel port, when outbound nodes are configured.
+    tunnel_tls: Option<Arc<TlsReloader>>,
     nodes: NodeClients,
     store: Arc<Store>,
     head_interval: Duration,
@@ -41,6 +43,15 @@ impl PreparedCoordinator {
         let tls = Arc::new(TlsReloader::new(move || {
             tls::server_only_tls_config(&files)
         })?);
+        let tunnel_tls = match config.tunnel_listen {
+            Some(_) => {
+                let files = config.tls.clone();
+                Some(Arc::new(TlsReloader::new(move || {
+                    tls::mutual_tls_server_config(&files)
+                })?))
+            }
+            None => None,
+        };
         let store = Arc::new(Store::open(&config.state_dir)?);
         tracing::info!(
             templates = catalogue.entries().len(),
@@ -57,6 +68,7 @@ impl PreparedCoordinator {
                 config.max_deadline,
             ),
             tls,
+            tunnel_tls,
             nodes,
             store,
             head_interval: config.head_interval,
@@ -73,18 +85,40 @@ impl PreparedCoordinator {
         }));
     }
 
-    /// The coordinator's TLS configuration, to reload renewed certificates without a restart.
-    pub fn tls(&self) -> Arc<TlsReloader> {
-        Arc::clone(&self.tls)
+    /// Reloads the coordinator's certificate (for clients and for the tunnel port) on every
+    /// SIGHUP, so a renewed one is used without a restart.
+    pub fn reload_on_hangup(&self) {
+        Arc::clone(&self.tls).reload_on_hangup();
+        if let Some(tunnel_tls) = &self.tunnel_tls {
+            Arc::clone(tunnel_tls).reload_on_hangup();
+        }
     }
 
     /// Serves study-lead clients on an already bound `listener` until `shutdown` completes,
+    /// accepting outbound nodes on `tunnel` (required when the configuration lists any) and
     /// collecting the nodes' audit heads in the background meanwhile.
     pub async fn serve(
         self,
         listener: TcpListener,
+        tunnel: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), CoordinatorError> {
+        let tunnels = match (tunnel, &self.tunnel_tls) {
+            (Some(tunnel), Some(tunnel_tls)) => {
+                Some(self.nodes.tunnels().accept(tunnel, tunnel_tls))
+            }
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(CoordinatorError::Server(
+                    "a tunnel listener was given but the configuration has no tunnel_listen".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(CoordinatorError::Server(
+                    "the configuration has tunnel_listen but no tunnel listener was bound".into(),
+                ));
+            }
+        };
         let (health, reflection) =
             fedq_proto::process::standard_services::<CoordinatorServer<CoordinatorService>>()
                 .await
@@ -105,6 +139,9 @@ impl PreparedCoordinator {
             .await
             .map_err(|err| CoordinatorError::Server(err.to_string()));
         collector.abort();
+        if let Some(tunnels) = tunnels {
+            tunnels.abort();
+        }
         served
     }
 }

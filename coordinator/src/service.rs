@@ -359,7 +359,7 @@ impl Coordinator for CoordinatorService {
                 };
                 wire::SiteEntry {
                     site_id: entry.site_id,
-                    address: entry.address,
+                    address: entry.address.to_string(),
                     description,
                     error,
                 }

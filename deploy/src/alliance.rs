@@ -38,7 +38,10 @@ pub fn bundled_templates() -> PathBuf {
 /// A server running in this process; stops when [`Running::stop`] is called or it is dropped.
 #[derive(Debug)]
 pub struct Running {
+    /// Where the server listens (an outbound-only node: the coordinator tunnel it dials).
     pub address: SocketAddr,
+    /// Where a coordinator accepts outbound nodes, if it does.
+    pub tunnel: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<Result<(), String>>,
 }
@@ -81,6 +84,7 @@ where
     })));
     Running {
         address,
+        tunnel: None,
         stop: Some(stop),
         task,
     }
@@ -106,8 +110,21 @@ pub async fn start_node_on(config_path: &Path, port: u16) -> anyhow::Result<Runn
         move || PreparedNode::load(&config)
     })
     .await??;
-    let listener = loopback(port).await?;
-    let address = listener.local_addr()?;
+    let (listener, address) = match (&config.listen, &config.outbound) {
+        (Some(_), _) => {
+            let listener = loopback(port).await?;
+            let address = listener.local_addr()?;
+            (Some(listener), address)
+        }
+        (None, Some(outbound)) => {
+            let address = tokio::net::lookup_host(&outbound.coordinator)
+                .await?
+                .next()
+                .context("the outbound coordinator address resolves to nothing")?;
+            (None, address)
+        }
+        (None, None) => anyhow::bail!("the node neither listens nor dials out"),
+    };
     Ok(spawn_server(address, move |stopped| async move {
         node.serve(listener, stopped)
             .await
@@ -115,18 +132,26 @@ pub async fn start_node_on(config_path: &Path, port: u16) -> anyhow::Result<Runn
     }))
 }
 
-/// Loads a coordinator's configuration and serves it on loopback `port` (0: any free port).
+/// Loads a coordinator's configuration and serves it on loopback `port` (0: any free port),
+/// accepting outbound nodes on a fresh loopback port if the configuration has `tunnel_listen`.
 pub async fn start_coordinator(config_path: &Path, port: u16) -> anyhow::Result<Running> {
     let config = CoordinatorConfig::load(config_path)?;
     let coordinator = PreparedCoordinator::new(&config)?;
     let listener = loopback(port).await?;
     let address = listener.local_addr()?;
-    Ok(spawn_server(address, move |stopped| async move {
+    let tunnel = match config.tunnel_listen {
+        Some(_) => Some(loopback(0).await?),
+        None => None,
+    };
+    let tunnel_address = tunnel.as_ref().map(TcpListener::local_addr).transpose()?;
+    let mut running = spawn_server(address, move |stopped| async move {
         coordinator
-            .serve(listener, stopped)
+            .serve(listener, tunnel, stopped)
             .await
             .map_err(|err| err.to_string())
-    }))
+    });
+    running.tunnel = tunnel_address;
+    Ok(running)
 }
 
 /// Options for one node's configuration file.
@@ -145,6 +170,9 @@ pub struct NodeFiles<'a> {
     pub signature_quorum: usize,
     /// Studies this site accepts.
     pub accepted_studies: &'a [&'a str],
+    /// Outbound-only mode: the coordinator's tunnel address this node dials (it then does not
+    /// listen).
+    pub dials: Option<SocketAddr>,
 }
 
 /// The state directory a node configuration written into `folder` gives its site.
@@ -166,9 +194,8 @@ pub fn write_node_config(folder: &Path, files: &NodeFiles<'_>) -> anyhow::Result
     let text = format!(
         r#"# fedq node configuration for {site} (generated for a local alliance)
 site_id = "{site}"
-listen = "127.0.0.1:0"
-state_dir = "{state}"
-
+{listen}state_dir = "{state}"
+{outbound}
 [tls]
 ca_cert = "{ca}"
 cert = "{cert}"
@@ -189,6 +216,22 @@ identifiers = [{identifiers}]
 [datasets.columns]
 {mapping}"#,
         site = files.site_id,
+        listen = match files.dials {
+            None => "listen = \"127.0.0.1:0\"\n",
+            Some(_) => "",
+        },
+        outbound = match files.dials {
+            None => String::new(),
+            Some(tunnel) => format!(
+                "\n[outbound]\ncoordinator = \"localhost:{}\"\ncoordinator_identity = \"{}\"\n",
+                tunnel.port(),
+                files
+                    .accepted_coordinators
+                    .first()
+                    .copied()
+                    .unwrap_or_default()
+            ),
+        },
         state = node_state_dir(folder, files.site_id).display(),
         ca = files.ca_cert.display(),
         cert = files.cert.display(),
@@ -217,11 +260,43 @@ identifiers = [{identifiers}]
     Ok(path)
 }
 
+/// A local alliance site's node configuration options: its certificate, every expert trusted
+/// (quorum 2), the alliance study, and whether it dials the coordinator's tunnel at `dials`.
+fn site_files<'a>(
+    site: &'a SiteProfile,
+    data_file: &'a Path,
+    pki: &'a DevPki,
+    identities: &[String],
+    trusted: &'a [PathBuf],
+    min_cell_count: u32,
+    dials: Option<SocketAddr>,
+) -> anyhow::Result<NodeFiles<'a>> {
+    let issued = &pki.identities[identities
+        .iter()
+        .position(|id| *id == site_identity(&site.site_id))
+        .context("no certificate issued for the site")?];
+    Ok(NodeFiles {
+        site_id: &site.site_id,
+        data_file,
+        format: site.format,
+        ca_cert: &pki.ca_cert,
+        cert: &issued.cert,
+        key: &issued.key,
+        accepted_coordinators: &[COORDINATOR_IDENTITY],
+        min_cell_count,
+        trusted_expert_keys: trusted,
+        signature_quorum: 2,
+        accepted_studies: &[STUDY_ID],
+        dials,
+    })
+}
+
 /// One node as the coordinator's configuration lists it.
 #[derive(Debug, Clone)]
 pub struct NodeListing {
     pub site_id: String,
-    pub address: SocketAddr,
+    /// Where the node listens; `None`: it dials the coordinator (outbound-only).
+    pub address: Option<SocketAddr>,
     pub identity: String,
 }
 
@@ -243,7 +318,7 @@ pub fn write_coordinator_config(
     let mut text = format!(
         r#"# fedq coordinator configuration (generated for a local alliance)
 listen = "127.0.0.1:0"
-templates = "{templates}"
+{tunnel}templates = "{templates}"
 studies = "{studies}"
 state_dir = "{state}"
 
@@ -256,6 +331,11 @@ key = "{key}"
 default_deadline_ms = {default_deadline_ms}
 max_deadline_ms = 120000
 "#,
+        tunnel = if nodes.iter().any(|node| node.address.is_none()) {
+            "tunnel_listen = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        },
         templates = catalogue.templates.display(),
         studies = catalogue.studies.display(),
         state = folder.join("state").join("coordinator").display(),
@@ -265,11 +345,13 @@ max_deadline_ms = 120000
     );
     text.push_str(&users.config);
     for node in nodes {
+        let reach = match node.address {
+            Some(address) => format!("address = \"https://localhost:{}\"", address.port()),
+            None => "outbound = true".to_string(),
+        };
         text.push_str(&format!(
-            "\n[[nodes]]\nsite_id = \"{}\"\naddress = \"https://localhost:{}\"\nidentity = \"{}\"\n",
-            node.site_id,
-            node.address.port(),
-            node.identity
+            "\n[[nodes]]\nsite_id = \"{}\"\n{reach}\nidentity = \"{}\"\n",
+            node.site_id, node.identity
         ));
     }
     let path = folder.join("coordinator.toml");
@@ -415,10 +497,12 @@ pub struct LocalAlliance {
 
 impl LocalAlliance {
     /// Creates everything under `root` (which must be empty or absent) and starts it; the
-    /// coordinator listens on loopback `coordinator_port` (0: any free port).
+    /// coordinator listens on loopback `coordinator_port` (0: any free port). The nodes of
+    /// `outbound_sites` listen nowhere: they dial the coordinator's tunnel port.
     pub async fn start(
         root: &Path,
         sites: &[SiteProfile],
+        outbound_sites: &[&str],
         templates: &Path,
         min_cell_count: u32,
         coordinator_port: u16,
@@ -444,47 +528,45 @@ impl LocalAlliance {
             .map(|expert| expert.public.clone())
             .collect();
 
+        // Listening nodes start first (the coordinator's configuration names their ports);
+        // outbound-only nodes once the coordinator's tunnel port is known.
         let mut data_files = Vec::new();
-        let mut node_configs = Vec::new();
-        let mut nodes = Vec::new();
         let mut listings = Vec::new();
+        let mut started = Vec::new();
         for site in sites {
             let data_file = {
                 let site = site.clone();
                 let data_dir = data_dir.clone();
                 tokio::task::spawn_blocking(move || synth::write_site(&site, &data_dir)).await??
             };
-            let issued = &pki.identities[identities
-                .iter()
-                .position(|id| *id == site_identity(&site.site_id))
-                .context("issued")?];
-            let config = write_node_config(
-                &config_dir,
-                &NodeFiles {
-                    site_id: &site.site_id,
-                    data_file: &data_file,
-                    format: site.format,
-                    ca_cert: &pki.ca_cert,
-                    cert: &issued.cert,
-                    key: &issued.key,
-                    accepted_coordinators: &[COORDINATOR_IDENTITY],
-                    min_cell_count,
-                    trusted_expert_keys: &trusted,
-                    signature_quorum: 2,
-                    accepted_studies: &[STUDY_ID],
-                },
-            )?;
-            let running = start_node(&config)
-                .await
-                .with_context(|| format!("starting node {}", site.site_id))?;
+            let outbound = outbound_sites.contains(&site.site_id.as_str());
+            let node = if outbound {
+                None
+            } else {
+                let config = write_node_config(
+                    &config_dir,
+                    &site_files(
+                        site,
+                        &data_file,
+                        &pki,
+                        &identities,
+                        &trusted,
+                        min_cell_count,
+                        None,
+                    )?,
+                )?;
+                let running = start_node(&config)
+                    .await
+                    .with_context(|| format!("starting node {}", site.site_id))?;
+                Some((config, running))
+            };
             listings.push(NodeListing {
                 site_id: site.site_id.clone(),
-                address: running.address,
+                address: node.as_ref().map(|(_, running)| running.address),
                 identity: site_identity(&site.site_id),
             });
             data_files.push(data_file);
-            node_configs.push(config);
-            nodes.push((site.site_id.clone(), running));
+            started.push(node);
         }
         let users = Users::create()?;
         let coordinator_config = write_coordinator_config(
@@ -499,6 +581,33 @@ impl LocalAlliance {
         let coordinator = start_coordinator(&coordinator_config, coordinator_port)
             .await
             .context("starting the coordinator")?;
+        let mut node_configs = Vec::new();
+        let mut nodes = Vec::new();
+        for ((site, data_file), node) in sites.iter().zip(&data_files).zip(started) {
+            let (config, running) = match node {
+                Some(node) => node,
+                None => {
+                    let config = write_node_config(
+                        &config_dir,
+                        &site_files(
+                            site,
+                            data_file,
+                            &pki,
+                            &identities,
+                            &trusted,
+                            min_cell_count,
+                            coordinator.tunnel,
+                        )?,
+                    )?;
+                    let running = start_node(&config)
+                        .await
+                        .with_context(|| format!("starting outbound node {}", site.site_id))?;
+                    (config, running)
+                }
+            };
+            node_configs.push(config);
+            nodes.push((site.site_id.clone(), running));
+        }
         Ok(LocalAlliance {
             root: root.to_path_buf(),
             pki,

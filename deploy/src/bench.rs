@@ -109,6 +109,7 @@ pub async fn run(
             trusted_expert_keys: &[expert_public],
             signature_quorum: 1,
             accepted_studies: &["bench"],
+            dials: None,
         },
     )?;
 

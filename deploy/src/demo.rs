@@ -36,6 +36,10 @@ fn showcases() -> Vec<Showcase> {
     ]
 }
 
+/// The demo's small rural hospital allows no inbound connections: its node dials the
+/// coordinator (outbound-only mode); the other two listen.
+const OUTBOUND_SITES: &[&str] = &["site-c"];
+
 /// Runs the demo under `out` (recreated) with sites scaled by `scale`, writing to `output`.
 pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> anyhow::Result<()> {
     if out.exists() {
@@ -48,15 +52,21 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
         out.display()
     )?;
     for site in &sites {
+        let reach = if OUTBOUND_SITES.contains(&site.site_id.as_str()) {
+            "dials the coordinator: outbound-only, behind its firewall"
+        } else {
+            "listens for the coordinator"
+        };
         writeln!(
             output,
-            "  {}: {} synthetic admissions ({})",
+            "  {}: {} synthetic admissions ({}); its node {reach}",
             site.site_id,
             site.admissions,
             site.file_name()
         )?;
     }
-    let alliance = LocalAlliance::start(out, &sites, &bundled_templates(), 10, 0).await?;
+    let alliance =
+        LocalAlliance::start(out, &sites, OUTBOUND_SITES, &bundled_templates(), 10, 0).await?;
     writeln!(
         output,
         "  nodes and coordinator are serving over mutual TLS; coordinator at {}\n",
@@ -204,8 +214,15 @@ pub async fn up(
         std::fs::remove_dir_all(out)?;
     }
     let sites = SiteProfile::demo_sites(scale);
-    let alliance =
-        LocalAlliance::start(out, &sites, &bundled_templates(), 10, coordinator_port).await?;
+    let alliance = LocalAlliance::start(
+        out,
+        &sites,
+        OUTBOUND_SITES,
+        &bundled_templates(),
+        10,
+        coordinator_port,
+    )
+    .await?;
     writeln!(
         output,
         "fedq local alliance is up: {} sites, coordinator at {}",

@@ -299,13 +299,22 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
         tracing::info!(address = %metrics, "metrics serving");
         node.serve_metrics(listener);
     }
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;
-    let address = listener
-        .local_addr()
-        .map_err(|err| format!("cannot listen on {}: {err}", config.listen))?;
-    tracing::info!(site = %config.site_id, %address, floor = config.policy.min_cell_count, %audit_key, "node serving");
+    let listener = match config.listen {
+        Some(listen) => {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
+            let address = listener
+                .local_addr()
+                .map_err(|err| format!("cannot listen on {listen}: {err}"))?;
+            tracing::info!(site = %config.site_id, %address, floor = config.policy.min_cell_count, %audit_key, "node serving");
+            Some(listener)
+        }
+        None => None,
+    };
+    if let Some(outbound) = &config.outbound {
+        tracing::info!(site = %config.site_id, coordinator = %outbound.coordinator, floor = config.policy.min_cell_count, %audit_key, "node serving over outbound connections");
+    }
     node.serve(listener, fedq_proto::process::shutdown_signal())
         .await
         .map_err(|err| err.to_string())?;

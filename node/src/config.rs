@@ -14,6 +14,7 @@ use fedq_proto::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::NodeError;
+pub use crate::outbound::Outbound;
 
 /// Prefix of environment variables that override config keys, e.g.
 /// `FEDQ_NODE__POLICY__MIN_CELL_COUNT=15`.
@@ -40,7 +41,8 @@ pub const LOWEST_MIN_CELL_COUNT: u32 = 3;
 #[serde(deny_unknown_fields)]
 pub struct RawNodeConfig {
     site_id: String,
-    listen: String,
+    listen: Option<String>,
+    outbound: Option<RawOutbound>,
     metrics_listen: Option<String>,
     max_concurrent_queries: Option<usize>,
     reload_poll_secs: Option<u64>,
@@ -66,6 +68,13 @@ struct RawPrivacy {
     epsilon_per_query: Option<String>,
     study_epsilon: Option<String>,
     node_epsilon: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    coordinator: String,
+    coordinator_identity: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -148,7 +157,10 @@ pub enum DomainViolationPolicy {
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub site_id: String,
-    pub listen: SocketAddr,
+    /// Where the node accepts the coordinator's connections; none in outbound-only mode.
+    pub listen: Option<SocketAddr>,
+    /// Outbound mode: the node dials the coordinator and serves queries over that connection.
+    pub outbound: Option<Outbound>,
     /// Where Prometheus metrics are served over plain HTTP (keep it on loopback or an internal
     /// network); none by default.
     pub metrics_listen: Option<SocketAddr>,
@@ -286,12 +298,43 @@ impl RawNodeConfig {
                 self.site_id
             ));
         }
-        let listen = self.listen.parse::<SocketAddr>().map_err(|_| {
-            problems.push(format!(
-                "listen '{}' is not an address with port (e.g. '0.0.0.0:7443')",
-                self.listen
-            ))
+        let listen = match self.listen.as_deref().map(str::parse::<SocketAddr>) {
+            None => None,
+            Some(Ok(address)) => Some(address),
+            Some(Err(_)) => {
+                problems.push(format!(
+                    "listen '{}' is not an address with port (e.g. '0.0.0.0:7443')",
+                    self.listen.as_deref().unwrap_or_default()
+                ));
+                None
+            }
+        };
+        let outbound = self.outbound.map(|outbound| Outbound {
+            coordinator: outbound.coordinator,
+            coordinator_identity: outbound.coordinator_identity,
         });
+        if let Some(outbound) = &outbound {
+            if !has_port(&outbound.coordinator) {
+                problems.push(format!(
+                    "outbound.coordinator '{}' must be host:port of the coordinator's tunnel_listen (e.g. 'coordinator.alliance.example:7701'), without https://",
+                    outbound.coordinator
+                ));
+            }
+            if !self
+                .policy
+                .accepted_coordinators
+                .contains(&outbound.coordinator_identity)
+            {
+                problems.push(format!(
+                    "outbound.coordinator_identity '{}' is not in policy.accepted_coordinators: the node would dial a coordinator whose queries it then refuses",
+                    outbound.coordinator_identity
+                ));
+            }
+        } else if self.listen.is_none() {
+            problems.push(
+                "neither listen nor [outbound] is set: set listen (the coordinator connects to the node) or [outbound] (the node dials the coordinator), or both".into(),
+            );
+        }
         let metrics_listen = match self.metrics_listen.as_deref().map(str::parse::<SocketAddr>) {
             None => None,
             Some(Ok(address)) => Some(address),
@@ -452,33 +495,41 @@ impl RawNodeConfig {
                 Err(mut found) => problems.append(&mut found),
             }
         }
-        match (problems.is_empty(), listen) {
-            (true, Ok(listen)) => Ok(NodeConfig {
-                site_id: self.site_id,
-                listen,
-                metrics_listen,
-                max_concurrent_queries,
-                reload_poll: match self.reload_poll_secs.unwrap_or(DEFAULT_RELOAD_POLL_SECS) {
-                    0 => None,
-                    seconds => Some(std::time::Duration::from_secs(seconds)),
-                },
-                state_dir,
-                tls,
-                audit_segment_bytes,
-                policy: Policy {
-                    accepted_coordinators: self.policy.accepted_coordinators.into_iter().collect(),
-                    min_cell_count,
-                    trust,
-                    refused_templates: self.policy.refused_templates.into_iter().collect(),
-                    accepted_studies: self.policy.accepted_studies.into_iter().collect(),
-                    privacy,
-                },
-                datasets,
-                data_model,
-            }),
-            _ => Err(NodeError::Config(problems)),
+        if !problems.is_empty() {
+            return Err(NodeError::Config(problems));
         }
+        Ok(NodeConfig {
+            site_id: self.site_id,
+            listen,
+            outbound,
+            metrics_listen,
+            max_concurrent_queries,
+            reload_poll: match self.reload_poll_secs.unwrap_or(DEFAULT_RELOAD_POLL_SECS) {
+                0 => None,
+                seconds => Some(std::time::Duration::from_secs(seconds)),
+            },
+            state_dir,
+            tls,
+            audit_segment_bytes,
+            policy: Policy {
+                accepted_coordinators: self.policy.accepted_coordinators.into_iter().collect(),
+                min_cell_count,
+                trust,
+                refused_templates: self.policy.refused_templates.into_iter().collect(),
+                accepted_studies: self.policy.accepted_studies.into_iter().collect(),
+                privacy,
+            },
+            datasets,
+            data_model,
+        })
     }
+}
+
+/// Whether `address` looks like `host:port` (a name or address, then a port number).
+fn has_port(address: &str) -> bool {
+    address
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 impl RawDataset {

@@ -17,6 +17,7 @@
 //! - [`limits`]: each study's daily query limit, kept in the node's state directory.
 //! - [`data`]: loading Parquet/CSV files and mapping local columns onto the common data model.
 //! - [`server`]: serving the `fedq.v1.Node` gRPC service over mutual TLS.
+//! - [`outbound`]: outbound-only mode: the node dials the coordinator and serves over that link.
 
 pub mod audit;
 pub mod check;
@@ -27,6 +28,7 @@ pub mod disclosure;
 pub mod dp;
 mod error;
 pub mod limits;
+pub mod outbound;
 pub mod overlap;
 pub mod plan;
 pub mod query;

@@ -1,17 +1,20 @@
 //! Serving the node: mutual TLS (client certificates from the alliance CA are required; which
-//! identities may query is the engine's policy check), message-size limits, and a graceful
-//! stop when `shutdown` completes. The caller binds the listener.
+//! identities may query is the engine's policy check), on a listener the caller bound and/or
+//! over the connection the node dials to the coordinator ([`crate::outbound`]); message-size
+//! limits; a graceful stop of both when `shutdown` completes.
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use fedq_proto::tls::{self, TlsReloader};
+use fedq_proto::tls::{self, TlsFiles, TlsReloader};
 use fedq_proto::wire::node_server::NodeServer;
+use futures::FutureExt;
 use tokio::net::TcpListener;
 
 use crate::NodeError;
 use crate::config::NodeConfig;
+use crate::outbound::{self, Outbound};
 use crate::query::QueryEngine;
 use crate::service::NodeService;
 
@@ -52,6 +55,11 @@ async fn reload_all(tls: &TlsReloader, engine: &Arc<QueryEngine>) {
     }
 }
 
+/// How often the node pings a connected coordinator, and how long it waits for the answer
+/// before closing the connection (an outbound node then dials again).
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(20);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest request a node accepts (a template and its parameters are a few kilobytes).
 pub const MAX_REQUEST_BYTES: usize = 1024 * 1024;
 /// Largest answer a node sends (10,000 cells fit easily).
@@ -64,6 +72,8 @@ pub struct PreparedNode {
     tls: Arc<TlsReloader>,
     /// The certificate and data files whose change triggers a reload.
     watched: Vec<PathBuf>,
+    /// Outbound mode: where to dial, with the files to dial with.
+    outbound: Option<(Outbound, TlsFiles)>,
 }
 
 /// The files a node reloads from: its TLS files, each dataset and objection list.
@@ -94,6 +104,10 @@ impl PreparedNode {
                 engine: Arc::new(engine),
                 tls: Arc::new(tls),
                 watched: watched_files(config),
+                outbound: config
+                    .outbound
+                    .clone()
+                    .map(|outbound| (outbound, config.tls.clone())),
             },
             warnings,
         ))
@@ -181,25 +195,56 @@ impl PreparedNode {
         Arc::clone(&self.tls)
     }
 
-    /// Serves on an already bound `listener` until `shutdown` completes.
+    /// Serves until `shutdown` completes: on `listener` if given (the caller bound it), and over
+    /// a connection dialled to the coordinator if the configuration has `[outbound]`. Queries in
+    /// flight on either finish before this returns.
     pub async fn serve(
         self,
-        listener: TcpListener,
+        listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), NodeError> {
         let service = NodeServer::new(NodeService::new(self.engine))
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES);
-        let (health, reflection) =
-            fedq_proto::process::standard_services::<NodeServer<NodeService>>()
+        let shutdown = shutdown.shared();
+        let listening = async {
+            let Some(listener) = listener else {
+                return Ok(());
+            };
+            router(service.clone())
+                .await?
+                .serve_with_incoming_shutdown(
+                    tls::accept_tls(listener, &self.tls),
+                    shutdown.clone(),
+                )
                 .await
-                .map_err(NodeError::Server)?;
-        tonic::transport::Server::builder()
-            .add_service(health)
-            .add_service(reflection)
-            .add_service(service)
-            .serve_with_incoming_shutdown(tls::accept_tls(listener, &self.tls), shutdown)
-            .await
-            .map_err(|err| NodeError::Server(err.to_string()))
+                .map_err(|err| NodeError::Server(err.to_string()))
+        };
+        let dialling = async {
+            let Some((outbound, files)) = self.outbound.clone() else {
+                return Ok(());
+            };
+            router(service.clone())
+                .await?
+                .serve_with_incoming_shutdown(outbound::dial(outbound, files), shutdown.clone())
+                .await
+                .map_err(|err| NodeError::Server(err.to_string()))
+        };
+        tokio::try_join!(listening, dialling).map(|_| ())
     }
+}
+
+/// The node's gRPC services: health, reflection and `fedq.v1.Node`.
+async fn router(
+    service: NodeServer<NodeService>,
+) -> Result<tonic::transport::server::Router, NodeError> {
+    let (health, reflection) = fedq_proto::process::standard_services::<NodeServer<NodeService>>()
+        .await
+        .map_err(NodeError::Server)?;
+    Ok(tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service))
 }

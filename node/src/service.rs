@@ -69,8 +69,13 @@ fn caller_deadline<T>(request: &Request<T>) -> Option<std::time::Instant> {
     std::time::Instant::now().checked_add(timeout)
 }
 
-/// The certificate identities of the caller (empty when it presented none).
+/// The certificate identities of the caller (empty when it presented none): the client
+/// certificate of a connection the node accepted, or the server certificate of the coordinator
+/// an outbound node dialled.
 fn caller_identities<T>(request: &Request<T>) -> Vec<String> {
+    if let Some(dialled) = request.extensions().get::<crate::outbound::DialledPeer>() {
+        return dialled.identities.clone();
+    }
     request
         .peer_certs()
         .and_then(|chain| fedq_proto::tls::peer_identities(&chain).ok())

@@ -4,7 +4,8 @@
 //! names).
 //!
 //! Clients (coordinator → node, CLI → coordinator) use tonic's `ClientTlsConfig`, which
-//! verifies the server against the alliance CA and the expected identity.
+//! verifies the server against the alliance CA and the expected identity; a node dialling out
+//! to the coordinator uses [`mutual_tls_client_config`].
 
 use std::path::Path;
 use std::sync::Arc;
@@ -176,6 +177,29 @@ fn finish_server_config(
             files.key.display()
         ))
     })?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// A client configuration for dialling out with this endpoint's own certificate (mutual TLS):
+/// the server is verified against the alliance CA; its expected identity is given per
+/// connection. Used by nodes that connect outbound to the coordinator.
+pub fn mutual_tls_client_config(files: &TlsFiles) -> Result<rustls::ClientConfig, Error> {
+    let roots = root_store(&files.ca_cert)?;
+    let certs = load_certs(&files.cert)?;
+    let key = load_key(&files.key)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| Error::Tls(err.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key)
+        .map_err(|err| {
+            Error::Tls(format!(
+                "certificate {} and key {} do not form a usable pair: {err}",
+                files.cert.display(),
+                files.key.display()
+            ))
+        })?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

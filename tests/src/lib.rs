@@ -55,11 +55,26 @@ impl TestAlliance {
 
     /// A test alliance of the given sites.
     pub async fn start_with(sites: Vec<SiteProfile>) -> anyhow::Result<TestAlliance> {
+        TestAlliance::start_with_outbound(sites, &[]).await
+    }
+
+    /// A test alliance of the given sites whose `outbound` sites dial the coordinator.
+    pub async fn start_with_outbound(
+        sites: Vec<SiteProfile>,
+        outbound: &[&str],
+    ) -> anyhow::Result<TestAlliance> {
         fedq_proto::tls::install_crypto_provider();
         let dir = tempfile::tempdir()?;
         let templates = catalogue(dir.path())?;
-        let alliance =
-            LocalAlliance::start(&dir.path().join("alliance"), &sites, &templates, 10, 0).await?;
+        let alliance = LocalAlliance::start(
+            &dir.path().join("alliance"),
+            &sites,
+            outbound,
+            &templates,
+            10,
+            0,
+        )
+        .await?;
         Ok(TestAlliance {
             dir,
             alliance,
@@ -414,7 +429,7 @@ pub fn listing(test: &TestAlliance, index: usize) -> NodeListing {
     let (site_id, node) = &test.alliance.nodes[index];
     NodeListing {
         site_id: site_id.clone(),
-        address: node.address,
+        address: Some(node.address),
         identity: alliance::site_identity(site_id),
     }
 }
@@ -538,14 +553,7 @@ impl NodeProcess {
 
     /// SIGTERM, then waits (at most a minute) for the process to exit; returns its status.
     pub fn terminate(mut self) -> anyhow::Result<std::process::ExitStatus> {
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        // SAFETY: sending a signal to our own child process.
-        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-            anyhow::bail!(
-                "cannot signal the node: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+        self.signal(libc::SIGTERM)?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -561,9 +569,18 @@ impl NodeProcess {
 
     /// SIGHUP: the node reloads its certificates.
     pub fn hang_up(&self) -> anyhow::Result<()> {
+        self.signal(libc::SIGHUP)
+    }
+
+    /// SIGSTOP: the process freezes wherever it is (its sockets stay open, nothing answers).
+    pub fn freeze(&self) -> anyhow::Result<()> {
+        self.signal(libc::SIGSTOP)
+    }
+
+    fn signal(&self, signal: libc::c_int) -> anyhow::Result<()> {
         let pid = libc::pid_t::try_from(self.child.id())?;
         // SAFETY: sending a signal to our own child process.
-        if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        if unsafe { libc::kill(pid, signal) } != 0 {
             anyhow::bail!(
                 "cannot signal the node: {}",
                 std::io::Error::last_os_error()

@@ -291,7 +291,7 @@ async fn node_metrics_count_outcomes_and_reasons_without_any_request_content() -
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(node.serve(listener, async {
+    let server = tokio::spawn(node.serve(Some(listener), async {
         let _ = stopped.await;
     }));
     let coordinator = &test.alliance.pki.identities[0];
@@ -358,7 +358,7 @@ async fn coordinator_metrics_count_queries_and_each_sites_replies() -> anyhow::R
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(coordinator.serve(listener, async {
+    let server = tokio::spawn(coordinator.serve(listener, None, async {
         let _ = stopped.await;
     }));
     let mut lead = fedq_coordinator::client::connect(
