@@ -281,8 +281,28 @@ pub fn classify(status: Status) -> SiteCall {
     match status.code() {
         Code::DeadlineExceeded | Code::Cancelled => SiteCall::TimedOut,
         Code::Unavailable => SiteCall::Unreachable(error_chain(&status)),
+        // The connection broke after the request was sent: not retried (the node may have
+        // computed it), and said plainly.
+        Code::Unknown if status.message() == "transport error" => SiteCall::Failed(format!(
+            "the connection to the site broke before it answered ({}); its node may have stopped or restarted — the site's administrator can check it",
+            innermost_cause(&status)
+        )),
         _ => SiteCall::Failed(error_chain(&status)),
     }
+}
+
+/// The deepest cause of an error (e.g. "connection reset").
+fn innermost_cause(err: &dyn std::error::Error) -> String {
+    let mut deepest = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() {
+            deepest = text;
+        }
+        source = cause.source();
+    }
+    deepest
 }
 
 /// Why a call did not produce an answer, for a person (empty for an answer).

@@ -525,11 +525,13 @@ impl RawNodeConfig {
     }
 }
 
-/// Whether `address` looks like `host:port` (a name or address, then a port number).
+/// Whether `address` looks like `host:port` (a name or address, then a port number; no
+/// scheme or path).
 fn has_port(address: &str) -> bool {
-    address
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+    !address.contains('/')
+        && address
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 impl RawDataset {
@@ -862,18 +864,65 @@ identifiers = ["NAME"]
     #[test]
     fn shipped_example_config_parses_and_only_its_files_are_missing_here() {
         let text = include_str!("../../deploy/config/node.example.toml");
-        let raw: RawNodeConfig =
-            fedq_proto::config::parse_layered(text, "node.example.toml", &[]).unwrap();
-        let NodeError::Config(problems) = raw
-            .validate(Path::new("/nonexistent"), DataModel::builtin())
-            .unwrap_err()
-        else {
-            panic!("expected configuration problems");
-        };
-        assert!(!problems.is_empty());
-        for problem in problems {
-            assert!(problem.contains("does not exist"), "{problem}");
+        // The commented-out [outbound] block too, as an administrator would enable it (with
+        // and without listen).
+        let outbound = text
+            .replace("# [outbound]", "[outbound]")
+            .replace("# coordinator = ", "coordinator = ")
+            .replace("# coordinator_identity = ", "coordinator_identity = ");
+        assert_ne!(outbound, text);
+        let outbound_only = outbound.replace("listen = \"0.0.0.0:7443\"", "");
+        for (name, text) in [
+            ("as shipped", text),
+            ("outbound", outbound.as_str()),
+            ("outbound only", outbound_only.as_str()),
+        ] {
+            let raw: RawNodeConfig =
+                fedq_proto::config::parse_layered(text, "node.example.toml", &[]).unwrap();
+            let NodeError::Config(problems) = raw
+                .validate(Path::new("/nonexistent"), DataModel::builtin())
+                .unwrap_err()
+            else {
+                panic!("{name}: expected configuration problems");
+            };
+            assert!(!problems.is_empty());
+            for problem in problems {
+                assert!(problem.contains("does not exist"), "{name}: {problem}");
+            }
         }
+    }
+
+    #[test]
+    fn outbound_mode_needs_a_host_and_port_and_an_accepted_coordinator() {
+        let base = config_text("", "age = { source = \"AGE\" }");
+        let outbound_only =
+            |section: &str| base.replace("listen = \"127.0.0.1:0\"\n", "") + section;
+        let err = validate(&outbound_only("")).unwrap_err().to_string();
+        assert!(
+            err.contains("neither listen nor [outbound] is set"),
+            "{err}"
+        );
+        let err = validate(&outbound_only(
+            "[outbound]\ncoordinator = \"https://c.test:7701\"\ncoordinator_identity = \"coordinator.test\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("must be host:port"), "{err}");
+        let err = validate(&outbound_only(
+            "[outbound]\ncoordinator = \"c.test:7701\"\ncoordinator_identity = \"other.test\"\n",
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("is not in policy.accepted_coordinators"),
+            "{err}"
+        );
+        let config = validate(&outbound_only(
+            "[outbound]\ncoordinator = \"c.test:7701\"\ncoordinator_identity = \"coordinator.test\"\n",
+        ))
+        .unwrap();
+        assert_eq!(config.listen, None);
+        assert_eq!(config.outbound.unwrap().coordinator, "c.test:7701");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Operations: `fedq-node check` on real configurations, certificates and data files (a good
 //! node passes; each seeded misconfiguration, an expired certificate and an unwritable state
 //! directory included, is named on its own line); a flooded node refusing as busy; a query whose
-//! deadline passed; health, reflection and metrics on node and coordinator.
+//! deadline passed; health, reflection and metrics on node and coordinator; a node process
+//! killed mid-query, marked promptly while the other sites answer.
 
 use fedq_node::check::{self, Level};
 use fedq_tests::TestAlliance;
@@ -388,4 +389,79 @@ async fn coordinator_metrics_count_queries_and_each_sites_replies() -> anyhow::R
     let _ = stop.send(());
     server.await??;
     test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_query_is_marked_within_the_deadline_while_the_others_answer()
+-> anyhow::Result<()> {
+    use fedq_proto::wire::SiteStatus;
+    use std::time::{Duration, Instant};
+
+    let test = TestAlliance::start().await?;
+    let (config, _) = fedq_tests::node_config_with_own_state(&test)?;
+    let process = fedq_tests::NodeProcess::start(env!("CARGO_BIN_EXE_test-node"), &config, None)?;
+    let listings = vec![
+        fedq_deploy::alliance::NodeListing {
+            site_id: "site-a".into(),
+            address: Some(process.address),
+            identity: fedq_deploy::alliance::site_identity("site-a"),
+        },
+        fedq_tests::listing(&test, 1),
+        fedq_tests::listing(&test, 2),
+    ];
+    let coordinator = fedq_tests::coordinator_with(&test, &listings, 10_000).await?;
+    let mut client = fedq_coordinator::client::connect(
+        &format!("https://localhost:{}", coordinator.address.port()),
+        &test.alliance.pki.ca_cert,
+        &test.alliance.users.study_lead,
+    )
+    .await?;
+    let parameters = vec![fedq_tests::integer("min_iss", 16)];
+    let status = |result: &fedq_proto::wire::PooledResult, site_id: &str| {
+        result
+            .sites
+            .iter()
+            .find(|site| site.site_id == site_id)
+            .map(|site| (site.status, site.message.clone()))
+            .expect("every site has a status")
+    };
+    // The connection to the node process is open and used.
+    let first =
+        fedq_tests::query(&mut client, "cohort-by-age-sex", parameters.clone(), 8_000).await?;
+    assert_eq!(status(&first, "site-a").0, SiteStatus::Ok as i32);
+
+    // The node freezes with the next query in flight, then dies.
+    process.freeze()?;
+    let deadline = Duration::from_secs(8);
+    let pending = tokio::spawn(async move {
+        let started = Instant::now();
+        let result = fedq_tests::query(
+            &mut client,
+            "cohort-by-age-sex",
+            parameters,
+            u32::try_from(deadline.as_millis()).expect("fits"),
+        )
+        .await;
+        (result, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !pending.is_finished(),
+        "the query must be waiting on the frozen node"
+    );
+    process.kill()?;
+    let (result, elapsed) = pending.await?;
+    let result = result?;
+    assert!(elapsed < deadline, "took {elapsed:?}");
+    let (site_a, message) = status(&result, "site-a");
+    assert_eq!(site_a, SiteStatus::Failed as i32, "{message}");
+    assert!(
+        message.contains("the connection to the site broke before it answered"),
+        "{message}"
+    );
+    for site_id in ["site-b", "site-c"] {
+        assert_eq!(status(&result, site_id).0, SiteStatus::Ok as i32);
+    }
+    coordinator.stop().await?;
+    Ok(())
 }
