@@ -150,7 +150,21 @@ pub fn load(
             match config.on_domain_violation {
                 DomainViolationPolicy::RefuseToStart => problems.push(line),
                 DomainViolationPolicy::TreatAsMissing => {
-                    warnings.push(format!("{line}; treated as missing"))
+                    warnings.push(format!("{line}; treated as missing"));
+                    // Which records had such a value, for data-quality profiles (the value
+                    // itself is not kept).
+                    let outside: BooleanChunked = text
+                        .iter()
+                        .zip(series.is_null().iter())
+                        .map(|(value, null)| {
+                            Some(null == Some(true) && present_value(value, mapping).is_some())
+                        })
+                        .collect();
+                    columns.push(Column::from(
+                        outside
+                            .with_name(outside_domain_column(model_name).into())
+                            .into_series(),
+                    ));
                 }
             }
         }
@@ -356,6 +370,20 @@ pub fn describe_polars_error(err: &PolarsError) -> String {
 }
 
 /// Converts one local column (as text) into its model column, counting unusable values.
+/// A local value, unless it is empty or one of the mapping's missing markers.
+fn present_value<'a>(value: Option<&'a str>, mapping: &ColumnMapping) -> Option<&'a str> {
+    value.map(str::trim).filter(|value| {
+        !value.is_empty() && !mapping.missing.iter().any(|missing| missing == value)
+    })
+}
+
+/// The hidden snapshot column marking the records whose value of `model_column` was outside
+/// its domain and is treated as missing (present only when there are such records). No
+/// template can name it: it is not a model column.
+pub fn outside_domain_column(model_column: &str) -> String {
+    format!("__fedq_outside_domain__{model_column}")
+}
+
 fn convert(
     model_name: &str,
     text: &StringChunked,
@@ -364,11 +392,7 @@ fn convert(
 ) -> (Series, ColumnQuality) {
     let mut quality = ColumnQuality::default();
     let name = PlSmallStr::from(model_name);
-    let values = text.iter().map(|value| {
-        value.map(str::trim).filter(|value| {
-            !value.is_empty() && !mapping.missing.iter().any(|missing| missing == value)
-        })
-    });
+    let values = text.iter().map(|value| present_value(value, mapping));
     let series = match domain {
         Domain::Integer { min, max } => {
             let converted: Vec<Option<i64>> = values

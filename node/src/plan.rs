@@ -6,7 +6,9 @@
 //! satisfies a filter condition.
 
 use fedq_proto::model::days_since_epoch;
-use fedq_proto::template::{Axis, BoundFilter, BoundQuery, BoundStratum, CompareOp, Scalar};
+use fedq_proto::template::{
+    Axis, BoundCheck, BoundFilter, BoundQuery, BoundStratum, CompareOp, Scalar, Statistic,
+};
 use polars::prelude::*;
 use roaring::RoaringBitmap;
 
@@ -30,37 +32,105 @@ impl RawTable {
 
 const COUNT: &str = "__fedq_count";
 
-/// The lazy plan for a query: filter, then count per stratum combination.
-pub fn compile(query: &BoundQuery, snapshot: &Snapshot) -> LazyFrame {
-    let mut plan = snapshot.frame.clone().lazy();
-    if let Some(filter) = &query.filter {
-        plan = plan.filter(filter_expr(filter));
+/// The name of the snapshot column holding each record's number (overlap control).
+pub const RECORD_COLUMN: &str = "__fedq_record";
+
+/// The set of record numbers in each cell of a table, for overlap control.
+pub type CellSets = Vec<RoaringBitmap>;
+
+/// The query's tables of true counts: a count template's one grid over all its axes, or a
+/// profile's sections (each axis a one-way table of its own: a profiled column, or a check),
+/// in axis order. With `with_sets`, also every cell's record numbers.
+pub fn tables(
+    query: &BoundQuery,
+    axes: &[Axis],
+    snapshot: &Snapshot,
+    with_sets: bool,
+) -> PolarsResult<Vec<(RawTable, Option<CellSets>)>> {
+    let count = |keys: Vec<Expr>, shape: Vec<usize>| {
+        let plan = filtered(query, snapshot);
+        if with_sets {
+            count_keys_with_sets(plan, keys, shape).map(|(table, sets)| (table, Some(sets)))
+        } else {
+            count_keys(plan, keys, shape).map(|table| (table, None))
+        }
+    };
+    match query.statistic {
+        Statistic::Count => {
+            let keys = query.strata.iter().map(stratum_expr).collect();
+            Ok(vec![count(keys, shape_of(axes))?])
+        }
+        Statistic::Profile => {
+            let columns = query
+                .strata
+                .iter()
+                .map(|stratum| profile_expr(stratum, snapshot));
+            let checks = query.checks.iter().map(check_expr);
+            columns
+                .chain(checks)
+                .zip(axes)
+                .map(|(key, axis)| count(vec![key], vec![axis.levels.len()]))
+                .collect()
+        }
     }
-    let count = len().cast(DataType::UInt64).alias(COUNT);
-    if query.strata.is_empty() {
-        return plan.select([count]);
-    }
-    let keys: Vec<Expr> = query
-        .strata
-        .iter()
-        .enumerate()
-        .map(|(index, stratum)| stratum_expr(stratum).alias(stratum_key(index)))
-        .collect();
-    plan.group_by(keys).agg([count])
 }
 
-/// Runs the plan and lays the counts out on the full grid (empty cells are zeros).
+/// Runs a count query's plan and lays the counts out on the full grid (empty cells are zeros).
 pub fn count_grid(
     query: &BoundQuery,
     axes: &[Axis],
     snapshot: &Snapshot,
 ) -> PolarsResult<RawTable> {
-    let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+    let keys = query.strata.iter().map(stratum_expr).collect();
+    count_keys(filtered(query, snapshot), keys, shape_of(axes))
+}
+
+/// Like [`count_grid`], and also the set of record numbers in each cell, for overlap control.
+pub fn count_grid_with_sets(
+    query: &BoundQuery,
+    axes: &[Axis],
+    snapshot: &Snapshot,
+) -> PolarsResult<(RawTable, CellSets)> {
+    let keys = query.strata.iter().map(stratum_expr).collect();
+    count_keys_with_sets(filtered(query, snapshot), keys, shape_of(axes))
+}
+
+fn shape_of(axes: &[Axis]) -> Vec<usize> {
+    axes.iter().map(|axis| axis.levels.len()).collect()
+}
+
+/// The snapshot with the query's filter applied.
+fn filtered(query: &BoundQuery, snapshot: &Snapshot) -> LazyFrame {
+    let plan = snapshot.frame.clone().lazy();
+    match &query.filter {
+        Some(filter) => plan.filter(filter_expr(filter)),
+        None => plan,
+    }
+}
+
+/// Counts rows per combination of `keys` (each a level number, null for its axis' last level).
+fn grouped(plan: LazyFrame, keys: Vec<Expr>) -> LazyFrame {
+    let count = len().cast(DataType::UInt64).alias(COUNT);
+    if keys.is_empty() {
+        return plan.select([count]);
+    }
+    let keys: Vec<Expr> = keys
+        .into_iter()
+        .enumerate()
+        .map(|(index, key)| key.alias(stratum_key(index)))
+        .collect();
+    plan.group_by(keys).agg([count])
+}
+
+/// Counts per cell of the grid `shape` whose coordinates are the `keys` (null or beyond the
+/// last level: the last level, "missing").
+fn count_keys(plan: LazyFrame, keys: Vec<Expr>, shape: Vec<usize>) -> PolarsResult<RawTable> {
+    let axes = keys.len();
     let cells: usize = shape.iter().product();
     let mut counts = vec![0u64; cells];
-    let frame = compile(query, snapshot).collect()?;
+    let frame = grouped(plan, keys).collect()?;
     let count_column = frame.column(COUNT)?.u64()?;
-    let key_columns = (0..query.strata.len())
+    let key_columns = (0..axes)
         .map(|index| {
             frame
                 .column(&stratum_key(index))
@@ -79,29 +149,19 @@ pub fn count_grid(
     Ok(RawTable { shape, counts })
 }
 
-/// The snapshot column holding each row's record number (never a model column, so no
-/// template can name it).
-pub const RECORD_COLUMN: &str = "__fedq_record";
-
-/// Like [`count_grid`], and also the set of record numbers in each cell, for overlap control.
-pub fn count_grid_with_sets(
-    query: &BoundQuery,
-    axes: &[Axis],
-    snapshot: &Snapshot,
-) -> PolarsResult<(RawTable, Vec<RoaringBitmap>)> {
-    let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+/// Like [`count_keys`], and also the set of record numbers in each cell.
+fn count_keys_with_sets(
+    plan: LazyFrame,
+    keys: Vec<Expr>,
+    shape: Vec<usize>,
+) -> PolarsResult<(RawTable, CellSets)> {
     let cells: usize = shape.iter().product();
     let mut counts = vec![0u64; cells];
     let mut sets = vec![RoaringBitmap::new(); cells];
-    let mut plan = snapshot.frame.clone().lazy();
-    if let Some(filter) = &query.filter {
-        plan = plan.filter(filter_expr(filter));
-    }
-    let mut selected: Vec<Expr> = query
-        .strata
-        .iter()
+    let mut selected: Vec<Expr> = keys
+        .into_iter()
         .enumerate()
-        .map(|(index, stratum)| stratum_expr(stratum).alias(stratum_key(index)))
+        .map(|(index, key)| key.alias(stratum_key(index)))
         .collect();
     selected.push(col(RECORD_COLUMN));
     let frame = plan.select(selected).collect()?;
@@ -128,6 +188,40 @@ pub fn count_grid_with_sets(
         }
     }
     Ok((RawTable { shape, counts }, sets))
+}
+
+/// A profiled column's level: its band or category; then "outside domain" (the records whose
+/// value was outside the domain and is treated as missing); null (missing) otherwise.
+fn profile_expr(stratum: &BoundStratum, snapshot: &Snapshot) -> Expr {
+    let (column, levels) = match stratum {
+        BoundStratum::Categories { column, count } => (column, *count as usize),
+        BoundStratum::Bands { column, bands, .. } => (column, bands.len()),
+    };
+    let outside = crate::data::outside_domain_column(column);
+    if snapshot.frame.column(&outside).is_err() {
+        return stratum_expr(stratum);
+    }
+    when(col(outside.as_str()))
+        .then(lit(levels as u32))
+        .otherwise(stratum_expr(stratum))
+        .cast(DataType::UInt32)
+}
+
+/// A check's level: "cannot be evaluated" (2) when a column it reads is missing, else
+/// "plausible" (0) when its rule holds, else "implausible" (1).
+fn check_expr(check: &BoundCheck) -> Expr {
+    let missing = check
+        .columns
+        .iter()
+        .map(|column| col(column.as_str()).is_null())
+        .reduce(Expr::or)
+        .unwrap_or_else(|| lit(false));
+    when(missing)
+        .then(lit(2u32))
+        .when(filter_expr(&check.rule))
+        .then(lit(0u32))
+        .otherwise(lit(1u32))
+        .cast(DataType::UInt32)
 }
 
 fn stratum_key(index: usize) -> String {
@@ -280,13 +374,68 @@ mod tests {
         ]
     }
 
+    fn count_query(filter: Option<BoundFilter>, strata: Vec<BoundStratum>) -> BoundQuery {
+        BoundQuery {
+            dataset: "trauma_admissions".into(),
+            filter,
+            strata,
+            checks: Vec::new(),
+            statistic: Statistic::Count,
+        }
+    }
+
     #[test]
-    fn counts_fill_the_full_grid_with_missing_levels_and_zeros() {
+    fn a_profile_counts_each_column_alone_with_values_outside_the_domain_and_each_check() {
+        let mut snapshot = snapshot();
+        // Record 13's age was outside the domain (its age is null in the snapshot).
+        let outside = Series::new(
+            crate::data::outside_domain_column("age").into(),
+            [false, false, false, true, false],
+        );
+        snapshot.frame.with_column(Column::from(outside)).unwrap();
         let query = BoundQuery {
             dataset: "trauma_admissions".into(),
             filter: None,
             strata: strata(),
+            checks: vec![BoundCheck {
+                rule: BoundFilter::Between {
+                    column: "age".into(),
+                    low: Scalar::Integer(0),
+                    high: Scalar::Integer(50),
+                },
+                columns: vec!["age".into()],
+            }],
+            statistic: Statistic::Profile,
         };
+        let level = |column: &str, levels: &[&str]| Axis {
+            column: column.into(),
+            levels: levels.iter().map(|level| level.to_string()).collect(),
+        };
+        let axes = vec![
+            level("age", &["<18", "18+", "outside domain", "missing"]),
+            level(
+                "sex",
+                &["female", "male", "other", "outside domain", "missing"],
+            ),
+            level(
+                "age-range",
+                &["plausible", "implausible", "cannot be evaluated"],
+            ),
+        ];
+        for with_sets in [false, true] {
+            let tables = tables(&query, &axes, &snapshot, with_sets).unwrap();
+            let counts: Vec<&[u64]> = tables.iter().map(|(table, _)| &table.counts[..]).collect();
+            assert_eq!(counts, [&[1, 3, 1, 0][..], &[2, 2, 0, 0, 1], &[3, 1, 1]]);
+            if with_sets {
+                let (_, sets) = &tables[0];
+                assert_eq!(sets.as_ref().unwrap()[2].iter().collect::<Vec<_>>(), [13]);
+            }
+        }
+    }
+
+    #[test]
+    fn counts_fill_the_full_grid_with_missing_levels_and_zeros() {
+        let query = count_query(None, strata());
         let table = count_grid(&query, &axes(), &snapshot()).unwrap();
         assert_eq!(table.shape, [3, 4]);
         // rows: <18, 18+, missing; columns: female, male, other, missing
@@ -300,11 +449,7 @@ mod tests {
 
     #[test]
     fn record_sets_match_the_counts_cell_by_cell() {
-        let query = BoundQuery {
-            dataset: "trauma_admissions".into(),
-            filter: None,
-            strata: strata(),
-        };
+        let query = count_query(None, strata());
         let counted = count_grid(&query, &axes(), &snapshot()).unwrap();
         let (table, sets) = count_grid_with_sets(&query, &axes(), &snapshot()).unwrap();
         assert_eq!(table, counted);
@@ -322,11 +467,7 @@ mod tests {
             op: CompareOp::Ne,
             value: Scalar::Integer(30),
         };
-        let query = BoundQuery {
-            dataset: "trauma_admissions".into(),
-            filter: Some(filter),
-            strata: Vec::new(),
-        };
+        let query = count_query(Some(filter), Vec::new());
         let table = count_grid(&query, &[], &snapshot()).unwrap();
         assert_eq!(table.counts, [2]);
     }
@@ -344,11 +485,7 @@ mod tests {
                 values: vec![Scalar::Category(0), Scalar::Category(1)],
             },
         ]);
-        let query = BoundQuery {
-            dataset: "trauma_admissions".into(),
-            filter: Some(filter),
-            strata: Vec::new(),
-        };
+        let query = count_query(Some(filter), Vec::new());
         let table = count_grid(&query, &[], &snapshot()).unwrap();
         assert_eq!(table.counts, [2]);
     }

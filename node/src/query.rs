@@ -10,7 +10,7 @@ use polars::prelude::{Column, PolarsError};
 use fedq_proto::model::DataModel;
 use fedq_proto::rational::Rational;
 use fedq_proto::study::Study;
-use fedq_proto::template::{Axis, Template, TemplateRef, Value};
+use fedq_proto::template::{Axis, Statistic, Template, TemplateRef, Value};
 use fedq_proto::wire;
 
 use crate::NodeError;
@@ -154,8 +154,11 @@ struct Seen {
 pub struct SiteAnswer {
     pub template: TemplateRef,
     pub snapshot_version: String,
+    /// A count: its grid's axes. A profile: one axis per section.
     pub axes: Vec<Axis>,
-    pub table: DisclosedTable,
+    /// A count: one table over all axes. A profile: one one-way table per axis.
+    pub tables: Vec<DisclosedTable>,
+    pub statistic: Statistic,
     /// The node's signed audit head including this query's record.
     pub audit_head: wire::SignedAuditHead,
     /// Differential privacy: the epsilon of the noise and each released cell's noise variance.
@@ -316,7 +319,7 @@ impl QueryEngine {
         caller_identities: &[String],
         request: &QueryRequest,
         seen: &Seen,
-        result: Result<(Computed, DisclosedTable), NodeError>,
+        result: Result<(Computed, Vec<DisclosedTable>), NodeError>,
         started: std::time::Instant,
     ) -> Result<SiteAnswer, NodeError> {
         let event = query_event(caller_identities, request, seen, &result);
@@ -329,11 +332,12 @@ impl QueryEngine {
                 tracing::error!(request_id = %audit::bounded(&request.request_id), error = %err, "audit record not written; query refused");
                 NodeError::AuditUnavailable
             })?;
-        result.map(|(answer, table)| SiteAnswer {
+        result.map(|(answer, tables)| SiteAnswer {
             template: answer.template,
             snapshot_version: answer.snapshot_version,
             axes: answer.axes,
-            table,
+            tables,
+            statistic: answer.statistic,
             audit_head: head,
             noise: answer.noise,
         })
@@ -459,7 +463,7 @@ impl QueryEngine {
         caller_identities: &[String],
         request: &QueryRequest,
         seen: &mut Seen,
-    ) -> Result<(Computed, DisclosedTable), NodeError> {
+    ) -> Result<(Computed, Vec<DisclosedTable>), NodeError> {
         verify::authorize_caller(caller_identities, &self.policy.accepted_coordinators)?;
         let template: &Template = seen.template.insert(verify::open_template(
             request.template.as_ref(),
@@ -547,60 +551,92 @@ impl QueryEngine {
             _ => None,
         };
         let k = disclosure::effective_k(self.policy.min_cell_count, template.min_cell_count);
-        let (raw, table) = match &self.overlap {
-            None => {
-                let raw = plan::count_grid(&query, &checked.axes, snapshot).map_err(plan_failed)?;
-                let table = disclosure::apply(&raw, k);
-                (raw, table)
-            }
-            Some(memory) => {
-                let (raw, sets) = plan::count_grid_with_sets(&query, &checked.axes, snapshot)
-                    .map_err(plan_failed)?;
-                let mut memory = memory.lock().map_err(|_| NodeError::Engine)?;
-                let decided = overlap::decide(&raw, &sets, k, &memory);
-                let share = self.policy.privacy.overlap_memory_bytes / 100
-                    * u64::from(self.policy.privacy.overlap_study_share_percent);
-                memory
-                    .remember_for_study(&study.id, share, decided.released_sets)
-                    .map_err(|err| match err {
-                        OverlapError::Full { used_mb, limit_mb } => {
-                            NodeError::OverlapMemoryFull { used_mb, limit_mb }
-                        }
-                        OverlapError::StudyShare {
-                            study,
-                            used_mb,
-                            share_mb,
-                        } => NodeError::OverlapStudyShare {
-                            study,
-                            used_mb,
-                            share_mb,
-                        },
-                        OverlapError::Write(detail) => {
-                            tracing::error!(%detail, "overlap memory not written; query refused");
-                            NodeError::StateUnwritable
-                        }
-                    })?;
-                (raw, decided.table)
-            }
+        let computed = plan::tables(&query, &checked.axes, snapshot, self.overlap.is_some())
+            .map_err(plan_failed)?;
+        let mut raws = Vec::with_capacity(computed.len());
+        let mut tables = Vec::with_capacity(computed.len());
+        // Overlap control holds the memory's lock across every table's check and remember, so
+        // concurrent near-duplicates cannot both pass; a profile's later sections are also
+        // checked against its earlier ones.
+        let mut memory = match &self.overlap {
+            Some(memory) => Some(memory.lock().map_err(|_| NodeError::Engine)?),
+            None => None,
         };
+        for (raw, sets) in computed {
+            let table = match (memory.as_deref_mut(), sets) {
+                (Some(memory), Some(sets)) => {
+                    let decided = overlap::decide(&raw, &sets, k, memory);
+                    self.remember(memory, &study.id, decided.released_sets)?;
+                    decided.table
+                }
+                _ => disclosure::apply(&raw, k),
+            };
+            raws.push(raw);
+            tables.push(table);
+        }
+        drop(memory);
         // Every suppression decision was made on true counts; noise and rounding now act on
-        // what is released.
-        let mut table = table;
-        let noise = noise_epsilon.map(|epsilon| {
-            let mut rng = dp::noise_generator(&self.secret, &content, &snapshot.version);
-            let variance = dp::add_noise(&mut table, &raw.counts, epsilon, &mut rng);
-            (epsilon, variance)
-        });
-        disclosure::round_released(&mut table, self.policy.privacy.rounding_base);
+        // what is released. A record counts once in every table, so the query's epsilon is
+        // shared between them.
+        let noise = match noise_epsilon {
+            Some(epsilon) => {
+                let share = epsilon
+                    .divided_by(tables.len() as u64)
+                    .ok_or(NodeError::Engine)?;
+                let mut rng = dp::noise_generator(&self.secret, &content, &snapshot.version);
+                let mut variance = 0.0;
+                for (table, raw) in tables.iter_mut().zip(&raws) {
+                    variance = dp::add_noise(table, &raw.counts, share, &mut rng);
+                }
+                Some((share, variance))
+            }
+            None => None,
+        };
+        for table in &mut tables {
+            disclosure::round_released(table, self.policy.privacy.rounding_base);
+        }
         Ok((
             Computed {
                 template: TemplateRef::of(template),
+                statistic: template.statistic.clone(),
                 snapshot_version: snapshot.version.clone(),
                 axes: checked.axes,
                 noise,
             },
-            table,
+            tables,
         ))
+    }
+
+    /// Remembers a table's released record sets in the overlap memory, refusing the query
+    /// when the memory or the study's share of it is full, or cannot be written.
+    fn remember(
+        &self,
+        memory: &mut OverlapMemory,
+        study: &str,
+        released_sets: Vec<roaring::RoaringBitmap>,
+    ) -> Result<(), NodeError> {
+        let share = self.policy.privacy.overlap_memory_bytes / 100
+            * u64::from(self.policy.privacy.overlap_study_share_percent);
+        memory
+            .remember_for_study(study, share, released_sets)
+            .map_err(|err| match err {
+                OverlapError::Full { used_mb, limit_mb } => {
+                    NodeError::OverlapMemoryFull { used_mb, limit_mb }
+                }
+                OverlapError::StudyShare {
+                    study,
+                    used_mb,
+                    share_mb,
+                } => NodeError::OverlapStudyShare {
+                    study,
+                    used_mb,
+                    share_mb,
+                },
+                OverlapError::Write(detail) => {
+                    tracing::error!(%detail, "overlap memory not written; query refused");
+                    NodeError::StateUnwritable
+                }
+            })
     }
 }
 
@@ -620,6 +656,7 @@ impl Drop for Slot<'_> {
 #[derive(Debug)]
 struct Computed {
     template: TemplateRef,
+    statistic: Statistic,
     snapshot_version: String,
     axes: Vec<Axis>,
     noise: Option<(Rational, f64)>,
@@ -630,23 +667,25 @@ fn query_event(
     caller_identities: &[String],
     request: &QueryRequest,
     seen: &Seen,
-    result: &Result<(Computed, DisclosedTable), NodeError>,
+    result: &Result<(Computed, Vec<DisclosedTable>), NodeError>,
 ) -> QueryEvent {
     let caller_refused = matches!(result, Err(NodeError::CallerNotAccepted { .. }));
     let (outcome, refusal, cells_released, cells_withheld, total_withheld) = match result {
-        Ok((_, table)) => {
-            let withheld = table.withheld_cells() as u64;
-            let by_reason = table
-                .withheld_by_reason
-                .iter()
-                .map(|(reason, count)| (reason.name().to_string(), *count))
-                .collect();
+        Ok((_, tables)) => {
+            let cells: usize = tables.iter().map(|table| table.cells.len()).sum();
+            let withheld: usize = tables.iter().map(DisclosedTable::withheld_cells).sum();
+            let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
+            for (reason, count) in tables.iter().flat_map(|table| &table.withheld_by_reason) {
+                *by_reason.entry(reason.name().to_string()).or_default() += count;
+            }
             (
                 record::Outcome::Released,
                 None,
-                table.cells.len() as u64 - withheld,
+                (cells - withheld) as u64,
                 by_reason,
-                table.total == disclosure::Outcome::Withheld,
+                tables
+                    .iter()
+                    .any(|table| table.total == disclosure::Outcome::Withheld),
             )
         }
         Err(err) => (

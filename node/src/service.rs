@@ -4,13 +4,15 @@
 
 use std::sync::Arc;
 
-use fedq_proto::template::cell_coordinates;
+use std::collections::BTreeSet;
+
+use fedq_proto::template::{Axis, Statistic, cell_coordinates};
 use fedq_proto::wire::{self, node_server::Node};
 use prost::Message;
 use tonic::{Code, Request, Response, Status};
 
 use crate::NodeError;
-use crate::disclosure::Outcome;
+use crate::disclosure::{DisclosedTable, Outcome};
 use crate::query::{QueryEngine, QueryRequest, SiteAnswer};
 
 /// The gRPC face of one node.
@@ -144,27 +146,61 @@ fn outcome_to_cell(coordinates: Vec<u32>, outcome: Outcome) -> wire::Cell {
     }
 }
 
-fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
-    let shape: Vec<usize> = answer.axes.iter().map(|axis| axis.levels.len()).collect();
-    let cells = answer
-        .table
+/// A disclosed table's cells on the wire, with their coordinates in `axes`.
+fn cells_to_wire(axes: &[Axis], table: &DisclosedTable) -> Vec<wire::Cell> {
+    let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+    table
         .cells
         .iter()
         .enumerate()
         .map(|(index, outcome)| outcome_to_cell(cell_coordinates(&shape, index), *outcome))
-        .collect();
+        .collect()
+}
+
+fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
+    let (axes, cells, sections) = match answer.statistic {
+        Statistic::Count => (
+            answer.axes.iter().map(Into::into).collect(),
+            answer
+                .tables
+                .first()
+                .map(|table| cells_to_wire(&answer.axes, table))
+                .unwrap_or_default(),
+            Vec::new(),
+        ),
+        Statistic::Profile => (
+            Vec::new(),
+            Vec::new(),
+            answer
+                .axes
+                .iter()
+                .zip(&answer.tables)
+                .map(|(axis, table)| wire::Section {
+                    axis: Some(axis.into()),
+                    cells: cells_to_wire(std::slice::from_ref(axis), table),
+                    total: Some(outcome_to_cell(Vec::new(), table.total)),
+                })
+                .collect(),
+        ),
+    };
+    let first = answer.tables.first();
     wire::SiteResult {
         site_id: site_id.to_string(),
         template: Some((&answer.template).into()),
         snapshot_version: answer.snapshot_version,
-        applied_min_cell_count: answer.table.k,
-        axes: answer.axes.iter().map(Into::into).collect(),
+        applied_min_cell_count: first.map_or(0, |table| table.k),
+        axes,
         cells,
-        total: Some(outcome_to_cell(Vec::new(), answer.table.total)),
+        total: Some(outcome_to_cell(
+            Vec::new(),
+            first.map_or(Outcome::Withheld, |table| table.total),
+        )),
         mechanisms: answer
-            .table
-            .mechanisms
+            .tables
             .iter()
+            .flat_map(|table| &table.mechanisms)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .map(|mechanism| *mechanism as i32)
             .collect(),
         audit_head: Some(answer.audit_head),
@@ -172,6 +208,7 @@ fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
             epsilon: epsilon.to_string(),
             cell_variance,
         }),
+        sections,
     }
 }
 

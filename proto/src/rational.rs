@@ -55,6 +55,11 @@ impl Rational {
     }
 
     /// The sum, or `None` if it does not fit in 64-bit terms.
+    /// This value divided by `parts` (e.g. a budget shared between several tables).
+    pub fn divided_by(self, parts: u64) -> Option<Rational> {
+        Rational::new(self.numerator(), self.denominator().checked_mul(parts)?)
+    }
+
     pub fn checked_add(self, other: Rational) -> Option<Rational> {
         let den = (self.den as u128) * (other.den as u128);
         let num =

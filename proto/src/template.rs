@@ -57,7 +57,20 @@ pub struct Template {
     pub filter: Option<Filter>,
     #[serde(default)]
     pub strata: Vec<Stratum>,
+    /// Plausibility rules of a data-quality profile (`statistic.kind = "profile"` only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<Check>,
     pub statistic: Statistic,
+}
+
+/// A named plausibility rule: records for which `rule` holds are plausible.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    pub name: String,
+    /// What the rule says, for people (e.g. "systolic pressure between 40 and 250 mmHg").
+    pub title: String,
+    pub rule: Filter,
 }
 
 /// A typed parameter the study lead fills in, with the limits experts approved.
@@ -363,15 +376,27 @@ pub struct Band {
 pub enum Statistic {
     /// Number of records.
     Count,
+    /// A data-quality profile: the number of records in each level of each stratum taken on its
+    /// own (plus values outside the column's domain, and missing ones), and for each check the
+    /// records that are plausible, implausible, or cannot be evaluated.
+    Profile,
 }
 
 impl Statistic {
     pub fn name(&self) -> &'static str {
         match self {
             Statistic::Count => "count",
+            Statistic::Profile => "profile",
         }
     }
 }
+
+/// The level of a profiled column holding values outside its declared domain (a node that
+/// treats such values as missing still counts them here).
+pub const OUTSIDE_DOMAIN_LEVEL: &str = "outside domain";
+
+/// The levels of a check's section, in order.
+pub const CHECK_LEVELS: [&str; 3] = ["plausible", "implausible", "cannot be evaluated"];
 
 /// A typed parameter value supplied by a study lead.
 #[derive(Debug, Clone, PartialEq)]
@@ -462,6 +487,17 @@ pub struct BoundQuery {
     pub dataset: String,
     pub filter: Option<BoundFilter>,
     pub strata: Vec<BoundStratum>,
+    /// Profile templates: each check's rule and the columns it reads (a record missing any of
+    /// them cannot be evaluated).
+    pub checks: Vec<BoundCheck>,
+    pub statistic: Statistic,
+}
+
+/// A plausibility rule with its operands resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoundCheck {
+    pub rule: BoundFilter,
+    pub columns: Vec<String>,
 }
 
 /// Identifies exactly which template a result came from.
@@ -488,6 +524,8 @@ impl TemplateRef {
 pub struct CheckedTemplate<'a> {
     pub template: &'a Template,
     pub dataset: &'a DatasetSpec,
+    /// A count: the axes of its grid. A profile: one axis per section, each a table of its own
+    /// (every stratum, then every check).
     pub axes: Vec<Axis>,
 }
 
@@ -530,21 +568,14 @@ impl Template {
         content_hash(&self.canonical_bytes())
     }
 
-    /// Every column the template uses, in any role (filters, parameters, strata).
+    /// Every column the template uses, in any role (filters, parameters, strata, checks).
     pub fn columns_used(&self) -> BTreeSet<String> {
-        fn walk(filter: &Filter, columns: &mut BTreeSet<String>) {
-            match filter {
-                Filter::All(children) | Filter::Any(children) => {
-                    children.iter().for_each(|child| walk(child, columns))
-                }
-                Filter::Condition(condition) => {
-                    columns.insert(condition.column.clone());
-                }
-            }
-        }
         let mut columns = BTreeSet::new();
         if let Some(filter) = &self.filter {
-            walk(filter, &mut columns);
+            filter_columns(filter, &mut columns);
+        }
+        for check in &self.checks {
+            filter_columns(&check.rule, &mut columns);
         }
         columns.extend(
             self.parameters
@@ -635,6 +666,47 @@ impl Template {
             }
             checker.check_filter(filter, "filter", &mut used)?;
         }
+        if self.statistic == Statistic::Count && !self.checks.is_empty() {
+            return Err(self.problem(
+                Malformed,
+                "'checks' belong to data-quality profiles (statistic kind \"profile\")",
+            ));
+        }
+        for (index, check) in self.checks.iter().enumerate() {
+            let at = format!("checks[{index}] '{}'", check.name);
+            if !is_name(&check.name) {
+                return Err(self.problem(
+                    Malformed,
+                    format!("{at}: names use lowercase letters, digits, '-' or '_'"),
+                ));
+            }
+            if self.checks[..index]
+                .iter()
+                .any(|earlier| earlier.name == check.name)
+            {
+                return Err(self.problem(Malformed, format!("{at}: declared twice")));
+            }
+            if check.title.trim().is_empty() {
+                return Err(self.problem(Malformed, format!("{at}: 'title' must not be empty")));
+            }
+            let size = filter_size(&check.rule);
+            if size > MAX_FILTER_NODES {
+                return Err(self.problem(
+                    Malformed,
+                    format!(
+                        "{at}: the rule has {size} entries; at most {MAX_FILTER_NODES} are allowed"
+                    ),
+                ));
+            }
+            checker.check_filter(&check.rule, &format!("{at}.rule"), &mut used)?;
+        }
+        if self.statistic == Statistic::Profile && self.strata.is_empty() && self.checks.is_empty()
+        {
+            return Err(self.problem(
+                Malformed,
+                "a profile needs at least one stratum (a column to profile) or one check",
+            ));
+        }
         for parameter in &self.parameters {
             if !used.contains(&parameter.name) {
                 return Err(self.problem(
@@ -661,9 +733,24 @@ impl Template {
                     ),
                 ));
             }
-            let axis = checker.check_stratum(stratum, &format!("strata[{index}]"))?;
-            cells = cells.saturating_mul(axis.levels.len());
+            let mut axis = checker.check_stratum(stratum, &format!("strata[{index}]"))?;
+            match self.statistic {
+                Statistic::Count => cells = cells.saturating_mul(axis.levels.len()),
+                Statistic::Profile => {
+                    // Each column is profiled on its own: its sections add up, not multiply.
+                    axis.levels
+                        .insert(axis.levels.len() - 1, OUTSIDE_DOMAIN_LEVEL.to_string());
+                    cells = cells.saturating_add(axis.levels.len());
+                }
+            }
             axes.push(axis);
+        }
+        for check in &self.checks {
+            cells = cells.saturating_add(CHECK_LEVELS.len());
+            axes.push(Axis {
+                column: check.name.clone(),
+                levels: CHECK_LEVELS.iter().map(|level| level.to_string()).collect(),
+            });
         }
         if cells > MAX_GRID_CELLS {
             return Err(self.problem(
@@ -682,6 +769,18 @@ impl Template {
             dataset,
             axes,
         })
+    }
+}
+
+/// Adds every column a filter tree reads to `columns`.
+fn filter_columns(filter: &Filter, columns: &mut BTreeSet<String>) {
+    match filter {
+        Filter::All(children) | Filter::Any(children) => children
+            .iter()
+            .for_each(|child| filter_columns(child, columns)),
+        Filter::Condition(condition) => {
+            columns.insert(condition.column.clone());
+        }
     }
 }
 
@@ -1099,10 +1198,25 @@ impl CheckedTemplate<'_> {
             .iter()
             .map(|stratum| bind_stratum(stratum, self.dataset))
             .collect();
+        let checks = self
+            .template
+            .checks
+            .iter()
+            .map(|check| {
+                let mut columns = BTreeSet::new();
+                filter_columns(&check.rule, &mut columns);
+                Ok(BoundCheck {
+                    rule: bind_filter(&check.rule, self.dataset, &values)?,
+                    columns: columns.into_iter().collect(),
+                })
+            })
+            .collect::<Result<_, Error>>()?;
         Ok(BoundQuery {
             dataset: self.template.dataset.clone(),
             filter,
             strata,
+            checks,
+            statistic: self.template.statistic.clone(),
         })
     }
 
