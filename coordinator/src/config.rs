@@ -28,6 +28,7 @@ pub struct RawCoordinatorConfig {
     query: RawQuery,
     #[serde(default)]
     audit: RawAudit,
+    quality: Option<QualityPolicy>,
     nodes: Vec<RawNode>,
     #[serde(default)]
     users: Vec<UserEntry>,
@@ -44,6 +45,21 @@ struct RawQuery {
 #[serde(deny_unknown_fields)]
 struct RawAudit {
     head_interval_secs: Option<u64>,
+}
+
+/// The alliance's data-quality standard (`[quality]`): which standing study and profile
+/// template `fedq quality` runs, and the shares above which a site is flagged.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QualityPolicy {
+    pub study: String,
+    pub template: String,
+    /// Flag a column where more than this share of a site's records have no value.
+    pub max_missing_percent: f64,
+    /// Flag a column where more than this share had a value outside the model's domain.
+    pub max_outside_domain_percent: f64,
+    /// Flag a check that more than this share of the records it could evaluate fail.
+    pub max_implausible_percent: f64,
 }
 
 /// How often the coordinator collects every node's signed audit head when the config says
@@ -80,6 +96,8 @@ pub struct CoordinatorConfig {
     pub state_dir: PathBuf,
     /// How often every node's audit head is collected.
     pub head_interval: Duration,
+    /// The data-quality standard, if the alliance declared one.
+    pub quality: Option<QualityPolicy>,
     pub default_deadline: Duration,
     pub max_deadline: Duration,
     pub nodes: Vec<NodeEntry>,
@@ -185,6 +203,22 @@ impl RawCoordinatorConfig {
         if head_interval.is_zero() {
             problems.push("audit.head_interval_secs must be above 0".into());
         }
+        if let Some(quality) = &self.quality {
+            for (key, value) in [
+                ("max_missing_percent", quality.max_missing_percent),
+                (
+                    "max_outside_domain_percent",
+                    quality.max_outside_domain_percent,
+                ),
+                ("max_implausible_percent", quality.max_implausible_percent),
+            ] {
+                if !(0.0..=100.0).contains(&value) {
+                    problems.push(format!(
+                        "quality.{key} is {value}; it must be from 0 to 100"
+                    ));
+                }
+            }
+        }
         let default_deadline = self.query.default_deadline_ms.unwrap_or(10_000);
         let max_deadline = self.query.max_deadline_ms.unwrap_or(60_000);
         if default_deadline == 0 || default_deadline > max_deadline {
@@ -267,6 +301,7 @@ impl RawCoordinatorConfig {
                 tls,
                 state_dir,
                 head_interval,
+                quality: self.quality,
                 default_deadline: Duration::from_millis(default_deadline),
                 max_deadline: Duration::from_millis(max_deadline),
                 nodes,

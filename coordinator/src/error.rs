@@ -48,6 +48,11 @@ pub enum CoordinatorError {
         role: String,
         action: String,
     },
+    /// The coordinator's configuration declares no data-quality standard.
+    #[error(
+        "this alliance declared no data-quality standard: its coordinator's administrator adds a [quality] section (study, template, thresholds) to the coordinator configuration"
+    )]
+    NoQualityStandard,
     /// No such site is configured.
     #[error("no site '{0}' is configured; `fedq sites` lists them")]
     UnknownSite(String),
@@ -69,7 +74,9 @@ impl CoordinatorError {
             CoordinatorError::UnknownTemplate(_) | CoordinatorError::UnknownStudy(_) => {
                 Code::NotFound
             }
-            CoordinatorError::TemplateNotInStudy { .. } => Code::FailedPrecondition,
+            CoordinatorError::TemplateNotInStudy { .. } | CoordinatorError::NoQualityStandard => {
+                Code::FailedPrecondition
+            }
             CoordinatorError::Unauthenticated => Code::Unauthenticated,
             CoordinatorError::NotStudyLead { .. } | CoordinatorError::NotAllowed { .. } => {
                 Code::PermissionDenied

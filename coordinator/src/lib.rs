@@ -8,6 +8,7 @@
 //! - [`fanout`]: calling every node concurrently, each bounded by its deadline.
 //! - [`heads`]: collecting the nodes' signed audit heads.
 //! - [`pool`]: summing released cells across sites; incomplete cells stay marked.
+//! - [`quality`]: the data-quality report: per-site shares flagged against the standard.
 //! - [`service`] / [`server`]: the `fedq.v1.Coordinator` gRPC service over TLS.
 //! - [`client`] / [`render`]: the CLI's connection to the coordinator and its tables and JSON.
 //! - [`store`]: the coordinator's SQLite records: nodes' signed audit heads and the
@@ -26,6 +27,7 @@ pub mod experts;
 pub mod fanout;
 pub mod heads;
 pub mod pool;
+pub mod quality;
 pub mod render;
 pub mod server;
 pub mod service;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fedq_coordinator::config::CoordinatorConfig;
 use fedq_coordinator::experts::DocumentKind;
-use fedq_coordinator::{CoordinatorError, certs, client, experts, render};
+use fedq_coordinator::{CoordinatorError, certs, client, experts, quality, render};
 use fedq_proto::wire;
 
 #[derive(Parser)]
@@ -107,6 +107,18 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         deadline_ms: Option<u32>,
         /// Print the documented JSON result instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The data-quality report: every site's share of missing values, values outside the
+    /// model's domain and implausible records, side by side, flagged against the alliance's
+    /// standard. Runs the standing profile template under the standing study (as its study
+    /// lead).
+    Quality {
+        /// Per-site deadline in milliseconds (default: the coordinator's).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        deadline_ms: Option<u32>,
+        /// Print the documented JSON form instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -407,6 +419,34 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 client::reply(coordinator.list_studies(wire::ListStudiesRequest {}).await)?;
             for study in studies.studies {
                 print!("{}", render::study(&study));
+            }
+            Ok(())
+        }
+        Command::Quality { deadline_ms, json } => {
+            let mut coordinator =
+                client::connect(&cli.coordinator, &cli.ca_cert, &cli.token).await?;
+            let standard = client::reply(
+                coordinator
+                    .quality_standard(wire::QualityStandardRequest {})
+                    .await,
+            )?;
+            let request = wire::RunQueryRequest {
+                study_id: standard.study_id.clone(),
+                template_id: standard.template_id.clone(),
+                parameters: Vec::new(),
+                deadline_ms: deadline_ms.unwrap_or(0),
+            };
+            let watching = std::io::stderr().is_terminal();
+            let result = client::run_query(&mut coordinator, request, |site| {
+                if watching {
+                    eprintln!("{}", render::site_line(site));
+                }
+            })
+            .await?;
+            if json {
+                println!("{:#}", quality::json(&result, &standard));
+            } else {
+                print!("{}", quality::render(&result, &standard));
             }
             Ok(())
         }

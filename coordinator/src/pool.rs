@@ -3,7 +3,7 @@
 //! a cell that any answering site withheld is marked incomplete — its sum is a lower bound,
 //! never presented as exact. Pooling is linear in sites × cells.
 
-use fedq_proto::template::{Axis, TemplateRef};
+use fedq_proto::template::{Axis, Statistic, TemplateRef};
 use fedq_proto::wire;
 
 /// One site's answer in domain form: `None` is a withheld value.
@@ -71,12 +71,14 @@ fn released(cell: &wire::Cell) -> Result<Option<u64>, String> {
 }
 
 impl SiteCells {
-    /// Checks that a site answered the template and grid that were asked, and converts it.
-    pub fn from_wire(
+    /// Checks that a site answered the template and tables that were asked, and converts each
+    /// table: a count's one grid over `axes`, or a profile's one section per axis.
+    pub fn tables_from_wire(
         result: &wire::SiteResult,
         template: &TemplateRef,
+        statistic: &Statistic,
         axes: &[Axis],
-    ) -> Result<SiteCells, String> {
+    ) -> Result<Vec<SiteCells>, String> {
         let answered = result
             .template
             .as_ref()
@@ -84,26 +86,6 @@ impl SiteCells {
         if answered != Some(template.content_hash.as_str()) {
             return Err("the site answered a different template version".into());
         }
-        let wire_axes: Vec<wire::Axis> = axes.iter().map(Into::into).collect();
-        if result.axes != wire_axes {
-            return Err("the site answered on a different grid of strata".into());
-        }
-        let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
-        let expected: usize = shape.iter().product();
-        if result.cells.len() != expected {
-            return Err(format!(
-                "the site sent {} cells; the grid has {expected}",
-                result.cells.len()
-            ));
-        }
-        let mut cells = Vec::with_capacity(expected);
-        for (index, cell) in result.cells.iter().enumerate() {
-            if cell.coordinates != fedq_proto::template::cell_coordinates(&shape, index) {
-                return Err("the site's cells are not in grid order".into());
-            }
-            cells.push(released(cell)?);
-        }
-        let total = released(result.total.as_ref().ok_or("the site sent no total")?)?;
         let cell_variance = match &result.noise {
             Some(noise) if noise.cell_variance.is_finite() && noise.cell_variance >= 0.0 => {
                 noise.cell_variance
@@ -111,6 +93,79 @@ impl SiteCells {
             Some(_) => return Err("the site sent an invalid noise variance".into()),
             None => 0.0,
         };
+        match statistic {
+            Statistic::Count => {
+                if !result.sections.is_empty() {
+                    return Err("the site sent profile sections for a count".into());
+                }
+                let table = WireTable {
+                    axes: &result.axes,
+                    cells: &result.cells,
+                    total: result.total.as_ref(),
+                };
+                Ok(vec![table.convert(axes, cell_variance)?])
+            }
+            Statistic::Profile => {
+                if result.sections.len() != axes.len() {
+                    return Err(format!(
+                        "the site sent {} profile sections; the template has {}",
+                        result.sections.len(),
+                        axes.len()
+                    ));
+                }
+                result
+                    .sections
+                    .iter()
+                    .zip(axes)
+                    .map(|(section, axis)| {
+                        let table = WireTable {
+                            axes: std::slice::from_ref(
+                                section
+                                    .axis
+                                    .as_ref()
+                                    .ok_or("a profile section has no axis")?,
+                            ),
+                            cells: &section.cells,
+                            total: section.total.as_ref(),
+                        };
+                        table.convert(std::slice::from_ref(axis), cell_variance)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
+/// One table as a site sent it.
+struct WireTable<'a> {
+    axes: &'a [wire::Axis],
+    cells: &'a [wire::Cell],
+    total: Option<&'a wire::Cell>,
+}
+
+impl WireTable<'_> {
+    /// Checks the table against the asked `axes` (grid, order) and converts it.
+    fn convert(&self, axes: &[Axis], cell_variance: f64) -> Result<SiteCells, String> {
+        let wire_axes: Vec<wire::Axis> = axes.iter().map(Into::into).collect();
+        if self.axes != wire_axes {
+            return Err("the site answered on a different grid of strata".into());
+        }
+        let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+        let expected: usize = shape.iter().product();
+        if self.cells.len() != expected {
+            return Err(format!(
+                "the site sent {} cells; the grid has {expected}",
+                self.cells.len()
+            ));
+        }
+        let mut cells = Vec::with_capacity(expected);
+        for (index, cell) in self.cells.iter().enumerate() {
+            if cell.coordinates != fedq_proto::template::cell_coordinates(&shape, index) {
+                return Err("the site's cells are not in grid order".into());
+            }
+            cells.push(released(cell)?);
+        }
+        let total = released(self.total.ok_or("the site sent no total")?)?;
         Ok(SiteCells {
             total_variance: cell_variance * expected as f64,
             cells,

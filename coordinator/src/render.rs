@@ -70,7 +70,8 @@ fn pooled_text(cell: &wire::PooledCell) -> String {
     }
 }
 
-/// The result as a text table with a legend and per-site status lines.
+/// The result as a text table with a legend and per-site status lines; a data-quality
+/// profile as one table per section.
 pub fn table(title: &str, result: &wire::PooledResult) -> String {
     let mut out = String::new();
     let reference = result.template.clone().unwrap_or_default();
@@ -83,6 +84,98 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
         short_hash(&reference.content_hash),
         result.query_id
     );
+    let views: Vec<wire::PooledResult> = if result.sections.is_empty() {
+        vec![result.clone()]
+    } else {
+        (0..result.sections.len())
+            .map(|index| section_view(result, index))
+            .collect()
+    };
+    let mut marks = Marks::default();
+    for view in &views {
+        if !result.sections.is_empty()
+            && let Some(axis) = view.axes.first()
+        {
+            let _ = writeln!(out, "\n{}", axis.column);
+        }
+        out.push_str(&grid(view, &mut marks));
+    }
+    let legend = [
+        (
+            marks.withheld,
+            WITHHELD,
+            "withheld by the site (too few records, or to protect another withheld cell)",
+        ),
+        (
+            marks.incomplete,
+            INCOMPLETE,
+            "incomplete: some site withheld its part; the pooled value is a lower bound",
+        ),
+        (marks.unanswered, "-", "no site answered"),
+    ];
+    let _ = writeln!(out);
+    for (shown, mark, meaning) in legend {
+        if shown {
+            let _ = writeln!(out, "{mark} {meaning}");
+        }
+    }
+    if marks.noisiest > 0.0 {
+        let _ = writeln!(
+            out,
+            "counts carry differential-privacy noise: standard deviation up to {:.1} per pooled value (`--json` gives each value's noise variance)",
+            marks.noisiest.sqrt()
+        );
+    }
+    let _ = writeln!(out, "\nsites:");
+    for site in &result.sites {
+        let _ = writeln!(out, "  {}", site_line(site));
+    }
+    out
+}
+
+/// Which marks a rendered table used, for the legend, and its largest noise variance.
+#[derive(Debug, Default)]
+struct Marks {
+    withheld: bool,
+    incomplete: bool,
+    unanswered: bool,
+    noisiest: f64,
+}
+
+/// Section `index` of a profile as a one-table result of its own, each site's answer reduced
+/// to that section, so it renders (and converts to JSON) like a count table.
+pub fn section_view(result: &wire::PooledResult, index: usize) -> wire::PooledResult {
+    let section = result.sections.get(index).cloned().unwrap_or_default();
+    let sites = result
+        .sites
+        .iter()
+        .map(|site| {
+            let mut site = site.clone();
+            if let Some(answer) = site.result.as_mut() {
+                let own = answer.sections.get(index).cloned().unwrap_or_default();
+                answer.axes = own.axis.into_iter().collect();
+                answer.cells = own.cells;
+                answer.total = own.total;
+                answer.sections.clear();
+            }
+            site
+        })
+        .collect();
+    wire::PooledResult {
+        query_id: result.query_id.clone(),
+        template: result.template.clone(),
+        axes: section.axis.into_iter().collect(),
+        cells: section.cells,
+        total: section.total,
+        sites,
+        sections: Vec::new(),
+    }
+}
+
+/// One table's header, rows (one per cell with records somewhere, then the total) and the
+/// note on hidden all-zero rows.
+fn grid(result: &wire::PooledResult, marks: &mut Marks) -> String {
+    let mut out = String::new();
     let mut header: Vec<String> = result.axes.iter().map(|axis| axis.column.clone()).collect();
     header.extend(result.sites.iter().map(|site| site.site_id.clone()));
     header.push("pooled".into());
@@ -179,40 +272,15 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
                 .any(|text| text.ends_with(mark) || text == mark)
         })
     };
-    let legend = [
-        (
-            WITHHELD,
-            "withheld by the site (too few records, or to protect another withheld cell)",
-        ),
-        (
-            INCOMPLETE,
-            "incomplete: some site withheld its part; the pooled value is a lower bound",
-        ),
-        ("-", "no site answered"),
-    ];
-    let _ = writeln!(out);
-    for (mark, meaning) in legend {
-        if shown(mark) {
-            let _ = writeln!(out, "{mark} {meaning}");
-        }
-    }
-    let noisiest = result
+    marks.withheld |= shown(WITHHELD);
+    marks.incomplete |= shown(INCOMPLETE);
+    marks.unanswered |= shown("-");
+    marks.noisiest = result
         .cells
         .iter()
         .chain(result.total.iter())
         .map(|cell| cell.noise_variance)
-        .fold(0.0f64, f64::max);
-    if noisiest > 0.0 {
-        let _ = writeln!(
-            out,
-            "counts carry differential-privacy noise: standard deviation up to {:.1} per pooled value (`--json` gives each value's noise variance)",
-            noisiest.sqrt()
-        );
-    }
-    let _ = writeln!(out, "\nsites:");
-    for site in &result.sites {
-        let _ = writeln!(out, "  {}", site_line(site));
-    }
+        .fold(marks.noisiest, f64::max);
     out
 }
 
@@ -301,6 +369,17 @@ pub struct JsonResult {
     pub cells: Vec<JsonCell>,
     pub total: JsonCell,
     pub sites: Vec<JsonSite>,
+    /// A data-quality profile's sections, each a one-way table (absent for counts).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sections: Vec<JsonSection>,
+}
+
+/// One section of a data-quality profile: a profiled column or a check.
+#[derive(Debug, Serialize)]
+pub struct JsonSection {
+    pub axis: JsonAxis,
+    pub cells: Vec<JsonCell>,
+    pub total: JsonCell,
 }
 
 #[derive(Debug, Serialize)]
@@ -422,6 +501,24 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
                     })
                     .collect(),
                 elapsed_ms: site.elapsed_ms,
+            })
+            .collect(),
+        sections: (0..result.sections.len())
+            .map(|index| {
+                let JsonResult {
+                    mut axes,
+                    cells,
+                    total,
+                    ..
+                } = json(&section_view(result, index));
+                JsonSection {
+                    axis: axes.pop().unwrap_or(JsonAxis {
+                        column: String::new(),
+                        levels: Vec::new(),
+                    }),
+                    cells,
+                    total,
+                }
             })
             .collect(),
     }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedq_proto::model::DataModel;
+use fedq_proto::template::Statistic;
 use fedq_proto::tls::{self, TlsReloader};
 use fedq_proto::wire::coordinator_server::CoordinatorServer;
 use tokio::net::TcpListener;
 
 use crate::CoordinatorError;
 use crate::catalogue::Catalogue;
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, QualityPolicy};
 use crate::fanout::NodeClients;
 use crate::service::CoordinatorService;
 use crate::store::Store;
@@ -38,6 +39,9 @@ impl PreparedCoordinator {
             &config.studies,
             DataModel::builtin(),
         )?);
+        if let Some(quality) = &config.quality {
+            check_quality_standard(quality, &catalogue)?;
+        }
         let nodes = NodeClients::new(config)?;
         let files = config.tls.clone();
         let tls = Arc::new(TlsReloader::new(move || {
@@ -66,6 +70,7 @@ impl PreparedCoordinator {
                 Arc::clone(&store),
                 config.default_deadline,
                 config.max_deadline,
+                config.quality.clone(),
             ),
             tls,
             tunnel_tls,
@@ -144,4 +149,37 @@ impl PreparedCoordinator {
         }
         served
     }
+}
+
+/// The `[quality]` section must name an approved study that pins a profile template.
+fn check_quality_standard(
+    quality: &QualityPolicy,
+    catalogue: &Catalogue,
+) -> Result<(), CoordinatorError> {
+    let problem = |detail: String| CoordinatorError::Config(vec![format!("quality: {detail}")]);
+    let study = catalogue.study(&quality.study).map_err(|_| {
+        problem(format!(
+            "study '{}' is not in the studies folder",
+            quality.study
+        ))
+    })?;
+    let template = catalogue.get(&quality.template).map_err(|_| {
+        problem(format!(
+            "template '{}' is not in the templates folder",
+            quality.template
+        ))
+    })?;
+    if template.document.statistic != Statistic::Profile {
+        return Err(problem(format!(
+            "template '{}' is not a data-quality profile (statistic kind \"profile\")",
+            quality.template
+        )));
+    }
+    if !study.document.pins(&template.document) {
+        return Err(problem(format!(
+            "study '{}' does not approve template '{}'",
+            quality.study, quality.template
+        )));
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedq_proto::convert::parameter_from_wire;
-use fedq_proto::template::{Axis, TemplateRef, describe_limits};
+use fedq_proto::template::{Axis, Statistic, TemplateRef, describe_limits};
 use fedq_proto::wire::{self, coordinator_server::Coordinator};
 use futures::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 
 use crate::CoordinatorError;
 use crate::catalogue::{Catalogue, CatalogueEntry};
+use crate::config::QualityPolicy;
 use crate::fanout::{NodeClients, SiteCall, SiteReply, describe_call, reason};
 use crate::pool::{self, PooledCell, SiteCells};
 use crate::store::{Contribution, LedgerQuery, Store};
@@ -30,6 +31,7 @@ pub struct CoordinatorService {
     default_deadline: Duration,
     max_deadline: Duration,
     metrics: Arc<Metrics>,
+    quality: Option<QualityPolicy>,
 }
 
 impl CoordinatorService {
@@ -40,6 +42,7 @@ impl CoordinatorService {
         store: Arc<Store>,
         default_deadline: Duration,
         max_deadline: Duration,
+        quality: Option<QualityPolicy>,
     ) -> Self {
         CoordinatorService {
             catalogue,
@@ -49,6 +52,7 @@ impl CoordinatorService {
             metrics: Arc::new(Metrics::default()),
             default_deadline,
             max_deadline,
+            quality,
         }
     }
 
@@ -182,21 +186,21 @@ fn pooled_cell(coordinates: Vec<u32>, cell: &PooledCell) -> wire::PooledCell {
     }
 }
 
-/// Pools the sites' final progress records (checking each answer against the asked grid; a
-/// site whose answer does not fit is marked failed and left out).
+/// Pools the sites' final progress records (checking each answer against the asked tables; a
+/// site whose answer does not fit is marked failed and left out): a count's grid, or each
+/// section of a profile.
 fn pool_result(
     query_id: String,
     template: &TemplateRef,
+    statistic: &Statistic,
     axes: &[Axis],
     sites: &mut [wire::SiteProgress],
 ) -> wire::PooledResult {
-    let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
-    let cell_count: usize = shape.iter().product();
-    let mut answers = Vec::new();
+    let mut answers: Vec<Vec<SiteCells>> = Vec::new();
     for site in sites.iter_mut() {
         let Some(result) = &site.result else { continue };
-        match SiteCells::from_wire(result, template, axes) {
-            Ok(cells) => answers.push(cells),
+        match SiteCells::tables_from_wire(result, template, statistic, axes) {
+            Ok(tables) => answers.push(tables),
             Err(problem) => {
                 tracing::warn!(site = %site.site_id, %problem, "site answer does not fit the query");
                 site.status = wire::SiteStatus::Failed as i32;
@@ -205,43 +209,93 @@ fn pool_result(
             }
         }
     }
-    let pooled = pool::pool(cell_count, &answers.iter().collect::<Vec<_>>());
+    // Each table pooled on its own: (its axes, pooled cells with coordinates, pooled total).
+    let table_axes: Vec<&[Axis]> = match statistic {
+        Statistic::Count => vec![axes],
+        Statistic::Profile => axes.iter().map(std::slice::from_ref).collect(),
+    };
+    let mut pooled: Vec<(Vec<wire::PooledCell>, wire::PooledCell)> = table_axes
+        .iter()
+        .enumerate()
+        .map(|(index, axes)| {
+            let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+            let sites: Vec<&SiteCells> = answers.iter().map(|tables| &tables[index]).collect();
+            let table = pool::pool(shape.iter().product(), &sites);
+            let cells = table
+                .cells
+                .iter()
+                .enumerate()
+                .map(|(index, cell)| {
+                    pooled_cell(fedq_proto::template::cell_coordinates(&shape, index), cell)
+                })
+                .collect();
+            (cells, pooled_cell(Vec::new(), &table.total))
+        })
+        .collect();
+    let total = pooled.first().map(|(_, total)| total.clone());
+    let (axes, cells, sections) = match statistic {
+        Statistic::Count => (
+            axes.iter().map(Into::into).collect(),
+            pooled.pop().map(|(cells, _)| cells).unwrap_or_default(),
+            Vec::new(),
+        ),
+        Statistic::Profile => (
+            Vec::new(),
+            Vec::new(),
+            axes.iter()
+                .zip(pooled)
+                .map(|(axis, (cells, total))| wire::PooledSection {
+                    axis: Some(axis.into()),
+                    cells,
+                    total: Some(total),
+                })
+                .collect(),
+        ),
+    };
     wire::PooledResult {
         query_id,
         template: Some(template.into()),
-        axes: axes.iter().map(Into::into).collect(),
-        cells: pooled
-            .cells
-            .iter()
-            .enumerate()
-            .map(|(index, cell)| {
-                pooled_cell(fedq_proto::template::cell_coordinates(&shape, index), cell)
-            })
-            .collect(),
-        total: Some(pooled_cell(Vec::new(), &pooled.total)),
+        axes,
+        cells,
+        total,
         sites: sites.to_vec(),
+        sections,
     }
 }
 
 /// What each answering site contributed to a pooled result: its released cells and the
-/// records in them. Withheld cells add nothing.
+/// records in them (for a profile, whose sections each count every record, the records
+/// profiled). Withheld cells add nothing.
 fn contributions(sites: &[wire::SiteProgress]) -> Vec<Contribution> {
+    let released = |cell: &wire::Cell| match &cell.outcome {
+        Some(wire::cell::Outcome::Released(released)) => Some(released.count),
+        _ => None,
+    };
     sites
         .iter()
         .filter_map(|site| {
             let result = site.result.as_ref()?;
-            let released: Vec<u64> = result
-                .cells
-                .iter()
-                .filter_map(|cell| match &cell.outcome {
-                    Some(wire::cell::Outcome::Released(released)) => Some(released.count),
-                    _ => None,
-                })
-                .collect();
+            let (cells_released, records_contributed) = if result.sections.is_empty() {
+                let counts: Vec<u64> = result.cells.iter().filter_map(released).collect();
+                (counts.len() as u64, counts.iter().sum())
+            } else {
+                let cells = result
+                    .sections
+                    .iter()
+                    .flat_map(|section| &section.cells)
+                    .filter_map(released)
+                    .count();
+                let records = result
+                    .sections
+                    .first()
+                    .and_then(|section| section.cells.iter().map(released).sum::<Option<u64>>())
+                    .unwrap_or(0);
+                (cells as u64, records)
+            };
             Some(Contribution {
                 site_id: site.site_id.clone(),
-                cells_released: released.len() as u64,
-                records_contributed: released.iter().sum(),
+                cells_released,
+                records_contributed,
             })
         })
         .collect()
@@ -414,6 +468,7 @@ impl Coordinator for CoordinatorService {
             .bind(&values)
             .map_err(|err| CoordinatorError::from(err).to_status())?;
         let axes = checked.axes.clone();
+        let statistic = template.statistic.clone();
         let reference = TemplateRef::of(template);
         let query_id = new_query_id();
         tracing::Span::current().record("query_id", query_id.as_str());
@@ -503,7 +558,13 @@ impl Coordinator for CoordinatorService {
                 finished.push(site);
             }
             finished.sort_by_key(|site| order.iter().position(|id| id == &site.site_id));
-            let result = pool_result(query_id.clone(), &reference, &axes, &mut finished);
+            let result = pool_result(
+                query_id.clone(),
+                &reference,
+                &statistic,
+                &axes,
+                &mut finished,
+            );
             let contributed = contributions(&result.sites);
             let recorded = tokio::task::spawn_blocking(move || {
                 store.record_contributions(
@@ -653,6 +714,24 @@ impl Coordinator for CoordinatorService {
             generated_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             sites,
             unavailable,
+        }))
+    }
+
+    async fn quality_standard(
+        &self,
+        request: Request<wire::QualityStandardRequest>,
+    ) -> Result<Response<wire::QualityStandard>, Status> {
+        self.authenticate(&request).await?;
+        let quality = self
+            .quality
+            .as_ref()
+            .ok_or_else(|| CoordinatorError::NoQualityStandard.to_status())?;
+        Ok(Response::new(wire::QualityStandard {
+            study_id: quality.study.clone(),
+            template_id: quality.template.clone(),
+            max_missing_percent: quality.max_missing_percent,
+            max_outside_domain_percent: quality.max_outside_domain_percent,
+            max_implausible_percent: quality.max_implausible_percent,
         }))
     }
 }

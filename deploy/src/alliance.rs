@@ -15,7 +15,7 @@ use fedq_coordinator::server::PreparedCoordinator;
 use fedq_node::config::NodeConfig;
 use fedq_node::server::PreparedNode;
 use fedq_proto::study::{PinnedTemplate, Study};
-use fedq_proto::template::Template;
+use fedq_proto::template::{Statistic, Template};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -286,7 +286,7 @@ fn site_files<'a>(
         min_cell_count,
         trusted_expert_keys: trusted,
         signature_quorum: 2,
-        accepted_studies: &[STUDY_ID],
+        accepted_studies: &[STUDY_ID, QUALITY_STUDY_ID],
         dials,
     })
 }
@@ -343,6 +343,11 @@ max_deadline_ms = 120000
         cert = issued.cert.display(),
         key = issued.key.display(),
     );
+    if catalogue.templates.join("data-quality.toml").is_file() {
+        text.push_str(&format!(
+            "\n[quality]\nstudy = \"{QUALITY_STUDY_ID}\"\ntemplate = \"data-quality\"\nmax_missing_percent = 15.0\nmax_outside_domain_percent = 1.0\nmax_implausible_percent = 2.0\n"
+        ));
+    }
     text.push_str(&users.config);
     for node in nodes {
         let reach = match node.address {
@@ -407,6 +412,11 @@ impl Users {
 /// The study every local alliance approves: all its templates, all its sites.
 pub const STUDY_ID: &str = "trauma-outcomes";
 
+/// The standing data-quality study of a local alliance: it pins the profile templates, and
+/// `fedq quality` runs under it. (Its study lead is the research study's, who doubles as the
+/// alliance's data steward here.)
+pub const QUALITY_STUDY_ID: &str = "alliance-data-quality";
+
 /// Where a signed catalogue lives.
 #[derive(Debug, Clone)]
 pub struct SignedCatalogue {
@@ -419,7 +429,8 @@ pub struct SignedCatalogue {
 
 /// Creates the three expert keys under `root/experts`, copies every template from `templates`
 /// into `root/catalogue` and has Ada and Ben sign each one (quorum 2 of 3), then writes and
-/// signs the study approval [`STUDY_ID`] for `sites` in `root/studies`, pinning every template.
+/// signs the study approvals for `sites` in `root/studies`: [`STUDY_ID`] pinning every count
+/// template, [`QUALITY_STUDY_ID`] every profile template.
 pub fn sign_catalogue(
     root: &Path,
     templates: &Path,
@@ -432,7 +443,9 @@ pub fn sign_catalogue(
         .iter()
         .map(|(name, file)| experts::generate_key(name, file, &experts_dir))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut pins = Vec::new();
+    // Count templates are pinned by the research study, profiles by the standing data-quality
+    // study.
+    let (mut pins, mut profiles) = (Vec::new(), Vec::new());
     for entry in std::fs::read_dir(templates)? {
         let source = entry?.path();
         let name = source
@@ -448,12 +461,17 @@ pub fn sign_catalogue(
             experts::sign_file(&copy, DocumentKind::Template, &expert.secret)?;
         }
         let template = Template::from_toml(&std::fs::read_to_string(&copy)?, name)?;
-        pins.push(PinnedTemplate::of(&template));
+        match template.statistic {
+            Statistic::Count => pins.push(PinnedTemplate::of(&template)),
+            Statistic::Profile => profiles.push(PinnedTemplate::of(&template)),
+        }
     }
     pins.sort_by(|left, right| left.id.cmp(&right.id));
+    profiles.sort_by(|left, right| left.id.cmp(&right.id));
     let studies = root.join("studies");
     std::fs::create_dir_all(&studies)?;
-    let study = Study {
+    let sites: Vec<String> = sites.iter().map(|site| site.to_string()).collect();
+    let research = Study {
         id: STUDY_ID.into(),
         title: "Outcomes of trauma care across the alliance".into(),
         purpose: "To learn how many injured people are treated and how many die in hospital, by age, sex and cause of injury, so that hospitals can compare and improve trauma care.".into(),
@@ -461,16 +479,32 @@ pub fn sign_catalogue(
         study_lead: STUDY_LEAD.into(),
         ethics_reference: "EC-2026-001 (synthetic demo approval)".into(),
         templates: pins,
-        sites: sites.iter().map(|site| site.to_string()).collect(),
+        sites: sites.clone(),
         valid_from: "2025-01-01".into(),
         valid_until: "2035-12-31".into(),
         max_queries_per_day: 1000,
         differential_privacy: None,
     };
-    let study_file = studies.join(format!("{STUDY_ID}.toml"));
-    std::fs::write(&study_file, toml::to_string(&study)?)?;
-    for expert in &experts[..2] {
-        experts::sign_file(&study_file, DocumentKind::Study, &expert.secret)?;
+    let quality = Study {
+        id: QUALITY_STUDY_ID.into(),
+        title: "Standing data-quality review of the alliance registry".into(),
+        purpose: "To check before results are trusted that every site's data is complete, conforms to the data model and is plausible, and to show sites where they fall short of the alliance's standards.".into(),
+        lead_institution: "Alliance data stewardship".into(),
+        study_lead: STUDY_LEAD.into(),
+        ethics_reference: "Alliance governance rule DQ-1 (no patient-level data leaves a site)".into(),
+        templates: profiles,
+        sites,
+        valid_from: "2025-01-01".into(),
+        valid_until: "2035-12-31".into(),
+        max_queries_per_day: 100,
+        differential_privacy: None,
+    };
+    for study in [research, quality] {
+        let study_file = studies.join(format!("{}.toml", study.id));
+        std::fs::write(&study_file, toml::to_string(&study)?)?;
+        for expert in &experts[..2] {
+            experts::sign_file(&study_file, DocumentKind::Study, &expert.secret)?;
+        }
     }
     Ok(SignedCatalogue {
         experts,

@@ -72,15 +72,7 @@ pub async fn run(
     std::fs::create_dir_all(out)?;
     // Configuration files resolve relative paths against their own folder.
     let out = &out.canonicalize()?;
-    let site = SiteProfile {
-        site_id: "bench".into(),
-        admissions: rows,
-        seed: 7,
-        elderly_share: 0.3,
-        mechanism_weights: [0.3, 0.4, 0.15, 0.05, 0.1],
-        severity_shift: 2.0,
-        format: LocalFormat::ModelLikeParquet,
-    };
+    let site = bench_site(rows, 7);
     writeln!(output, "generating {rows} admissions ...")?;
     let data_file = {
         let (site, out) = (site.clone(), out.to_path_buf());
@@ -417,15 +409,7 @@ async fn audited_throughput(
 ) -> anyhow::Result<Throughput> {
     let folder = out.join("throughput");
     std::fs::create_dir_all(&folder)?;
-    let site = SiteProfile {
-        site_id: "bench".into(),
-        admissions: THROUGHPUT_ROWS,
-        seed: 11,
-        elderly_share: 0.3,
-        mechanism_weights: [0.3, 0.4, 0.15, 0.05, 0.1],
-        severity_shift: 2.0,
-        format: LocalFormat::ModelLikeParquet,
-    };
+    let site = bench_site(THROUGHPUT_ROWS, 11);
     let data_file = {
         let (site, folder) = (site.clone(), folder.clone());
         tokio::task::spawn_blocking(move || synth::write_site(&site, &folder)).await??
@@ -492,4 +476,18 @@ async fn audited_throughput(
         records.last_seq
     );
     Ok(Throughput { queries, elapsed })
+}
+
+/// The benchmark's one site: `rows` admissions in the Parquet format.
+fn bench_site(rows: usize, seed: u64) -> SiteProfile {
+    SiteProfile {
+        site_id: "bench".into(),
+        admissions: rows,
+        seed,
+        elderly_share: 0.3,
+        mechanism_weights: [0.3, 0.4, 0.15, 0.05, 0.1],
+        severity_shift: 2.0,
+        systolic_missing_share: 0.03,
+        format: LocalFormat::ModelLikeParquet,
+    }
 }

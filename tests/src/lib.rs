@@ -256,6 +256,7 @@ pub struct OracleRow {
     pub mechanism: String,
     pub iss: i64,
     pub icu: bool,
+    pub systolic_bp: Option<i64>,
 }
 
 /// Every admission of every site, straight from the generator.
@@ -274,6 +275,9 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
             .map(|value| value.unwrap_or(-1))
             .collect())
     };
+    let optional_ints = |name: &str| -> anyhow::Result<Vec<Option<i64>>> {
+        Ok(frame.column(name)?.i64()?.iter().collect())
+    };
     let texts = |name: &str| -> anyhow::Result<Vec<String>> {
         Ok(frame
             .column(name)?
@@ -290,11 +294,12 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                 .iter()
                 .map(|v| v == Some(true))
                 .collect();
-            let (age, sex, mechanism, iss) = (
+            let (age, sex, mechanism, iss, systolic) = (
                 ints("age")?,
                 texts("sex")?,
                 texts("injury_mechanism")?,
                 ints("iss")?,
+                optional_ints("systolic_bp")?,
             );
             (0..frame.height())
                 .map(|i| OracleRow {
@@ -303,16 +308,18 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                     mechanism: mechanism[i].clone(),
                     iss: iss[i],
                     icu: icu[i],
+                    systolic_bp: systolic[i],
                 })
                 .collect()
         }
         LocalFormat::LegacyCsv => {
-            let (age, sex, mechanism, iss, icu) = (
+            let (age, sex, mechanism, iss, icu, systolic) = (
                 ints("AGE_Y")?,
                 texts("SEX")?,
                 ints("MECH")?,
                 ints("ISS")?,
                 ints("ICU")?,
+                optional_ints("SBP")?,
             );
             (0..frame.height())
                 .map(|i| OracleRow {
@@ -326,6 +333,7 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                     mechanism: MECHANISMS[(mechanism[i] - 1) as usize].to_string(),
                     iss: iss[i],
                     icu: icu[i] == 1,
+                    systolic_bp: systolic[i],
                 })
                 .collect()
         }
