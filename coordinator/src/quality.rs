@@ -64,23 +64,29 @@ pub struct Row {
 /// A count, or `None` when withheld or absent.
 type Counts = Vec<Option<u64>>;
 
-fn site_counts(section: &wire::Section) -> Counts {
-    section
-        .cells
-        .iter()
-        .map(|cell| match &cell.outcome {
-            Some(wire::cell::Outcome::Released(released)) => Some(released.count),
-            _ => None,
-        })
-        .collect()
+/// A released count.
+fn count_of(cell: &wire::Cell) -> Option<u64> {
+    match &cell.outcome {
+        Some(wire::cell::Outcome::Released(released)) => Some(released.count),
+        _ => None,
+    }
 }
 
-fn pooled_counts(section: &wire::PooledSection) -> Counts {
-    section
-        .cells
-        .iter()
-        .map(|cell| cell.complete.then_some(cell.count).flatten())
-        .collect()
+/// A site's section as counts (cells, then the total).
+fn site_counts(section: &wire::Section) -> (Counts, Option<u64>) {
+    (
+        section.cells.iter().map(count_of).collect(),
+        section.total.as_ref().and_then(count_of),
+    )
+}
+
+/// A pooled section as counts: only complete pooled values are exact.
+fn pooled_counts(section: &wire::PooledSection) -> (Counts, Option<u64>) {
+    let exact = |cell: &wire::PooledCell| cell.complete.then_some(cell.count).flatten();
+    (
+        section.cells.iter().map(exact).collect(),
+        section.total.as_ref().and_then(exact),
+    )
 }
 
 /// The share of `part` in `whole`, in percent (none when either is unknown or `whole` is 0).
@@ -91,24 +97,29 @@ fn percent(part: Option<u64>, whole: Option<u64>) -> Option<f64> {
     }
 }
 
-/// The measures a section gives, each with the share computed from its counts.
-fn measures(levels: &[String], counts: &Counts) -> Vec<(Measure, Option<f64>)> {
+/// The measures a section gives, each with the share computed from its released counts.
+fn measures(
+    levels: &[String],
+    (counts, total): &(Counts, Option<u64>),
+) -> Vec<(Measure, Option<f64>)> {
     let count = |index: usize| counts.get(index).copied().flatten();
-    let sum = |indices: &[usize]| {
-        indices
-            .iter()
-            .map(|index| count(*index))
-            .sum::<Option<u64>>()
-    };
     if levels == CHECK_LEVELS {
-        return vec![(Measure::Implausible, percent(count(1), sum(&[0, 1])))];
+        // Of the records the check could evaluate.
+        let evaluated = count(0)
+            .zip(count(1))
+            .map(|(plausible, implausible)| plausible + implausible)
+            .or_else(|| {
+                total
+                    .zip(count(2))
+                    .map(|(total, unknown)| total.saturating_sub(unknown))
+            });
+        return vec![(Measure::Implausible, percent(count(1), evaluated))];
     }
     let n = levels.len();
     if n >= 2 && levels[n - 2] == OUTSIDE_DOMAIN_LEVEL && levels[n - 1] == MISSING_LEVEL {
-        let all: Vec<usize> = (0..n).collect();
         return vec![
-            (Measure::Missing, percent(count(n - 1), sum(&all))),
-            (Measure::OutsideDomain, percent(count(n - 2), sum(&all))),
+            (Measure::Missing, percent(count(n - 1), *total)),
+            (Measure::OutsideDomain, percent(count(n - 2), *total)),
         ];
     }
     Vec::new()
@@ -319,15 +330,16 @@ mod tests {
         }
     }
 
-    fn site(site_id: &str, sections: Vec<Vec<wire::Cell>>) -> wire::SiteProgress {
+    fn site(site_id: &str, sections: Vec<(Vec<wire::Cell>, u64)>) -> wire::SiteProgress {
         wire::SiteProgress {
             site_id: site_id.into(),
             status: wire::SiteStatus::Ok as i32,
             result: Some(wire::SiteResult {
                 sections: sections
                     .into_iter()
-                    .map(|cells| wire::Section {
+                    .map(|(cells, total)| wire::Section {
                         cells,
+                        total: Some(released(total)),
                         ..Default::default()
                     })
                     .collect(),
@@ -369,15 +381,22 @@ mod tests {
                 site(
                     "site-a",
                     vec![
-                        vec![released(100), released(870), released(0), released(30)],
-                        vec![released(960), released(10), released(30)],
+                        // A withheld band does not hide the share: the total is released.
+                        (
+                            vec![withheld(), withheld(), released(0), released(30)],
+                            1000,
+                        ),
+                        (vec![released(960), released(10), released(30)], 1000),
                     ],
                 ),
                 site(
                     "site-b",
                     vec![
-                        vec![released(50), released(350), released(0), released(100)],
-                        vec![withheld(), released(40), withheld()],
+                        (
+                            vec![released(50), released(350), released(0), released(100)],
+                            500,
+                        ),
+                        (vec![withheld(), released(40), withheld()], 500),
                     ],
                 ),
             ],

@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use fedq_coordinator::{client, render};
+use fedq_coordinator::{client, quality, render};
 use fedq_proto::convert::parameter_to_wire;
 use fedq_proto::template::Value;
 use fedq_proto::wire;
@@ -106,6 +106,25 @@ pub async fn run(out: &Path, scale: f64, output: &mut (dyn Write + Send)) -> any
         write!(output, "{}", render::table(&title, &result))?;
         writeln!(output)?;
     }
+
+    writeln!(output, "{}", "=".repeat(78))?;
+    writeln!(
+        output,
+        "Data quality (`fedq quality`: the standing profile template, thresholded like any query):\n"
+    )?;
+    let standard = coordinator
+        .quality_standard(wire::QualityStandardRequest {})
+        .await?
+        .into_inner();
+    let profile = wire::RunQueryRequest {
+        study_id: standard.study_id.clone(),
+        template_id: standard.template_id.clone(),
+        parameters: Vec::new(),
+        deadline_ms: 0,
+    };
+    let profiled = client::run_query(&mut coordinator, profile, |_| {}).await?;
+    write!(output, "{}", quality::render(&profiled, &standard))?;
+    writeln!(output)?;
 
     writeln!(output, "{}", "=".repeat(78))?;
     let refusal = |template: &str, parameters: Vec<wire::ParameterValue>| wire::RunQueryRequest {

@@ -123,6 +123,13 @@ async fn the_report_flags_the_seeded_defect_at_the_one_site_that_has_it() -> any
         "{text}"
     );
     assert!(text.contains("site-b: systolic_bp:"), "{text}");
+    // `fedq query data-quality` shows each section as a table of its own, in text and JSON.
+    let table = fedq_coordinator::render::table("profile", &result);
+    assert!(table.contains("\nsystolic_bp\n"), "{table}");
+    assert!(table.contains("cannot be evaluated"), "{table}");
+    let json = fedq_coordinator::render::json(&result);
+    assert_eq!(json.sections.len(), result.sections.len());
+    assert_eq!(json.sections[section].axis.column, "systolic_bp");
     for (site_id, _) in &test.alliance.nodes {
         let audited = fedq_tests::audit_queries(&test.alliance.node_state_dir(site_id))?;
         assert!(
