@@ -175,6 +175,18 @@ mod tests {
     }
 
     #[test]
+    fn a_share_of_a_budget_is_exact_and_the_shares_add_back_up() {
+        let epsilon = Rational::parse("1/10").unwrap();
+        let share = epsilon.divided_by(21).unwrap();
+        assert_eq!(share.to_string(), "1/210");
+        let total = (0..21).try_fold(Rational::parse("0").unwrap(), |sum, _| {
+            sum.checked_add(share)
+        });
+        assert_eq!(total, Some(epsilon));
+        assert_eq!(epsilon.divided_by(0), None);
+    }
+
+    #[test]
     fn ten_tenths_add_up_to_exactly_one() {
         let tenth = Rational::parse("0.1").unwrap();
         let mut sum = Rational::ZERO;
