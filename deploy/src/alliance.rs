@@ -22,6 +22,9 @@ use tokio::task::JoinHandle;
 
 use crate::synth::{self, SiteProfile};
 
+/// Where a local alliance's servers listen: loopback, any free port.
+const LOOPBACK: &str = "127.0.0.1:0";
+
 /// The coordinator's certificate identity in a local alliance.
 pub const COORDINATOR_IDENTITY: &str = "coordinator.fedq.local";
 
@@ -170,9 +173,17 @@ pub struct NodeFiles<'a> {
     pub signature_quorum: usize,
     /// Studies this site accepts.
     pub accepted_studies: &'a [&'a str],
-    /// Outbound-only mode: the coordinator's tunnel address this node dials (it then does not
-    /// listen).
-    pub dials: Option<SocketAddr>,
+    /// How the coordinator reaches the node.
+    pub reach: Reach,
+}
+
+/// How a node is reached, as its configuration says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reach {
+    /// It listens on this address (e.g. `127.0.0.1:0`, `0.0.0.0:7443`).
+    Listen(String),
+    /// Outbound-only: it dials the coordinator's tunnel at this `host:port`.
+    Dial(String),
 }
 
 /// The state directory a node configuration written into `folder` gives its site.
@@ -216,15 +227,14 @@ identifiers = [{identifiers}]
 [datasets.columns]
 {mapping}"#,
         site = files.site_id,
-        listen = match files.dials {
-            None => "listen = \"127.0.0.1:0\"\n",
-            Some(_) => "",
+        listen = match &files.reach {
+            Reach::Listen(address) => format!("listen = \"{address}\"\n"),
+            Reach::Dial(_) => String::new(),
         },
-        outbound = match files.dials {
-            None => String::new(),
-            Some(tunnel) => format!(
-                "\n[outbound]\ncoordinator = \"localhost:{}\"\ncoordinator_identity = \"{}\"\n",
-                tunnel.port(),
+        outbound = match &files.reach {
+            Reach::Listen(_) => String::new(),
+            Reach::Dial(tunnel) => format!(
+                "\n[outbound]\ncoordinator = \"{tunnel}\"\ncoordinator_identity = \"{}\"\n",
                 files
                     .accepted_coordinators
                     .first()
@@ -261,20 +271,20 @@ identifiers = [{identifiers}]
 }
 
 /// A local alliance site's node configuration options: its certificate, every expert trusted
-/// (quorum 2), the alliance study, and whether it dials the coordinator's tunnel at `dials`.
+/// (quorum 2), the alliance's studies, and how it is reached.
 fn site_files<'a>(
     site: &'a SiteProfile,
     data_file: &'a Path,
     pki: &'a DevPki,
-    identities: &[String],
     trusted: &'a [PathBuf],
     min_cell_count: u32,
-    dials: Option<SocketAddr>,
+    reach: Reach,
 ) -> anyhow::Result<NodeFiles<'a>> {
-    let issued = &pki.identities[identities
+    let issued = pki
+        .identities
         .iter()
-        .position(|id| *id == site_identity(&site.site_id))
-        .context("no certificate issued for the site")?];
+        .find(|issued| issued.identity == site_identity(&site.site_id))
+        .context("no certificate issued for the site")?;
     Ok(NodeFiles {
         site_id: &site.site_id,
         data_file,
@@ -287,7 +297,7 @@ fn site_files<'a>(
         trusted_expert_keys: trusted,
         signature_quorum: 2,
         accepted_studies: &[STUDY_ID, QUALITY_STUDY_ID],
-        dials,
+        reach,
     })
 }
 
@@ -295,29 +305,52 @@ fn site_files<'a>(
 #[derive(Debug, Clone)]
 pub struct NodeListing {
     pub site_id: String,
-    /// Where the node listens; `None`: it dials the coordinator (outbound-only).
-    pub address: Option<SocketAddr>,
+    /// `https://host:port` where the node listens; `None`: it dials the coordinator
+    /// (outbound-only).
+    pub address: Option<String>,
     pub identity: String,
 }
 
-/// Writes a coordinator configuration file and returns its path.
+impl NodeListing {
+    /// A local alliance's node listening on loopback `address`.
+    pub fn loopback(site_id: &str, address: SocketAddr) -> NodeListing {
+        NodeListing {
+            site_id: site_id.to_string(),
+            address: Some(format!("https://localhost:{}", address.port())),
+            identity: site_identity(site_id),
+        }
+    }
+}
+
+/// Everything a coordinator configuration file says, for [`write_coordinator_config`].
+#[derive(Debug, Clone)]
+pub struct CoordinatorFiles<'a> {
+    pub catalogue: &'a SignedCatalogue,
+    pub users: &'a Users,
+    pub pki: &'a DevPki,
+    pub coordinator_identity: &'a str,
+    pub nodes: &'a [NodeListing],
+    pub default_deadline_ms: u64,
+    /// Where study leads connect, e.g. `127.0.0.1:0`.
+    pub listen: &'a str,
+    /// Where outbound nodes dial (written only if some node is outbound).
+    pub tunnel_listen: &'a str,
+}
+
+/// Writes a coordinator configuration file into `folder` and returns its path.
 pub fn write_coordinator_config(
     folder: &Path,
-    catalogue: &SignedCatalogue,
-    users: &Users,
-    pki: &DevPki,
-    coordinator_identity: &str,
-    nodes: &[NodeListing],
-    default_deadline_ms: u64,
+    files: &CoordinatorFiles<'_>,
 ) -> anyhow::Result<PathBuf> {
-    let issued = pki
+    let issued = files
+        .pki
         .identities
         .iter()
-        .find(|issued| issued.identity == coordinator_identity)
+        .find(|issued| issued.identity == files.coordinator_identity)
         .context("no certificate issued for the coordinator")?;
     let mut text = format!(
         r#"# fedq coordinator configuration (generated for a local alliance)
-listen = "127.0.0.1:0"
+listen = "{listen}"
 {tunnel}templates = "{templates}"
 studies = "{studies}"
 state_dir = "{state}"
@@ -328,30 +361,37 @@ cert = "{cert}"
 key = "{key}"
 
 [query]
-default_deadline_ms = {default_deadline_ms}
+default_deadline_ms = {deadline}
 max_deadline_ms = 120000
 "#,
-        tunnel = if nodes.iter().any(|node| node.address.is_none()) {
-            "tunnel_listen = \"127.0.0.1:0\"\n"
+        listen = files.listen,
+        tunnel = if files.nodes.iter().any(|node| node.address.is_none()) {
+            format!("tunnel_listen = \"{}\"\n", files.tunnel_listen)
         } else {
-            ""
+            String::new()
         },
-        templates = catalogue.templates.display(),
-        studies = catalogue.studies.display(),
+        templates = files.catalogue.templates.display(),
+        studies = files.catalogue.studies.display(),
         state = folder.join("state").join("coordinator").display(),
-        ca = pki.ca_cert.display(),
+        ca = files.pki.ca_cert.display(),
         cert = issued.cert.display(),
         key = issued.key.display(),
+        deadline = files.default_deadline_ms,
     );
-    if catalogue.templates.join("data-quality.toml").is_file() {
+    if files
+        .catalogue
+        .templates
+        .join("data-quality.toml")
+        .is_file()
+    {
         text.push_str(&format!(
             "\n[quality]\nstudy = \"{QUALITY_STUDY_ID}\"\ntemplate = \"data-quality\"\nmax_missing_percent = 15.0\nmax_outside_domain_percent = 1.0\nmax_implausible_percent = 2.0\n"
         ));
     }
-    text.push_str(&users.config);
-    for node in nodes {
-        let reach = match node.address {
-            Some(address) => format!("address = \"https://localhost:{}\"", address.port()),
+    text.push_str(&files.users.config);
+    for node in files.nodes {
+        let reach = match &node.address {
+            Some(address) => format!("address = \"{address}\""),
             None => "outbound = true".to_string(),
         };
         text.push_str(&format!(
@@ -529,6 +569,113 @@ pub struct LocalAlliance {
     pub coordinator: Running,
 }
 
+/// The files of an alliance before anything runs: certificates, the signed catalogue and
+/// studies, each site's data, and the coordinator's users.
+#[derive(Debug)]
+pub struct Groundwork {
+    pub root: PathBuf,
+    pub pki: DevPki,
+    pub catalogue: SignedCatalogue,
+    pub users: Users,
+    /// The experts' public key files every node trusts.
+    pub trusted: Vec<PathBuf>,
+    /// One per site, in the sites' order.
+    pub data_files: Vec<PathBuf>,
+}
+
+impl Groundwork {
+    /// Creates certificates (the coordinator's and every site's identity), three expert keys,
+    /// the signed catalogue of `templates` and the studies, each site's synthetic data and the
+    /// users, under `root` (created if absent; paths written into configuration files are
+    /// absolute).
+    pub async fn create(
+        root: &Path,
+        sites: &[SiteProfile],
+        templates: &Path,
+    ) -> anyhow::Result<Groundwork> {
+        std::fs::create_dir_all(root)?;
+        let root = root.canonicalize()?;
+        let data_dir = root.join("data");
+        std::fs::create_dir_all(&data_dir)?;
+        let mut identities = vec![COORDINATOR_IDENTITY.to_string()];
+        identities.extend(sites.iter().map(|site| site_identity(&site.site_id)));
+        let pki =
+            certs::create_dev_pki(&root.join("certs"), "fedq local alliance CA", &identities)?;
+        let site_ids: Vec<&str> = sites.iter().map(|site| site.site_id.as_str()).collect();
+        let catalogue = sign_catalogue(&root, templates, &site_ids)?;
+        let trusted = catalogue
+            .experts
+            .iter()
+            .map(|expert| expert.public.clone())
+            .collect();
+        let mut data_files = Vec::new();
+        for site in sites {
+            let (site, data_dir) = (site.clone(), data_dir.clone());
+            data_files.push(
+                tokio::task::spawn_blocking(move || synth::write_site(&site, &data_dir)).await??,
+            );
+        }
+        Ok(Groundwork {
+            root,
+            pki,
+            catalogue,
+            users: Users::create()?,
+            trusted,
+            data_files,
+        })
+    }
+
+    /// The folder configuration files are written to.
+    pub fn config_dir(&self) -> PathBuf {
+        self.root.join("config")
+    }
+
+    /// Writes site `index`'s node configuration.
+    pub fn write_node(
+        &self,
+        sites: &[SiteProfile],
+        index: usize,
+        min_cell_count: u32,
+        reach: Reach,
+    ) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(self.config_dir())?;
+        write_node_config(
+            &self.config_dir(),
+            &site_files(
+                &sites[index],
+                &self.data_files[index],
+                &self.pki,
+                &self.trusted,
+                min_cell_count,
+                reach,
+            )?,
+        )
+    }
+
+    /// Writes the coordinator's configuration listing `nodes`.
+    pub fn write_coordinator(
+        &self,
+        nodes: &[NodeListing],
+        listen: &str,
+        tunnel_listen: &str,
+    ) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(self.config_dir())?;
+        write_coordinator_config(
+            &self.config_dir(),
+            &CoordinatorFiles {
+                catalogue: &self.catalogue,
+                users: &self.users,
+                pki: &self.pki,
+                coordinator_identity: COORDINATOR_IDENTITY,
+                nodes,
+                default_deadline_ms: 30_000,
+                listen,
+                tunnel_listen,
+            },
+        )
+    }
+}
+
 impl LocalAlliance {
     /// Creates everything under `root` (which must be empty or absent) and starts it; the
     /// coordinator listens on loopback `coordinator_port` (0: any free port). The nodes of
@@ -541,113 +688,64 @@ impl LocalAlliance {
         min_cell_count: u32,
         coordinator_port: u16,
     ) -> anyhow::Result<LocalAlliance> {
-        // Configuration files resolve relative paths against their own folder, so everything
-        // written into them is absolute.
-        std::fs::create_dir_all(root)?;
-        let root = &root.canonicalize()?;
-        let certs_dir = root.join("certs");
-        let data_dir = root.join("data");
-        let config_dir = root.join("config");
-        for folder in [&data_dir, &config_dir] {
-            std::fs::create_dir_all(folder)?;
-        }
-        let mut identities = vec![COORDINATOR_IDENTITY.to_string()];
-        identities.extend(sites.iter().map(|site| site_identity(&site.site_id)));
-        let pki = certs::create_dev_pki(&certs_dir, "fedq local alliance CA", &identities)?;
-        let site_ids: Vec<&str> = sites.iter().map(|site| site.site_id.as_str()).collect();
-        let signed = sign_catalogue(root, templates, &site_ids)?;
-        let trusted: Vec<PathBuf> = signed
-            .experts
-            .iter()
-            .map(|expert| expert.public.clone())
-            .collect();
-
+        let ground = Groundwork::create(root, sites, templates).await?;
         // Listening nodes start first (the coordinator's configuration names their ports);
         // outbound-only nodes once the coordinator's tunnel port is known.
-        let mut data_files = Vec::new();
         let mut listings = Vec::new();
         let mut started = Vec::new();
-        for site in sites {
-            let data_file = {
-                let site = site.clone();
-                let data_dir = data_dir.clone();
-                tokio::task::spawn_blocking(move || synth::write_site(&site, &data_dir)).await??
-            };
-            let outbound = outbound_sites.contains(&site.site_id.as_str());
-            let node = if outbound {
+        for (index, site) in sites.iter().enumerate() {
+            let node = if outbound_sites.contains(&site.site_id.as_str()) {
                 None
             } else {
-                let config = write_node_config(
-                    &config_dir,
-                    &site_files(
-                        site,
-                        &data_file,
-                        &pki,
-                        &identities,
-                        &trusted,
-                        min_cell_count,
-                        None,
-                    )?,
+                let config = ground.write_node(
+                    sites,
+                    index,
+                    min_cell_count,
+                    Reach::Listen(LOOPBACK.into()),
                 )?;
                 let running = start_node(&config)
                     .await
                     .with_context(|| format!("starting node {}", site.site_id))?;
                 Some((config, running))
             };
-            listings.push(NodeListing {
-                site_id: site.site_id.clone(),
-                address: node.as_ref().map(|(_, running)| running.address),
-                identity: site_identity(&site.site_id),
+            listings.push(match &node {
+                Some((_, running)) => NodeListing::loopback(&site.site_id, running.address),
+                None => NodeListing {
+                    site_id: site.site_id.clone(),
+                    address: None,
+                    identity: site_identity(&site.site_id),
+                },
             });
-            data_files.push(data_file);
             started.push(node);
         }
-        let users = Users::create()?;
-        let coordinator_config = write_coordinator_config(
-            &config_dir,
-            &signed,
-            &users,
-            &pki,
-            COORDINATOR_IDENTITY,
-            &listings,
-            30_000,
-        )?;
+        let coordinator_config = ground.write_coordinator(&listings, LOOPBACK, LOOPBACK)?;
         let coordinator = start_coordinator(&coordinator_config, coordinator_port)
             .await
             .context("starting the coordinator")?;
         let mut node_configs = Vec::new();
         let mut nodes = Vec::new();
-        for ((site, data_file), node) in sites.iter().zip(&data_files).zip(started) {
-            let (config, running) = match node {
-                Some(node) => node,
-                None => {
-                    let config = write_node_config(
-                        &config_dir,
-                        &site_files(
-                            site,
-                            data_file,
-                            &pki,
-                            &identities,
-                            &trusted,
-                            min_cell_count,
-                            coordinator.tunnel,
-                        )?,
-                    )?;
+        for ((index, site), node) in sites.iter().enumerate().zip(started) {
+            let (config, running) = match (node, coordinator.tunnel) {
+                (Some(node), _) => node,
+                (None, Some(tunnel)) => {
+                    let dial = Reach::Dial(format!("localhost:{}", tunnel.port()));
+                    let config = ground.write_node(sites, index, min_cell_count, dial)?;
                     let running = start_node(&config)
                         .await
                         .with_context(|| format!("starting outbound node {}", site.site_id))?;
                     (config, running)
                 }
+                (None, None) => anyhow::bail!("the coordinator opened no tunnel port"),
             };
             node_configs.push(config);
             nodes.push((site.site_id.clone(), running));
         }
         Ok(LocalAlliance {
-            root: root.to_path_buf(),
-            pki,
-            catalogue: signed,
-            users,
-            data_files,
+            root: ground.root,
+            pki: ground.pki,
+            catalogue: ground.catalogue,
+            users: ground.users,
+            data_files: ground.data_files,
             node_configs,
             nodes,
             coordinator,

@@ -18,7 +18,7 @@ use fedq_proto::template::Template;
 use fedq_proto::wire;
 
 use crate::alliance::{
-    COORDINATOR_IDENTITY, NodeFiles, site_identity, start_node, write_node_config,
+    COORDINATOR_IDENTITY, NodeFiles, Reach, site_identity, start_node, write_node_config,
 };
 use crate::synth::{self, LocalFormat, SiteProfile};
 
@@ -101,7 +101,7 @@ pub async fn run(
             trusted_expert_keys: &[expert_public],
             signature_quorum: 1,
             accepted_studies: &["bench"],
-            dials: None,
+            reach: Reach::Listen("127.0.0.1:0".into()),
         },
     )?;
 

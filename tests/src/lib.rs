@@ -416,12 +416,16 @@ pub async fn coordinator_with(
     std::fs::create_dir_all(&folder)?;
     let config = alliance::write_coordinator_config(
         &folder,
-        &test.alliance.catalogue,
-        &test.alliance.users,
-        &test.alliance.pki,
-        alliance::COORDINATOR_IDENTITY,
-        listings,
-        deadline_ms,
+        &alliance::CoordinatorFiles {
+            catalogue: &test.alliance.catalogue,
+            users: &test.alliance.users,
+            pki: &test.alliance.pki,
+            coordinator_identity: alliance::COORDINATOR_IDENTITY,
+            nodes: listings,
+            default_deadline_ms: deadline_ms,
+            listen: "127.0.0.1:0",
+            tunnel_listen: "127.0.0.1:0",
+        },
     )?;
     alliance::start_coordinator(&config, 0).await
 }
@@ -435,11 +439,7 @@ pub fn rand_suffix() -> u128 {
 
 pub fn listing(test: &TestAlliance, index: usize) -> NodeListing {
     let (site_id, node) = &test.alliance.nodes[index];
-    NodeListing {
-        site_id: site_id.clone(),
-        address: Some(node.address),
-        identity: alliance::site_identity(site_id),
-    }
+    NodeListing::loopback(site_id, node.address)
 }
 
 /// Rewrites one catalogue file, starts a second coordinator over all three nodes, and runs it.

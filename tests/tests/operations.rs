@@ -401,11 +401,7 @@ async fn a_node_killed_mid_query_is_marked_within_the_deadline_while_the_others_
     let (config, _) = fedq_tests::node_config_with_own_state(&test)?;
     let process = fedq_tests::NodeProcess::start(env!("CARGO_BIN_EXE_test-node"), &config, None)?;
     let listings = vec![
-        fedq_deploy::alliance::NodeListing {
-            site_id: "site-a".into(),
-            address: Some(process.address),
-            identity: fedq_deploy::alliance::site_identity("site-a"),
-        },
+        fedq_deploy::alliance::NodeListing::loopback("site-a", process.address),
         fedq_tests::listing(&test, 1),
         fedq_tests::listing(&test, 2),
     ];

@@ -123,12 +123,12 @@ async fn a_down_node_and_a_silent_node_do_not_hold_up_the_answer_past_the_deadli
         listing(&test, 0),
         NodeListing {
             site_id: "site-down".into(),
-            address: Some(closed_address),
+            address: Some(format!("https://localhost:{}", closed_address.port())),
             identity: "site-down.fedq.local".into(),
         },
         NodeListing {
             site_id: "site-silent".into(),
-            address: Some(silent_address),
+            address: Some(format!("https://localhost:{}", silent_address.port())),
             identity: "site-silent.fedq.local".into(),
         },
     ];
@@ -476,7 +476,7 @@ async fn a_connection_lost_on_the_way_is_retried_once_and_the_site_answers() -> 
     let (proxy, accepted) = flaky_proxy(node.address).await?;
     let listing = NodeListing {
         site_id: site_id.clone(),
-        address: Some(proxy),
+        address: Some(format!("https://localhost:{}", proxy.port())),
         identity: alliance::site_identity(site_id),
     };
     let running = coordinator_with(&test, &[listing], 10_000).await?;
