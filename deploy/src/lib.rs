@@ -7,10 +7,12 @@
 //! - [`alliance`]: writing configurations and starting nodes and a coordinator.
 //! - [`demo`]: the main job (`cargo run --release -- demo`).
 //! - [`bench`]: node query speed end to end versus the bare polars plan.
+//! - [`prepare`]: the files of a three-site alliance for containers (compose).
 
 pub mod alliance;
 pub mod bench;
 pub mod demo;
+pub mod prepare;
 pub mod synth;
 
 use std::path::Path;

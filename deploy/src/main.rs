@@ -1,5 +1,5 @@
 //! `fedq-alliance`: runs a local alliance on this machine — the demo (the project's main job)
-//! or the benchmark. The default run target of the workspace: `cargo run --release -- demo`.
+//! or the benchmark — or prepares one for containers. The default run target of the workspace: `cargo run --release -- demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -39,6 +39,18 @@ enum Command {
         #[arg(long, default_value_t = 7700)]
         port: u16,
     },
+    /// Write the files of a three-site alliance for containers (deploy/container/compose.yaml):
+    /// certificates, signed templates and studies, sample data, node and coordinator
+    /// configurations naming the compose services. Leaves an already prepared folder as it is.
+    Prepare {
+        #[arg(long, default_value = "alliance")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0.05)]
+        scale: f64,
+        /// Folder of approved templates to sign (default: the ones shipped with fedq).
+        #[arg(long)]
+        templates: Option<PathBuf>,
+    },
     /// Time a three-strata count at one node end to end against the bare polars plan.
     Bench {
         #[arg(long, default_value = "bench-output")]
@@ -58,6 +70,14 @@ fn main() -> ExitCode {
             Command::Demo { out, scale } => fedq_deploy::demo::run(&out, scale, &mut stdout).await,
             Command::Up { out, scale, port } => {
                 fedq_deploy::demo::up(&out, scale, port, &mut stdout).await
+            }
+            Command::Prepare {
+                out,
+                scale,
+                templates,
+            } => {
+                let templates = templates.unwrap_or_else(fedq_deploy::alliance::bundled_templates);
+                fedq_deploy::prepare::prepare(&out, scale, &templates, &mut stdout).await
             }
             Command::Bench {
                 out,

@@ -2,7 +2,8 @@
 //! node passes; each seeded misconfiguration, an expired certificate and an unwritable state
 //! directory included, is named on its own line); a flooded node refusing as busy; a query whose
 //! deadline passed; health, reflection and metrics on node and coordinator; a node process
-//! killed mid-query, marked promptly while the other sites answer.
+//! killed mid-query, marked promptly while the other sites answer; the container alliance's
+//! prepared files.
 
 use fedq_node::check::{self, Level};
 use fedq_tests::TestAlliance;
@@ -459,5 +460,56 @@ async fn a_node_killed_mid_query_is_marked_within_the_deadline_while_the_others_
         assert_eq!(status(&result, site_id).0, SiteStatus::Ok as i32);
     }
     coordinator.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_container_alliance_is_prepared_once_with_configs_that_load_and_pass_check()
+-> anyhow::Result<()> {
+    use fedq_deploy::prepare::{self, COORDINATOR_SERVICE, OUTBOUND_SITE};
+    use std::os::unix::fs::PermissionsExt;
+
+    fedq_proto::tls::install_crypto_provider();
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("alliance");
+    let templates = fedq_deploy::alliance::bundled_templates();
+    let mut output = Vec::new();
+    prepare::prepare(&out, 0.01, &templates, &mut output).await?;
+    let compose = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/container/compose.yaml"),
+    )?;
+    for site_id in ["site-a", "site-b", "site-c"] {
+        let config = out.join("config").join(format!("{site_id}.toml"));
+        let loaded = fedq_node::config::NodeConfig::load(&config)?;
+        assert_eq!(loaded.outbound.is_some(), site_id == OUTBOUND_SITE);
+        assert_eq!(loaded.listen.is_none(), site_id == OUTBOUND_SITE);
+        let findings = check::run(&config);
+        assert!(
+            failures(&findings).is_empty(),
+            "{}",
+            check::render(&findings)
+        );
+        // The compose service of this name runs exactly this configuration.
+        assert!(compose.contains(&format!("\n  {site_id}:\n")), "{site_id}");
+        assert!(compose.contains(&format!("/alliance/config/{site_id}.toml")));
+    }
+    let coordinator = out.join("config").join("coordinator.toml");
+    let config = fedq_coordinator::config::CoordinatorConfig::load(&coordinator)?;
+    assert!(config.tunnel_listen.is_some() && config.quality.is_some());
+    fedq_coordinator::server::PreparedCoordinator::new(&config)?;
+    assert!(compose.contains(&format!("\n  {COORDINATOR_SERVICE}:\n")));
+    assert!(compose.contains("/alliance/config/coordinator.toml"));
+    let settings = out.join("study-lead.env");
+    assert_eq!(
+        std::fs::metadata(&settings)?.permissions().mode() & 0o777,
+        0o600
+    );
+
+    // Preparing again keeps what is there (audit logs, keys and budgets live in it).
+    let before = std::fs::read(&coordinator)?;
+    let mut again = Vec::new();
+    prepare::prepare(&out, 0.01, &templates, &mut again).await?;
+    assert!(String::from_utf8(again)?.contains("prepared already"));
+    assert_eq!(std::fs::read(&coordinator)?, before);
     Ok(())
 }
