@@ -289,16 +289,10 @@ fn filter_expr(filter: &BoundFilter) -> Expr {
             .reduce(Expr::or)
             .unwrap_or_else(|| lit(false)),
         BoundFilter::Compare { column, op, value } => {
-            let column = col(column.as_str());
-            let value = scalar(value);
-            match op {
-                CompareOp::Eq => column.eq(value),
-                CompareOp::Ne => column.neq(value),
-                CompareOp::Lt => column.lt(value),
-                CompareOp::Le => column.lt_eq(value),
-                CompareOp::Gt => column.gt(value),
-                CompareOp::Ge => column.gt_eq(value),
-            }
+            compare(col(column.as_str()), *op, scalar(value))
+        }
+        BoundFilter::CompareColumns { column, op, other } => {
+            compare(col(column.as_str()), *op, col(other.as_str()))
         }
         BoundFilter::OneOf { column, values } => values
             .iter()
@@ -308,6 +302,17 @@ fn filter_expr(filter: &BoundFilter) -> Expr {
         BoundFilter::Between { column, low, high } => col(column.as_str())
             .gt_eq(scalar(low))
             .and(col(column.as_str()).lt_eq(scalar(high))),
+    }
+}
+
+fn compare(left: Expr, op: CompareOp, right: Expr) -> Expr {
+    match op {
+        CompareOp::Eq => left.eq(right),
+        CompareOp::Ne => left.neq(right),
+        CompareOp::Lt => left.lt(right),
+        CompareOp::Le => left.lt_eq(right),
+        CompareOp::Gt => left.gt(right),
+        CompareOp::Ge => left.gt_eq(right),
     }
 }
 

@@ -168,6 +168,9 @@ pub enum Operand {
     Param(String),
     /// A constant fixed by the template's authors.
     Value(Literal),
+    /// Another column of the same record (comparisons of numbers or dates, e.g. "outcome
+    /// within the stay": `days_to_outcome <= length_of_stay`).
+    Column(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,6 +230,8 @@ struct RawFilter {
     value: Option<Literal>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     values: Option<Vec<Literal>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    other_column: Option<String>,
 }
 
 impl TryFrom<RawFilter> for Filter {
@@ -242,9 +247,13 @@ impl TryFrom<RawFilter> for Filter {
                 || raw.param.is_some()
                 || raw.params.is_some()
                 || raw.value.is_some()
-                || raw.values.is_some();
+                || raw.values.is_some()
+                || raw.other_column.is_some();
             if operand_keys {
-                return Err("'all'/'any' filters take no 'op', 'param(s)' or 'value(s)'".into());
+                return Err(
+                    "'all'/'any' filters take no 'op', 'param(s)', 'value(s)' or 'other_column'"
+                        .into(),
+                );
             }
             if children.is_empty() {
                 return Err("'all'/'any' needs at least one filter".into());
@@ -264,13 +273,16 @@ impl TryFrom<RawFilter> for Filter {
             raw.params.is_some(),
             raw.value.is_some(),
             raw.values.is_some(),
+            raw.other_column.is_some(),
         ];
         if given.iter().filter(|set| **set).count() != 1 {
             return Err(format!(
-                "condition on '{column}' needs exactly one of 'param', 'params', 'value' or 'values'"
+                "condition on '{column}' needs exactly one of 'param', 'params', 'value', 'values' or 'other_column'"
             ));
         }
-        let operands: Vec<Operand> = if let Some(name) = raw.param {
+        let operands: Vec<Operand> = if let Some(other) = raw.other_column {
+            vec![Operand::Column(other)]
+        } else if let Some(name) = raw.param {
             vec![Operand::Param(name)]
         } else if let Some(names) = raw.params {
             names.into_iter().map(Operand::Param).collect()
@@ -334,6 +346,10 @@ impl From<Filter> for RawFilter {
                     match operand {
                         Operand::Param(name) => names.push(name),
                         Operand::Value(literal) => literals.push(literal),
+                        Operand::Column(other) => {
+                            raw.other_column = Some(other);
+                            return raw;
+                        }
                     }
                 }
                 let multiple = matches!(condition.op, Operator::Between | Operator::In)
@@ -448,6 +464,12 @@ pub enum BoundFilter {
         column: String,
         low: Scalar,
         high: Scalar,
+    },
+    /// Compares two columns of the same record.
+    CompareColumns {
+        column: String,
+        op: CompareOp,
+        other: String,
     },
 }
 
@@ -780,6 +802,11 @@ fn filter_columns(filter: &Filter, columns: &mut BTreeSet<String>) {
             .for_each(|child| filter_columns(child, columns)),
         Filter::Condition(condition) => {
             columns.insert(condition.column.clone());
+            for operand in &condition.operands {
+                if let Operand::Column(other) = operand {
+                    columns.insert(other.clone());
+                }
+            }
         }
     }
 }
@@ -1004,6 +1031,25 @@ impl<'a> Checker<'a> {
                         malformed(format!("{at}: value '{literal}': {message}"))
                     })?;
                 }
+                Operand::Column(other) => {
+                    let other = self.column(other, at)?;
+                    let comparable = matches!(
+                        (&column.domain, &other.domain),
+                        (
+                            Domain::Integer { .. } | Domain::Float { .. },
+                            Domain::Integer { .. } | Domain::Float { .. }
+                        ) | (Domain::Date { .. }, Domain::Date { .. })
+                    );
+                    let is_comparison = !matches!(condition.op, Operator::In | Operator::Between);
+                    if !comparable || !is_comparison || other.name == column.name {
+                        return Err(malformed(format!(
+                            "{at}: 'other_column' compares two different number or date columns with =, !=, <, <=, > or >=; '{} {} {}' does not",
+                            column.name,
+                            condition.op.symbol(),
+                            other.name
+                        )));
+                    }
+                }
             }
         }
         for (index, operand) in condition.operands.iter().enumerate() {
@@ -1013,6 +1059,7 @@ impl<'a> Checker<'a> {
                     match operand {
                         Operand::Param(name) => format!("parameter '{name}'"),
                         Operand::Value(literal) => format!("'{literal}'"),
+                        Operand::Column(other) => format!("column '{other}'"),
                     }
                 )));
             }
@@ -1369,6 +1416,14 @@ fn bind_filter(
     let column = dataset
         .column(&condition.column)
         .ok_or_else(|| internal("column vanished after checking".into()))?;
+    if let [Operand::Column(other)] = condition.operands.as_slice() {
+        return Ok(BoundFilter::CompareColumns {
+            column: condition.column.clone(),
+            op: compare_op(condition.op)
+                .ok_or_else(|| internal("a column comparison lost its operator".into()))?,
+            other: other.clone(),
+        });
+    }
     let mut scalars = Vec::new();
     for operand in &condition.operands {
         match operand {
@@ -1381,6 +1436,9 @@ fn bind_filter(
                     .find(|(candidate, _)| candidate == name)
                     .ok_or_else(|| internal(format!("parameter '{name}' has no value")))?;
                 scalars.extend(resolve_value(column, value).map_err(internal)?);
+            }
+            Operand::Column(_) => {
+                return Err(internal("a column operand in a list of operands".into()));
             }
         }
     }
@@ -1425,16 +1483,22 @@ fn bind_filter(
         }
         op => BoundFilter::Compare {
             column: column_name,
-            op: match op {
-                Operator::Eq => CompareOp::Eq,
-                Operator::Ne => CompareOp::Ne,
-                Operator::Lt => CompareOp::Lt,
-                Operator::Le => CompareOp::Le,
-                Operator::Gt => CompareOp::Gt,
-                _ => CompareOp::Ge,
-            },
+            op: compare_op(op).ok_or_else(|| internal("an unknown comparison".into()))?,
             value: single(scalars)?,
         },
+    })
+}
+
+/// The comparison an operator makes (none for `in` and `between`).
+fn compare_op(op: Operator) -> Option<CompareOp> {
+    Some(match op {
+        Operator::Eq => CompareOp::Eq,
+        Operator::Ne => CompareOp::Ne,
+        Operator::Lt => CompareOp::Lt,
+        Operator::Le => CompareOp::Le,
+        Operator::Gt => CompareOp::Gt,
+        Operator::Ge => CompareOp::Ge,
+        Operator::In | Operator::Between => return None,
     })
 }
 

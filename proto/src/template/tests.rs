@@ -441,3 +441,99 @@ fn canonical_content_is_the_same_however_the_same_question_is_asked() {
         .unwrap();
     assert_ne!(omitted, other);
 }
+
+/// A profile template: `age` and `sex` profiled alone, two checks.
+fn profile(checks: &str) -> String {
+    let head = COHORT
+        .replace("kind = \"count\"", "kind = \"profile\"")
+        .replace("id = \"cohort-by-age-sex\"", "id = \"quality\"");
+    format!("{head}\n{checks}")
+}
+
+const CHECKS: &str = r#"
+[[checks]]
+name = "outcome-within-stay"
+title = "outcome no later than the end of the stay"
+rule = { column = "days_to_outcome", op = "<=", other_column = "length_of_stay" }
+
+[[checks]]
+name = "bp-plausible"
+title = "systolic pressure between 40 and 250"
+rule = { column = "systolic_bp", op = "between", values = [40, 250] }
+"#;
+
+#[test]
+fn a_profile_has_one_section_per_column_and_check_and_binds_column_comparisons() {
+    let template = Template::from_toml(&profile(CHECKS), "q").unwrap();
+    let model = model();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    let columns: Vec<&str> = checked
+        .axes
+        .iter()
+        .map(|axis| axis.column.as_str())
+        .collect();
+    assert_eq!(
+        columns,
+        ["age", "sex", "outcome-within-stay", "bp-plausible"]
+    );
+    assert_eq!(
+        checked.axes[0].levels,
+        ["0-17", "18-64", "65+", "outside domain", "missing"]
+    );
+    assert_eq!(checked.axes[2].levels, CHECK_LEVELS);
+    // The canonical form keeps the column comparison.
+    let decoded = Template::from_canonical(&template.canonical_bytes()).unwrap();
+    assert_eq!(decoded, template);
+    let bound = checked
+        .bind(&[
+            ("from".into(), date("2019-01-01")),
+            ("to".into(), date("2019-12-31")),
+        ])
+        .unwrap();
+    assert_eq!(bound.statistic, Statistic::Profile);
+    assert_eq!(
+        bound.checks[0].rule,
+        BoundFilter::CompareColumns {
+            column: "days_to_outcome".into(),
+            op: CompareOp::Le,
+            other: "length_of_stay".into(),
+        }
+    );
+    assert_eq!(bound.checks[0].columns, ["days_to_outcome", "length_of_stay"]);
+    assert!(template.columns_used().contains("length_of_stay"));
+}
+
+#[test]
+fn column_comparisons_need_two_number_or_date_columns_and_no_identifier() {
+    let model = model();
+    for (rule, words) in [
+        (
+            r#"{ column = "sex", op = "=", other_column = "icu_admission" }"#,
+            "compares two different number or date columns",
+        ),
+        (
+            r#"{ column = "iss", op = "<=", other_column = "admission_date" }"#,
+            "compares two different number or date columns",
+        ),
+        (
+            r#"{ column = "iss", op = "<=", other_column = "iss" }"#,
+            "compares two different number or date columns",
+        ),
+        (
+            r#"{ column = "iss", op = "<=", other_column = "national_id" }"#,
+            "is an identifier",
+        ),
+    ] {
+        let text = profile(&format!(
+            "[[checks]]\nname = \"c\"\ntitle = \"t\"\nrule = {rule}\n"
+        ));
+        let template = Template::from_toml(&text, "q").unwrap();
+        let err = template.check(&model, &no_extra()).unwrap_err().to_string();
+        assert!(err.contains(words), "{rule}: {err}");
+    }
+    // Checks belong to profiles only.
+    let count = format!("{COHORT}\n{CHECKS}");
+    let template = Template::from_toml(&count, "c").unwrap();
+    let err = template.check(&model, &no_extra()).unwrap_err().to_string();
+    assert!(err.contains("'checks' belong to data-quality profiles"), "{err}");
+}
