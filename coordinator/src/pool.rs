@@ -3,6 +3,7 @@
 //! a cell that any answering site withheld is marked incomplete — its sum is a lower bound,
 //! never presented as exact. Pooling is linear in sites × cells.
 
+use fedq_proto::summary::Summary;
 use fedq_proto::template::{Axis, Statistic, TemplateRef};
 use fedq_proto::wire;
 
@@ -11,6 +12,9 @@ use fedq_proto::wire;
 pub struct SiteCells {
     pub cells: Vec<Option<u64>>,
     pub total: Option<u64>,
+    /// For a mean: each released cell's summary (and the total's).
+    pub summaries: Vec<Option<Summary>>,
+    pub total_summary: Option<Summary>,
     /// Noise variance of each released cell and of the total (0 without noise).
     pub cell_variance: f64,
     pub total_variance: f64,
@@ -25,6 +29,8 @@ pub struct PooledCell {
     pub sites_withheld: u32,
     /// Sum of the releasing sites' noise variances.
     pub noise_variance: f64,
+    /// For a mean: the releasing sites' summaries pooled.
+    pub summary: Option<Summary>,
 }
 
 impl PooledCell {
@@ -33,12 +39,15 @@ impl PooledCell {
         self.sites_withheld == 0 && self.sites_released > 0
     }
 
-    fn add(&mut self, value: Option<u64>, variance: f64) {
+    fn add(&mut self, value: Option<u64>, variance: f64, summary: Option<Summary>) {
         match value {
             Some(count) => {
                 self.count = Some(self.count.unwrap_or(0) + count);
                 self.sites_released += 1;
                 self.noise_variance += variance;
+                if let Some(summary) = summary {
+                    self.summary = Some(self.summary.unwrap_or_default().combine(summary));
+                }
             }
             None => self.sites_withheld += 1,
         }
@@ -55,6 +64,26 @@ pub struct PooledTable {
 /// No site holds more records than this; a larger count is a faulty or hostile answer (and
 /// sums of plausible counts cannot overflow).
 const MAX_PLAUSIBLE_COUNT: u64 = 1 << 40;
+
+/// A released mean cell's summary; `count` is its number of values.
+fn summary_of(cell: &wire::Cell, count: u64) -> Result<Option<Summary>, String> {
+    let Some(wire::cell::Outcome::Released(released)) = &cell.outcome else {
+        return Ok(None);
+    };
+    match &released.summary {
+        Some(summary)
+            if summary.mean.is_finite() && summary.m2.is_finite() && summary.m2 >= 0.0 =>
+        {
+            Ok(Some(Summary {
+                n: count,
+                mean: summary.mean,
+                m2: summary.m2,
+            }))
+        }
+        Some(_) => Err("the site sent an invalid mean or variance".into()),
+        None => Err("the site released a mean cell without its mean".into()),
+    }
+}
 
 fn released(cell: &wire::Cell) -> Result<Option<u64>, String> {
     match &cell.outcome {
@@ -94,7 +123,7 @@ impl SiteCells {
             None => 0.0,
         };
         match statistic {
-            Statistic::Count => {
+            Statistic::Count | Statistic::Histogram { .. } | Statistic::Mean { .. } => {
                 if !result.sections.is_empty() {
                     return Err("the site sent profile sections for a count".into());
                 }
@@ -103,7 +132,11 @@ impl SiteCells {
                     cells: &result.cells,
                     total: result.total.as_ref(),
                 };
-                Ok(vec![table.convert(axes, cell_variance)?])
+                let mut converted = table.convert(axes, cell_variance)?;
+                if matches!(statistic, Statistic::Mean { .. }) {
+                    converted.add_summaries(&result.cells, result.total.as_ref())?;
+                }
+                Ok(vec![converted])
             }
             Statistic::Profile => {
                 if result.sections.len() != axes.len() {
@@ -171,7 +204,32 @@ impl WireTable<'_> {
             cells,
             total,
             cell_variance,
+            summaries: Vec::new(),
+            total_summary: None,
         })
+    }
+}
+
+impl SiteCells {
+    /// Reads a mean's summaries beside the released counts already converted.
+    fn add_summaries(
+        &mut self,
+        cells: &[wire::Cell],
+        total: Option<&wire::Cell>,
+    ) -> Result<(), String> {
+        self.summaries = cells
+            .iter()
+            .zip(&self.cells)
+            .map(|(cell, count)| match count {
+                Some(count) => summary_of(cell, *count),
+                None => Ok(None),
+            })
+            .collect::<Result<_, _>>()?;
+        self.total_summary = match (total, self.total) {
+            (Some(cell), Some(count)) => summary_of(cell, count)?,
+            _ => None,
+        };
+        Ok(())
     }
 }
 
@@ -180,10 +238,11 @@ pub fn pool(cell_count: usize, answers: &[&SiteCells]) -> PooledTable {
     let mut cells = vec![PooledCell::default(); cell_count];
     let mut total = PooledCell::default();
     for answer in answers {
-        for (pooled, value) in cells.iter_mut().zip(&answer.cells) {
-            pooled.add(*value, answer.cell_variance);
+        for (index, (pooled, value)) in cells.iter_mut().zip(&answer.cells).enumerate() {
+            let summary = answer.summaries.get(index).copied().flatten();
+            pooled.add(*value, answer.cell_variance, summary);
         }
-        total.add(answer.total, answer.total_variance);
+        total.add(answer.total, answer.total_variance, answer.total_summary);
     }
     PooledTable { cells, total }
 }
@@ -199,12 +258,16 @@ mod tests {
             total: None,
             cell_variance: 0.0,
             total_variance: 0.0,
+            summaries: Vec::new(),
+            total_summary: None,
         };
         let b = SiteCells {
             cells: vec![Some(50), None, None],
             total: None,
             cell_variance: 0.0,
             total_variance: 0.0,
+            summaries: Vec::new(),
+            total_summary: None,
         };
         let pooled = pool(3, &[&a, &b]);
         assert_eq!(
@@ -214,6 +277,7 @@ mod tests {
                 sites_released: 2,
                 sites_withheld: 0,
                 noise_variance: 0.0,
+                summary: None,
             }
         );
         assert!(pooled.cells[0].complete());
@@ -224,6 +288,7 @@ mod tests {
                 sites_released: 1,
                 sites_withheld: 1,
                 noise_variance: 0.0,
+                summary: None,
             }
         );
         assert!(!pooled.cells[1].complete());
@@ -234,6 +299,7 @@ mod tests {
                 sites_released: 0,
                 sites_withheld: 2,
                 noise_variance: 0.0,
+                summary: None,
             }
         );
         assert_eq!(pooled.total.count, None);
@@ -246,12 +312,16 @@ mod tests {
             total: Some(130),
             cell_variance: 2.5,
             total_variance: 5.0,
+            summaries: Vec::new(),
+            total_summary: None,
         };
         let plain = SiteCells {
             cells: vec![Some(40), Some(12)],
             total: Some(52),
             cell_variance: 0.0,
             total_variance: 0.0,
+            summaries: Vec::new(),
+            total_summary: None,
         };
         let pooled = pool(2, &[&noisy, &noisy, &plain]);
         assert_eq!(pooled.cells[0].noise_variance, 5.0);

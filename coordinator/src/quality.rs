@@ -312,7 +312,10 @@ mod tests {
     fn released(count: u64) -> wire::Cell {
         wire::Cell {
             coordinates: Vec::new(),
-            outcome: Some(wire::cell::Outcome::Released(wire::Released { count })),
+            outcome: Some(wire::cell::Outcome::Released(wire::Released {
+                count,
+                summary: None,
+            })),
         }
     }
 

@@ -4,6 +4,7 @@
 
 use std::fmt::Write;
 
+use fedq_proto::summary::Summary;
 use fedq_proto::wire::{self, SiteStatus};
 use serde::Serialize;
 
@@ -30,6 +31,7 @@ fn mechanism_name(mechanism: i32) -> &'static str {
         wire::Mechanism::QueryOverlapControl => "query_overlap_control",
         wire::Mechanism::Rounding => "rounding",
         wire::Mechanism::DifferentialPrivacy => "differential_privacy",
+        wire::Mechanism::DominanceRule => "dominance_rule",
         wire::Mechanism::Unspecified => "unspecified",
     }
 }
@@ -46,6 +48,45 @@ fn site_value(site: &wire::SiteProgress, cell_index: Option<usize>) -> Option<Op
         Some(wire::cell::Outcome::Released(released)) => Some(Some(released.count)),
         _ => Some(None),
     }
+}
+
+/// A site's released summary (mean cells) for one cell, or the total.
+fn site_summary(site: &wire::SiteProgress, cell_index: Option<usize>) -> Option<Summary> {
+    let result = site.result.as_ref()?;
+    let cell = match cell_index {
+        Some(index) => result.cells.get(index)?,
+        None => result.total.as_ref()?,
+    };
+    match &cell.outcome {
+        Some(wire::cell::Outcome::Released(released)) => {
+            released.summary.as_ref().map(|summary| Summary {
+                n: released.count,
+                mean: summary.mean,
+                m2: summary.m2,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// A pooled cell's summary (mean cells).
+fn pooled_summary(cell: &wire::PooledCell) -> Option<Summary> {
+    let summary = cell.summary.as_ref()?;
+    Some(Summary {
+        n: cell.count?,
+        mean: summary.mean,
+        m2: summary.m2,
+    })
+}
+
+/// A mean for a table: "12.34 (1,234)" for a site; the pooled value also shows the standard
+/// deviation, "12.34 ±5.67 (3,456)".
+fn summary_text(summary: &Summary, with_spread: bool) -> String {
+    let spread = match summary.standard_deviation() {
+        Some(sd) if with_spread => format!(" ±{sd:.2}"),
+        _ => String::new(),
+    };
+    format!("{:.2}{spread} ({})", summary.mean, format_count(summary.n))
 }
 
 fn format_count(count: u64) -> String {
@@ -202,9 +243,16 @@ fn grid(result: &wire::PooledResult, marks: &mut Marks) -> String {
             result
                 .sites
                 .iter()
-                .map(|site| site_cell_text(site_value(site, Some(index)))),
+                .map(|site| match site_summary(site, Some(index)) {
+                    Some(summary) => summary_text(&summary, false),
+                    None => site_cell_text(site_value(site, Some(index))),
+                }),
         );
-        row.push(pooled_text(cell));
+        row.push(match pooled_summary(cell) {
+            Some(summary) if cell.complete => summary_text(&summary, true),
+            Some(summary) => format!("{}{INCOMPLETE}", summary_text(&summary, true)),
+            None => pooled_text(cell),
+        });
         rows.push(row);
     }
     if let Some(total) = &result.total {
@@ -219,9 +267,16 @@ fn grid(result: &wire::PooledResult, marks: &mut Marks) -> String {
             result
                 .sites
                 .iter()
-                .map(|site| site_cell_text(site_value(site, None))),
+                .map(|site| match site_summary(site, None) {
+                    Some(summary) => summary_text(&summary, false),
+                    None => site_cell_text(site_value(site, None)),
+                }),
         );
-        row.push(pooled_text(total));
+        row.push(match pooled_summary(total) {
+            Some(summary) if total.complete => summary_text(&summary, true),
+            Some(summary) => format!("{}{INCOMPLETE}", summary_text(&summary, true)),
+            None => pooled_text(total),
+        });
         rows.push(row);
     }
     let widths: Vec<usize> = (0..header.len())
@@ -410,6 +465,33 @@ pub struct JsonCell {
     /// Site id → released count, or null when that site withheld it. Sites that did not answer
     /// are absent.
     pub by_site: std::collections::BTreeMap<String, Option<u64>>,
+    /// For a mean: the pooled summary of the releasing sites' values (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<JsonSummary>,
+    /// For a mean: site id → that site's summary, or null when it withheld the cell.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub by_site_summary: std::collections::BTreeMap<String, Option<JsonSummary>>,
+}
+
+/// Count, mean, sample variance and standard deviation of a cell's values (variance and
+/// standard deviation are null below two values).
+#[derive(Debug, Serialize)]
+pub struct JsonSummary {
+    pub n: u64,
+    pub mean: f64,
+    pub variance: Option<f64>,
+    pub standard_deviation: Option<f64>,
+}
+
+impl From<Summary> for JsonSummary {
+    fn from(summary: Summary) -> JsonSummary {
+        JsonSummary {
+            n: summary.n,
+            mean: summary.mean,
+            variance: summary.variance(),
+            standard_deviation: summary.standard_deviation(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -427,6 +509,11 @@ pub struct JsonSite {
 /// Builds the JSON form.
 pub fn json(result: &wire::PooledResult) -> JsonResult {
     let reference = result.template.clone().unwrap_or_default();
+    let is_mean = result
+        .cells
+        .iter()
+        .chain(result.total.iter())
+        .any(|cell| cell.summary.is_some());
     let cell = |index: Option<usize>, pooled: &wire::PooledCell| JsonCell {
         levels: pooled
             .coordinates
@@ -452,6 +539,22 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
             .iter()
             .filter_map(|site| site_value(site, index).map(|value| (site.site_id.clone(), value)))
             .collect(),
+        summary: pooled_summary(pooled).map(Into::into),
+        by_site_summary: if is_mean {
+            result
+                .sites
+                .iter()
+                .filter(|site| site_value(site, index).is_some())
+                .map(|site| {
+                    (
+                        site.site_id.clone(),
+                        site_summary(site, index).map(Into::into),
+                    )
+                })
+                .collect()
+        } else {
+            Default::default()
+        },
     };
     JsonResult {
         query_id: result.query_id.clone(),
@@ -584,6 +687,7 @@ mod tests {
             sites_withheld: 1,
             complete: false,
             noise_variance: 0.0,
+            summary: None,
         };
         assert_eq!(pooled_text(&cell), "40+");
         let none = wire::PooledCell {
@@ -593,6 +697,7 @@ mod tests {
             sites_withheld: 2,
             complete: false,
             noise_variance: 0.0,
+            summary: None,
         };
         assert_eq!(pooled_text(&none), "*");
     }

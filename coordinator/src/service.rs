@@ -183,6 +183,10 @@ fn pooled_cell(coordinates: Vec<u32>, cell: &PooledCell) -> wire::PooledCell {
         sites_withheld: cell.sites_withheld,
         complete: cell.complete(),
         noise_variance: cell.noise_variance,
+        summary: cell.summary.map(|summary| wire::Summary {
+            mean: summary.mean,
+            m2: summary.m2,
+        }),
     }
 }
 
@@ -210,9 +214,10 @@ fn pool_result(
         }
     }
     // Each table pooled on its own: (its axes, pooled cells with coordinates, pooled total).
-    let table_axes: Vec<&[Axis]> = match statistic {
-        Statistic::Count => vec![axes],
-        Statistic::Profile => axes.iter().map(std::slice::from_ref).collect(),
+    let table_axes: Vec<&[Axis]> = if statistic.is_profile() {
+        axes.iter().map(std::slice::from_ref).collect()
+    } else {
+        vec![axes]
     };
     let mut pooled: Vec<(Vec<wire::PooledCell>, wire::PooledCell)> = table_axes
         .iter()
@@ -233,13 +238,8 @@ fn pool_result(
         })
         .collect();
     let total = pooled.first().map(|(_, total)| total.clone());
-    let (axes, cells, sections) = match statistic {
-        Statistic::Count => (
-            axes.iter().map(Into::into).collect(),
-            pooled.pop().map(|(cells, _)| cells).unwrap_or_default(),
-            Vec::new(),
-        ),
-        Statistic::Profile => (
+    let (axes, cells, sections) = if statistic.is_profile() {
+        (
             Vec::new(),
             Vec::new(),
             axes.iter()
@@ -250,7 +250,13 @@ fn pool_result(
                     total: Some(total),
                 })
                 .collect(),
-        ),
+        )
+    } else {
+        (
+            axes.iter().map(Into::into).collect(),
+            pooled.pop().map(|(cells, _)| cells).unwrap_or_default(),
+            Vec::new(),
+        )
     };
     wire::PooledResult {
         query_id,

@@ -15,7 +15,7 @@ use fedq_coordinator::server::PreparedCoordinator;
 use fedq_node::config::NodeConfig;
 use fedq_node::server::PreparedNode;
 use fedq_proto::study::{PinnedTemplate, Study};
-use fedq_proto::template::{Statistic, Template};
+use fedq_proto::template::Template;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -501,9 +501,10 @@ pub fn sign_catalogue(
             experts::sign_file(&copy, DocumentKind::Template, &expert.secret)?;
         }
         let template = Template::from_toml(&std::fs::read_to_string(&copy)?, name)?;
-        match template.statistic {
-            Statistic::Count => pins.push(PinnedTemplate::of(&template)),
-            Statistic::Profile => profiles.push(PinnedTemplate::of(&template)),
+        if template.statistic.is_profile() {
+            profiles.push(PinnedTemplate::of(&template));
+        } else {
+            pins.push(PinnedTemplate::of(&template));
         }
     }
     pins.sort_by(|left, right| left.id.cmp(&right.id));

@@ -277,6 +277,7 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
         floor = config.policy.min_cell_count,
         overlap_control = privacy.overlap_control,
         rounding_base = privacy.rounding_base,
+        dominance_percent = privacy.dominance_percent,
         differential_privacy = dp.as_deref().unwrap_or("off"),
         "disclosure policy"
     );

@@ -64,6 +64,7 @@ struct RawPrivacy {
     overlap_memory_mb: Option<u64>,
     overlap_study_share_percent: Option<u32>,
     rounding_base: Option<u32>,
+    dominance_percent: Option<u32>,
     differential_privacy: Option<bool>,
     epsilon_per_query: Option<String>,
     study_epsilon: Option<String>,
@@ -209,6 +210,9 @@ pub struct Privacy {
     pub overlap_study_share_percent: u32,
     /// Released counts are rounded to a multiple of this (0: no rounding).
     pub rounding_base: u32,
+    /// Dominance rule for means: withhold a cell where one record's value is more than this
+    /// percent of the cell's sum (0: off).
+    pub dominance_percent: u32,
     /// Differential privacy, when on.
     pub differential_privacy: Option<DifferentialPrivacy>,
 }
@@ -400,8 +404,15 @@ impl RawNodeConfig {
                 .saturating_mul(1024 * 1024),
             overlap_study_share_percent: self.privacy.overlap_study_share_percent.unwrap_or(25),
             rounding_base: self.privacy.rounding_base.unwrap_or(0),
+            dominance_percent: self.privacy.dominance_percent.unwrap_or(0),
             differential_privacy: None,
         };
+        if privacy.dominance_percent > 100 {
+            problems.push(format!(
+                "privacy.dominance_percent is {}; use 0 (off) or a share from 1 to 100",
+                privacy.dominance_percent
+            ));
+        }
         if !(1..=100).contains(&privacy.overlap_study_share_percent) {
             problems.push(format!(
                 "privacy.overlap_study_share_percent is {}; it must be from 1 to 100",

@@ -126,6 +126,11 @@ pub enum NodeError {
         dataset: String,
         column: String,
     },
+    /// The statistic is one this site does not release under its policy.
+    #[error(
+        "this site adds differential-privacy noise, which fedq provides for counts, histograms and data-quality profiles only; it does not answer '{statistic}' templates"
+    )]
+    StatisticNotUnderDp { statistic: String },
     /// The query engine failed. The cause is logged at the node; nothing was released.
     #[error(
         "the query could not be computed at this site; nothing was released (the site's administrator can find the cause in the node log)"
@@ -171,6 +176,7 @@ impl NodeError {
             NodeError::StudyNotAccepted { .. } => RefusalCode::StudyNotAccepted,
             NodeError::DatasetNotHeld(_) => RefusalCode::UnknownDataset,
             NodeError::ColumnNotHeld { .. } => RefusalCode::UnknownColumn,
+            NodeError::StatisticNotUnderDp { .. } => RefusalCode::UnsupportedStatistic,
             NodeError::Config(_)
             | NodeError::Data(_)
             | NodeError::Engine

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use roaring::{MultiOps, RoaringBitmap};
 use sha2::{Digest, Sha256};
 
-use crate::disclosure::{self, DisclosedTable, Outcome};
+use crate::disclosure::{self, DisclosedTable, Outcome, Reason};
 use crate::plan::RawTable;
 use crate::records::OVERLAP_DIR;
 
@@ -324,16 +324,25 @@ pub struct Decided {
 }
 
 /// Disclosure control with overlap control: threshold and complementary suppression as in
-/// [`disclosure::apply_with`], then every released value — cell, total, and each margin the
-/// released cells determine — is checked against `memory`; a value too close to a remembered
-/// set is withheld (a margin by withholding its smallest cell) and the rules run again, until
-/// nothing released is too close. All on true values.
-pub fn decide(table: &RawTable, sets: &[RoaringBitmap], k: u32, memory: &OverlapMemory) -> Decided {
+/// [`disclosure::apply_with`] (with the cells `already_forced` withheld for their reason),
+/// then every released value — cell, total, and each margin the released cells determine — is
+/// checked against `memory`; a value too close to a remembered set is withheld (a margin by
+/// withholding its smallest cell) and the rules run again, until nothing released is too
+/// close. All on true values.
+pub fn decide(
+    table: &RawTable,
+    sets: &[RoaringBitmap],
+    k: u32,
+    memory: &OverlapMemory,
+    already_forced: &[Option<Reason>],
+) -> Decided {
     let cell_count = table.counts.len();
     let margin_groups = margins(&table.shape);
     let all_cells: Vec<usize> = (0..cell_count).collect();
     let total_set = union(sets, &all_cells);
-    let mut forced = vec![false; cell_count];
+    let mut forced: Vec<Option<Reason>> = (0..cell_count)
+        .map(|cell| already_forced.get(cell).copied().flatten())
+        .collect();
     let mut total_forced = false;
     loop {
         let disclosed = disclosure::apply_with(table, k, &forced, total_forced);
@@ -341,7 +350,7 @@ pub fn decide(table: &RawTable, sets: &[RoaringBitmap], k: u32, memory: &Overlap
         let mut changed = false;
         for cell in 0..cell_count {
             if released(cell) && !sets[cell].is_empty() && memory.too_close(&sets[cell], k) {
-                forced[cell] = true;
+                forced[cell] = Some(Reason::Overlap);
                 changed = true;
             }
         }
@@ -360,7 +369,7 @@ pub fn decide(table: &RawTable, sets: &[RoaringBitmap], k: u32, memory: &Overlap
             let set = union(sets, group);
             if !set.is_empty() && memory.too_close(&set, k) {
                 if let Some(cell) = smallest_released(table, &disclosed, group) {
-                    forced[cell] = true;
+                    forced[cell] = Some(Reason::Overlap);
                     changed = true;
                 }
             } else {
@@ -486,7 +495,7 @@ mod tests {
             shape: vec![1],
             counts: vec![50],
         };
-        let first = decide(&everyone, &[set(0..50)], 10, &memory);
+        let first = decide(&everyone, &[set(0..50)], 10, &memory, &[]);
         assert_eq!(first.table.total, Outcome::Released(50));
         memory.remember(first.released_sets).unwrap();
         // Second answer: everyone but record 7.
@@ -500,6 +509,7 @@ mod tests {
             &[all_but_one],
             10,
             &memory,
+            &[],
         );
         assert_eq!(second.table.cells, [Outcome::Withheld]);
         assert_eq!(second.table.total, Outcome::Withheld);
@@ -516,7 +526,7 @@ mod tests {
             shape: vec![2],
             counts: vec![30, 29],
         };
-        let decided = decide(&table, &[set(0..30), set(31..60)], 10, &memory);
+        let decided = decide(&table, &[set(0..30), set(31..60)], 10, &memory, &[]);
         assert_eq!(decided.table.total, Outcome::Withheld);
         let released: u64 = decided
             .table

@@ -6,6 +6,7 @@
 //! satisfies a filter condition.
 
 use fedq_proto::model::days_since_epoch;
+use fedq_proto::summary::Summary;
 use fedq_proto::template::{
     Axis, BoundCheck, BoundFilter, BoundQuery, BoundStratum, CompareOp, Scalar, Statistic,
 };
@@ -38,27 +39,81 @@ pub const RECORD_COLUMN: &str = "__fedq_record";
 /// The set of record numbers in each cell of a table, for overlap control.
 pub type CellSets = Vec<RoaringBitmap>;
 
-/// The query's tables of true counts: a count template's one grid over all its axes, or a
-/// profile's sections (each axis a one-way table of its own: a profiled column, or a check),
-/// in axis order. With `with_sets`, also every cell's record numbers.
+/// One computed table: its true counts, with overlap control each cell's record numbers, and
+/// for a mean each cell's moments. Never leaves the node.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub raw: RawTable,
+    pub sets: Option<CellSets>,
+    pub moments: Option<CellMoments>,
+}
+
+/// The moments of a numeric column's values in one cell (or the whole table).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Moments {
+    /// Count, mean and squared deviations of the cell's recorded values.
+    pub summary: Summary,
+    /// Sum of the values (for the dominance rule).
+    pub sum: f64,
+    /// The largest absolute value (for the dominance rule).
+    pub largest: f64,
+}
+
+impl Moments {
+    /// The moments of two disjoint groups together.
+    pub fn combine(self, other: Moments) -> Moments {
+        Moments {
+            summary: self.summary.combine(other.summary),
+            sum: self.sum + other.sum,
+            largest: self.largest.max(other.largest),
+        }
+    }
+}
+
+/// Every cell's moments, and the whole table's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CellMoments {
+    pub cells: Vec<Moments>,
+    pub total: Moments,
+}
+
+/// The query's tables of true counts: a count's or histogram's one grid over all its axes
+/// (a histogram's bins are its last axis), a mean's grid with every cell's moments (only
+/// records with a value count), or a profile's sections (each axis a one-way table of its own:
+/// a profiled column, or a check), in axis order. With `with_sets`, also every cell's record
+/// numbers.
 pub fn tables(
     query: &BoundQuery,
     axes: &[Axis],
     snapshot: &Snapshot,
     with_sets: bool,
-) -> PolarsResult<Vec<(RawTable, Option<CellSets>)>> {
-    let count = |keys: Vec<Expr>, shape: Vec<usize>| {
-        let plan = filtered(query, snapshot);
+) -> PolarsResult<Vec<Table>> {
+    let count = |plan: LazyFrame, keys: Vec<Expr>, shape: Vec<usize>| {
         if with_sets {
-            count_keys_with_sets(plan, keys, shape).map(|(table, sets)| (table, Some(sets)))
+            count_keys_with_sets(plan, keys, shape).map(|(raw, sets)| (raw, Some(sets)))
         } else {
-            count_keys(plan, keys, shape).map(|table| (table, None))
+            count_keys(plan, keys, shape).map(|raw| (raw, None))
         }
     };
-    match query.statistic {
-        Statistic::Count => {
-            let keys = query.strata.iter().map(stratum_expr).collect();
-            Ok(vec![count(keys, shape_of(axes))?])
+    let grid_keys = || query.strata.iter().map(stratum_expr).collect::<Vec<_>>();
+    match &query.statistic {
+        Statistic::Count | Statistic::Histogram { .. } => {
+            let (raw, sets) = count(filtered(query, snapshot), grid_keys(), shape_of(axes))?;
+            Ok(vec![Table {
+                raw,
+                sets,
+                moments: None,
+            }])
+        }
+        Statistic::Mean { column } => {
+            let plan = filtered(query, snapshot).filter(col(column.as_str()).is_not_null());
+            let (raw, sets) = count(plan.clone(), grid_keys(), shape_of(axes))?;
+            let moments = moment_keys(plan, grid_keys(), &raw.shape, column)?;
+            Ok(vec![Table {
+                raw,
+                sets,
+                moments: Some(moments),
+            }])
         }
         Statistic::Profile => {
             let columns = query
@@ -69,10 +124,101 @@ pub fn tables(
             columns
                 .chain(checks)
                 .zip(axes)
-                .map(|(key, axis)| count(vec![key], vec![axis.levels.len()]))
+                .map(|(key, axis)| {
+                    let (raw, sets) = count(
+                        filtered(query, snapshot),
+                        vec![key],
+                        vec![axis.levels.len()],
+                    )?;
+                    Ok(Table {
+                        raw,
+                        sets,
+                        moments: None,
+                    })
+                })
                 .collect()
         }
     }
+}
+
+/// The moments of `column` per cell of the grid `shape` whose coordinates are the `keys`.
+fn moment_keys(
+    plan: LazyFrame,
+    keys: Vec<Expr>,
+    shape: &[usize],
+    column: &str,
+) -> PolarsResult<CellMoments> {
+    const N: &str = "__fedq_n";
+    const MEAN: &str = "__fedq_mean";
+    const VARIANCE: &str = "__fedq_variance";
+    const SUM: &str = "__fedq_sum";
+    const MAX: &str = "__fedq_max";
+    const MIN: &str = "__fedq_min";
+    let value = || col(column).cast(DataType::Float64);
+    let aggregates = [
+        len().cast(DataType::UInt64).alias(N),
+        value().mean().alias(MEAN),
+        // Population variance: m2 = variance * n.
+        value().var(0).alias(VARIANCE),
+        value().sum().alias(SUM),
+        value().max().alias(MAX),
+        value().min().alias(MIN),
+    ];
+    let axes = keys.len();
+    let frame = if keys.is_empty() {
+        plan.select(aggregates).collect()?
+    } else {
+        let keys: Vec<Expr> = keys
+            .into_iter()
+            .enumerate()
+            .map(|(index, key)| key.alias(stratum_key(index)))
+            .collect();
+        plan.group_by(keys).agg(aggregates).collect()?
+    };
+    let key_columns = (0..axes)
+        .map(|index| {
+            frame
+                .column(&stratum_key(index))
+                .and_then(|column| column.u32().cloned())
+        })
+        .collect::<PolarsResult<Vec<_>>>()?;
+    let floats = |name: &str| frame.column(name).and_then(|column| column.f64().cloned());
+    let (n, mean, variance, sum, max, min) = (
+        frame.column(N)?.u64()?.clone(),
+        floats(MEAN)?,
+        floats(VARIANCE)?,
+        floats(SUM)?,
+        floats(MAX)?,
+        floats(MIN)?,
+    );
+    let mut cells = vec![Moments::default(); shape.iter().product()];
+    for row in 0..frame.height() {
+        let mut cell = 0usize;
+        for (axis, keys) in key_columns.iter().enumerate() {
+            let missing_level = shape[axis] - 1;
+            let level = keys.get(row).map_or(missing_level, |level| level as usize);
+            cell = cell * shape[axis] + level.min(missing_level);
+        }
+        let count = n.get(row).unwrap_or(0);
+        let row_moments = Moments {
+            summary: Summary {
+                n: count,
+                mean: mean.get(row).unwrap_or(0.0),
+                m2: variance.get(row).unwrap_or(0.0) * count as f64,
+            },
+            sum: sum.get(row).unwrap_or(0.0),
+            largest: max
+                .get(row)
+                .unwrap_or(0.0)
+                .abs()
+                .max(min.get(row).unwrap_or(0.0).abs()),
+        };
+        cells[cell] = cells[cell].combine(row_moments);
+    }
+    let total = cells
+        .iter()
+        .fold(Moments::default(), |total, cell| total.combine(*cell));
+    Ok(CellMoments { cells, total })
 }
 
 /// Runs a count query's plan and lays the counts out on the full grid (empty cells are zeros).
@@ -429,11 +575,11 @@ mod tests {
         ];
         for with_sets in [false, true] {
             let tables = tables(&query, &axes, &snapshot, with_sets).unwrap();
-            let counts: Vec<&[u64]> = tables.iter().map(|(table, _)| &table.counts[..]).collect();
+            let counts: Vec<&[u64]> = tables.iter().map(|table| &table.raw.counts[..]).collect();
             assert_eq!(counts, [&[1, 3, 1, 0][..], &[2, 2, 0, 0, 1], &[3, 1, 1]]);
             if with_sets {
-                let (_, sets) = &tables[0];
-                assert_eq!(sets.as_ref().unwrap()[2].iter().collect::<Vec<_>>(), [13]);
+                let sets = tables[0].sets.as_ref().unwrap();
+                assert_eq!(sets[2].iter().collect::<Vec<_>>(), [13]);
             }
         }
     }

@@ -158,6 +158,9 @@ pub struct SiteAnswer {
     pub axes: Vec<Axis>,
     /// A count: one table over all axes. A profile: one one-way table per axis.
     pub tables: Vec<DisclosedTable>,
+    /// A mean's moments per table, beside its released counts (withheld cells' are never
+    /// sent).
+    pub moments: Vec<Option<plan::CellMoments>>,
     pub statistic: Statistic,
     /// The node's signed audit head including this query's record.
     pub audit_head: wire::SignedAuditHead,
@@ -337,6 +340,7 @@ impl QueryEngine {
             snapshot_version: answer.snapshot_version,
             axes: answer.axes,
             tables,
+            moments: answer.moments,
             statistic: answer.statistic,
             audit_head: head,
             noise: answer.noise,
@@ -523,6 +527,13 @@ impl QueryEngine {
             );
             NodeError::Engine
         };
+        if matches!(template.statistic, Statistic::Mean { .. })
+            && self.policy.privacy.differential_privacy.is_some()
+        {
+            return Err(NodeError::StatisticNotUnderDp {
+                statistic: template.statistic.name().to_string(),
+            });
+        }
         // Differential privacy: charge the budget first (a repeat of a paid query is free).
         let content = checked.canonical_content(&values)?;
         let noise_epsilon = match (&self.budget, self.policy.privacy.differential_privacy) {
@@ -555,6 +566,7 @@ impl QueryEngine {
             .map_err(plan_failed)?;
         let mut raws = Vec::with_capacity(computed.len());
         let mut tables = Vec::with_capacity(computed.len());
+        let mut moments = Vec::with_capacity(computed.len());
         // Overlap control holds the memory's lock across every table's check and remember, so
         // concurrent near-duplicates cannot both pass; a profile's later sections are also
         // checked against its earlier ones.
@@ -562,17 +574,22 @@ impl QueryEngine {
             Some(memory) => Some(memory.lock().map_err(|_| NodeError::Engine)?),
             None => None,
         };
-        for (raw, sets) in computed {
-            let table = match (memory.as_deref_mut(), sets) {
+        for computed in computed {
+            let dominated = dominated_cells(
+                computed.moments.as_ref(),
+                self.policy.privacy.dominance_percent,
+            );
+            let table = match (memory.as_deref_mut(), &computed.sets) {
                 (Some(memory), Some(sets)) => {
-                    let decided = overlap::decide(&raw, &sets, k, memory);
+                    let decided = overlap::decide(&computed.raw, sets, k, memory, &dominated);
                     self.remember(memory, &study.id, decided.released_sets)?;
                     decided.table
                 }
-                _ => disclosure::apply(&raw, k),
+                _ => disclosure::apply_with(&computed.raw, k, &dominated, false),
             };
-            raws.push(raw);
+            raws.push(computed.raw);
             tables.push(table);
+            moments.push(computed.moments);
         }
         drop(memory);
         // Every suppression decision was made on true counts; noise and rounding now act on
@@ -599,6 +616,7 @@ impl QueryEngine {
             Computed {
                 template: TemplateRef::of(template),
                 statistic: template.statistic.clone(),
+                moments,
                 snapshot_version: snapshot.version.clone(),
                 axes: checked.axes,
                 noise,
@@ -640,6 +658,25 @@ impl QueryEngine {
     }
 }
 
+/// The cells the dominance rule withholds: one value above `percent` of the cell's sum (off
+/// at 0, and for statistics without moments).
+fn dominated_cells(
+    moments: Option<&plan::CellMoments>,
+    percent: u32,
+) -> Vec<Option<disclosure::Reason>> {
+    let Some(moments) = moments.filter(|_| percent > 0) else {
+        return Vec::new();
+    };
+    moments
+        .cells
+        .iter()
+        .map(|cell| {
+            let limit = cell.sum.abs() * f64::from(percent) / 100.0;
+            (cell.summary.n > 0 && cell.largest > limit).then_some(disclosure::Reason::Dominance)
+        })
+        .collect()
+}
+
 /// One of the node's computing slots, given back when dropped.
 #[derive(Debug)]
 pub struct Slot<'a> {
@@ -657,6 +694,8 @@ impl Drop for Slot<'_> {
 struct Computed {
     template: TemplateRef,
     statistic: Statistic,
+    /// A mean's moments per table (true values; only released cells' are sent).
+    moments: Vec<Option<plan::CellMoments>>,
     snapshot_version: String,
     axes: Vec<Axis>,
     noise: Option<(Rational, f64)>,

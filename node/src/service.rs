@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use std::collections::BTreeSet;
 
-use fedq_proto::template::{Axis, Statistic, cell_coordinates};
+use fedq_proto::template::{Axis, cell_coordinates};
 use fedq_proto::wire::{self, node_server::Node};
 use prost::Message;
 use tonic::{Code, Request, Response, Status};
 
 use crate::NodeError;
 use crate::disclosure::{DisclosedTable, Outcome};
+use crate::plan::{CellMoments, Moments};
 use crate::query::{QueryEngine, QueryRequest, SiteAnswer};
 
 /// The gRPC face of one node.
@@ -120,7 +121,9 @@ pub fn status_of(err: &NodeError) -> Status {
         NodeError::Contract(
             fedq_proto::Error::Parameter { .. } | fedq_proto::Error::Syntax { .. },
         ) => Code::InvalidArgument,
-        NodeError::DatasetNotHeld(_) | NodeError::ColumnNotHeld { .. } => Code::FailedPrecondition,
+        NodeError::DatasetNotHeld(_)
+        | NodeError::ColumnNotHeld { .. }
+        | NodeError::StatisticNotUnderDp { .. } => Code::FailedPrecondition,
         NodeError::Contract(_)
         | NodeError::Config(_)
         | NodeError::Data(_)
@@ -135,9 +138,21 @@ pub fn status_of(err: &NodeError) -> Status {
     Status::with_details(code, message, refusal.encode_to_vec().into())
 }
 
-fn outcome_to_cell(coordinates: Vec<u32>, outcome: Outcome) -> wire::Cell {
+/// One value on the wire; a released mean cell carries its summary (mean and m2), a withheld
+/// one nothing.
+fn outcome_to_cell(
+    coordinates: Vec<u32>,
+    outcome: Outcome,
+    moments: Option<&Moments>,
+) -> wire::Cell {
     let outcome = match outcome {
-        Outcome::Released(count) => wire::cell::Outcome::Released(wire::Released { count }),
+        Outcome::Released(count) => wire::cell::Outcome::Released(wire::Released {
+            count,
+            summary: moments.map(|moments| wire::Summary {
+                mean: moments.summary.mean,
+                m2: moments.summary.m2,
+            }),
+        }),
         Outcome::Withheld => wire::cell::Outcome::Withheld(wire::Withheld {}),
     };
     wire::Cell {
@@ -146,42 +161,67 @@ fn outcome_to_cell(coordinates: Vec<u32>, outcome: Outcome) -> wire::Cell {
     }
 }
 
-/// A disclosed table's cells on the wire, with their coordinates in `axes`.
-fn cells_to_wire(axes: &[Axis], table: &DisclosedTable) -> Vec<wire::Cell> {
+/// A disclosed table's cells on the wire, with their coordinates in `axes`, and its total.
+fn table_to_wire(
+    axes: &[Axis],
+    table: &DisclosedTable,
+    moments: Option<&CellMoments>,
+) -> (Vec<wire::Cell>, wire::Cell) {
     let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
-    table
+    let cells = table
         .cells
         .iter()
         .enumerate()
-        .map(|(index, outcome)| outcome_to_cell(cell_coordinates(&shape, index), *outcome))
-        .collect()
+        .map(|(index, outcome)| {
+            outcome_to_cell(
+                cell_coordinates(&shape, index),
+                *outcome,
+                moments.and_then(|moments| moments.cells.get(index)),
+            )
+        })
+        .collect();
+    let total = outcome_to_cell(
+        Vec::new(),
+        table.total,
+        moments.map(|moments| &moments.total),
+    );
+    (cells, total)
 }
 
 fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
-    let (axes, cells, sections) = match answer.statistic {
-        Statistic::Count => (
-            answer.axes.iter().map(Into::into).collect(),
-            answer
-                .tables
-                .first()
-                .map(|table| cells_to_wire(&answer.axes, table))
-                .unwrap_or_default(),
-            Vec::new(),
-        ),
-        Statistic::Profile => (
-            Vec::new(),
-            Vec::new(),
-            answer
-                .axes
-                .iter()
-                .zip(&answer.tables)
-                .map(|(axis, table)| wire::Section {
+    let moments = |index: usize| answer.moments.get(index).and_then(Option::as_ref);
+    let (axes, cells, total, sections) = if answer.statistic.is_profile() {
+        let sections: Vec<wire::Section> = answer
+            .axes
+            .iter()
+            .zip(&answer.tables)
+            .enumerate()
+            .map(|(index, (axis, table))| {
+                let (cells, total) =
+                    table_to_wire(std::slice::from_ref(axis), table, moments(index));
+                wire::Section {
                     axis: Some(axis.into()),
-                    cells: cells_to_wire(std::slice::from_ref(axis), table),
-                    total: Some(outcome_to_cell(Vec::new(), table.total)),
-                })
-                .collect(),
-        ),
+                    cells,
+                    total: Some(total),
+                }
+            })
+            .collect();
+        let total = sections.first().and_then(|section| section.total.clone());
+        (Vec::new(), Vec::new(), total, sections)
+    } else {
+        let (cells, total) = match answer.tables.first() {
+            Some(table) => table_to_wire(&answer.axes, table, moments(0)),
+            None => (
+                Vec::new(),
+                outcome_to_cell(Vec::new(), Outcome::Withheld, None),
+            ),
+        };
+        (
+            answer.axes.iter().map(Into::into).collect(),
+            cells,
+            Some(total),
+            Vec::new(),
+        )
     };
     let first = answer.tables.first();
     wire::SiteResult {
@@ -191,10 +231,7 @@ fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
         applied_min_cell_count: first.map_or(0, |table| table.k),
         axes,
         cells,
-        total: Some(outcome_to_cell(
-            Vec::new(),
-            first.map_or(Outcome::Withheld, |table| table.total),
-        )),
+        total,
         mechanisms: answer
             .tables
             .iter()

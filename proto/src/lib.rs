@@ -12,6 +12,7 @@
 //!   revocation).
 //! - [`audit_head`]: the signed head of a node's hash-chained audit log.
 //! - [`rational`]: exact rationals for privacy budgets.
+//! - [`summary`]: count, mean and squared deviations of values, and their exact pooling.
 //! - [`register`]: the transparency register's JSON and HTML forms.
 //! - [`tls`]: certificate loading, mutual-TLS configuration and certificate identities.
 //! - [`config`]: layered configuration (TOML file, then environment overrides).
@@ -32,6 +33,7 @@ pub mod rational;
 pub mod register;
 pub mod signing;
 pub mod study;
+pub mod summary;
 pub mod template;
 pub mod tls;
 

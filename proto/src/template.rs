@@ -396,6 +396,12 @@ pub enum Statistic {
     /// own (plus values outside the column's domain, and missing ones), and for each check the
     /// records that are plausible, implausible, or cannot be evaluated.
     Profile,
+    /// Number of records in each bin of a numeric column, per stratum: the bins are fixed by
+    /// the template (no edge depends on the data) and cover the column's whole domain.
+    Histogram { column: String, bins: Vec<Band> },
+    /// Number, mean and variance of a numeric column's recorded values, per stratum (records
+    /// without a value are left out).
+    Mean { column: String },
 }
 
 impl Statistic {
@@ -403,6 +409,22 @@ impl Statistic {
         match self {
             Statistic::Count => "count",
             Statistic::Profile => "profile",
+            Statistic::Histogram { .. } => "histogram",
+            Statistic::Mean { .. } => "mean",
+        }
+    }
+
+    /// A profile answers in sections (one table per column and check); every other
+    /// statistic in one grid.
+    pub fn is_profile(&self) -> bool {
+        matches!(self, Statistic::Profile)
+    }
+
+    /// The column the statistic summarises, if any.
+    pub fn column(&self) -> Option<&str> {
+        match self {
+            Statistic::Histogram { column, .. } | Statistic::Mean { column } => Some(column),
+            Statistic::Count | Statistic::Profile => None,
         }
     }
 }
@@ -605,6 +627,7 @@ impl Template {
                 .filter_map(|parameter| parameter.column.clone()),
         );
         columns.extend(self.strata.iter().map(|stratum| stratum.column.clone()));
+        columns.extend(self.statistic.column().map(str::to_string));
         columns
     }
 
@@ -688,7 +711,7 @@ impl Template {
             }
             checker.check_filter(filter, "filter", &mut used)?;
         }
-        if self.statistic == Statistic::Count && !self.checks.is_empty() {
+        if !self.statistic.is_profile() && !self.checks.is_empty() {
             return Err(self.problem(
                 Malformed,
                 "'checks' belong to data-quality profiles (statistic kind \"profile\")",
@@ -722,8 +745,7 @@ impl Template {
             }
             checker.check_filter(&check.rule, &format!("{at}.rule"), &mut used)?;
         }
-        if self.statistic == Statistic::Profile && self.strata.is_empty() && self.checks.is_empty()
-        {
+        if self.statistic.is_profile() && self.strata.is_empty() && self.checks.is_empty() {
             return Err(self.problem(
                 Malformed,
                 "a profile needs at least one stratum (a column to profile) or one check",
@@ -756,16 +778,47 @@ impl Template {
                 ));
             }
             let mut axis = checker.check_stratum(stratum, &format!("strata[{index}]"))?;
-            match self.statistic {
-                Statistic::Count => cells = cells.saturating_mul(axis.levels.len()),
-                Statistic::Profile => {
-                    // Each column is profiled on its own: its sections add up, not multiply.
-                    axis.levels
-                        .insert(axis.levels.len() - 1, OUTSIDE_DOMAIN_LEVEL.to_string());
-                    cells = cells.saturating_add(axis.levels.len());
-                }
+            if self.statistic.is_profile() {
+                // Each column is profiled on its own: its sections add up, not multiply.
+                axis.levels
+                    .insert(axis.levels.len() - 1, OUTSIDE_DOMAIN_LEVEL.to_string());
+                cells = cells.saturating_add(axis.levels.len());
+            } else {
+                cells = cells.saturating_mul(axis.levels.len());
             }
             axes.push(axis);
+        }
+        match &self.statistic {
+            Statistic::Histogram { column, bins } => {
+                if self.strata.iter().any(|stratum| &stratum.column == column) {
+                    return Err(self.problem(
+                        Malformed,
+                        format!(
+                            "statistic: '{column}' is both a stratum and the histogram's column"
+                        ),
+                    ));
+                }
+                let stratum = Stratum {
+                    column: column.clone(),
+                    bands: Some(bins.clone()),
+                };
+                let axis = checker.check_stratum(&stratum, "statistic (histogram bins)")?;
+                cells = cells.saturating_mul(axis.levels.len());
+                axes.push(axis);
+            }
+            Statistic::Mean { column } => {
+                let spec = checker.column(column, "statistic")?;
+                if !matches!(spec.domain, Domain::Integer { .. } | Domain::Float { .. }) {
+                    return Err(self.problem(
+                        Malformed,
+                        format!(
+                            "statistic: the mean of {} column '{column}' is not defined; choose a number column",
+                            spec.domain.type_name()
+                        ),
+                    ));
+                }
+            }
+            Statistic::Count | Statistic::Profile => {}
         }
         for check in &self.checks {
             cells = cells.saturating_add(CHECK_LEVELS.len());
@@ -1239,12 +1292,20 @@ impl CheckedTemplate<'_> {
             Some(filter) => Some(bind_filter(filter, self.dataset, &values)?),
             None => None,
         };
-        let strata = self
+        let mut strata: Vec<BoundStratum> = self
             .template
             .strata
             .iter()
             .map(|stratum| bind_stratum(stratum, self.dataset))
             .collect();
+        if let Statistic::Histogram { column, bins } = &self.template.statistic {
+            // The bins are the grid's last axis.
+            let stratum = Stratum {
+                column: column.clone(),
+                bands: Some(bins.clone()),
+            };
+            strata.push(bind_stratum(&stratum, self.dataset));
+        }
         let checks = self
             .template
             .checks

@@ -63,6 +63,15 @@ impl TestAlliance {
         sites: Vec<SiteProfile>,
         outbound: &[&str],
     ) -> anyhow::Result<TestAlliance> {
+        TestAlliance::start_custom(sites, outbound, 10).await
+    }
+
+    /// A test alliance whose nodes apply the disclosure floor `min_cell_count`.
+    pub async fn start_custom(
+        sites: Vec<SiteProfile>,
+        outbound: &[&str],
+        min_cell_count: u32,
+    ) -> anyhow::Result<TestAlliance> {
         fedq_proto::tls::install_crypto_provider();
         let dir = tempfile::tempdir()?;
         let templates = catalogue(dir.path())?;
@@ -71,7 +80,7 @@ impl TestAlliance {
             &sites,
             outbound,
             &templates,
-            10,
+            min_cell_count,
             0,
         )
         .await?;
@@ -257,6 +266,8 @@ pub struct OracleRow {
     pub iss: i64,
     pub icu: bool,
     pub systolic_bp: Option<i64>,
+    /// Days (the legacy format records hours).
+    pub length_of_stay: i64,
 }
 
 /// Every admission of every site, straight from the generator.
@@ -294,12 +305,13 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                 .iter()
                 .map(|v| v == Some(true))
                 .collect();
-            let (age, sex, mechanism, iss, systolic) = (
+            let (age, sex, mechanism, iss, systolic, stay) = (
                 ints("age")?,
                 texts("sex")?,
                 texts("injury_mechanism")?,
                 ints("iss")?,
                 optional_ints("systolic_bp")?,
+                ints("length_of_stay")?,
             );
             (0..frame.height())
                 .map(|i| OracleRow {
@@ -309,17 +321,19 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                     iss: iss[i],
                     icu: icu[i],
                     systolic_bp: systolic[i],
+                    length_of_stay: stay[i],
                 })
                 .collect()
         }
         LocalFormat::LegacyCsv => {
-            let (age, sex, mechanism, iss, icu, systolic) = (
+            let (age, sex, mechanism, iss, icu, systolic, hours) = (
                 ints("AGE_Y")?,
                 texts("SEX")?,
                 ints("MECH")?,
                 ints("ISS")?,
                 ints("ICU")?,
                 optional_ints("SBP")?,
+                ints("LOS_HOURS")?,
             );
             (0..frame.height())
                 .map(|i| OracleRow {
@@ -334,6 +348,7 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                     iss: iss[i],
                     icu: icu[i] == 1,
                     systolic_bp: systolic[i],
+                    length_of_stay: hours[i] / 24,
                 })
                 .collect()
         }

@@ -140,7 +140,8 @@ async fn small_cell_is_withheld_without_any_value_and_the_pooled_cell_is_incompl
     assert_eq!(
         total.outcome,
         Some(wire::cell::Outcome::Released(wire::Released {
-            count: site_c_rows.len() as u64
+            count: site_c_rows.len() as u64,
+            summary: None,
         }))
     );
     assert!(

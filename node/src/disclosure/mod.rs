@@ -44,6 +44,8 @@ pub enum Reason {
     Overlap,
     /// Withheld so that a small cell in one of its lines cannot be recovered.
     Complementary,
+    /// One record's value is more than the site's set share of the cell's sum.
+    Dominance,
 }
 
 impl Reason {
@@ -52,6 +54,7 @@ impl Reason {
             Reason::Threshold => "threshold",
             Reason::Overlap => "overlap",
             Reason::Complementary => "complementary",
+            Reason::Dominance => "dominance",
         }
     }
 }
@@ -181,18 +184,30 @@ pub fn apply(table: &RawTable, k: u32) -> DisclosedTable {
 }
 
 /// Applies disclosure control with threshold `k`, where `forced` cells (and the total, when
-/// `total_forced`) must be withheld as well — query-set overlap control's decisions, which
-/// complementary suppression then protects like small cells.
-pub fn apply_with(table: &RawTable, k: u32, forced: &[bool], total_forced: bool) -> DisclosedTable {
+/// `total_forced`) must be withheld as well, for the reason given — query-set overlap
+/// control's or the dominance rule's decisions, which complementary suppression then protects
+/// like small cells.
+pub fn apply_with(
+    table: &RawTable,
+    k: u32,
+    forced: &[Option<Reason>],
+    total_forced: bool,
+) -> DisclosedTable {
     let counts = &table.counts;
     let primary: Vec<bool> = counts.iter().map(|&count| is_small(count, k)).collect();
-    let overlap: Vec<bool> = (0..counts.len())
-        .map(|cell| forced.get(cell).copied().unwrap_or(false) && !primary[cell])
+    let forced_for: Vec<Option<Reason>> = (0..counts.len())
+        .map(|cell| {
+            forced
+                .get(cell)
+                .copied()
+                .flatten()
+                .filter(|_| !primary[cell])
+        })
         .collect();
     let mut withheld: Vec<bool> = primary
         .iter()
-        .zip(&overlap)
-        .map(|(small, close)| *small || *close)
+        .zip(&forced_for)
+        .map(|(small, forced)| *small || forced.is_some())
         .collect();
     let all_lines = lines(&table.shape);
     let whole_table = all_lines.len().saturating_sub(1);
@@ -268,10 +283,8 @@ pub fn apply_with(table: &RawTable, k: u32, forced: &[bool], total_forced: bool)
         if withheld[cell] {
             let reason = if primary[cell] {
                 Reason::Threshold
-            } else if overlap[cell] {
-                Reason::Overlap
             } else {
-                Reason::Complementary
+                forced_for[cell].unwrap_or(Reason::Complementary)
             };
             *withheld_by_reason.entry(reason).or_insert(0) += 1;
         }
@@ -283,10 +296,13 @@ pub fn apply_with(table: &RawTable, k: u32, forced: &[bool], total_forced: bool)
             mechanisms.insert(Mechanism::ComplementarySuppression);
         }
     }
-    if overlap.contains(&true) || total_forced {
-        // Withholding a large cell already shows that something acted; naming overlap
-        // control tells the study lead why, and adds nothing about any value.
+    // Withholding a large cell already shows that something acted; naming the rule tells the
+    // study lead why, and adds nothing about any value.
+    if forced_for.contains(&Some(Reason::Overlap)) || total_forced {
         mechanisms.insert(Mechanism::QueryOverlapControl);
+    }
+    if forced_for.contains(&Some(Reason::Dominance)) {
+        mechanisms.insert(Mechanism::DominanceRule);
     }
     DisclosedTable {
         k,

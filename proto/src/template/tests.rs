@@ -499,7 +499,10 @@ fn a_profile_has_one_section_per_column_and_check_and_binds_column_comparisons()
             other: "length_of_stay".into(),
         }
     );
-    assert_eq!(bound.checks[0].columns, ["days_to_outcome", "length_of_stay"]);
+    assert_eq!(
+        bound.checks[0].columns,
+        ["days_to_outcome", "length_of_stay"]
+    );
     assert!(template.columns_used().contains("length_of_stay"));
 }
 
@@ -535,5 +538,8 @@ fn column_comparisons_need_two_number_or_date_columns_and_no_identifier() {
     let count = format!("{COHORT}\n{CHECKS}");
     let template = Template::from_toml(&count, "c").unwrap();
     let err = template.check(&model, &no_extra()).unwrap_err().to_string();
-    assert!(err.contains("'checks' belong to data-quality profiles"), "{err}");
+    assert!(
+        err.contains("'checks' belong to data-quality profiles"),
+        "{err}"
+    );
 }

@@ -1,0 +1,233 @@
+//! Statistics beyond counts against real nodes, each checked against an independent oracle
+//! computed straight from the generated rows (not the node's code path): pooled means and
+//! variances per stratum (n exact, mean and variance to 1e-9 relative), histograms over the
+//! template's fixed bins (exact); and each withholding a small cell at the small site, whose
+//! summary is then not sent at all; a site adding differential-privacy noise refuses means.
+
+use fedq_proto::summary::Summary;
+use fedq_proto::wire;
+use fedq_tests::{OracleRow, TestAlliance, integer, oracle_rows, query, small_sites};
+
+fn relative(left: f64, right: f64) -> f64 {
+    (left - right).abs() / right.abs().max(f64::MIN_POSITIVE)
+}
+
+/// The sites with the small one grown so that, at floor 3, nothing is withheld.
+fn roomy_sites() -> Vec<fedq_deploy::synth::SiteProfile> {
+    let mut sites = small_sites();
+    sites[2].admissions = 2_000;
+    sites
+}
+
+/// ISS band index as `length-of-stay-by-severity` cuts it.
+fn iss_band(iss: i64) -> usize {
+    match iss {
+        ..9 => 0,
+        9..16 => 1,
+        16..25 => 2,
+        _ => 3,
+    }
+}
+
+/// Systolic band index as `systolic-pressure-distribution` cuts it (6: missing).
+fn systolic_bin(value: Option<i64>) -> usize {
+    match value {
+        None => 6,
+        Some(value) => ((value.max(60) - 60) / 20).min(5) as usize,
+    }
+}
+
+/// The straightforward two-pass mean and sample variance of some values.
+fn oracle_summary(values: &[f64]) -> (u64, f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let variance = values
+        .iter()
+        .map(|value| (value - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0);
+    (values.len() as u64, mean, variance)
+}
+
+fn pooled_summary(cell: &wire::PooledCell) -> Summary {
+    let summary = cell.summary.as_ref().expect("a pooled mean");
+    Summary {
+        n: cell.count.expect("a pooled count"),
+        mean: summary.mean,
+        m2: summary.m2,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_means_and_variances_equal_the_computation_on_all_rows_together()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start_custom(roomy_sites(), &[], 3).await?;
+    let mut coordinator = test.coordinator().await?;
+    let result = query(
+        &mut coordinator,
+        "length-of-stay-by-severity",
+        vec![],
+        20_000,
+    )
+    .await?;
+    let rows: Vec<OracleRow> = oracle_rows(&test.sites)?.into_iter().flatten().collect();
+    for band in 0..4 {
+        let values: Vec<f64> = rows
+            .iter()
+            .filter(|row| iss_band(row.iss) == band)
+            .map(|row| row.length_of_stay as f64)
+            .collect();
+        let (n, mean, variance) = oracle_summary(&values);
+        let cell = &result.cells[band];
+        assert!(cell.complete, "band {band} must not be withheld anywhere");
+        let pooled = pooled_summary(cell);
+        assert_eq!(pooled.n, n, "band {band}");
+        assert!(
+            relative(pooled.mean, mean) < 1e-9,
+            "band {band}: {} vs {mean}",
+            pooled.mean
+        );
+        let pooled_variance = pooled.variance().unwrap();
+        assert!(
+            relative(pooled_variance, variance) < 1e-9,
+            "band {band}: {pooled_variance} vs {variance}"
+        );
+    }
+    // The total over every band, and the empty missing band.
+    let all: Vec<f64> = rows.iter().map(|row| row.length_of_stay as f64).collect();
+    let (n, mean, variance) = oracle_summary(&all);
+    let total = pooled_summary(result.total.as_ref().unwrap());
+    assert_eq!(total.n, n);
+    assert!(relative(total.mean, mean) < 1e-9);
+    assert!(relative(total.variance().unwrap(), variance) < 1e-9);
+    assert_eq!(result.cells[4].count, Some(0));
+    // The table shows means with their spread.
+    let table = fedq_coordinator::render::table("stay", &result);
+    assert!(table.contains(&format!("{:.2} ±", mean)), "{table}");
+    let json = fedq_coordinator::render::json(&result);
+    assert_eq!(json.total.summary.as_ref().unwrap().n, n);
+    test.alliance.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_histograms_equal_the_counts_on_all_rows_together() -> anyhow::Result<()> {
+    let test = TestAlliance::start_custom(roomy_sites(), &[], 3).await?;
+    let mut coordinator = test.coordinator().await?;
+    let min_iss = 9;
+    let result = query(
+        &mut coordinator,
+        "systolic-pressure-distribution",
+        vec![integer("min_iss", min_iss)],
+        20_000,
+    )
+    .await?;
+    let rows: Vec<OracleRow> = oracle_rows(&test.sites)?.into_iter().flatten().collect();
+    assert_eq!(result.axes.last().unwrap().column, "systolic_bp");
+    for bin in 0..7 {
+        let expected = rows
+            .iter()
+            .filter(|row| row.iss >= min_iss && systolic_bin(row.systolic_bp) == bin)
+            .count() as u64;
+        let cell = &result.cells[bin];
+        assert!(cell.complete, "bin {bin}");
+        assert_eq!(cell.count, Some(expected), "bin {bin}");
+    }
+    test.alliance.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_cell_of_a_mean_or_histogram_is_withheld_and_sends_no_summary() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start().await?;
+    let mut coordinator = test.coordinator().await?;
+    let site_c_rows = &oracle_rows(&test.sites)?[2];
+    let site_c = |result: &wire::PooledResult| -> wire::SiteResult {
+        result.sites[2].result.clone().expect("site-c answered")
+    };
+
+    let means = query(
+        &mut coordinator,
+        "length-of-stay-by-severity",
+        vec![],
+        20_000,
+    )
+    .await?;
+    let answer = site_c(&means);
+    let small_band = (0..4)
+        .find(|band| {
+            let n = site_c_rows
+                .iter()
+                .filter(|row| iss_band(row.iss) == *band)
+                .count();
+            (1..10).contains(&n)
+        })
+        .expect("site-c (150 admissions) has a band with 1 to 9 admissions");
+    assert!(matches!(
+        answer.cells[small_band].outcome,
+        Some(wire::cell::Outcome::Withheld(_))
+    ));
+    for cell in &answer.cells {
+        match &cell.outcome {
+            Some(wire::cell::Outcome::Released(released)) if released.count > 0 => {
+                assert!(released.count >= 10);
+                assert!(released.summary.is_some());
+            }
+            _ => {}
+        }
+    }
+    assert!(!means.cells[small_band].complete);
+
+    let histogram = query(
+        &mut coordinator,
+        "systolic-pressure-distribution",
+        vec![],
+        20_000,
+    )
+    .await?;
+    let answer = site_c(&histogram);
+    let small_bin = (0..7)
+        .find(|bin| {
+            let n = site_c_rows
+                .iter()
+                .filter(|row| systolic_bin(row.systolic_bp) == *bin)
+                .count();
+            (1..10).contains(&n)
+        })
+        .expect("site-c has a small systolic band");
+    assert!(matches!(
+        answer.cells[small_bin].outcome,
+        Some(wire::cell::Outcome::Withheld(_))
+    ));
+    test.alliance.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_adding_noise_refuses_means_and_says_why() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let noisy = fedq_tests::node_variant(&test, |config| {
+        config.replace(
+            "[[datasets]]",
+            "[privacy]\ndifferential_privacy = true\n\n[[datasets]]",
+        )
+    })
+    .await?;
+    let mut node = fedq_tests::client_for(&test, &noisy).await?;
+    let request = fedq_tests::node_request(&test.alliance, "length-of-stay-by-severity", vec![])?;
+    let status = node.run_query(request).await.unwrap_err();
+    fedq_tests::assert_refused(
+        &status,
+        tonic::Code::FailedPrecondition,
+        wire::RefusalCode::UnsupportedStatistic,
+        "does not answer 'mean' templates",
+    );
+    // Counts still work there.
+    let request =
+        fedq_tests::node_request(&test.alliance, "systolic-pressure-distribution", vec![])?;
+    assert!(node.run_query(request).await.is_ok());
+    noisy.stop().await?;
+    test.alliance.stop().await?;
+    Ok(())
+}
