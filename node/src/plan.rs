@@ -88,6 +88,9 @@ pub fn tables(
     snapshot: &Snapshot,
     with_sets: bool,
 ) -> PolarsResult<Vec<Table>> {
+    // A profile's tables are compared with each other (their record sets) whatever the node's
+    // overlap policy.
+    let with_sets = with_sets || query.statistic.is_profile();
     let count = |plan: LazyFrame, keys: Vec<Expr>, shape: Vec<usize>| {
         if with_sets {
             count_keys_with_sets(plan, keys, shape).map(|(raw, sets)| (raw, Some(sets)))
@@ -309,7 +312,18 @@ fn count_keys_with_sets(
         .enumerate()
         .map(|(index, key)| key.alias(stratum_key(index)))
         .collect();
-    selected.push(col(RECORD_COLUMN));
+    // Stable record numbers when the node keeps them (overlap control); otherwise row numbers,
+    // which identify records within this snapshot (enough to compare one answer's tables).
+    let plan = if plan
+        .clone()
+        .collect_schema()
+        .is_ok_and(|schema| schema.contains(RECORD_COLUMN))
+    {
+        plan
+    } else {
+        plan.with_row_index(RECORD_COLUMN, None)
+    };
+    selected.push(col(RECORD_COLUMN).cast(DataType::UInt32));
     let frame = plan.select(selected).collect()?;
     // Each row's cell, one stratum column at a time (column-wise iteration is fast; looking
     // rows up one by one is not).

@@ -19,7 +19,7 @@ use crate::audit::register::{STUDY_DOCUMENT, TEMPLATE_DOCUMENT};
 use crate::audit::{self, AuditLog};
 use crate::config::{NodeConfig, Policy};
 use crate::data::{self, Snapshot};
-use crate::disclosure::{self, DisclosedTable};
+use crate::disclosure::{self, DisclosedTable, sections};
 use crate::dp::{self, PrivacyBudget};
 use crate::limits::DailyLimits;
 use crate::overlap::{self, OverlapError, OverlapMemory};
@@ -574,18 +574,59 @@ impl QueryEngine {
             Some(memory) => Some(memory.lock().map_err(|_| NodeError::Engine)?),
             None => None,
         };
+        // A profile's sections are also checked against each other: no union of one may come
+        // within 1 to k-1 records of a union of an earlier one (see disclosure::sections).
+        let mut partitions: Vec<Vec<sections::Part>> = Vec::new();
         for computed in computed {
-            let dominated = dominated_cells(
+            let cells = computed.raw.counts.len();
+            let mut forced = dominated_cells(
                 computed.moments.as_ref(),
                 self.policy.privacy.dominance_percent,
             );
-            let table = match (memory.as_deref_mut(), &computed.sets) {
-                (Some(memory), Some(sets)) => {
-                    let decided = overlap::decide(&computed.raw, sets, k, memory, &dominated);
-                    self.remember(memory, &study.id, decided.released_sets)?;
-                    decided.table
+            forced.resize(cells, None);
+            let table = loop {
+                let (table, released_sets) = match (memory.as_deref_mut(), &computed.sets) {
+                    (Some(memory), Some(sets)) => {
+                        let decided = overlap::decide(&computed.raw, sets, k, memory, &forced);
+                        (decided.table, Some(decided.released_sets))
+                    }
+                    _ => (
+                        disclosure::apply_with(&computed.raw, k, &forced, false),
+                        None,
+                    ),
+                };
+                if let (true, Some(sets)) = (template.statistic.is_profile(), &computed.sets) {
+                    let released: Vec<bool> = table
+                        .cells
+                        .iter()
+                        .map(|cell| matches!(cell, disclosure::Outcome::Released(_)))
+                        .collect();
+                    let parts = sections::partition(&released, sets);
+                    let close = partitions
+                        .iter()
+                        .find_map(|earlier| sections::too_close(earlier, &parts, k));
+                    if let Some(candidates) = close {
+                        // Withhold one more cell (every released one if no single one helps)
+                        // and decide the section again.
+                        let chosen: Vec<usize> = match candidates.first() {
+                            Some(&cell) => vec![cell],
+                            None => (0..cells).filter(|&cell| released[cell]).collect(),
+                        };
+                        if chosen.is_empty() {
+                            return Err(NodeError::Engine);
+                        }
+                        for cell in chosen {
+                            forced[cell] = Some(disclosure::Reason::Overlap);
+                        }
+                        continue;
+                    }
+                    partitions.push(parts);
                 }
-                _ => disclosure::apply_with(&computed.raw, k, &dominated, false),
+                if let (Some(memory), Some(released_sets)) = (memory.as_deref_mut(), released_sets)
+                {
+                    self.remember(memory, &study.id, released_sets)?;
+                }
+                break table;
             };
             raws.push(computed.raw);
             tables.push(table);

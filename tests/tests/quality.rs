@@ -231,3 +231,64 @@ async fn a_quality_standard_naming_a_count_template_stops_the_coordinator() -> a
     test.alliance.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_profile_count_is_not_the_difference_of_counts_released_in_another_section()
+-> anyhow::Result<()> {
+    // The audited attacks. A check's "cannot be evaluated" records are exactly the records
+    // missing a column it reads (the others are never missing here). (1) A column's withheld
+    // cells add up to its total minus its released cells; if the check releases "cannot be
+    // evaluated" and the column withheld "missing" with one small cell, the small one follows
+    // by subtraction. (2) The other way round: a check withholds "implausible" with "cannot
+    // be evaluated" as its complement, while the column releases "missing".
+    const CHECKS: [(&str, &str); 4] = [
+        ("coma-with-injury", "gcs"),
+        ("blood-pressure-plausible", "systolic_bp"),
+        ("stay-plausible", "length_of_stay"),
+        ("outcome-within-stay", "length_of_stay"),
+    ];
+    let test = TestAlliance::start().await?;
+    let (result, _) = quality_report(&test).await?;
+    for site in &result.sites {
+        let answer = site.result.as_ref().expect("every site answered");
+        let k = u64::from(answer.applied_min_cell_count);
+        let section = |name: &str| {
+            answer
+                .sections
+                .iter()
+                .find(|section| {
+                    section
+                        .axis
+                        .as_ref()
+                        .is_some_and(|axis| axis.column == name)
+                })
+                .expect("a profiled section")
+        };
+        // The withheld cells' sum (total minus released cells), when there is one.
+        let withheld_sum = |section: &wire::Section| -> Option<u64> {
+            let total = section.total.as_ref().and_then(released)?;
+            let shown: u64 = section.cells.iter().filter_map(released).sum();
+            (total > shown).then_some(total - shown)
+        };
+        let missing = |section: &wire::Section| section.cells.last().and_then(released);
+        for (check, column) in CHECKS {
+            let (check, column) = (section(check), section(column));
+            for (group, known) in [
+                (withheld_sum(column), missing(check)),
+                (withheld_sum(check), missing(column)),
+            ] {
+                if let (Some(group), Some(known)) = (group, known) {
+                    assert!(
+                        !(known < group && (1..k).contains(&(group - known))),
+                        "{}: {:?} and {:?}: a withheld group of {group} less a released {known}",
+                        site.site_id,
+                        check.axis.as_ref().map(|axis| &axis.column),
+                        column.axis.as_ref().map(|axis| &axis.column),
+                    );
+                }
+            }
+        }
+    }
+    test.alliance.stop().await?;
+    Ok(())
+}

@@ -25,6 +25,7 @@ use fedq_proto::wire::Mechanism;
 
 use crate::plan::RawTable;
 
+pub mod sections;
 mod solvable;
 
 /// What happens to one value.
