@@ -38,19 +38,38 @@ pub fn create_dev_pki(
     ca_name: &str,
     identities: &[String],
 ) -> Result<DevPki, CoordinatorError> {
-    create_dev_pki_valid(out_dir, ca_name, identities, None)
+    create_dev_pki_with(out_dir, ca_name, identities, &Issue::default())
 }
 
 /// A calendar day (year, month, day), UTC.
 pub type Day = (i32, u8, u8);
 
-/// Like [`create_dev_pki`], with the identities' certificates valid only from the first to the
-/// second day (for example already expired, to rehearse what a node does with one).
-pub fn create_dev_pki_valid(
+/// How the identities' certificates are issued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Issue {
+    /// Valid only from the first to the second day (for example already expired, to rehearse
+    /// what a node does with one); by default a year from now.
+    pub validity: Option<(Day, Day)>,
+    /// Allow client authentication as well as server authentication (the default; a node in
+    /// outbound mode and the coordinator need it).
+    pub client_auth: bool,
+}
+
+impl Default for Issue {
+    fn default() -> Issue {
+        Issue {
+            validity: None,
+            client_auth: true,
+        }
+    }
+}
+
+/// Like [`create_dev_pki`], with the identities' certificates issued as `issue` says.
+pub fn create_dev_pki_with(
     out_dir: &Path,
     ca_name: &str,
     identities: &[String],
-    validity: Option<(Day, Day)>,
+    issue: &Issue,
 ) -> Result<DevPki, CoordinatorError> {
     std::fs::create_dir_all(out_dir).map_err(|err| {
         CoordinatorError::Certificates(format!("cannot create {}: {err}", out_dir.display()))
@@ -86,12 +105,14 @@ pub fn create_dev_pki_valid(
         params
             .distinguished_name
             .push(DnType::CommonName, identity.as_str());
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        if issue.client_auth {
+            params
+                .extended_key_usages
+                .push(ExtendedKeyUsagePurpose::ClientAuth);
+        }
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        if let Some(((from_y, from_m, from_d), (until_y, until_m, until_d))) = validity {
+        if let Some(((from_y, from_m, from_d), (until_y, until_m, until_d))) = issue.validity {
             params.not_before = rcgen::date_time_ymd(from_y, from_m, from_d);
             params.not_after = rcgen::date_time_ymd(until_y, until_m, until_d);
         }

@@ -87,6 +87,19 @@ pub fn run(path: &Path) -> Vec<Finding> {
         ),
         Err(err) => finding(Level::Fail, "certificate", err.to_string()),
     });
+    if let Some(outbound) = &config.outbound {
+        findings.push(match fedq_proto::tls::check_client_certificate(&config.tls) {
+            Ok(()) => finding(
+                Level::Pass,
+                "outbound",
+                format!(
+                    "dials {} as a client (certificate allows client authentication); the coordinator must present '{}' and list this site with outbound = true",
+                    outbound.coordinator, outbound.coordinator_identity
+                ),
+            ),
+            Err(err) => finding(Level::Fail, "outbound", err.to_string()),
+        });
+    }
     let trust = &config.policy.trust;
     findings.push(if trust.trusted.is_empty() {
         finding(

@@ -3,8 +3,11 @@
 //! present `outbound.coordinator_identity` from the alliance CA), and then serves the ordinary
 //! `fedq.v1.Node` service over that one connection: the coordinator sends its queries down it.
 //! Authorisation, verification, disclosure control and audit are the same code path as for a
-//! listening node. A lost connection is dialled again, with back-off.
+//! listening node. A lost connection is dialled again, with back-off. When the node's
+//! certificates are renewed (SIGHUP or a file change), it dials a new connection with them and
+//! retires the old one after a grace period, so queries in flight on it finish.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -13,7 +16,8 @@ use std::time::Duration;
 use fedq_proto::tls::{self, TlsFiles};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
 use tokio_rustls::client::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -39,6 +43,14 @@ pub struct DialledPeer {
     pub identities: Vec<String>,
 }
 
+/// How long a connection replaced after a certificate renewal keeps serving queries already
+/// sent on it (longer than any deadline the coordinator allows by default) before it ends.
+const RETIRE_GRACE: Duration = Duration::from_secs(120);
+
+/// A connection the coordinator ends this soon after it opened, before any use, was most
+/// likely refused (certificate usage or validity, or a site not configured as outbound).
+const REFUSED_WITHIN: Duration = Duration::from_secs(5);
+
 /// One established connection to the coordinator. When the server drops it (the connection
 /// ended), the dialler learns so and dials again.
 pub struct Dialled {
@@ -46,6 +58,8 @@ pub struct Dialled {
     peer: DialledPeer,
     /// Dropped with the connection, which tells the dialler to dial again.
     _closed: oneshot::Sender<()>,
+    /// Completes when the connection is retired: reads then end, and the server closes it.
+    retired: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
 impl tonic::transport::server::Connected for Dialled {
@@ -62,6 +76,10 @@ impl AsyncRead for Dialled {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.retired.as_mut().poll(cx).is_ready() {
+            // End of stream: the server finishes and closes the connection.
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.stream).poll_read(cx, buf)
     }
 }
@@ -144,18 +162,63 @@ async fn dial_once(
     Ok((stream, DialledPeer { identities }))
 }
 
+/// What the dialler reports: whether a connection to the coordinator is open.
+pub type ConnectedHook = Arc<dyn Fn(bool) + Send + Sync>;
+
 /// Keeps one connection to the coordinator open for as long as the returned stream is served:
 /// dials, hands the connection to the server, waits until it ends, dials again (failed dials
 /// back off from 1 s to 30 s, and so do connections the coordinator ends at once, e.g. because
-/// it does not know this node's identity). Every outcome is logged without request content.
+/// it does not accept this node's certificate). Each change of `renewals` (the certificates
+/// were reloaded) dials a new connection with the renewed files and retires the current one
+/// after [`RETIRE_GRACE`]. `connected` hears whether a connection is open. Every outcome is
+/// logged without request content.
 pub fn dial(
     outbound: Outbound,
     files: TlsFiles,
+    mut renewals: watch::Receiver<u64>,
+    connected: ConnectedHook,
 ) -> ReceiverStream<Result<Dialled, std::io::Error>> {
     let (sender, receiver) = mpsc::channel(1);
     tokio::spawn(async move {
         let mut backoff = FIRST_BACKOFF;
+        let mut renewable = true;
+        // The open connection: when it ends, and how to retire it.
+        let mut open: Option<(oneshot::Receiver<()>, watch::Sender<bool>, Instant)> = None;
         loop {
+            if let Some((ended, retire, opened)) = open.take() {
+                let mut ended = ended;
+                tokio::select! {
+                    _ = &mut ended => {
+                        connected(false);
+                        let lasted = opened.elapsed();
+                        if lasted < REFUSED_WITHIN {
+                            tracing::warn!(coordinator = %outbound.coordinator, lasted_ms = lasted.as_millis() as u64, "the coordinator closed the connection right after it opened; if this repeats, it does not accept this node: check that the node's certificate is valid and allows client authentication (fedq-node check) and that the coordinator lists this site with outbound = true (the coordinator's log names the reason)");
+                        } else {
+                            tracing::info!(coordinator = %outbound.coordinator, "connection to the coordinator ended; dialling again");
+                        }
+                        if lasted >= MOST_BACKOFF {
+                            backoff = FIRST_BACKOFF;
+                        } else if !pause(&sender, &mut backoff).await {
+                            return;
+                        }
+                    }
+                    changed = renewals.changed(), if renewable => {
+                        if changed.is_err() {
+                            // Nothing reloads certificates any more: keep the connection.
+                            renewable = false;
+                            open = Some((ended, retire, opened));
+                            continue;
+                        }
+                        tracing::info!(coordinator = %outbound.coordinator, grace_s = RETIRE_GRACE.as_secs(), "certificates renewed: dialling a new connection; the current one ends after the grace period");
+                        tokio::spawn(async move {
+                            tokio::time::sleep(RETIRE_GRACE).await;
+                            let _ = retire.send(true);
+                        });
+                        // The retired connection's end is expected: its `ended` is dropped.
+                    }
+                    () = sender.closed() => return,
+                }
+            }
             let dialled = tokio::select! {
                 dialled = dial_once(&outbound, &files) => dialled,
                 () = sender.closed() => return,
@@ -163,34 +226,146 @@ pub fn dial(
             match dialled {
                 Ok((stream, peer)) => {
                     let (closed, ended) = oneshot::channel();
+                    let (retire, retiring) = watch::channel(false);
                     let connection = Dialled {
                         stream,
                         peer,
                         _closed: closed,
+                        retired: Box::pin(async move {
+                            let mut retiring = retiring;
+                            let _ = retiring.wait_for(|retired| *retired).await;
+                        }),
                     };
                     tracing::info!(coordinator = %outbound.coordinator, "connected to the coordinator (outbound mode)");
-                    let opened = tokio::time::Instant::now();
                     if sender.send(Ok(connection)).await.is_err() {
                         return;
                     }
-                    // Resolves (with an error) once the server dropped the connection.
-                    let _ = ended.await;
-                    tracing::info!(coordinator = %outbound.coordinator, "connection to the coordinator ended; dialling again");
-                    if opened.elapsed() >= MOST_BACKOFF {
-                        backoff = FIRST_BACKOFF;
-                        continue;
-                    }
+                    connected(true);
+                    renewals.borrow_and_update();
+                    open = Some((ended, retire, Instant::now()));
                 }
                 Err(problem) => {
                     tracing::warn!(coordinator = %outbound.coordinator, %problem, retry_in_s = backoff.as_secs(), "cannot reach the coordinator (outbound mode)");
+                    if !pause(&sender, &mut backoff).await {
+                        return;
+                    }
                 }
             }
-            tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
-                () = sender.closed() => return,
-            }
-            backoff = (backoff * 2).min(MOST_BACKOFF);
         }
     });
     ReceiverStream::new(receiver)
+}
+
+/// Waits `backoff` (doubling it for next time, up to 30 s); false when the server stopped.
+async fn pause(
+    sender: &mpsc::Sender<Result<Dialled, std::io::Error>>,
+    backoff: &mut Duration,
+) -> bool {
+    let wait = *backoff;
+    *backoff = (*backoff * 2).min(MOST_BACKOFF);
+    tokio::select! {
+        () = tokio::time::sleep(wait) => true,
+        () = sender.closed() => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio_stream::StreamExt;
+
+    async fn within<T>(future: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), future)
+            .await
+            .expect("in time")
+    }
+
+    /// A CA and certificates for `coordinator.test` and `node.test` in `dir`; the node's files.
+    fn certificates(dir: &std::path::Path) -> (TlsFiles, TlsFiles) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.self_signed(&ca_key).unwrap().pem()).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let mut files = Vec::new();
+        for name in ["coordinator.test", "node.test"] {
+            let mut params = CertificateParams::new(vec![name.to_string()]).unwrap();
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let key = KeyPair::generate().unwrap();
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+            files.push(TlsFiles {
+                ca_cert: dir.join("ca.pem"),
+                cert: dir.join(format!("{name}.pem")),
+                key: dir.join(format!("{name}.key")),
+            });
+        }
+        (files.remove(0), files.remove(0))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn renewed_certificates_dial_a_new_connection_and_a_lost_one_is_dialled_again() {
+        tls::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let (coordinator, node) = certificates(dir.path());
+        // The coordinator's side: mutual TLS, counting the node connections it accepts.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+            tls::mutual_tls_server_config(&coordinator).unwrap(),
+        ));
+        let (accepted, mut accepted_streams) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                if let Ok(stream) = acceptor.accept(tcp).await {
+                    let _ = accepted.send(stream);
+                }
+            }
+        });
+        let states = Arc::new(Mutex::new(Vec::new()));
+        let hook: ConnectedHook = {
+            let states = Arc::clone(&states);
+            Arc::new(move |up| states.lock().unwrap().push(up))
+        };
+        let (renew, renewals) = watch::channel(0u64);
+        let outbound = Outbound {
+            coordinator: format!("localhost:{}", address.port()),
+            coordinator_identity: "coordinator.test".into(),
+        };
+        let mut connections = dial(outbound, node, renewals, hook);
+
+        let first = within(connections.next()).await.unwrap().unwrap();
+        assert_eq!(first.peer.identities, ["coordinator.test"]);
+        let _first_at_coordinator = within(accepted_streams.recv()).await.unwrap();
+
+        // Renewed certificates: a second connection, while the first stays open.
+        renew.send(1).unwrap();
+        let second = within(connections.next()).await.unwrap().unwrap();
+        let _second_at_coordinator = within(accepted_streams.recv()).await.unwrap();
+        let mut first = first;
+        let waker = std::task::Waker::noop();
+        assert!(
+            first
+                .retired
+                .as_mut()
+                .poll(&mut Context::from_waker(waker))
+                .is_pending(),
+            "the first connection is retired only after the grace period"
+        );
+
+        // The server drops the second connection: the node dials again by itself.
+        drop(second);
+        let third = within(connections.next()).await.unwrap().unwrap();
+        drop(third);
+        assert_eq!(states.lock().unwrap()[..3], [true, true, false]);
+    }
 }

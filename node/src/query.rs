@@ -388,6 +388,16 @@ impl QueryEngine {
     }
 
     /// The node's metrics in the Prometheus text format.
+    /// Outbound mode: whether a connection to the coordinator is open (a metric).
+    pub fn set_outbound_connected(&self, connected: bool) {
+        self.metrics.set(
+            "fedq_node_outbound_connected",
+            "Outbound mode: 1 while a connection to the coordinator is open.",
+            &[],
+            i64::from(connected),
+        );
+    }
+
     pub fn render_metrics(&self) -> String {
         self.metrics.set(
             "fedq_node_audit_records",

@@ -30,9 +30,16 @@ fn fingerprint(files: &[PathBuf]) -> Vec<Option<(std::time::SystemTime, u64)>> {
         .collect()
 }
 
-/// Reloads the certificates, then the data, logging each outcome.
-async fn reload_all(tls: &TlsReloader, engine: &Arc<QueryEngine>) {
-    tls.reload_logged();
+/// Reloads the certificates (counting a success in `renewals`), then the data, logging each
+/// outcome.
+async fn reload_all(
+    tls: &TlsReloader,
+    renewals: &tokio::sync::watch::Sender<u64>,
+    engine: &Arc<QueryEngine>,
+) {
+    if tls.reload_logged() {
+        renewals.send_modify(|count| *count += 1);
+    }
     let engine = Arc::clone(engine);
     match tokio::task::spawn_blocking(move || {
         let reloaded = engine.reload_data();
@@ -74,6 +81,8 @@ pub struct PreparedNode {
     watched: Vec<PathBuf>,
     /// Outbound mode: where to dial, with the files to dial with.
     outbound: Option<(Outbound, TlsFiles)>,
+    /// Counts successful certificate reloads (outbound mode then dials with the new files).
+    renewals: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The files a node reloads from: its TLS files, each dataset and objection list.
@@ -108,6 +117,7 @@ impl PreparedNode {
                     .outbound
                     .clone()
                     .map(|outbound| (outbound, config.tls.clone())),
+                renewals: Arc::new(tokio::sync::watch::channel(0).0),
             },
             warnings,
         ))
@@ -131,6 +141,7 @@ impl PreparedNode {
     /// snapshots in (each independently: a failure keeps what is in use and is logged).
     pub fn reload_on_change(&self, poll: Option<std::time::Duration>) {
         let (tls, engine) = (Arc::clone(&self.tls), Arc::clone(&self.engine));
+        let renewals = Arc::clone(&self.renewals);
         let watched = self.watched.clone();
         tokio::spawn(async move {
             let mut hangups =
@@ -183,7 +194,7 @@ impl PreparedNode {
                     }
                 };
                 if reload {
-                    reload_all(&tls, &engine).await;
+                    reload_all(&tls, &renewals, &engine).await;
                     seen = fingerprint(&watched);
                 }
             }
@@ -203,7 +214,7 @@ impl PreparedNode {
         listener: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), NodeError> {
-        let service = NodeServer::new(NodeService::new(self.engine))
+        let service = NodeServer::new(NodeService::new(Arc::clone(&self.engine)))
             .max_decoding_message_size(MAX_REQUEST_BYTES)
             .max_encoding_message_size(MAX_RESPONSE_BYTES);
         let shutdown = shutdown.shared();
@@ -220,13 +231,20 @@ impl PreparedNode {
                 .await
                 .map_err(|err| NodeError::Server(err.to_string()))
         };
+        let renewals = self.renewals.subscribe();
+        let engine = Arc::clone(&self.engine);
+        let connected: outbound::ConnectedHook =
+            Arc::new(move |up| engine.set_outbound_connected(up));
         let dialling = async {
             let Some((outbound, files)) = self.outbound.clone() else {
                 return Ok(());
             };
             router(service.clone())
                 .await?
-                .serve_with_incoming_shutdown(outbound::dial(outbound, files), shutdown.clone())
+                .serve_with_incoming_shutdown(
+                    outbound::dial(outbound, files, renewals, connected),
+                    shutdown.clone(),
+                )
                 .await
                 .map_err(|err| NodeError::Server(err.to_string()))
         };

@@ -258,6 +258,26 @@ pub fn check_certificate(files: &TlsFiles) -> Result<CertificateReport, Error> {
     })
 }
 
+/// Checks that an endpoint's certificate also works as a *client* certificate at a peer that
+/// requires mutual TLS (a node dialling the coordinator presents it so): it chains to the CA
+/// and allows client authentication (extended key usage clientAuth).
+pub fn check_client_certificate(files: &TlsFiles) -> Result<(), Error> {
+    let certs = load_certs(&files.cert)?;
+    let roots = root_store(&files.ca_cert)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|err| Error::Tls(format!("cannot build a certificate verifier: {err}")))?;
+    verifier
+        .verify_client_cert(&certs[0], &certs[1..], rustls::pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|err| {
+            Error::Tls(format!(
+                "certificate {} cannot be used as a client certificate: {err}; outbound mode presents it to the coordinator, so it needs extended key usage clientAuth (see deploy/CERTIFICATES.md)",
+                files.cert.display()
+            ))
+        })
+}
+
 /// The identities a certificate asserts: its DNS subject alternative names.
 pub fn certificate_identities(cert: &CertificateDer<'_>) -> Result<Vec<String>, Error> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
@@ -310,12 +330,16 @@ impl TlsReloader {
         Ok(())
     }
 
-    /// [`TlsReloader::reload`], with its outcome in the log.
-    pub fn reload_logged(&self) {
+    /// [`TlsReloader::reload`], with its outcome in the log; true when it succeeded.
+    pub fn reload_logged(&self) -> bool {
         match self.reload() {
-            Ok(()) => tracing::info!("tls certificates reloaded"),
+            Ok(()) => {
+                tracing::info!("tls certificates reloaded");
+                true
+            }
             Err(err) => {
-                tracing::error!(error = %err, "tls certificates not reloaded; the previous ones stay in use")
+                tracing::error!(error = %err, "tls certificates not reloaded; the previous ones stay in use");
+                false
             }
         }
     }

@@ -1,6 +1,6 @@
 //! Operations: `fedq-node check` on real configurations, certificates and data files (a good
-//! node passes; each seeded misconfiguration, an expired certificate and an unwritable state
-//! directory included, is named on its own line); a flooded node refusing as busy; a query whose
+//! node passes; each seeded misconfiguration, an expired certificate, a certificate an
+//! outbound node cannot present as a client and an unwritable state directory included, is named on its own line); a flooded node refusing as busy; a query whose
 //! deadline passed; health, reflection and metrics on node and coordinator; a node process
 //! killed mid-query, marked promptly while the other sites answer; the container alliance's
 //! prepared files.
@@ -38,25 +38,48 @@ async fn check_passes_a_good_node_and_names_each_seeded_misconfiguration() -> an
         .find(|line| line.starts_with("trusted_expert_keys"))
         .unwrap()
         .to_string();
-    let expired = fedq_coordinator::certs::create_dev_pki_valid(
-        &test.dir.path().join("expired"),
-        "expired CA",
-        &[fedq_deploy::alliance::site_identity("site-a")],
-        Some(((2020, 1, 1), (2021, 1, 1))),
+    // site-a's configuration with certificates from another CA, issued as `issue` says.
+    let reissued = |name: &str, issue: fedq_coordinator::certs::Issue| -> anyhow::Result<String> {
+        let other = fedq_coordinator::certs::create_dev_pki_with(
+            &test.dir.path().join(name),
+            name,
+            &[fedq_deploy::alliance::site_identity("site-a")],
+            &issue,
+        )?;
+        Ok(config
+            .replace(
+                &pki.ca_cert.display().to_string(),
+                &other.ca_cert.display().to_string(),
+            )
+            .replace(
+                &pki.identities[1].cert.display().to_string(),
+                &other.identities[0].cert.display().to_string(),
+            )
+            .replace(
+                &pki.identities[1].key.display().to_string(),
+                &other.identities[0].key.display().to_string(),
+            ))
+    };
+    let with_expired = reissued(
+        "expired",
+        fedq_coordinator::certs::Issue {
+            validity: Some(((2020, 1, 1), (2021, 1, 1))),
+            client_auth: true,
+        },
     )?;
-    let with_expired = config
-        .replace(
-            &pki.ca_cert.display().to_string(),
-            &expired.ca_cert.display().to_string(),
-        )
-        .replace(
-            &pki.identities[1].cert.display().to_string(),
-            &expired.identities[0].cert.display().to_string(),
-        )
-        .replace(
-            &pki.identities[1].key.display().to_string(),
-            &expired.identities[0].key.display().to_string(),
-        );
+    // Outbound mode presents the node's certificate as a client certificate.
+    let server_only = reissued(
+        "server-only",
+        fedq_coordinator::certs::Issue {
+            validity: None,
+            client_auth: false,
+        },
+    )?
+    .replace("listen = \"127.0.0.1:0\"\n", "")
+    .replace(
+        "\n[tls]",
+        "\n[outbound]\ncoordinator = \"localhost:7701\"\ncoordinator_identity = \"coordinator.fedq.local\"\n\n[tls]",
+    );
     // Tests run as root, so permission bits cannot make the state directory unwritable: put
     // it under a regular file instead.
     let blocker = test.dir.path().join("not-a-folder");
@@ -70,8 +93,13 @@ async fn check_passes_a_good_node_and_names_each_seeded_misconfiguration() -> an
         &state_line,
         &format!("state_dir = \"{}\"", blocker.join("state").display()),
     );
-    let cases: [(String, &str, &str); 6] = [
+    let cases: [(String, &str, &str); 7] = [
         (with_expired, "certificate", "expired"),
+        (
+            server_only,
+            "outbound",
+            "needs extended key usage clientAuth",
+        ),
         (unwritable, "state dir", "cannot write"),
         (
             config.replace(
