@@ -131,10 +131,15 @@ pub fn rows(result: &wire::PooledResult, standard: &wire::QualityStandard) -> Ve
         percent,
         flagged: percent.is_some_and(|percent| percent > measure.limit(standard)),
     };
+    // A pooled share needs every site's answer; with one missing it would describe only some.
+    let everyone_answered = result.sites.iter().all(|site| site.result.is_some());
     let mut rows = Vec::new();
     for (index, section) in result.sections.iter().enumerate() {
         let Some(axis) = &section.axis else { continue };
-        let pooled = measures(&axis.levels, &pooled_counts(section));
+        let pooled = measures(&axis.levels, &pooled_counts(section))
+            .into_iter()
+            .map(|(measure, percent)| (measure, percent.filter(|_| everyone_answered)))
+            .collect::<Vec<_>>();
         for (position, (measure, pooled_percent)) in pooled.into_iter().enumerate() {
             let by_site = result
                 .sites
@@ -171,6 +176,16 @@ fn finding(site_id: &str, row: &Row, percent: f64, standard: &wire::QualityStand
         row.measure.words(),
         row.measure.limit(standard)
     )
+}
+
+/// The sites that gave no answer, so were not assessed: (site, why).
+pub fn not_assessed(result: &wire::PooledResult) -> Vec<(String, String)> {
+    result
+        .sites
+        .iter()
+        .filter(|site| site.result.is_none())
+        .map(|site| (site.site_id.clone(), site.message.clone()))
+        .collect()
 }
 
 /// Every flagged site and row, in words.
@@ -245,13 +260,28 @@ pub fn render(result: &wire::PooledResult, standard: &wire::QualityStandard) -> 
         let _ = writeln!(out, "{line}");
     }
     let findings = findings(&rows, standard);
+    let missing = not_assessed(result);
     let _ = writeln!(out);
-    if findings.is_empty() {
+    if findings.is_empty() && missing.is_empty() {
         let _ = writeln!(out, "no site falls short of the alliance's standard");
+    } else if findings.is_empty() {
+        let _ = writeln!(
+            out,
+            "no assessed site falls short of the alliance's standard"
+        );
     } else {
         let _ = writeln!(out, "sites falling short of the alliance's standard:");
         for finding in findings {
             let _ = writeln!(out, "  {finding}");
+        }
+    }
+    if !missing.is_empty() {
+        let _ = writeln!(
+            out,
+            "not assessed (no answer; pooled shares need every site):"
+        );
+        for (site, why) in &missing {
+            let _ = writeln!(out, "  {site}: {why}");
         }
     }
     if rows
@@ -301,6 +331,10 @@ pub fn json(result: &wire::PooledResult, standard: &wire::QualityStandard) -> se
             "pooled": row.pooled,
         })).collect::<Vec<_>>(),
         "findings": findings(&rows, standard),
+        "not_assessed": not_assessed(result)
+            .into_iter()
+            .map(|(site, why)| serde_json::json!({"site_id": site, "message": why}))
+            .collect::<Vec<_>>(),
         "sites": crate::render::json(result).sites,
     })
 }
@@ -427,5 +461,54 @@ mod tests {
             findings(&rows, &standard()),
             ["site-b: systolic_bp: 20.0% missing (alliance standard: at most 5%)"]
         );
+    }
+
+    #[test]
+    fn a_site_that_did_not_answer_is_listed_as_not_assessed_and_nothing_is_pooled() {
+        let levels = ["low", "high", OUTSIDE_DOMAIN_LEVEL, MISSING_LEVEL];
+        let pooled_cell = |count: u64| wire::PooledCell {
+            count: Some(count),
+            sites_released: 1,
+            complete: true,
+            ..Default::default()
+        };
+        let result = wire::PooledResult {
+            sections: vec![wire::PooledSection {
+                axis: Some(axis("gcs", &levels)),
+                cells: vec![
+                    pooled_cell(40),
+                    pooled_cell(50),
+                    pooled_cell(0),
+                    pooled_cell(10),
+                ],
+                total: Some(pooled_cell(100)),
+            }],
+            sites: vec![
+                site(
+                    "site-a",
+                    vec![(
+                        vec![released(40), released(50), released(0), released(10)],
+                        100,
+                    )],
+                ),
+                wire::SiteProgress {
+                    site_id: "site-b".into(),
+                    status: wire::SiteStatus::Unreachable as i32,
+                    message: "connection refused".into(),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let rows = rows(&result, &standard());
+        assert_eq!(rows[0].by_site[0].1.percent, Some(10.0));
+        assert_eq!(rows[0].pooled.percent, None, "site-b did not answer");
+        assert_eq!(
+            not_assessed(&result),
+            [("site-b".to_string(), "connection refused".to_string())]
+        );
+        let text = render(&result, &standard());
+        assert!(text.contains("not assessed"), "{text}");
+        assert!(!text.contains("no site falls short"), "{text}");
     }
 }

@@ -68,20 +68,28 @@ pub async fn prepare(
         &format!("0.0.0.0:{COORDINATOR_PORT}"),
         &format!("0.0.0.0:{TUNNEL_PORT}"),
     )?;
-    // The study lead's settings for the `fedq` command on the host (the token is a secret:
-    // the file is readable by its owner only).
-    let settings = ground.root.join("study-lead.env");
-    let text = format!(
-        "FEDQ_COORDINATOR=https://localhost:{COORDINATOR_PORT}\nFEDQ_CA_CERT={}\nFEDQ_STUDY={STUDY_ID}\nFEDQ_TOKEN={}\n",
-        ground.pki.ca_cert.display(),
-        ground.users.study_lead
-    );
-    write_private(&settings, &text)?;
+    // Settings for the `fedq` command on the host, one file per person (each token is a
+    // secret: owner-only files). Copy them and certs/ca.pem into one folder there; inside the
+    // coordinator's container the CA is /alliance/certs/ca.pem.
+    let people = [
+        ("study-lead.env", &ground.users.study_lead, Some(STUDY_ID)),
+        ("expert.env", &ground.users.expert, None),
+        ("administrator.env", &ground.users.administrator, None),
+    ];
+    for (file, token, study) in people {
+        let study = study
+            .map(|study| format!("FEDQ_STUDY={study}\n"))
+            .unwrap_or_default();
+        let text = format!(
+            "FEDQ_COORDINATOR=https://localhost:{COORDINATOR_PORT}\nFEDQ_CA_CERT=ca.pem\n{study}FEDQ_TOKEN={token}\n"
+        );
+        write_private(&ground.root.join(file), &text)?;
+    }
     writeln!(output, "coordinator: {}", written.display())?;
     writeln!(
         output,
-        "study lead settings (token included): {} — studies {STUDY_ID} and {QUALITY_STUDY_ID}",
-        settings.display()
+        "settings for the fedq command (tokens included): {}/{{study-lead,expert,administrator}}.env with certs/ca.pem — studies {STUDY_ID} and {QUALITY_STUDY_ID}",
+        ground.root.display()
     )?;
     Ok(())
 }
