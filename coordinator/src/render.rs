@@ -148,9 +148,14 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
             "withheld by the site (too few records, or to protect another withheld cell)",
         ),
         (
-            marks.incomplete,
+            marks.incomplete && !marks.incomplete_mean,
             INCOMPLETE,
             "incomplete: some site withheld its part; the pooled value is a lower bound",
+        ),
+        (
+            marks.incomplete_mean,
+            INCOMPLETE,
+            "incomplete: some site withheld its part; the pooled mean covers only the sites that released it (and a count beside it is a lower bound)",
         ),
         (marks.unanswered, "-", "no site answered"),
     ];
@@ -179,6 +184,8 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
 struct Marks {
     withheld: bool,
     incomplete: bool,
+    /// A pooled mean left out a site that withheld its part.
+    incomplete_mean: bool,
     unanswered: bool,
     noisiest: f64,
 }
@@ -250,7 +257,10 @@ fn grid(result: &wire::PooledResult, marks: &mut Marks) -> String {
         );
         row.push(match pooled_summary(cell) {
             Some(summary) if cell.complete => summary_text(&summary, true),
-            Some(summary) => format!("{}{INCOMPLETE}", summary_text(&summary, true)),
+            Some(summary) => {
+                marks.incomplete_mean = true;
+                format!("{}{INCOMPLETE}", summary_text(&summary, true))
+            }
             None => pooled_text(cell),
         });
         rows.push(row);
@@ -274,7 +284,10 @@ fn grid(result: &wire::PooledResult, marks: &mut Marks) -> String {
         );
         row.push(match pooled_summary(total) {
             Some(summary) if total.complete => summary_text(&summary, true),
-            Some(summary) => format!("{}{INCOMPLETE}", summary_text(&summary, true)),
+            Some(summary) => {
+                marks.incomplete_mean = true;
+                format!("{}{INCOMPLETE}", summary_text(&summary, true))
+            }
             None => pooled_text(total),
         });
         rows.push(row);

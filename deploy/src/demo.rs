@@ -33,6 +33,14 @@ fn showcases() -> Vec<Showcase> {
             template: "elderly-major-trauma-deaths",
             parameters: Vec::new(),
         },
+        Showcase {
+            template: "length-of-stay-by-severity",
+            parameters: Vec::new(),
+        },
+        Showcase {
+            template: "systolic-pressure-distribution",
+            parameters: vec![("min_iss", Value::Integer(16))],
+        },
     ]
 }
 

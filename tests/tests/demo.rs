@@ -22,6 +22,8 @@ async fn demo_prints_pooled_tables_suppression_marks_refusals_ledger_and_verifie
         "* withheld by the site",
         "parameter 'min_age': 30 is outside its limits 50 to 100",
         "only its study lead (Dr. Lea Study) may",
+        "Mean length of hospital stay by injury severity",
+        "Distribution of systolic blood pressure at admission",
         "Data-quality report: template data-quality v1",
         "site-b: systolic_bp:",
         "its node dials the coordinator",
