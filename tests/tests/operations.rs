@@ -1,6 +1,7 @@
 //! Operations: `fedq-node check` on real configurations, certificates and data files (a good
 //! node passes; each seeded misconfiguration, an expired certificate, a certificate an
-//! outbound node cannot present as a client and an unwritable state directory included, is named on its own line); a flooded node refusing as busy; a query whose
+//! outbound node cannot present as a client, values outside the domain and an unwritable state
+//! directory included, is named on its own line); a flooded node refusing as busy; a query whose
 //! deadline passed; health, reflection and metrics on node and coordinator; a node process
 //! killed mid-query, marked promptly while the other sites answer; the container alliance's
 //! prepared files.
@@ -540,4 +541,60 @@ async fn the_container_alliance_is_prepared_once_with_configs_that_load_and_pass
     assert!(String::from_utf8(again)?.contains("prepared already"));
     assert_eq!(std::fs::read(&coordinator)?, before);
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_counts_out_of_domain_values_per_column_without_showing_them() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    // site-c's legacy CSV with three ages of 150 (the model allows 0 to 120).
+    let data = std::fs::read_to_string(&test.alliance.data_files[2])?;
+    let mut lines: Vec<String> = data.lines().map(str::to_string).collect();
+    let age = lines[0]
+        .split(',')
+        .position(|column| column == "AGE_Y")
+        .expect("an AGE_Y column");
+    for line in lines.iter_mut().skip(1).take(3) {
+        let mut fields: Vec<&str> = line.split(',').collect();
+        fields[age] = "150";
+        *line = fields.join(",");
+    }
+    let seeded = test.dir.path().join("site-c-seeded.csv");
+    std::fs::write(&seeded, lines.join("\n") + "\n")?;
+    let config = std::fs::read_to_string(&test.alliance.node_configs[2])?.replace(
+        &test.alliance.data_files[2].display().to_string(),
+        &seeded.display().to_string(),
+    );
+    let path = test.dir.path().join("site-c-seeded.toml");
+    std::fs::write(&path, &config)?;
+    let findings = check::run(&path);
+    let failed = failures(&findings);
+    assert!(
+        failed.iter().any(|line| line.starts_with("data")
+            && line.contains("column 'age'")
+            && line.contains("3 outside the declared domain 0 to 120")),
+        "{failed:?}"
+    );
+    let shown = check::render(&findings)
+        .replace(&test.dir.path().display().to_string(), "")
+        .replace(&test.alliance.root.display().to_string(), "");
+    assert!(!shown.contains("150"), "no value is shown: {shown}");
+    // Treated as missing, the node starts and the same line is a warning.
+    let tolerant = config.replace(
+        "[datasets.columns]",
+        "on_domain_violation = \"treat_as_missing\"\n\n[datasets.columns]",
+    );
+    std::fs::write(&path, tolerant)?;
+    let findings = check::run(&path);
+    assert!(
+        failures(&findings).is_empty(),
+        "{}",
+        check::render(&findings)
+    );
+    assert!(
+        findings.iter().any(|finding| finding.level == Level::Warn
+            && finding.detail.contains("3 outside the declared domain")),
+        "{}",
+        check::render(&findings)
+    );
+    test.alliance.stop().await
 }
