@@ -8,6 +8,7 @@
 //! - [`fanout`]: calling every node concurrently, each bounded by its deadline.
 //! - [`heads`]: collecting the nodes' signed audit heads.
 //! - [`pool`]: summing released cells across sites; incomplete cells stay marked.
+//! - [`odds`]: odds ratios from 2x2 tables: per site, crude, Mantel-Haenszel, Breslow-Day.
 //! - [`quality`]: the data-quality report: per-site shares flagged against the standard.
 //! - [`service`] / [`server`]: the `fedq.v1.Coordinator` gRPC service over TLS.
 //! - [`client`] / [`render`]: the CLI's connection to the coordinator and its tables and JSON.
@@ -26,6 +27,7 @@ mod error;
 pub mod experts;
 pub mod fanout;
 pub mod heads;
+pub mod odds;
 pub mod pool;
 pub mod quality;
 pub mod render;

@@ -123,7 +123,10 @@ impl SiteCells {
             None => 0.0,
         };
         match statistic {
-            Statistic::Count | Statistic::Histogram { .. } | Statistic::Mean { .. } => {
+            Statistic::Count
+            | Statistic::Histogram { .. }
+            | Statistic::Mean { .. }
+            | Statistic::TwoByTwo { .. } => {
                 if !result.sections.is_empty() {
                     return Err("the site sent profile sections for a count".into());
                 }

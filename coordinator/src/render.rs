@@ -141,6 +141,7 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
         }
         out.push_str(&grid(view, &mut marks));
     }
+    out.push_str(&odds_ratios(result));
     let legend = [
         (
             marks.withheld,
@@ -175,6 +176,91 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
     let _ = writeln!(out, "\nsites:");
     for site in &result.sites {
         let _ = writeln!(out, "  {}", site_line(site));
+    }
+    out
+}
+
+fn ratio_text(ratio: Option<&wire::OddsRatio>) -> String {
+    match ratio {
+        Some(ratio) => format!("{:.2} ({:.2}-{:.2})", ratio.estimate, ratio.low, ratio.high),
+        None => "not finite (a zero cell)".into(),
+    }
+}
+
+/// A 2x2 result's odds ratios, one block per stratum.
+fn odds_ratios(result: &wire::PooledResult) -> String {
+    let mut out = String::new();
+    if result.odds_ratios.is_empty() {
+        return out;
+    }
+    let strata = &result.axes[..result.axes.len().saturating_sub(2)];
+    let _ = writeln!(
+        out,
+        "\nOdds ratios of the outcome, exposed vs not exposed, with 95% confidence intervals:"
+    );
+    for ratios in &result.odds_ratios {
+        let label: Vec<String> = ratios
+            .stratum
+            .iter()
+            .zip(strata)
+            .map(|(level, axis)| {
+                format!(
+                    "{} {}",
+                    axis.column,
+                    axis.levels
+                        .get(*level as usize)
+                        .cloned()
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        if !label.is_empty() {
+            let _ = writeln!(out, "  {}:", label.join(", "));
+        }
+        for site in &ratios.sites {
+            let _ = writeln!(
+                out,
+                "    {:<16} {}",
+                site.site_id,
+                ratio_text(site.odds_ratio.as_ref())
+            );
+        }
+        match &ratios.mantel_haenszel {
+            Some(pooled) => {
+                let _ = writeln!(
+                    out,
+                    "    {:<16} {}",
+                    "crude (summed)",
+                    ratio_text(ratios.crude.as_ref())
+                );
+                let _ = writeln!(
+                    out,
+                    "    {:<16} {}",
+                    "Mantel-Haenszel",
+                    ratio_text(Some(pooled))
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "    no pooled odds ratio: no included site has both a ratio's numerator and denominator"
+                );
+            }
+        }
+        if let (Some(statistic), Some(p)) = (ratios.breslow_day, ratios.breslow_day_p) {
+            let _ = writeln!(
+                out,
+                "    Breslow-Day test of one common odds ratio: chi-squared {statistic:.2}, df {}, p = {p:.3}",
+                ratios.breslow_day_df
+            );
+        }
+        if !ratios.excluded.is_empty() {
+            let _ = writeln!(
+                out,
+                "    not included (withheld a cell of this table, or no answer): {}",
+                ratios.excluded.join(", ")
+            );
+        }
     }
     out
 }
@@ -217,6 +303,7 @@ pub fn section_view(result: &wire::PooledResult, index: usize) -> wire::PooledRe
         total: section.total,
         sites,
         sections: Vec::new(),
+        odds_ratios: Vec::new(),
     }
 }
 
@@ -440,6 +527,42 @@ pub struct JsonResult {
     /// A data-quality profile's sections, each a one-way table (absent for counts).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sections: Vec<JsonSection>,
+    /// A 2x2 table's odds ratios per stratum (absent otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub odds_ratios: Vec<JsonOddsRatios>,
+}
+
+/// An odds ratio with its 95% interval.
+#[derive(Debug, Serialize)]
+pub struct JsonOddsRatio {
+    pub estimate: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// One stratum's odds ratios.
+#[derive(Debug, Serialize)]
+pub struct JsonOddsRatios {
+    /// Axis column → level of the template's strata (empty when it has none).
+    pub stratum: std::collections::BTreeMap<String, String>,
+    /// Site id → its own odds ratio (null when a cell is zero); sites included only.
+    pub by_site: std::collections::BTreeMap<String, Option<JsonOddsRatio>>,
+    pub excluded: Vec<String>,
+    pub crude: Option<JsonOddsRatio>,
+    pub mantel_haenszel: Option<JsonOddsRatio>,
+    pub breslow_day: Option<f64>,
+    pub breslow_day_df: u32,
+    pub breslow_day_p: Option<f64>,
+}
+
+impl From<&wire::OddsRatio> for JsonOddsRatio {
+    fn from(ratio: &wire::OddsRatio) -> JsonOddsRatio {
+        JsonOddsRatio {
+            estimate: ratio.estimate,
+            low: ratio.low,
+            high: ratio.high,
+        }
+    }
 }
 
 /// One section of a data-quality profile: a profiled column or a check.
@@ -617,6 +740,42 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
                     })
                     .collect(),
                 elapsed_ms: site.elapsed_ms,
+            })
+            .collect(),
+        odds_ratios: result
+            .odds_ratios
+            .iter()
+            .map(|ratios| JsonOddsRatios {
+                stratum: ratios
+                    .stratum
+                    .iter()
+                    .zip(&result.axes)
+                    .map(|(level, axis)| {
+                        (
+                            axis.column.clone(),
+                            axis.levels
+                                .get(*level as usize)
+                                .cloned()
+                                .unwrap_or_default(),
+                        )
+                    })
+                    .collect(),
+                by_site: ratios
+                    .sites
+                    .iter()
+                    .map(|site| {
+                        (
+                            site.site_id.clone(),
+                            site.odds_ratio.as_ref().map(Into::into),
+                        )
+                    })
+                    .collect(),
+                excluded: ratios.excluded.clone(),
+                crude: ratios.crude.as_ref().map(Into::into),
+                mantel_haenszel: ratios.mantel_haenszel.as_ref().map(Into::into),
+                breslow_day: ratios.breslow_day,
+                breslow_day_df: ratios.breslow_day_df,
+                breslow_day_p: ratios.breslow_day_p,
             })
             .collect(),
         sections: (0..result.sections.len())

@@ -201,18 +201,40 @@ fn pool_result(
     sites: &mut [wire::SiteProgress],
 ) -> wire::PooledResult {
     let mut answers: Vec<Vec<SiteCells>> = Vec::new();
+    let mut answered: Vec<(String, Option<usize>)> = Vec::new();
     for site in sites.iter_mut() {
-        let Some(result) = &site.result else { continue };
+        let Some(result) = &site.result else {
+            answered.push((site.site_id.clone(), None));
+            continue;
+        };
         match SiteCells::tables_from_wire(result, template, statistic, axes) {
-            Ok(tables) => answers.push(tables),
+            Ok(tables) => {
+                answered.push((site.site_id.clone(), Some(answers.len())));
+                answers.push(tables);
+            }
             Err(problem) => {
                 tracing::warn!(site = %site.site_id, %problem, "site answer does not fit the query");
                 site.status = wire::SiteStatus::Failed as i32;
                 site.message = problem;
                 site.result = None;
+                answered.push((site.site_id.clone(), None));
             }
         }
     }
+    let odds_ratios = match statistic {
+        Statistic::TwoByTwo { .. } => {
+            let shape: Vec<usize> = axes.iter().map(|axis| axis.levels.len()).collect();
+            let cells: Vec<(String, Option<&[Option<u64>]>)> = answered
+                .iter()
+                .map(|(site_id, index)| {
+                    let cells = index.map(|index| answers[index][0].cells.as_slice());
+                    (site_id.clone(), cells)
+                })
+                .collect();
+            crate::odds::for_grid(&shape, &cells)
+        }
+        _ => Vec::new(),
+    };
     // Each table pooled on its own: (its axes, pooled cells with coordinates, pooled total).
     let table_axes: Vec<&[Axis]> = if statistic.is_profile() {
         axes.iter().map(std::slice::from_ref).collect()
@@ -266,6 +288,7 @@ fn pool_result(
         total,
         sites: sites.to_vec(),
         sections,
+        odds_ratios,
     }
 }
 

@@ -41,6 +41,10 @@ fn showcases() -> Vec<Showcase> {
             template: "systolic-pressure-distribution",
             parameters: vec![("min_iss", Value::Integer(16))],
         },
+        Showcase {
+            template: "icu-death-odds",
+            parameters: Vec::new(),
+        },
     ]
 }
 

@@ -100,7 +100,7 @@ pub fn tables(
     };
     let grid_keys = || query.strata.iter().map(stratum_expr).collect::<Vec<_>>();
     match &query.statistic {
-        Statistic::Count | Statistic::Histogram { .. } => {
+        Statistic::Count | Statistic::Histogram { .. } | Statistic::TwoByTwo { .. } => {
             let (raw, sets) = count(filtered(query, snapshot), grid_keys(), shape_of(axes))?;
             Ok(vec![Table {
                 raw,
@@ -356,6 +356,7 @@ fn profile_expr(stratum: &BoundStratum, snapshot: &Snapshot) -> Expr {
     let (column, levels) = match stratum {
         BoundStratum::Categories { column, count } => (column, *count as usize),
         BoundStratum::Bands { column, bands, .. } => (column, bands.len()),
+        BoundStratum::Rule(_) => return stratum_expr(stratum),
     };
     let outside = crate::data::outside_domain_column(column);
     if snapshot.frame.column(&outside).is_err() {
@@ -391,6 +392,7 @@ fn stratum_key(index: usize) -> String {
 fn stratum_expr(stratum: &BoundStratum) -> Expr {
     match stratum {
         BoundStratum::Categories { column, .. } => col(column.as_str()),
+        BoundStratum::Rule(rule) => check_expr(rule),
         BoundStratum::Bands {
             column,
             integer,

@@ -402,7 +402,17 @@ pub enum Statistic {
     /// Number, mean and variance of a numeric column's recorded values, per stratum (records
     /// without a value are left out).
     Mean { column: String },
+    /// A 2x2 table per stratum: records exposed or not (`exposure` holds or not) by outcome or
+    /// not (`outcome` holds or not); records missing a column a rule reads form each axis'
+    /// "missing" level. The coordinator computes odds ratios per site, pooled crude and
+    /// Mantel-Haenszel, with a test of homogeneity.
+    TwoByTwo { exposure: Filter, outcome: Filter },
 }
+
+/// The levels of a 2x2 table's exposure axis, in order.
+pub const EXPOSURE_LEVELS: [&str; 3] = ["exposed", "not exposed", MISSING_LEVEL];
+/// The levels of a 2x2 table's outcome axis, in order.
+pub const OUTCOME_LEVELS: [&str; 3] = ["outcome", "no outcome", MISSING_LEVEL];
 
 impl Statistic {
     pub fn name(&self) -> &'static str {
@@ -411,6 +421,7 @@ impl Statistic {
             Statistic::Profile => "profile",
             Statistic::Histogram { .. } => "histogram",
             Statistic::Mean { .. } => "mean",
+            Statistic::TwoByTwo { .. } => "two_by_two",
         }
     }
 
@@ -424,7 +435,7 @@ impl Statistic {
     pub fn column(&self) -> Option<&str> {
         match self {
             Statistic::Histogram { column, .. } | Statistic::Mean { column } => Some(column),
-            Statistic::Count | Statistic::Profile => None,
+            Statistic::Count | Statistic::Profile | Statistic::TwoByTwo { .. } => None,
         }
     }
 }
@@ -516,6 +527,9 @@ pub enum BoundStratum {
         integer: bool,
         bands: Vec<(Option<f64>, Option<f64>)>,
     },
+    /// Level 0 where the rule holds, 1 where it does not, 2 (missing) where a column it reads
+    /// has no value (a 2x2 table's exposure and outcome).
+    Rule(BoundCheck),
 }
 
 /// One axis of a result grid; its last level is always [`MISSING_LEVEL`].
@@ -628,6 +642,10 @@ impl Template {
         );
         columns.extend(self.strata.iter().map(|stratum| stratum.column.clone()));
         columns.extend(self.statistic.column().map(str::to_string));
+        if let Statistic::TwoByTwo { exposure, outcome } = &self.statistic {
+            filter_columns(exposure, &mut columns);
+            filter_columns(outcome, &mut columns);
+        }
         columns
     }
 
@@ -745,6 +763,18 @@ impl Template {
             }
             checker.check_filter(&check.rule, &format!("{at}.rule"), &mut used)?;
         }
+        if let Statistic::TwoByTwo { exposure, outcome } = &self.statistic {
+            for (name, rule) in [("exposure", exposure), ("outcome", outcome)] {
+                let size = filter_size(rule);
+                if size > MAX_FILTER_NODES {
+                    return Err(self.problem(
+                        Malformed,
+                        format!("statistic.{name}: the rule has {size} entries; at most {MAX_FILTER_NODES} are allowed"),
+                    ));
+                }
+                checker.check_filter(rule, &format!("statistic.{name}"), &mut used)?;
+            }
+        }
         if self.statistic.is_profile() && self.strata.is_empty() && self.checks.is_empty() {
             return Err(self.problem(
                 Malformed,
@@ -816,6 +846,22 @@ impl Template {
                             spec.domain.type_name()
                         ),
                     ));
+                }
+            }
+            Statistic::TwoByTwo { .. } => {
+                for (column, levels) in [("exposure", EXPOSURE_LEVELS), ("outcome", OUTCOME_LEVELS)]
+                {
+                    if self.strata.iter().any(|stratum| stratum.column == column) {
+                        return Err(self.problem(
+                            Malformed,
+                            format!("strata: '{column}' names a 2x2 table's own axis"),
+                        ));
+                    }
+                    cells = cells.saturating_mul(levels.len());
+                    axes.push(Axis {
+                        column: column.to_string(),
+                        levels: levels.iter().map(|level| level.to_string()).collect(),
+                    });
                 }
             }
             Statistic::Count | Statistic::Profile => {}
@@ -1298,6 +1344,17 @@ impl CheckedTemplate<'_> {
             .iter()
             .map(|stratum| bind_stratum(stratum, self.dataset))
             .collect();
+        if let Statistic::TwoByTwo { exposure, outcome } = &self.template.statistic {
+            // Exposure, then outcome: the grid's last two axes.
+            for rule in [exposure, outcome] {
+                let mut columns = BTreeSet::new();
+                filter_columns(rule, &mut columns);
+                strata.push(BoundStratum::Rule(BoundCheck {
+                    rule: bind_filter(rule, self.dataset, &values)?,
+                    columns: columns.into_iter().collect(),
+                }));
+            }
+        }
         if let Statistic::Histogram { column, bins } = &self.template.statistic {
             // The bins are the grid's last axis.
             let stratum = Stratum {

@@ -268,6 +268,7 @@ pub struct OracleRow {
     pub systolic_bp: Option<i64>,
     /// Days (the legacy format records hours).
     pub length_of_stay: i64,
+    pub died: bool,
 }
 
 /// Every admission of every site, straight from the generator.
@@ -299,12 +300,15 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
     };
     let rows = match site.format {
         LocalFormat::ModelLikeParquet => {
-            let icu: Vec<bool> = frame
-                .column("icu_admission")?
-                .bool()?
-                .iter()
-                .map(|v| v == Some(true))
-                .collect();
+            let flags = |name: &str| -> anyhow::Result<Vec<bool>> {
+                Ok(frame
+                    .column(name)?
+                    .bool()?
+                    .iter()
+                    .map(|v| v == Some(true))
+                    .collect())
+            };
+            let (icu, died) = (flags("icu_admission")?, flags("in_hospital_death")?);
             let (age, sex, mechanism, iss, systolic, stay) = (
                 ints("age")?,
                 texts("sex")?,
@@ -322,11 +326,12 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                     icu: icu[i],
                     systolic_bp: systolic[i],
                     length_of_stay: stay[i],
+                    died: died[i],
                 })
                 .collect()
         }
         LocalFormat::LegacyCsv => {
-            let (age, sex, mechanism, iss, icu, systolic, hours) = (
+            let (age, sex, mechanism, iss, icu, systolic, hours, died) = (
                 ints("AGE_Y")?,
                 texts("SEX")?,
                 ints("MECH")?,
@@ -334,6 +339,7 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                 ints("ICU")?,
                 optional_ints("SBP")?,
                 ints("LOS_HOURS")?,
+                ints("DIED")?,
             );
             (0..frame.height())
                 .map(|i| OracleRow {
@@ -349,6 +355,7 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                     icu: icu[i] == 1,
                     systolic_bp: systolic[i],
                     length_of_stay: hours[i] / 24,
+                    died: died[i] == 1,
                 })
                 .collect()
         }

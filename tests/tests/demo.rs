@@ -24,6 +24,8 @@ async fn demo_prints_pooled_tables_suppression_marks_refusals_ledger_and_verifie
         "only its study lead (Dr. Lea Study) may",
         "Mean length of hospital stay by injury severity",
         "Distribution of systolic blood pressure at admission",
+        "In-hospital death with and without ICU admission (2x2, odds ratios)",
+        "Mantel-Haenszel",
         "Data-quality report: template data-quality v1",
         "site-b: systolic_bp:",
         "its node dials the coordinator",

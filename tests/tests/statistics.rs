@@ -231,3 +231,135 @@ async fn a_site_adding_noise_refuses_means_and_says_why() -> anyhow::Result<()> 
     test.alliance.stop().await?;
     Ok(())
 }
+
+/// One site's 2x2 table in one ISS stratum, counted straight from its rows: (a, b, c, d) =
+/// ICU and died, ICU and survived, no ICU and died, no ICU and survived.
+fn oracle_table(rows: &[OracleRow], major: bool) -> [f64; 4] {
+    let mut table = [0.0; 4];
+    for row in rows.iter().filter(|row| (row.iss >= 16) == major) {
+        let index = match (row.icu, row.died) {
+            (true, true) => 0,
+            (true, false) => 1,
+            (false, true) => 2,
+            (false, false) => 3,
+        };
+        table[index] += 1.0;
+    }
+    table
+}
+
+/// Mantel-Haenszel, its Robins-Breslow-Greenland log variance and the Breslow-Day statistic,
+/// written out plainly (expected counts found by bisection, not by the quadratic formula).
+fn oracle_mantel_haenszel(tables: &[[f64; 4]]) -> (f64, f64, f64) {
+    let (mut r, mut s, mut pr, mut cross, mut qs) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for [a, b, c, d] in tables.iter().copied() {
+        let n = a + b + c + d;
+        let (ri, si, pi, qi) = (a * d / n, b * c / n, (a + d) / n, (b + c) / n);
+        r += ri;
+        s += si;
+        pr += pi * ri;
+        cross += pi * si + qi * ri;
+        qs += qi * si;
+    }
+    let psi = r / s;
+    let variance = pr / (2.0 * r * r) + cross / (2.0 * r * s) + qs / (2.0 * s * s);
+    let mut breslow_day = 0.0;
+    for [a, b, c, d] in tables.iter().copied() {
+        let (n1, n0, m1) = (a + b, c + d, a + c);
+        let odds = |x: f64| x * (n0 - m1 + x) / ((n1 - x) * (m1 - x));
+        let (mut low, mut high) = ((m1 - n0).max(0.0), n1.min(m1));
+        for _ in 0..200 {
+            let middle = (low + high) / 2.0;
+            if odds(middle) < psi {
+                low = middle;
+            } else {
+                high = middle;
+            }
+        }
+        let e = (low + high) / 2.0;
+        let v = 1.0 / (1.0 / e + 1.0 / (n1 - e) + 1.0 / (m1 - e) + 1.0 / (n0 - m1 + e));
+        breslow_day += (a - e).powi(2) / v;
+    }
+    (psi, variance, breslow_day)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_odds_ratios_equal_the_computation_on_all_sites_tables() -> anyhow::Result<()> {
+    let mut sites = roomy_sites();
+    sites[0].admissions = 4_000;
+    sites[1].admissions = 3_000;
+    sites[2].admissions = 3_000;
+    let test = TestAlliance::start_custom(sites, &[], 3).await?;
+    let mut coordinator = test.coordinator().await?;
+    let result = query(&mut coordinator, "icu-death-odds", vec![], 20_000).await?;
+    let per_site = oracle_rows(&test.sites)?;
+    assert_eq!(result.odds_ratios.len(), 2, "one per ISS stratum");
+    for (stratum, major) in [(0usize, false), (1, true)] {
+        let ratios = &result.odds_ratios[stratum];
+        assert_eq!(ratios.stratum, [stratum as u32]);
+        assert!(ratios.excluded.is_empty(), "{:?}", ratios.excluded);
+        let tables: Vec<[f64; 4]> = per_site
+            .iter()
+            .map(|rows| oracle_table(rows, major))
+            .collect();
+        // Each site's own odds ratio.
+        for (site, [a, b, c, d]) in ratios.sites.iter().zip(&tables) {
+            let own = site.odds_ratio.as_ref().expect("no zero cell");
+            assert!(relative(own.estimate, a * d / (b * c)) < 1e-9);
+        }
+        // Crude: the table of all rows together.
+        let all = oracle_table(&per_site.concat(), major);
+        let crude = ratios.crude.as_ref().unwrap();
+        assert!(relative(crude.estimate, all[0] * all[3] / (all[1] * all[2])) < 1e-9);
+        // Mantel-Haenszel with its interval, and Breslow-Day.
+        let (psi, variance, breslow_day) = oracle_mantel_haenszel(&tables);
+        let pooled = ratios.mantel_haenszel.as_ref().unwrap();
+        assert!(
+            relative(pooled.estimate, psi) < 1e-9,
+            "{} vs {psi}",
+            pooled.estimate
+        );
+        let low = (psi.ln() - 1.959963984540054 * variance.sqrt()).exp();
+        assert!(relative(pooled.low, low) < 1e-9);
+        assert!(relative(ratios.breslow_day.unwrap(), breslow_day) < 1e-6);
+        assert_eq!(ratios.breslow_day_df, 2);
+        let p = ratios.breslow_day_p.unwrap();
+        assert!((0.0..=1.0).contains(&p));
+    }
+    let table = fedq_coordinator::render::table("odds", &result);
+    assert!(table.contains("Mantel-Haenszel"), "{table}");
+    assert!(table.contains("Breslow-Day"), "{table}");
+    test.alliance.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_that_withholds_a_cell_of_its_2x2_table_is_left_out_of_the_pooled_ratio()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut coordinator = test.coordinator().await?;
+    let result = query(&mut coordinator, "icu-death-odds", vec![], 20_000).await?;
+    let site_c_rows = &oracle_rows(&test.sites)?[2];
+    // site-c (150 admissions) has a small cell in the minor-injury table.
+    let small = oracle_table(site_c_rows, false)
+        .iter()
+        .any(|count| (1.0..10.0).contains(count));
+    assert!(small, "the test needs a small cell at site-c");
+    let ratios = &result.odds_ratios[0];
+    assert!(
+        ratios.excluded.contains(&"site-c".to_string()),
+        "{ratios:?}"
+    );
+    assert!(ratios.sites.iter().all(|site| site.site_id != "site-c"));
+    let answer = result.sites[2].result.as_ref().unwrap();
+    assert!(
+        answer
+            .cells
+            .iter()
+            .any(|cell| matches!(cell.outcome, Some(wire::cell::Outcome::Withheld(_))))
+    );
+    let table = fedq_coordinator::render::table("odds", &result);
+    assert!(table.contains("not included"), "{table}");
+    test.alliance.stop().await?;
+    Ok(())
+}
