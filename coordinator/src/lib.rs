@@ -10,6 +10,7 @@
 //! - [`pool`]: summing released cells across sites; incomplete cells stay marked.
 //! - [`odds`]: odds ratios from 2x2 tables: per site, crude, Mantel-Haenszel, Breslow-Day.
 //! - [`quality`]: the data-quality report: per-site shares flagged against the standard.
+//! - [`survival`]: pooling survival curves on shared interval starts, with Greenwood bands.
 //! - [`service`] / [`server`]: the `fedq.v1.Coordinator` gRPC service over TLS.
 //! - [`client`] / [`render`]: the CLI's connection to the coordinator and its tables and JSON.
 //! - [`store`]: the coordinator's SQLite records: nodes' signed audit heads and the
@@ -34,6 +35,7 @@ pub mod render;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod survival;
 pub mod tunnel;
 pub mod users;
 

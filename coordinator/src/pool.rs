@@ -141,6 +141,19 @@ impl SiteCells {
                 }
                 Ok(vec![converted])
             }
+            Statistic::Survival { grid, .. } => {
+                let wire_axes: Vec<wire::Axis> = axes.iter().map(Into::into).collect();
+                if result.axes != wire_axes || !result.cells.is_empty() {
+                    return Err("the site answered on a different grid of strata".into());
+                }
+                let strata: Vec<usize> = axes[..axes.len().saturating_sub(2)]
+                    .iter()
+                    .map(|axis| axis.levels.len())
+                    .collect();
+                crate::survival::validate(&result.curves, &strata, grid.len())?;
+                // Nothing is pooled cell by cell: the curves are pooled on their own.
+                Ok(Vec::new())
+            }
             Statistic::Profile => {
                 if result.sections.len() != axes.len() {
                     return Err(format!(

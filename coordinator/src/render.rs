@@ -125,6 +125,14 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
         short_hash(&reference.content_hash),
         result.query_id
     );
+    if !result.curves.is_empty() {
+        out.push_str(&curves(result));
+        let _ = writeln!(out, "\nsites:");
+        for site in &result.sites {
+            let _ = writeln!(out, "  {}", site_line(site));
+        }
+        return out;
+    }
     let views: Vec<wire::PooledResult> = if result.sections.is_empty() {
         vec![result.clone()]
     } else {
@@ -185,6 +193,82 @@ fn ratio_text(ratio: Option<&wire::OddsRatio>) -> String {
         Some(ratio) => format!("{:.2} ({:.2}-{:.2})", ratio.estimate, ratio.low, ratio.high),
         None => "not finite (a zero cell)".into(),
     }
+}
+
+/// A survival result: per stratum the pooled curve on the interval starts every pooled site
+/// released.
+fn curves(result: &wire::PooledResult) -> String {
+    let mut out = String::new();
+    let dims = result.axes.len();
+    let (strata, time) = (
+        &result.axes[..dims.saturating_sub(2)],
+        result.axes.get(dims.wrapping_sub(2)),
+    );
+    let label = |start: u32| {
+        time.and_then(|axis| axis.levels.get(start as usize).cloned())
+            .unwrap_or_default()
+    };
+    let column = time.map(|axis| axis.column.clone()).unwrap_or_default();
+    for curve in &result.curves {
+        let stratum: Vec<String> = curve
+            .stratum
+            .iter()
+            .zip(strata)
+            .map(|(level, axis)| {
+                format!(
+                    "{} {}",
+                    axis.column,
+                    axis.levels
+                        .get(*level as usize)
+                        .cloned()
+                        .unwrap_or_default()
+                )
+            })
+            .collect();
+        let _ = writeln!(out);
+        if !stratum.is_empty() {
+            let _ = writeln!(out, "{}:", stratum.join(", "));
+        }
+        if curve.points.is_empty() {
+            let _ = writeln!(out, "  no site released this curve");
+        } else {
+            let _ = writeln!(
+                out,
+                "  {:<14} {:>9} {:>7} {:>9} {:>9}  95% band",
+                format!("{column} from"),
+                "at risk",
+                "events",
+                "censored",
+                "survival"
+            );
+            for point in &curve.points {
+                let _ = writeln!(
+                    out,
+                    "  {:<14} {:>9} {:>7} {:>9} {:>9.4}  {:.4}-{:.4}",
+                    label(point.start),
+                    format_count(point.at_risk),
+                    format_count(point.events),
+                    format_count(point.censored),
+                    point.survival,
+                    point.low,
+                    point.high
+                );
+            }
+        }
+        let _ = writeln!(out, "  pooled sites: {}", curve.sites.join(", "));
+        if !curve.excluded.is_empty() {
+            let _ = writeln!(
+                out,
+                "  not pooled (withheld this curve, or no answer): {}",
+                curve.excluded.join(", ")
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nSurvival is the grouped product-limit estimate on the template's time grid (equal to\nKaplan-Meier when every event time is a grid point), with Greenwood's 95% pointwise band.\nSites merge intervals with fewer than k events or censorings into the next; the pooled\ncurve keeps only the interval starts every pooled site released."
+    );
+    out
 }
 
 /// A 2x2 result's odds ratios, one block per stratum.
@@ -304,6 +388,7 @@ pub fn section_view(result: &wire::PooledResult, index: usize) -> wire::PooledRe
         sites,
         sections: Vec::new(),
         odds_ratios: Vec::new(),
+        curves: Vec::new(),
     }
 }
 
@@ -530,6 +615,31 @@ pub struct JsonResult {
     /// A 2x2 table's odds ratios per stratum (absent otherwise).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub odds_ratios: Vec<JsonOddsRatios>,
+    /// A survival template's pooled curves per stratum (absent otherwise).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub curves: Vec<JsonCurve>,
+}
+
+/// One stratum's pooled survival curve.
+#[derive(Debug, Serialize)]
+pub struct JsonCurve {
+    pub stratum: std::collections::BTreeMap<String, String>,
+    pub sites: Vec<String>,
+    pub excluded: Vec<String>,
+    pub points: Vec<JsonSurvivalPoint>,
+}
+
+/// One interval of a pooled survival curve; `from` is its start on the template's grid.
+#[derive(Debug, Serialize)]
+pub struct JsonSurvivalPoint {
+    pub from: String,
+    pub at_risk: u64,
+    pub events: u64,
+    pub censored: u64,
+    pub survival: f64,
+    pub standard_error: f64,
+    pub low: f64,
+    pub high: f64,
 }
 
 /// An odds ratio with its 95% interval.
@@ -740,6 +850,48 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
                     })
                     .collect(),
                 elapsed_ms: site.elapsed_ms,
+            })
+            .collect(),
+        curves: result
+            .curves
+            .iter()
+            .map(|curve| {
+                let dims = result.axes.len();
+                let time = result.axes.get(dims.wrapping_sub(2));
+                JsonCurve {
+                    stratum: curve
+                        .stratum
+                        .iter()
+                        .zip(&result.axes)
+                        .map(|(level, axis)| {
+                            (
+                                axis.column.clone(),
+                                axis.levels
+                                    .get(*level as usize)
+                                    .cloned()
+                                    .unwrap_or_default(),
+                            )
+                        })
+                        .collect(),
+                    sites: curve.sites.clone(),
+                    excluded: curve.excluded.clone(),
+                    points: curve
+                        .points
+                        .iter()
+                        .map(|point| JsonSurvivalPoint {
+                            from: time
+                                .and_then(|axis| axis.levels.get(point.start as usize).cloned())
+                                .unwrap_or_default(),
+                            at_risk: point.at_risk,
+                            events: point.events,
+                            censored: point.censored,
+                            survival: point.survival,
+                            standard_error: point.standard_error,
+                            low: point.low,
+                            high: point.high,
+                        })
+                        .collect(),
+                }
             })
             .collect(),
         odds_ratios: result

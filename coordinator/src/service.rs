@@ -235,6 +235,47 @@ fn pool_result(
         }
         _ => Vec::new(),
     };
+    let curves = match statistic {
+        Statistic::Survival { .. } => {
+            let strata: Vec<usize> = axes[..axes.len().saturating_sub(2)]
+                .iter()
+                .map(|axis| axis.levels.len())
+                .collect();
+            let count: usize = strata.iter().product();
+            (0..count)
+                .map(|stratum| {
+                    let per_site: Vec<(String, Option<&wire::SurvivalCurve>)> = sites
+                        .iter()
+                        .map(|site| {
+                            let curve = site
+                                .result
+                                .as_ref()
+                                .and_then(|result| result.curves.get(stratum));
+                            (site.site_id.clone(), curve)
+                        })
+                        .collect();
+                    crate::survival::pool(
+                        fedq_proto::template::cell_coordinates(&strata, stratum),
+                        &per_site,
+                    )
+                })
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    if !curves.is_empty() {
+        return wire::PooledResult {
+            query_id,
+            template: Some(template.into()),
+            axes: axes.iter().map(Into::into).collect(),
+            cells: Vec::new(),
+            total: None,
+            sites: sites.to_vec(),
+            sections: Vec::new(),
+            odds_ratios: Vec::new(),
+            curves,
+        };
+    }
     // Each table pooled on its own: (its axes, pooled cells with coordinates, pooled total).
     let table_axes: Vec<&[Axis]> = if statistic.is_profile() {
         axes.iter().map(std::slice::from_ref).collect()
@@ -289,6 +330,7 @@ fn pool_result(
         sites: sites.to_vec(),
         sections,
         odds_ratios,
+        curves: Vec::new(),
     }
 }
 
@@ -304,7 +346,21 @@ fn contributions(sites: &[wire::SiteProgress]) -> Vec<Contribution> {
         .iter()
         .filter_map(|site| {
             let result = site.result.as_ref()?;
-            let (cells_released, records_contributed) = if result.sections.is_empty() {
+            let (cells_released, records_contributed) = if !result.curves.is_empty() {
+                // A survival answer: its released intervals, and the records in its curves.
+                let intervals = result
+                    .curves
+                    .iter()
+                    .map(|curve| curve.intervals.len())
+                    .sum::<usize>();
+                let records = result
+                    .curves
+                    .iter()
+                    .filter_map(|curve| curve.intervals.first())
+                    .map(|interval| interval.at_risk)
+                    .sum();
+                (intervals as u64, records)
+            } else if result.sections.is_empty() {
                 let counts: Vec<u64> = result.cells.iter().filter_map(released).collect();
                 (counts.len() as u64, counts.iter().sum())
             } else {

@@ -45,6 +45,10 @@ fn showcases() -> Vec<Showcase> {
             template: "icu-death-odds",
             parameters: Vec::new(),
         },
+        Showcase {
+            template: "survival-after-admission",
+            parameters: vec![("min_iss", Value::Integer(16))],
+        },
     ]
 }
 

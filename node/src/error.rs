@@ -128,9 +128,14 @@ pub enum NodeError {
     },
     /// The statistic is one this site does not release under its policy.
     #[error(
-        "this site adds differential-privacy noise, which fedq provides for counts, histograms and data-quality profiles only; it does not answer '{statistic}' templates"
+        "this site adds differential-privacy noise, which fedq provides for counts, histograms, 2x2 tables and data-quality profiles only; it does not answer '{statistic}' templates"
     )]
     StatisticNotUnderDp { statistic: String },
+    /// Rounding released counts cannot keep this statistic consistent.
+    #[error(
+        "this site rounds released counts (privacy.rounding_base), which a '{statistic}' answer cannot keep consistent (its counts depend on each other); it does not answer '{statistic}' templates"
+    )]
+    StatisticNotRounded { statistic: String },
     /// The query engine failed. The cause is logged at the node; nothing was released.
     #[error(
         "the query could not be computed at this site; nothing was released (the site's administrator can find the cause in the node log)"
@@ -176,7 +181,9 @@ impl NodeError {
             NodeError::StudyNotAccepted { .. } => RefusalCode::StudyNotAccepted,
             NodeError::DatasetNotHeld(_) => RefusalCode::UnknownDataset,
             NodeError::ColumnNotHeld { .. } => RefusalCode::UnknownColumn,
-            NodeError::StatisticNotUnderDp { .. } => RefusalCode::UnsupportedStatistic,
+            NodeError::StatisticNotUnderDp { .. } | NodeError::StatisticNotRounded { .. } => {
+                RefusalCode::UnsupportedStatistic
+            }
             NodeError::Config(_)
             | NodeError::Data(_)
             | NodeError::Engine

@@ -13,6 +13,7 @@
 //! - [`cli`]: the `fedq-node` command line (`serve`, `check`, `audit`).
 //! - [`dp`]: differential privacy: exact discrete Laplace noise and the privacy budget.
 //! - [`overlap`]: query-set overlap control over remembered released record sets.
+//! - [`survival`]: the intervals of a survival curve a site may release (merged, never dropped).
 //! - [`records`]: stable keyed-hash record identities and their dense numbers.
 //! - [`limits`]: each study's daily query limit, kept in the node's state directory.
 //! - [`data`]: loading Parquet/CSV files and mapping local columns onto the common data model.
@@ -35,6 +36,7 @@ pub mod query;
 pub mod records;
 pub mod server;
 pub mod service;
+pub mod survival;
 pub mod verify;
 
 pub use error::NodeError;

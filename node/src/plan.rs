@@ -100,7 +100,10 @@ pub fn tables(
     };
     let grid_keys = || query.strata.iter().map(stratum_expr).collect::<Vec<_>>();
     match &query.statistic {
-        Statistic::Count | Statistic::Histogram { .. } | Statistic::TwoByTwo { .. } => {
+        Statistic::Count
+        | Statistic::Histogram { .. }
+        | Statistic::TwoByTwo { .. }
+        | Statistic::Survival { .. } => {
             let (raw, sets) = count(filtered(query, snapshot), grid_keys(), shape_of(axes))?;
             Ok(vec![Table {
                 raw,

@@ -25,6 +25,7 @@ use crate::limits::DailyLimits;
 use crate::overlap::{self, OverlapError, OverlapMemory};
 use crate::plan;
 use crate::records::{NodeSecret, RecordNumbers};
+use crate::survival;
 use crate::verify;
 use fedq_proto::metrics::Metrics;
 
@@ -161,6 +162,8 @@ pub struct SiteAnswer {
     /// A mean's moments per table, beside its released counts (withheld cells' are never
     /// sent).
     pub moments: Vec<Option<plan::CellMoments>>,
+    /// A survival answer's released curves (its table only summarises them for the audit).
+    pub curves: Option<Vec<survival::Curve>>,
     pub statistic: Statistic,
     /// The node's signed audit head including this query's record.
     pub audit_head: wire::SignedAuditHead,
@@ -341,6 +344,7 @@ impl QueryEngine {
             axes: answer.axes,
             tables,
             moments: answer.moments,
+            curves: answer.curves,
             statistic: answer.statistic,
             audit_head: head,
             noise: answer.noise,
@@ -537,10 +541,19 @@ impl QueryEngine {
             );
             NodeError::Engine
         };
-        if matches!(template.statistic, Statistic::Mean { .. })
-            && self.policy.privacy.differential_privacy.is_some()
-        {
+        let counts_only = matches!(
+            template.statistic,
+            Statistic::Mean { .. } | Statistic::Survival { .. }
+        );
+        if counts_only && self.policy.privacy.differential_privacy.is_some() {
             return Err(NodeError::StatisticNotUnderDp {
+                statistic: template.statistic.name().to_string(),
+            });
+        }
+        if matches!(template.statistic, Statistic::Survival { .. })
+            && self.policy.privacy.rounding_base > 0
+        {
+            return Err(NodeError::StatisticNotRounded {
                 statistic: template.statistic.name().to_string(),
             });
         }
@@ -587,7 +600,20 @@ impl QueryEngine {
         // A profile's sections are also checked against each other: no union of one may come
         // within 1 to k-1 records of a union of an earlier one (see disclosure::sections).
         let mut partitions: Vec<Vec<sections::Part>> = Vec::new();
+        let mut curves = None;
         for computed in computed {
+            if matches!(template.statistic, Statistic::Survival { .. }) {
+                let decided =
+                    survival::decide(&computed.raw, computed.sets.as_ref(), k, memory.as_deref());
+                if let Some(memory) = memory.as_deref_mut() {
+                    self.remember(memory, &study.id, decided.released_sets)?;
+                }
+                curves = Some(decided.curves);
+                raws.push(computed.raw);
+                tables.push(decided.summary);
+                moments.push(None);
+                continue;
+            }
             let cells = computed.raw.counts.len();
             let mut forced = dominated_cells(
                 computed.moments.as_ref(),
@@ -668,6 +694,7 @@ impl QueryEngine {
                 template: TemplateRef::of(template),
                 statistic: template.statistic.clone(),
                 moments,
+                curves,
                 snapshot_version: snapshot.version.clone(),
                 axes: checked.axes,
                 noise,
@@ -747,6 +774,8 @@ struct Computed {
     statistic: Statistic,
     /// A mean's moments per table (true values; only released cells' are sent).
     moments: Vec<Option<plan::CellMoments>>,
+    /// A survival answer's released curves.
+    curves: Option<Vec<survival::Curve>>,
     snapshot_version: String,
     axes: Vec<Axis>,
     noise: Option<(Rational, f64)>,

@@ -15,6 +15,7 @@ use crate::NodeError;
 use crate::disclosure::{DisclosedTable, Outcome};
 use crate::plan::{CellMoments, Moments};
 use crate::query::{QueryEngine, QueryRequest, SiteAnswer};
+use crate::survival::Curve;
 
 /// The gRPC face of one node.
 #[derive(Debug, Clone)]
@@ -123,7 +124,8 @@ pub fn status_of(err: &NodeError) -> Status {
         ) => Code::InvalidArgument,
         NodeError::DatasetNotHeld(_)
         | NodeError::ColumnNotHeld { .. }
-        | NodeError::StatisticNotUnderDp { .. } => Code::FailedPrecondition,
+        | NodeError::StatisticNotUnderDp { .. }
+        | NodeError::StatisticNotRounded { .. } => Code::FailedPrecondition,
         NodeError::Contract(_)
         | NodeError::Config(_)
         | NodeError::Data(_)
@@ -208,6 +210,18 @@ fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
             .collect();
         let total = sections.first().and_then(|section| section.total.clone());
         (Vec::new(), Vec::new(), total, sections)
+    } else if answer.curves.is_some() {
+        // A survival answer sends only its released curves, never the raw grid.
+        let total = answer
+            .tables
+            .first()
+            .map_or(Outcome::Withheld, |table| table.total);
+        (
+            answer.axes.iter().map(Into::into).collect(),
+            Vec::new(),
+            Some(outcome_to_cell(Vec::new(), total, None)),
+            Vec::new(),
+        )
     } else {
         let (cells, total) = match answer.tables.first() {
             Some(table) => table_to_wire(&answer.axes, table, moments(0)),
@@ -246,7 +260,33 @@ fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
             cell_variance,
         }),
         sections,
+        curves: curves_to_wire(&answer.axes, answer.curves.as_deref()),
     }
+}
+
+/// Released survival curves on the wire, each with its strata levels.
+fn curves_to_wire(axes: &[Axis], curves: Option<&[Curve]>) -> Vec<wire::SurvivalCurve> {
+    let strata: Vec<usize> = axes[..axes.len().saturating_sub(2)]
+        .iter()
+        .map(|axis| axis.levels.len())
+        .collect();
+    curves
+        .unwrap_or_default()
+        .iter()
+        .map(|curve| wire::SurvivalCurve {
+            stratum: cell_coordinates(&strata, curve.stratum),
+            intervals: curve
+                .intervals
+                .iter()
+                .map(|interval| wire::SurvivalInterval {
+                    start: interval.start as u32,
+                    at_risk: interval.at_risk,
+                    events: interval.events,
+                    censored: interval.censored,
+                })
+                .collect(),
+        })
+        .collect()
 }
 
 fn describe(engine: &QueryEngine) -> wire::SiteDescription {

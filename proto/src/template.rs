@@ -407,7 +407,19 @@ pub enum Statistic {
     /// "missing" level. The coordinator computes odds ratios per site, pooled crude and
     /// Mantel-Haenszel, with a test of homogeneity.
     TwoByTwo { exposure: Filter, outcome: Filter },
+    /// A survival curve per stratum on a time grid the template fixes: per interval from one
+    /// grid time to the next (the last open-ended), records at risk at its start, events
+    /// (`event` holds) and censored (it does not) at a `time` in it. Records missing the time
+    /// or a column the rule reads are left out.
+    Survival {
+        time: String,
+        event: Filter,
+        grid: Vec<f64>,
+    },
 }
+
+/// The levels of a survival table's event axis, in order.
+pub const EVENT_LEVELS: [&str; 3] = ["event", "censored", MISSING_LEVEL];
 
 /// The levels of a 2x2 table's exposure axis, in order.
 pub const EXPOSURE_LEVELS: [&str; 3] = ["exposed", "not exposed", MISSING_LEVEL];
@@ -422,6 +434,7 @@ impl Statistic {
             Statistic::Histogram { .. } => "histogram",
             Statistic::Mean { .. } => "mean",
             Statistic::TwoByTwo { .. } => "two_by_two",
+            Statistic::Survival { .. } => "survival",
         }
     }
 
@@ -435,6 +448,7 @@ impl Statistic {
     pub fn column(&self) -> Option<&str> {
         match self {
             Statistic::Histogram { column, .. } | Statistic::Mean { column } => Some(column),
+            Statistic::Survival { time, .. } => Some(time),
             Statistic::Count | Statistic::Profile | Statistic::TwoByTwo { .. } => None,
         }
     }
@@ -642,9 +656,13 @@ impl Template {
         );
         columns.extend(self.strata.iter().map(|stratum| stratum.column.clone()));
         columns.extend(self.statistic.column().map(str::to_string));
-        if let Statistic::TwoByTwo { exposure, outcome } = &self.statistic {
-            filter_columns(exposure, &mut columns);
-            filter_columns(outcome, &mut columns);
+        match &self.statistic {
+            Statistic::TwoByTwo { exposure, outcome } => {
+                filter_columns(exposure, &mut columns);
+                filter_columns(outcome, &mut columns);
+            }
+            Statistic::Survival { event, .. } => filter_columns(event, &mut columns),
+            _ => {}
         }
         columns
     }
@@ -763,8 +781,15 @@ impl Template {
             }
             checker.check_filter(&check.rule, &format!("{at}.rule"), &mut used)?;
         }
-        if let Statistic::TwoByTwo { exposure, outcome } = &self.statistic {
-            for (name, rule) in [("exposure", exposure), ("outcome", outcome)] {
+        let rules: Vec<(&str, &Filter)> = match &self.statistic {
+            Statistic::TwoByTwo { exposure, outcome } => {
+                vec![("exposure", exposure), ("outcome", outcome)]
+            }
+            Statistic::Survival { event, .. } => vec![("event", event)],
+            _ => Vec::new(),
+        };
+        {
+            for (name, rule) in rules {
                 let size = filter_size(rule);
                 if size > MAX_FILTER_NODES {
                     return Err(self.problem(
@@ -864,6 +889,50 @@ impl Template {
                     });
                 }
             }
+            Statistic::Survival { time, grid, .. } => {
+                if self.strata.iter().any(|stratum| &stratum.column == time) {
+                    return Err(self.problem(
+                        Malformed,
+                        format!("statistic: '{time}' is both a stratum and the survival time"),
+                    ));
+                }
+                let bins = survival_bands(grid);
+                let spec = checker.column(time, "statistic (survival time)")?;
+                let (min, max, integer) = match spec.domain {
+                    Domain::Integer { min, max } => (min as f64, max as f64, true),
+                    Domain::Float { min, max } => (min, max, false),
+                    _ => {
+                        return Err(self.problem(
+                            Malformed,
+                            format!(
+                                "statistic: the survival time '{time}' must be a number column"
+                            ),
+                        ));
+                    }
+                };
+                if grid.first() != Some(&min) || grid.iter().any(|point| *point > max) {
+                    return Err(self.problem(
+                        Malformed,
+                        format!(
+                            "statistic: the grid must start at {min}, the smallest '{time}' (the time origin), and stay within {min} to {max}"
+                        ),
+                    ));
+                }
+                check_bands(&bins, min, max, integer).map_err(|message| {
+                    self.problem(Malformed, format!("statistic: grid: {message}"))
+                })?;
+                let mut levels: Vec<String> = bins.iter().map(|bin| bin.label.clone()).collect();
+                levels.push(MISSING_LEVEL.to_string());
+                cells = cells.saturating_mul(levels.len() * EVENT_LEVELS.len());
+                axes.push(Axis {
+                    column: time.clone(),
+                    levels,
+                });
+                axes.push(Axis {
+                    column: "event".to_string(),
+                    levels: EVENT_LEVELS.iter().map(|level| level.to_string()).collect(),
+                });
+            }
             Statistic::Count | Statistic::Profile => {}
         }
         for check in &self.checks {
@@ -891,6 +960,19 @@ impl Template {
             axes,
         })
     }
+}
+
+/// A survival grid as bands: from each grid time to the next, the last open-ended; each
+/// labelled by its start (the first also takes anything below, which the domain excludes).
+pub fn survival_bands(grid: &[f64]) -> Vec<Band> {
+    grid.iter()
+        .enumerate()
+        .map(|(index, start)| Band {
+            label: format!("{start}"),
+            at_least: (index > 0).then_some(*start),
+            below: grid.get(index + 1).copied(),
+        })
+        .collect()
 }
 
 /// Adds every column a filter tree reads to `columns`.
@@ -1344,6 +1426,20 @@ impl CheckedTemplate<'_> {
             .iter()
             .map(|stratum| bind_stratum(stratum, self.dataset))
             .collect();
+        if let Statistic::Survival { time, event, grid } = &self.template.statistic {
+            // The time intervals, then the event: the grid's last two axes.
+            let stratum = Stratum {
+                column: time.clone(),
+                bands: Some(survival_bands(grid)),
+            };
+            strata.push(bind_stratum(&stratum, self.dataset));
+            let mut columns = BTreeSet::from([time.clone()]);
+            filter_columns(event, &mut columns);
+            strata.push(BoundStratum::Rule(BoundCheck {
+                rule: bind_filter(event, self.dataset, &values)?,
+                columns: columns.into_iter().collect(),
+            }));
+        }
         if let Statistic::TwoByTwo { exposure, outcome } = &self.template.statistic {
             // Exposure, then outcome: the grid's last two axes.
             for rule in [exposure, outcome] {

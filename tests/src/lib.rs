@@ -269,6 +269,7 @@ pub struct OracleRow {
     /// Days (the legacy format records hours).
     pub length_of_stay: i64,
     pub died: bool,
+    pub days_to_outcome: i64,
 }
 
 /// Every admission of every site, straight from the generator.
@@ -309,6 +310,7 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                     .collect())
             };
             let (icu, died) = (flags("icu_admission")?, flags("in_hospital_death")?);
+            let outcome_days = ints("days_to_outcome")?;
             let (age, sex, mechanism, iss, systolic, stay) = (
                 ints("age")?,
                 texts("sex")?,
@@ -327,6 +329,7 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                     systolic_bp: systolic[i],
                     length_of_stay: stay[i],
                     died: died[i],
+                    days_to_outcome: outcome_days[i],
                 })
                 .collect()
         }
@@ -341,6 +344,7 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                 ints("LOS_HOURS")?,
                 ints("DIED")?,
             );
+            let outcome_days = ints("OUTCOME_DAYS")?;
             (0..frame.height())
                 .map(|i| OracleRow {
                     age: age[i],
@@ -356,6 +360,7 @@ fn site_rows(site: &SiteProfile) -> anyhow::Result<Vec<OracleRow>> {
                     systolic_bp: systolic[i],
                     length_of_stay: hours[i] / 24,
                     died: died[i] == 1,
+                    days_to_outcome: outcome_days[i],
                 })
                 .collect()
         }

@@ -26,6 +26,8 @@ async fn demo_prints_pooled_tables_suppression_marks_refusals_ledger_and_verifie
         "Distribution of systolic blood pressure at admission",
         "In-hospital death with and without ICU admission (2x2, odds ratios)",
         "Mantel-Haenszel",
+        "In-hospital survival after admission, with and without ICU admission",
+        "Greenwood's 95% pointwise band",
         "Data-quality report: template data-quality v1",
         "site-b: systolic_bp:",
         "its node dials the coordinator",

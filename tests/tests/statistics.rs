@@ -363,3 +363,136 @@ async fn a_site_that_withholds_a_cell_of_its_2x2_table_is_left_out_of_the_pooled
     test.alliance.stop().await?;
     Ok(())
 }
+
+/// The survival template's grid (days).
+const GRID: [i64; 6] = [0, 7, 14, 30, 60, 90];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_survival_equals_the_product_limit_on_all_rows_on_the_shared_starts()
+-> anyhow::Result<()> {
+    let mut sites = roomy_sites();
+    sites[0].admissions = 4_000;
+    sites[1].admissions = 3_000;
+    sites[2].admissions = 3_000;
+    let test = TestAlliance::start_custom(sites, &[], 3).await?;
+    let mut coordinator = test.coordinator().await?;
+    let min_iss = 9;
+    let result = query(
+        &mut coordinator,
+        "survival-after-admission",
+        vec![integer("min_iss", min_iss)],
+        20_000,
+    )
+    .await?;
+    let rows: Vec<OracleRow> = oracle_rows(&test.sites)?.into_iter().flatten().collect();
+    // icu_admission: no, yes (the missing stratum has no records and no sites).
+    for (index, icu) in [(0usize, false), (1, true)] {
+        let curve = &result.curves[index];
+        assert_eq!(curve.sites.len(), 3, "{curve:?}");
+        let chosen: Vec<&OracleRow> = rows
+            .iter()
+            .filter(|row| row.iss >= min_iss && row.icu == icu)
+            .collect();
+        let starts: Vec<usize> = curve
+            .points
+            .iter()
+            .map(|point| point.start as usize)
+            .collect();
+        assert_eq!(starts[0], 0);
+        let (mut survival, mut greenwood) = (1.0_f64, 0.0_f64);
+        for (position, point) in curve.points.iter().enumerate() {
+            let from = GRID[starts[position]];
+            let until = starts
+                .get(position + 1)
+                .map_or(i64::MAX, |next| GRID[*next]);
+            let at_risk = chosen
+                .iter()
+                .filter(|row| row.days_to_outcome >= from)
+                .count();
+            let in_interval = |died: bool| {
+                chosen
+                    .iter()
+                    .filter(|row| (from..until).contains(&row.days_to_outcome) && row.died == died)
+                    .count()
+            };
+            let (events, censored) = (in_interval(true), in_interval(false));
+            assert_eq!(point.at_risk, at_risk as u64, "from day {from}");
+            assert_eq!(
+                (point.events, point.censored),
+                (events as u64, censored as u64)
+            );
+            let (n, d) = (at_risk as f64, events as f64);
+            survival *= 1.0 - d / n;
+            greenwood += d / (n * (n - d));
+            assert!(relative(point.survival, survival) < 1e-9, "day {from}");
+            let error = survival * greenwood.sqrt();
+            assert!(
+                error == 0.0 && point.standard_error == 0.0
+                    || relative(point.standard_error, error) < 1e-9
+            );
+        }
+    }
+    let table = fedq_coordinator::render::table("survival", &result);
+    assert!(table.contains("equal to\nKaplan-Meier"), "{table}");
+    test.alliance.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survival_interval_with_few_events_is_merged_not_leaked_and_nothing_is_dropped()
+-> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut coordinator = test.coordinator().await?;
+    let result = query(
+        &mut coordinator,
+        "survival-after-admission",
+        vec![integer("min_iss", 1)],
+        20_000,
+    )
+    .await?;
+    let per_site = oracle_rows(&test.sites)?;
+    let mut merged_somewhere = false;
+    for (site, rows) in result.sites.iter().zip(&per_site) {
+        let answer = site.result.as_ref().expect("answered");
+        assert!(answer.cells.is_empty(), "no raw grid leaves a node");
+        for (curve, icu) in answer.curves.iter().zip([false, true]) {
+            let chosen: Vec<&OracleRow> = rows.iter().filter(|row| row.icu == icu).collect();
+            if curve.intervals.is_empty() {
+                continue;
+            }
+            for interval in &curve.intervals {
+                assert!(interval.at_risk >= 10, "{}: {interval:?}", site.site_id);
+                for count in [interval.events, interval.censored] {
+                    assert!(count == 0 || count >= 10, "{}: {interval:?}", site.site_id);
+                }
+            }
+            // Nothing dropped: every death and discharge is in some released interval.
+            let events: u64 = curve.intervals.iter().map(|interval| interval.events).sum();
+            assert_eq!(events, chosen.iter().filter(|row| row.died).count() as u64);
+            // Where the oracle has an interval with 1 to 9 deaths, its start is merged away.
+            for (index, window) in GRID.windows(2).enumerate() {
+                let deaths = chosen
+                    .iter()
+                    .filter(|row| row.died && (window[0]..window[1]).contains(&row.days_to_outcome))
+                    .count();
+                if (1..10).contains(&deaths) {
+                    merged_somewhere = true;
+                    let starts: Vec<u32> = curve.intervals.iter().map(|i| i.start).collect();
+                    let next = index as u32 + 1;
+                    assert!(
+                        !(starts.contains(&(index as u32)) && starts.contains(&next)),
+                        "{}: interval from day {} with {deaths} deaths released alone",
+                        site.site_id,
+                        window[0]
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        merged_somewhere,
+        "the test data must have an interval with few deaths"
+    );
+    test.alliance.stop().await?;
+    Ok(())
+}
