@@ -9,6 +9,7 @@
 //! - [`heads`]: collecting the nodes' signed audit heads.
 //! - [`pool`]: summing released cells across sites; incomplete cells stay marked.
 //! - [`odds`]: odds ratios from 2x2 tables: per site, crude, Mantel-Haenszel, Breslow-Day.
+//! - [`regression`]: federated logistic regression by Newton-Raphson on the sites' parts.
 //! - [`quality`]: the data-quality report: per-site shares flagged against the standard.
 //! - [`survival`]: pooling survival curves on shared interval starts, with Greenwood bands.
 //! - [`service`] / [`server`]: the `fedq.v1.Coordinator` gRPC service over TLS.
@@ -31,6 +32,7 @@ pub mod heads;
 pub mod odds;
 pub mod pool;
 pub mod quality;
+pub mod regression;
 pub mod render;
 pub mod server;
 pub mod service;

@@ -154,6 +154,10 @@ impl SiteCells {
                 // Nothing is pooled cell by cell: the curves are pooled on their own.
                 Ok(Vec::new())
             }
+            Statistic::Logistic { .. } => {
+                // The fit validates and sums each iteration's parts itself.
+                Ok(Vec::new())
+            }
             Statistic::Profile => {
                 if result.sections.len() != axes.len() {
                     return Err(format!(

@@ -125,6 +125,14 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
         short_hash(&reference.content_hash),
         result.query_id
     );
+    if let Some(fit) = &result.regression {
+        out.push_str(&regression(fit));
+        let _ = writeln!(out, "\nsites:");
+        for site in &result.sites {
+            let _ = writeln!(out, "  {}", site_line(site));
+        }
+        return out;
+    }
     if !result.curves.is_empty() {
         out.push_str(&curves(result));
         let _ = writeln!(out, "\nsites:");
@@ -193,6 +201,69 @@ fn ratio_text(ratio: Option<&wire::OddsRatio>) -> String {
         Some(ratio) => format!("{:.2} ({:.2}-{:.2})", ratio.estimate, ratio.low, ratio.high),
         None => "not finite (a zero cell)".into(),
     }
+}
+
+/// A logistic regression's fit: one row per term.
+fn regression(fit: &wire::Regression) -> String {
+    let mut out = String::new();
+    if !fit.coefficients.is_empty() {
+        let width = fit
+            .coefficients
+            .iter()
+            .map(|coefficient| coefficient.term.len())
+            .chain([4])
+            .max()
+            .unwrap_or(4);
+        let _ = writeln!(
+            out,
+            "\n{:<width$}  {:>10}  {:>10}  {:>26}  {:>8}",
+            "term", "estimate", "std. error", "odds ratio (95% CI)", "p"
+        );
+        for coefficient in &fit.coefficients {
+            let p = if coefficient.p_value < 0.001 {
+                "<0.001".to_string()
+            } else {
+                format!("{:.3}", coefficient.p_value)
+            };
+            let ratio = format!(
+                "{:.3} ({:.3}-{:.3})",
+                coefficient.odds_ratio, coefficient.low, coefficient.high
+            );
+            let _ = writeln!(
+                out,
+                "{:<width$}  {:>10.4}  {:>10.4}  {ratio:>26}  {p:>8}",
+                coefficient.term, coefficient.estimate, coefficient.standard_error
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{} records at {}; {} after {} iteration{}; log-likelihood {:.3}",
+        format_count(fit.records),
+        if fit.sites.is_empty() {
+            "no site".to_string()
+        } else {
+            fit.sites.join(", ")
+        },
+        if fit.converged {
+            "converged"
+        } else {
+            "not converged"
+        },
+        fit.iterations,
+        if fit.iterations == 1 { "" } else { "s" },
+        fit.log_likelihood
+    );
+    if fit.separation_suspected {
+        let _ = writeln!(
+            out,
+            "separation suspected: some covariates predict the outcome (nearly) perfectly in the pooled data, so the estimates grow without bound and are not usable; drop or merge the covariates involved"
+        );
+    }
+    if !fit.message.is_empty() {
+        let _ = writeln!(out, "stopped: {}", fit.message);
+    }
+    out
 }
 
 /// A survival result: per stratum the pooled curve on the interval starts every pooled site
@@ -389,6 +460,7 @@ pub fn section_view(result: &wire::PooledResult, index: usize) -> wire::PooledRe
         sections: Vec::new(),
         odds_ratios: Vec::new(),
         curves: Vec::new(),
+        regression: None,
     }
 }
 
@@ -618,6 +690,35 @@ pub struct JsonResult {
     /// A survival template's pooled curves per stratum (absent otherwise).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub curves: Vec<JsonCurve>,
+    /// A logistic regression's fit (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub regression: Option<JsonRegression>,
+}
+
+/// A logistic regression's fit.
+#[derive(Debug, Serialize)]
+pub struct JsonRegression {
+    pub coefficients: Vec<JsonCoefficient>,
+    pub iterations: u32,
+    pub converged: bool,
+    pub separation_suspected: bool,
+    pub records: u64,
+    pub log_likelihood: f64,
+    pub sites: Vec<String>,
+    pub message: String,
+}
+
+/// One term of a fit.
+#[derive(Debug, Serialize)]
+pub struct JsonCoefficient {
+    pub term: String,
+    pub estimate: f64,
+    pub standard_error: f64,
+    pub z: f64,
+    pub p_value: f64,
+    pub odds_ratio: f64,
+    pub low: f64,
+    pub high: f64,
 }
 
 /// One stratum's pooled survival curve.
@@ -852,6 +953,29 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
                 elapsed_ms: site.elapsed_ms,
             })
             .collect(),
+        regression: result.regression.as_ref().map(|fit| JsonRegression {
+            coefficients: fit
+                .coefficients
+                .iter()
+                .map(|coefficient| JsonCoefficient {
+                    term: coefficient.term.clone(),
+                    estimate: coefficient.estimate,
+                    standard_error: coefficient.standard_error,
+                    z: coefficient.z,
+                    p_value: coefficient.p_value,
+                    odds_ratio: coefficient.odds_ratio,
+                    low: coefficient.low,
+                    high: coefficient.high,
+                })
+                .collect(),
+            iterations: fit.iterations,
+            converged: fit.converged,
+            separation_suspected: fit.separation_suspected,
+            records: fit.records,
+            log_likelihood: fit.log_likelihood,
+            sites: fit.sites.clone(),
+            message: fit.message.clone(),
+        }),
         curves: result
             .curves
             .iter()

@@ -274,6 +274,7 @@ fn pool_result(
             sections: Vec::new(),
             odds_ratios: Vec::new(),
             curves,
+            regression: None,
         };
     }
     // Each table pooled on its own: (its axes, pooled cells with coordinates, pooled total).
@@ -331,6 +332,186 @@ fn pool_result(
         sections,
         odds_ratios,
         curves: Vec::new(),
+        regression: None,
+    }
+}
+
+/// Records one site's reply: metrics, its audit head (an answer from a log that went back is
+/// discarded and the site held), and the progress record a study lead sees.
+async fn settle(
+    reply: SiteReply,
+    store: &Arc<Store>,
+    metrics: &Arc<Metrics>,
+) -> wire::SiteProgress {
+    tracing::info!(site = %reply.site_id, outcome = %describe_call(&reply.call), elapsed_ms = reply.elapsed.as_millis() as u64, "site finished");
+    let status = site_status_label(&reply.call);
+    metrics.count(
+        "fedq_coordinator_site_replies_total",
+        "Site replies to queries, by site and status.",
+        &[("site", &reply.site_id), ("status", status)],
+        1,
+    );
+    metrics.observe(
+        "fedq_coordinator_site_seconds",
+        "Time each site took to reply (or to fail), by site.",
+        &[("site", &reply.site_id)],
+        reply.elapsed,
+    );
+    let mut reply = reply;
+    if let SiteCall::Answered(result) = &reply.call
+        && let Some(head) = &result.audit_head
+        && crate::heads::keep(store, &reply.site_id, head.clone()).await
+    {
+        // The answer came from a log that went back: nothing of it is released.
+        reply.call = SiteCall::Failed(crate::fanout::held_message(
+            &reply.site_id,
+            "from now: its audit log went back or was rewritten",
+        ));
+    }
+    progress(&reply)
+}
+
+/// What a regression fit asks the nodes with.
+struct Fitting<'a> {
+    nodes: &'a NodeClients,
+    request: &'a wire::QueryRequest,
+    deadline: Duration,
+    held: &'a std::collections::BTreeMap<String, String>,
+}
+
+/// Fits a logistic regression by Newton-Raphson over the sites whose first part (at zero
+/// coefficients, in `first`) was usable; each further iteration asks only them, as a query of
+/// its own (request id `<query id>-<iteration>`). A pooled site that stops answering ends the
+/// fit with a message rather than a fit over fewer sites.
+async fn fit<F, Fut>(
+    fitting: Fitting<'_>,
+    query_id: String,
+    template: &TemplateRef,
+    axes: &[Axis],
+    mut sites: Vec<wire::SiteProgress>,
+    settle: F,
+) -> wire::PooledResult
+where
+    F: Fn(SiteReply) -> Fut,
+    Fut: std::future::Future<Output = wire::SiteProgress>,
+{
+    use crate::regression::{self, Sum};
+    let terms: Vec<String> = axes
+        .first()
+        .map(|axis| axis.levels.clone())
+        .unwrap_or_default();
+    let parameters = terms.len();
+    // The pooled sites: those whose first part is valid.
+    let mut sum = Sum::new(parameters);
+    let mut pooled: Vec<String> = Vec::new();
+    for site in &mut sites {
+        let Some(part) = site
+            .result
+            .as_ref()
+            .and_then(|result| result.regression.clone())
+        else {
+            continue;
+        };
+        if let Err(problem) = sum.add(&part) {
+            site.status = wire::SiteStatus::Failed as i32;
+            site.message = problem;
+            site.result = None;
+            continue;
+        }
+        pooled.push(site.site_id.clone());
+    }
+    let mut outcome = wire::Regression {
+        sites: pooled.clone(),
+        ..Default::default()
+    };
+    if pooled.is_empty() {
+        outcome.message = "no site took part (see each site's status)".into();
+    } else {
+        // Sites not pooled are not asked again.
+        let mut skipped = fitting.held.clone();
+        for entry in fitting.nodes.entries() {
+            if !pooled.contains(&entry.site_id) {
+                skipped.insert(entry.site_id.clone(), "out of this fit".into());
+            }
+        }
+        let mut beta = vec![0.0; parameters];
+        let mut previous: Option<f64> = None;
+        let mut iteration = 0u32;
+        loop {
+            outcome.iterations = iteration + 1;
+            if previous.is_some_and(|previous| regression::converged(previous, sum.log_likelihood))
+            {
+                outcome.converged = true;
+                break;
+            }
+            if iteration + 1 >= regression::MOST_ITERATIONS {
+                outcome.message = format!(
+                    "no convergence within {} iterations",
+                    regression::MOST_ITERATIONS
+                );
+                break;
+            }
+            let Some(delta) = regression::step(&sum) else {
+                outcome.message = "the pooled information matrix is singular: a covariate is constant or a combination of others in the pooled data".into();
+                break;
+            };
+            previous = Some(sum.log_likelihood);
+            let next: Vec<f64> = beta.iter().zip(&delta).map(|(b, d)| b + d).collect();
+            iteration += 1;
+            let mut request = fitting.request.clone();
+            request.request_id = format!("{query_id}-{iteration}");
+            request.coefficients = next.clone();
+            request.iteration = iteration;
+            let mut replies = fitting.nodes.run_query(request, fitting.deadline, &skipped);
+            let mut next_sum = Sum::new(parameters);
+            let mut failure = None;
+            while let Some(reply) = replies.next().await {
+                if !pooled.contains(&reply.site_id) {
+                    continue;
+                }
+                let site = settle(reply).await;
+                let part = site
+                    .result
+                    .as_ref()
+                    .and_then(|result| result.regression.as_ref())
+                    .ok_or_else(|| site.message.clone())
+                    .and_then(|part| next_sum.add(part));
+                if let Err(problem) = part {
+                    failure.get_or_insert((site.site_id.clone(), problem));
+                }
+            }
+            if let Some((site_id, problem)) = failure {
+                outcome.message = format!(
+                    "site {site_id} stopped answering at iteration {iteration} ({problem}); no estimate over fewer sites is given"
+                );
+                if problem.contains("at most") && problem.contains("coefficient") {
+                    outcome.separation_suspected = true;
+                }
+                break;
+            }
+            beta = next;
+            sum = next_sum;
+        }
+        let (table, separation) = regression::coefficients(&terms, &beta, &sum);
+        outcome.separation_suspected |=
+            separation || (!outcome.converged && outcome.message.starts_with("no convergence"));
+        outcome.records = sum.records;
+        outcome.log_likelihood = sum.log_likelihood;
+        if outcome.message.is_empty() || outcome.converged {
+            outcome.coefficients = table;
+        }
+    }
+    wire::PooledResult {
+        query_id,
+        template: Some(template.into()),
+        axes: axes.iter().map(Into::into).collect(),
+        cells: Vec::new(),
+        total: None,
+        sites,
+        sections: Vec::new(),
+        odds_ratios: Vec::new(),
+        curves: Vec::new(),
+        regression: Some(outcome),
     }
 }
 
@@ -346,7 +527,10 @@ fn contributions(sites: &[wire::SiteProgress]) -> Vec<Contribution> {
         .iter()
         .filter_map(|site| {
             let result = site.result.as_ref()?;
-            let (cells_released, records_contributed) = if !result.curves.is_empty() {
+            let (cells_released, records_contributed) = if let Some(part) = &result.regression {
+                // A regression: its part, over the records it covers.
+                (1, part.records)
+            } else if !result.curves.is_empty() {
                 // A survival answer: its released intervals, and the records in its curves.
                 let intervals = result
                     .curves
@@ -569,6 +753,8 @@ impl Coordinator for CoordinatorService {
                 &study.document,
                 study.signatures.clone(),
             )),
+            coefficients: Vec::new(),
+            iteration: 0,
         };
         let deadline = self.deadline(request.deadline_ms);
         let site_ids: Vec<String> = self
@@ -588,7 +774,7 @@ impl Coordinator for CoordinatorService {
                     .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
             })
             .await?;
-        let mut replies = self.nodes.run_query(node_request, deadline, &held);
+        let mut replies = self.nodes.run_query(node_request.clone(), deadline, &held);
         let order: Vec<String> = self
             .nodes
             .entries()
@@ -605,35 +791,12 @@ impl Coordinator for CoordinatorService {
         );
         let study_id = study.document.id.clone();
         let requester = user.name.clone();
+        let nodes = self.nodes.clone();
         tokio::spawn(async move {
+            let settle = |reply: SiteReply| settle(reply, &store, &metrics);
             let mut finished: Vec<wire::SiteProgress> = Vec::new();
             while let Some(reply) = replies.next().await {
-                tracing::info!(site = %reply.site_id, outcome = %describe_call(&reply.call), elapsed_ms = reply.elapsed.as_millis() as u64, "site finished");
-                let status = site_status_label(&reply.call);
-                metrics.count(
-                    "fedq_coordinator_site_replies_total",
-                    "Site replies to queries, by site and status.",
-                    &[("site", &reply.site_id), ("status", status)],
-                    1,
-                );
-                metrics.observe(
-                    "fedq_coordinator_site_seconds",
-                    "Time each site took to reply (or to fail), by site.",
-                    &[("site", &reply.site_id)],
-                    reply.elapsed,
-                );
-                let mut reply = reply;
-                if let SiteCall::Answered(result) = &reply.call
-                    && let Some(head) = &result.audit_head
-                    && crate::heads::keep(&store, &reply.site_id, head.clone()).await
-                {
-                    // The answer came from a log that went back: nothing of it is released.
-                    reply.call = SiteCall::Failed(crate::fanout::held_message(
-                        &reply.site_id,
-                        "from now: its audit log went back or was rewritten",
-                    ));
-                }
-                let site = progress(&reply);
+                let site = settle(reply).await;
                 let event = wire::QueryEvent {
                     event: Some(wire::query_event::Event::Site(site.clone())),
                 };
@@ -643,13 +806,32 @@ impl Coordinator for CoordinatorService {
                 finished.push(site);
             }
             finished.sort_by_key(|site| order.iter().position(|id| id == &site.site_id));
-            let result = pool_result(
-                query_id.clone(),
-                &reference,
-                &statistic,
-                &axes,
-                &mut finished,
-            );
+            let result = match &statistic {
+                Statistic::Logistic { .. } => {
+                    let fitting = Fitting {
+                        nodes: &nodes,
+                        request: &node_request,
+                        deadline,
+                        held: &held,
+                    };
+                    fit(
+                        fitting,
+                        query_id.clone(),
+                        &reference,
+                        &axes,
+                        finished,
+                        settle,
+                    )
+                    .await
+                }
+                _ => pool_result(
+                    query_id.clone(),
+                    &reference,
+                    &statistic,
+                    &axes,
+                    &mut finished,
+                ),
+            };
             let contributed = contributions(&result.sites);
             let recorded = tokio::task::spawn_blocking(move || {
                 store.record_contributions(

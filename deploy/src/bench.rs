@@ -147,6 +147,8 @@ pub async fn run(
             vec![study_signature],
         )),
         request_id: "bench".into(),
+        coefficients: Vec::new(),
+        iteration: 0,
         template: Some(fedq_proto::document::template_document(
             &template,
             vec![expert.sign(

@@ -49,6 +49,10 @@ fn showcases() -> Vec<Showcase> {
             template: "survival-after-admission",
             parameters: vec![("min_iss", Value::Integer(16))],
         },
+        Showcase {
+            template: "death-risk-regression",
+            parameters: Vec::new(),
+        },
     ]
 }
 

@@ -65,6 +65,7 @@ struct RawPrivacy {
     overlap_study_share_percent: Option<u32>,
     rounding_base: Option<u32>,
     dominance_percent: Option<u32>,
+    regression_iterations: Option<u32>,
     differential_privacy: Option<bool>,
     epsilon_per_query: Option<String>,
     study_epsilon: Option<String>,
@@ -213,6 +214,8 @@ pub struct Privacy {
     /// Dominance rule for means: withhold a cell where one record's value is more than this
     /// percent of the cell's sum (0: off).
     pub dominance_percent: u32,
+    /// Most Newton-Raphson iterations of one logistic regression the site evaluates.
+    pub regression_iterations: u32,
     /// Differential privacy, when on.
     pub differential_privacy: Option<DifferentialPrivacy>,
 }
@@ -405,8 +408,15 @@ impl RawNodeConfig {
             overlap_study_share_percent: self.privacy.overlap_study_share_percent.unwrap_or(25),
             rounding_base: self.privacy.rounding_base.unwrap_or(0),
             dominance_percent: self.privacy.dominance_percent.unwrap_or(0),
+            regression_iterations: self.privacy.regression_iterations.unwrap_or(30),
             differential_privacy: None,
         };
+        if !(1..=100).contains(&privacy.regression_iterations) {
+            problems.push(format!(
+                "privacy.regression_iterations is {}; it must be from 1 to 100",
+                privacy.regression_iterations
+            ));
+        }
         if privacy.dominance_percent > 100 {
             problems.push(format!(
                 "privacy.dominance_percent is {}; use 0 (off) or a share from 1 to 100",

@@ -128,9 +128,12 @@ pub enum NodeError {
     },
     /// The statistic is one this site does not release under its policy.
     #[error(
-        "this site adds differential-privacy noise, which fedq provides for counts, histograms, 2x2 tables and data-quality profiles only; it does not answer '{statistic}' templates"
+        "this site adds differential-privacy noise, which fedq provides for counts, histograms, 2x2 tables and data-quality profiles only (not means, survival curves or regressions); it does not answer '{statistic}' templates"
     )]
     StatisticNotUnderDp { statistic: String },
+    /// The site's records cannot safely take part in the regression asked.
+    #[error("this site does not take part in the regression: {0}")]
+    RegressionRefused(String),
     /// Rounding released counts cannot keep this statistic consistent.
     #[error(
         "this site rounds released counts (privacy.rounding_base), which a '{statistic}' answer cannot keep consistent (its counts depend on each other); it does not answer '{statistic}' templates"
@@ -181,6 +184,7 @@ impl NodeError {
             NodeError::StudyNotAccepted { .. } => RefusalCode::StudyNotAccepted,
             NodeError::DatasetNotHeld(_) => RefusalCode::UnknownDataset,
             NodeError::ColumnNotHeld { .. } => RefusalCode::UnknownColumn,
+            NodeError::RegressionRefused(_) => RefusalCode::RegressionRefused,
             NodeError::StatisticNotUnderDp { .. } | NodeError::StatisticNotRounded { .. } => {
                 RefusalCode::UnsupportedStatistic
             }

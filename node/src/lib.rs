@@ -15,6 +15,7 @@
 //! - [`overlap`]: query-set overlap control over remembered released record sets.
 //! - [`survival`]: the intervals of a survival curve a site may release (merged, never dropped).
 //! - [`records`]: stable keyed-hash record identities and their dense numbers.
+//! - [`regression`]: one site's safe part of a logistic regression step.
 //! - [`limits`]: each study's daily query limit, kept in the node's state directory.
 //! - [`data`]: loading Parquet/CSV files and mapping local columns onto the common data model.
 //! - [`server`]: serving the `fedq.v1.Node` gRPC service over mutual TLS.
@@ -34,6 +35,7 @@ pub mod overlap;
 pub mod plan;
 pub mod query;
 pub mod records;
+pub mod regression;
 pub mod server;
 pub mod service;
 pub mod survival;

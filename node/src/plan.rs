@@ -121,6 +121,9 @@ pub fn tables(
                 moments: Some(moments),
             }])
         }
+        Statistic::Logistic { .. } => Err(PolarsError::ComputeError(
+            "a logistic regression has no count tables".into(),
+        )),
         Statistic::Profile => {
             let columns = query
                 .strata
@@ -252,7 +255,7 @@ fn shape_of(axes: &[Axis]) -> Vec<usize> {
 }
 
 /// The snapshot with the query's filter applied.
-fn filtered(query: &BoundQuery, snapshot: &Snapshot) -> LazyFrame {
+pub(crate) fn filtered(query: &BoundQuery, snapshot: &Snapshot) -> LazyFrame {
     let plan = snapshot.frame.clone().lazy();
     match &query.filter {
         Some(filter) => plan.filter(filter_expr(filter)),
@@ -373,7 +376,7 @@ fn profile_expr(stratum: &BoundStratum, snapshot: &Snapshot) -> Expr {
 
 /// A check's level: "cannot be evaluated" (2) when a column it reads is missing, else
 /// "plausible" (0) when its rule holds, else "implausible" (1).
-fn check_expr(check: &BoundCheck) -> Expr {
+pub(crate) fn check_expr(check: &BoundCheck) -> Expr {
     let missing = check
         .columns
         .iter()
@@ -550,6 +553,7 @@ mod tests {
             filter,
             strata,
             checks: Vec::new(),
+            regression: None,
             statistic: Statistic::Count,
         }
     }
@@ -575,6 +579,7 @@ mod tests {
                 },
                 columns: vec!["age".into()],
             }],
+            regression: None,
             statistic: Statistic::Profile,
         };
         let level = |column: &str, levels: &[&str]| Axis {

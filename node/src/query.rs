@@ -25,6 +25,7 @@ use crate::limits::DailyLimits;
 use crate::overlap::{self, OverlapError, OverlapMemory};
 use crate::plan;
 use crate::records::{NodeSecret, RecordNumbers};
+use crate::regression;
 use crate::survival;
 use crate::verify;
 use fedq_proto::metrics::Metrics;
@@ -64,6 +65,9 @@ pub struct QueryRequest {
     pub parameters: Vec<wire::ParameterValue>,
     pub requester: String,
     pub study: Option<wire::SignedDocument>,
+    /// Logistic regression: the coefficients to evaluate at (empty: zero) and the iteration.
+    pub coefficients: Vec<f64>,
+    pub iteration: u32,
 }
 
 /// Loads every configured dataset (without touching the state directory). Returns the
@@ -164,6 +168,8 @@ pub struct SiteAnswer {
     pub moments: Vec<Option<plan::CellMoments>>,
     /// A survival answer's released curves (its table only summarises them for the audit).
     pub curves: Option<Vec<survival::Curve>>,
+    /// A logistic regression's part at the coefficients asked (sums only).
+    pub regression: Option<regression::Part>,
     pub statistic: Statistic,
     /// The node's signed audit head including this query's record.
     pub audit_head: wire::SignedAuditHead,
@@ -345,6 +351,7 @@ impl QueryEngine {
             tables,
             moments: answer.moments,
             curves: answer.curves,
+            regression: answer.regression,
             statistic: answer.statistic,
             audit_head: head,
             noise: answer.noise,
@@ -541,17 +548,19 @@ impl QueryEngine {
             );
             NodeError::Engine
         };
-        let counts_only = matches!(
+        let without_noise = matches!(
             template.statistic,
-            Statistic::Mean { .. } | Statistic::Survival { .. }
+            Statistic::Mean { .. } | Statistic::Survival { .. } | Statistic::Logistic { .. }
         );
-        if counts_only && self.policy.privacy.differential_privacy.is_some() {
+        if without_noise && self.policy.privacy.differential_privacy.is_some() {
             return Err(NodeError::StatisticNotUnderDp {
                 statistic: template.statistic.name().to_string(),
             });
         }
-        if matches!(template.statistic, Statistic::Survival { .. })
-            && self.policy.privacy.rounding_base > 0
+        if matches!(
+            template.statistic,
+            Statistic::Survival { .. } | Statistic::Logistic { .. }
+        ) && self.policy.privacy.rounding_base > 0
         {
             return Err(NodeError::StatisticNotRounded {
                 statistic: template.statistic.name().to_string(),
@@ -585,6 +594,17 @@ impl QueryEngine {
             _ => None,
         };
         let k = disclosure::effective_k(self.policy.min_cell_count, template.min_cell_count);
+        if matches!(template.statistic, Statistic::Logistic { .. }) {
+            return self.regression_step(
+                request,
+                &query,
+                template,
+                &checked.axes,
+                snapshot,
+                &study.id,
+                k,
+            );
+        }
         let computed = plan::tables(&query, &checked.axes, snapshot, self.overlap.is_some())
             .map_err(plan_failed)?;
         let mut raws = Vec::with_capacity(computed.len());
@@ -695,11 +715,64 @@ impl QueryEngine {
                 statistic: template.statistic.clone(),
                 moments,
                 curves,
+                regression: None,
                 snapshot_version: snapshot.version.clone(),
                 axes: checked.axes,
                 noise,
             },
             tables,
+        ))
+    }
+
+    /// One Newton-Raphson evaluation of a logistic regression: within the site's iteration cap,
+    /// safe (see [`regression`]), and with overlap control not too close to anything released
+    /// before; its records are then remembered.
+    #[allow(clippy::too_many_arguments)]
+    fn regression_step(
+        &self,
+        request: &QueryRequest,
+        query: &fedq_proto::template::BoundQuery,
+        template: &Template,
+        axes: &[Axis],
+        snapshot: &Snapshot,
+        study: &str,
+        k: u32,
+    ) -> Result<(Computed, Vec<DisclosedTable>), NodeError> {
+        let most = self.policy.privacy.regression_iterations;
+        if request.iteration >= most {
+            return Err(NodeError::RegressionRefused(format!(
+                "this site evaluates at most {most} iterations of a regression (privacy.regression_iterations)"
+            )));
+        }
+        let part = regression::evaluate(query, snapshot, &request.coefficients, k)?;
+        if let (Some(memory), Some(records)) = (&self.overlap, &part.record_set) {
+            let mut memory = memory.lock().map_err(|_| NodeError::Engine)?;
+            if memory.too_close(records, k) {
+                return Err(NodeError::RegressionRefused(
+                    "its records differ from a result this site released before by fewer than k (query-set overlap control)".into(),
+                ));
+            }
+            self.remember(&mut memory, study, vec![records.clone()])?;
+        }
+        let summary = DisclosedTable {
+            k,
+            cells: vec![disclosure::Outcome::Released(part.records)],
+            total: disclosure::Outcome::Released(part.records),
+            mechanisms: Default::default(),
+            withheld_by_reason: Default::default(),
+        };
+        Ok((
+            Computed {
+                template: TemplateRef::of(template),
+                statistic: template.statistic.clone(),
+                moments: Vec::new(),
+                curves: None,
+                regression: Some(part),
+                snapshot_version: snapshot.version.clone(),
+                axes: axes.to_vec(),
+                noise: None,
+            },
+            vec![summary],
         ))
     }
 
@@ -776,6 +849,8 @@ struct Computed {
     moments: Vec<Option<plan::CellMoments>>,
     /// A survival answer's released curves.
     curves: Option<Vec<survival::Curve>>,
+    /// A logistic regression's part.
+    regression: Option<regression::Part>,
     snapshot_version: String,
     axes: Vec<Axis>,
     noise: Option<(Rational, f64)>,

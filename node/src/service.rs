@@ -125,7 +125,8 @@ pub fn status_of(err: &NodeError) -> Status {
         NodeError::DatasetNotHeld(_)
         | NodeError::ColumnNotHeld { .. }
         | NodeError::StatisticNotUnderDp { .. }
-        | NodeError::StatisticNotRounded { .. } => Code::FailedPrecondition,
+        | NodeError::StatisticNotRounded { .. }
+        | NodeError::RegressionRefused(_) => Code::FailedPrecondition,
         NodeError::Contract(_)
         | NodeError::Config(_)
         | NodeError::Data(_)
@@ -210,6 +211,18 @@ fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
             .collect();
         let total = sections.first().and_then(|section| section.total.clone());
         (Vec::new(), Vec::new(), total, sections)
+    } else if let Some(part) = &answer.regression {
+        // A regression step sends its sums only; `total` is the records they cover.
+        (
+            answer.axes.iter().map(Into::into).collect(),
+            Vec::new(),
+            Some(outcome_to_cell(
+                Vec::new(),
+                Outcome::Released(part.records),
+                None,
+            )),
+            Vec::new(),
+        )
     } else if answer.curves.is_some() {
         // A survival answer sends only its released curves, never the raw grid.
         let total = answer
@@ -261,6 +274,12 @@ fn answer_to_wire(site_id: &str, answer: SiteAnswer) -> wire::SiteResult {
         }),
         sections,
         curves: curves_to_wire(&answer.axes, answer.curves.as_deref()),
+        regression: answer.regression.map(|part| wire::RegressionPart {
+            records: part.records,
+            information: part.information,
+            score: part.score,
+            log_likelihood: part.log_likelihood,
+        }),
     }
 }
 
@@ -373,6 +392,8 @@ impl Node for NodeService {
             parameters: message.parameters,
             requester: message.requester,
             study: message.study,
+            coefficients: message.coefficients,
+            iteration: message.iteration,
         };
         let engine = Arc::clone(&self.engine);
         let outcome = tokio::task::spawn_blocking(move || match protocol {

@@ -30,6 +30,8 @@ pub const MAX_FILTER_NODES: usize = 64;
 pub const MAX_PARAMETERS: usize = 32;
 /// The most bands one stratum may have.
 pub const MAX_BANDS: usize = 64;
+/// Most covariates a logistic regression template may name.
+pub const MAX_COVARIATES: usize = 20;
 
 /// The `kind` of the signed document a template travels in.
 pub const DOCUMENT_KIND: &str = "fedq.template/1";
@@ -416,7 +418,18 @@ pub enum Statistic {
         event: Filter,
         grid: Vec<f64>,
     },
+    /// Logistic regression of a binary outcome (`outcome` holds or not) on covariates: number
+    /// columns as they are, category columns as indicators against their first category.
+    /// Fitted by the coordinator by Newton-Raphson from each site's information matrix and
+    /// score at the coefficients it sends; records missing any column are left out.
+    Logistic {
+        outcome: Filter,
+        covariates: Vec<String>,
+    },
 }
+
+/// The name of a logistic regression's intercept term.
+pub const INTERCEPT: &str = "(intercept)";
 
 /// The levels of a survival table's event axis, in order.
 pub const EVENT_LEVELS: [&str; 3] = ["event", "censored", MISSING_LEVEL];
@@ -435,6 +448,7 @@ impl Statistic {
             Statistic::Mean { .. } => "mean",
             Statistic::TwoByTwo { .. } => "two_by_two",
             Statistic::Survival { .. } => "survival",
+            Statistic::Logistic { .. } => "logistic",
         }
     }
 
@@ -449,7 +463,10 @@ impl Statistic {
         match self {
             Statistic::Histogram { column, .. } | Statistic::Mean { column } => Some(column),
             Statistic::Survival { time, .. } => Some(time),
-            Statistic::Count | Statistic::Profile | Statistic::TwoByTwo { .. } => None,
+            Statistic::Count
+            | Statistic::Profile
+            | Statistic::TwoByTwo { .. }
+            | Statistic::Logistic { .. } => None,
         }
     }
 }
@@ -562,7 +579,39 @@ pub struct BoundQuery {
     /// Profile templates: each check's rule and the columns it reads (a record missing any of
     /// them cannot be evaluated).
     pub checks: Vec<BoundCheck>,
+    /// Logistic templates: the outcome rule and covariates.
+    pub regression: Option<BoundRegression>,
     pub statistic: Statistic,
+}
+
+/// A logistic regression's outcome rule and covariates, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoundRegression {
+    pub outcome: BoundCheck,
+    pub covariates: Vec<Covariate>,
+}
+
+/// One covariate: a number column, or a category column with its number of categories (the
+/// first is the reference).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Covariate {
+    Number(String),
+    Category { column: String, categories: u32 },
+}
+
+impl BoundRegression {
+    /// The number of coefficients (the intercept, one per number column, one per non-reference
+    /// category).
+    pub fn parameters(&self) -> usize {
+        1 + self
+            .covariates
+            .iter()
+            .map(|covariate| match covariate {
+                Covariate::Number(_) => 1,
+                Covariate::Category { categories, .. } => *categories as usize - 1,
+            })
+            .sum::<usize>()
+    }
 }
 
 /// A plausibility rule with its operands resolved.
@@ -662,6 +711,13 @@ impl Template {
                 filter_columns(outcome, &mut columns);
             }
             Statistic::Survival { event, .. } => filter_columns(event, &mut columns),
+            Statistic::Logistic {
+                outcome,
+                covariates,
+            } => {
+                filter_columns(outcome, &mut columns);
+                columns.extend(covariates.iter().cloned());
+            }
             _ => {}
         }
         columns
@@ -786,6 +842,7 @@ impl Template {
                 vec![("exposure", exposure), ("outcome", outcome)]
             }
             Statistic::Survival { event, .. } => vec![("event", event)],
+            Statistic::Logistic { outcome, .. } => vec![("outcome", outcome)],
             _ => Vec::new(),
         };
         {
@@ -931,6 +988,54 @@ impl Template {
                 axes.push(Axis {
                     column: "event".to_string(),
                     levels: EVENT_LEVELS.iter().map(|level| level.to_string()).collect(),
+                });
+            }
+            Statistic::Logistic { covariates, .. } => {
+                if !self.strata.is_empty() {
+                    return Err(self.problem(
+                        Malformed,
+                        "a logistic regression takes no strata: add the stratifying column to its covariates",
+                    ));
+                }
+                if covariates.is_empty() || covariates.len() > MAX_COVARIATES {
+                    return Err(self.problem(
+                        Malformed,
+                        format!("statistic: give from 1 to {MAX_COVARIATES} covariates"),
+                    ));
+                }
+                let mut terms = vec![INTERCEPT.to_string()];
+                for (index, covariate) in covariates.iter().enumerate() {
+                    if covariates[..index].contains(covariate) {
+                        return Err(self.problem(
+                            Malformed,
+                            format!("statistic: covariate '{covariate}' is listed twice"),
+                        ));
+                    }
+                    let spec = checker.column(covariate, "statistic (covariates)")?;
+                    match &spec.domain {
+                        Domain::Integer { .. } | Domain::Float { .. } => {
+                            terms.push(covariate.clone())
+                        }
+                        Domain::Category { categories } => terms.extend(
+                            categories[1..]
+                                .iter()
+                                .map(|category| format!("{covariate}: {category}")),
+                        ),
+                        other => {
+                            return Err(self.problem(
+                                Malformed,
+                                format!(
+                                    "statistic: covariate '{covariate}' is a {} column; covariates are number or category columns",
+                                    other.type_name()
+                                ),
+                            ));
+                        }
+                    }
+                }
+                cells = terms.len();
+                axes.push(Axis {
+                    column: "term".to_string(),
+                    levels: terms,
                 });
             }
             Statistic::Count | Statistic::Profile => {}
@@ -1472,11 +1577,40 @@ impl CheckedTemplate<'_> {
                 })
             })
             .collect::<Result<_, Error>>()?;
+        let regression = match &self.template.statistic {
+            Statistic::Logistic {
+                outcome,
+                covariates,
+            } => {
+                let mut columns = BTreeSet::new();
+                filter_columns(outcome, &mut columns);
+                Some(BoundRegression {
+                    outcome: BoundCheck {
+                        rule: bind_filter(outcome, self.dataset, &values)?,
+                        columns: columns.into_iter().collect(),
+                    },
+                    covariates: covariates
+                        .iter()
+                        .map(
+                            |column| match self.dataset.column(column).map(|spec| &spec.domain) {
+                                Some(Domain::Category { categories }) => Covariate::Category {
+                                    column: column.clone(),
+                                    categories: categories.len() as u32,
+                                },
+                                _ => Covariate::Number(column.clone()),
+                            },
+                        )
+                        .collect(),
+                })
+            }
+            _ => None,
+        };
         Ok(BoundQuery {
             dataset: self.template.dataset.clone(),
             filter,
             strata,
             checks,
+            regression,
             statistic: self.template.statistic.clone(),
         })
     }

@@ -158,6 +158,8 @@ pub fn node_request(
             &study,
             study_signatures,
         )),
+        coefficients: Vec::new(),
+        iteration: 0,
     })
 }
 

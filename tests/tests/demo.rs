@@ -28,6 +28,8 @@ async fn demo_prints_pooled_tables_suppression_marks_refusals_ledger_and_verifie
         "Mantel-Haenszel",
         "In-hospital survival after admission, with and without ICU admission",
         "Greenwood's 95% pointwise band",
+        "Risk of in-hospital death adjusted for age, severity and ICU admission",
+        "odds ratio (95% CI)",
         "Data-quality report: template data-quality v1",
         "site-b: systolic_bp:",
         "its node dials the coordinator",

@@ -285,6 +285,8 @@ async fn a_query_whose_deadline_passed_while_waiting_is_refused_without_computin
         parameters: request.parameters,
         requester: request.requester,
         study: request.study,
+        coefficients: request.coefficients,
+        iteration: request.iteration,
     };
     let caller = vec![fedq_deploy::alliance::COORDINATOR_IDENTITY.to_string()];
     let past = std::time::Instant::now() - std::time::Duration::from_millis(1);

@@ -496,3 +496,160 @@ async fn a_survival_interval_with_few_events_is_merged_not_leaked_and_nothing_is
     test.alliance.stop().await?;
     Ok(())
 }
+
+/// Logistic regression of death on (1, age, iss, icu) over `rows`, plainly: Newton-Raphson
+/// with Gaussian elimination, to a tight tolerance; returns coefficients and standard errors.
+fn oracle_logistic(rows: &[OracleRow]) -> (Vec<f64>, Vec<f64>) {
+    let design = |row: &OracleRow| {
+        [
+            1.0,
+            row.age as f64,
+            row.iss as f64,
+            f64::from(u8::from(row.icu)),
+        ]
+    };
+    let mut beta = [0.0f64; 4];
+    let mut information = [[0.0f64; 4]; 4];
+    for _ in 0..100 {
+        let mut score = [0.0f64; 4];
+        information = [[0.0f64; 4]; 4];
+        for row in rows {
+            let x = design(row);
+            let eta: f64 = x.iter().zip(&beta).map(|(x, b)| x * b).sum();
+            let p = 1.0 / (1.0 + (-eta).exp());
+            let y = if row.died { 1.0 } else { 0.0 };
+            for i in 0..4 {
+                score[i] += (y - p) * x[i];
+                for j in 0..4 {
+                    information[i][j] += p * (1.0 - p) * x[i] * x[j];
+                }
+            }
+        }
+        let step = solve(information, score);
+        for (b, s) in beta.iter_mut().zip(step) {
+            *b += s;
+        }
+        if step.iter().all(|s| s.abs() < 1e-13) {
+            break;
+        }
+    }
+    // Standard errors: the diagonal of the inverse information, column by column.
+    let errors = (0..4)
+        .map(|column| {
+            let mut unit = [0.0; 4];
+            unit[column] = 1.0;
+            solve(information, unit)[column].sqrt()
+        })
+        .collect();
+    (beta.to_vec(), errors)
+}
+
+/// Solves a 4x4 system by Gaussian elimination with partial pivoting.
+fn solve(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> [f64; 4] {
+    for column in 0..4 {
+        let pivot = (column..4)
+            .max_by(|x, y| a[*x][column].abs().total_cmp(&a[*y][column].abs()))
+            .unwrap();
+        a.swap(column, pivot);
+        b.swap(column, pivot);
+        for row in column + 1..4 {
+            let factor = a[row][column] / a[column][column];
+            for k in column..4 {
+                a[row][k] -= factor * a[column][k];
+            }
+            b[row] -= factor * b[column];
+        }
+    }
+    let mut x = [0.0; 4];
+    for row in (0..4).rev() {
+        let rest: f64 = (row + 1..4).map(|k| a[row][k] * x[k]).sum();
+        x[row] = (b[row] - rest) / a[row][row];
+    }
+    x
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_logistic_regression_equals_the_fit_on_all_rows_together() -> anyhow::Result<()>
+{
+    let test = TestAlliance::start_custom(roomy_sites(), &[], 3).await?;
+    let mut coordinator = test.coordinator().await?;
+    let result = query(&mut coordinator, "death-risk-regression", vec![], 30_000).await?;
+    let fit = result.regression.as_ref().expect("a fit");
+    assert_eq!(fit.sites.len(), 3, "{fit:?} {:?}", result.sites);
+    assert!(fit.converged && !fit.separation_suspected, "{fit:?}");
+    let rows: Vec<OracleRow> = oracle_rows(&test.sites)?.into_iter().flatten().collect();
+    assert_eq!(fit.records, rows.len() as u64);
+    let (beta, errors) = oracle_logistic(&rows);
+    let terms: Vec<&str> = fit.coefficients.iter().map(|c| c.term.as_str()).collect();
+    assert_eq!(terms, ["(intercept)", "age", "iss", "icu_admission: yes"]);
+    for ((coefficient, estimate), error) in fit.coefficients.iter().zip(&beta).zip(&errors) {
+        assert!(
+            relative(coefficient.estimate, *estimate) < 1e-6,
+            "{}: {} vs {estimate}",
+            coefficient.term,
+            coefficient.estimate
+        );
+        assert!(
+            relative(coefficient.standard_error, *error) < 1e-6,
+            "{}: {} vs {error}",
+            coefficient.term,
+            coefficient.standard_error
+        );
+    }
+    let table = fedq_coordinator::render::table("fit", &result);
+    assert!(
+        table.contains("odds ratio (95% CI)") && table.contains("converged"),
+        "{table}"
+    );
+    test.alliance.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_too_small_for_the_model_refuses_and_the_fit_goes_on_without_it()
+-> anyhow::Result<()> {
+    let mut sites = roomy_sites();
+    // 10 admissions: the model's 4 parameters need 12 records by the one-third rule.
+    sites[2].admissions = 10;
+    let test = TestAlliance::start_custom(sites, &[], 3).await?;
+    let mut coordinator = test.coordinator().await?;
+    let result = query(&mut coordinator, "death-risk-regression", vec![], 30_000).await?;
+    let site_c = &result.sites[2];
+    assert_eq!(
+        site_c.status,
+        wire::SiteStatus::Refused as i32,
+        "{site_c:?}"
+    );
+    assert_eq!(site_c.refusal, wire::RefusalCode::RegressionRefused as i32);
+    assert!(
+        site_c
+            .message
+            .contains("does not take part in the regression"),
+        "{}",
+        site_c.message
+    );
+    let fit = result.regression.as_ref().unwrap();
+    assert_eq!(fit.sites, ["site-a", "site-b"]);
+    assert!(fit.converged);
+    let table = fedq_coordinator::render::table("fit", &result);
+    assert!(
+        table.contains("site-c") && table.contains("refused"),
+        "{table}"
+    );
+    test.alliance.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_separated_regression_is_detected_and_reported_without_estimates() -> anyhow::Result<()> {
+    let test = TestAlliance::start_custom(roomy_sites(), &[], 3).await?;
+    let mut coordinator = test.coordinator().await?;
+    let result = query(&mut coordinator, "critical-by-severity", vec![], 30_000).await?;
+    let fit = result.regression.as_ref().expect("a fit");
+    assert!(fit.separation_suspected, "{fit:?}");
+    assert!(!fit.converged || fit.coefficients.iter().any(|c| c.estimate.abs() > 15.0));
+    let table = fedq_coordinator::render::table("fit", &result);
+    assert!(table.contains("separation suspected"), "{table}");
+    test.alliance.stop().await?;
+    Ok(())
+}
