@@ -281,6 +281,12 @@ fn curves(result: &wire::PooledResult) -> String {
     };
     let column = time.map(|axis| axis.column.clone()).unwrap_or_default();
     for curve in &result.curves {
+        let empty =
+            curve.excluded.is_empty() && curve.points.iter().all(|point| point.at_risk == 0);
+        if empty {
+            // No site has records in this stratum (e.g. the strata's "missing" level).
+            continue;
+        }
         let stratum: Vec<String> = curve
             .stratum
             .iter()
@@ -325,6 +331,39 @@ fn curves(result: &wire::PooledResult) -> String {
                     point.high
                 );
             }
+        }
+        // Each site's own curve on the intervals it released.
+        for site in &result.sites {
+            let Some(own) = site
+                .result
+                .as_ref()
+                .and_then(|answer| {
+                    answer
+                        .curves
+                        .iter()
+                        .find(|own| own.stratum == curve.stratum)
+                })
+                .filter(|own| !own.intervals.is_empty())
+            else {
+                continue;
+            };
+            let mut survival = 1.0;
+            let steps: Vec<String> = own
+                .intervals
+                .iter()
+                .map(|interval| {
+                    if interval.at_risk > 0 {
+                        survival *= 1.0 - interval.events as f64 / interval.at_risk as f64;
+                    }
+                    format!("{} {survival:.4}", label(interval.start))
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "  {:<10} survival from: {}",
+                site.site_id,
+                steps.join(", ")
+            );
         }
         let _ = writeln!(out, "  pooled sites: {}", curve.sites.join(", "));
         if !curve.excluded.is_empty() {

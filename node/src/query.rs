@@ -930,3 +930,43 @@ fn query_event(
         total_withheld,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fedq_proto::summary::Summary;
+
+    fn cell(n: u64, sum: f64, largest: f64) -> plan::Moments {
+        plan::Moments {
+            summary: Summary {
+                n,
+                mean: sum / n as f64,
+                m2: 0.0,
+            },
+            sum,
+            largest,
+        }
+    }
+
+    #[test]
+    fn the_dominance_rule_withholds_cells_one_value_dominates_and_is_off_at_zero() {
+        let moments = plan::CellMoments {
+            // One stay of 90 days among ten with 100 in all; ten ordinary stays.
+            cells: vec![
+                cell(10, 100.0, 90.0),
+                cell(10, 100.0, 15.0),
+                cell(0, 0.0, 0.0),
+            ],
+            total: cell(20, 200.0, 90.0),
+        };
+        assert_eq!(
+            dominated_cells(Some(&moments), 80),
+            [Some(disclosure::Reason::Dominance), None, None]
+        );
+        assert!(dominated_cells(Some(&moments), 0).is_empty(), "off");
+        assert!(
+            dominated_cells(None, 80).is_empty(),
+            "counts have no moments"
+        );
+    }
+}
