@@ -177,6 +177,11 @@ impl OverlapMemory {
             })
     }
 
+    /// Whether a reader already knows `set`'s count exactly: it was released before.
+    pub fn known(&self, set: &RoaringBitmap) -> bool {
+        self.contains(set)
+    }
+
     /// Remembers `sets` durably (one append and fsync), skipping empty sets and sets already
     /// remembered. Refuses, writing nothing, when they would pass the bound.
     pub fn remember(&mut self, sets: Vec<RoaringBitmap>) -> Result<(), OverlapError> {
@@ -343,9 +348,15 @@ pub fn decide(
     let mut forced: Vec<Option<Reason>> = (0..cell_count)
         .map(|cell| already_forced.get(cell).copied().flatten())
         .collect();
+    // A cell whose exact records were released before protects nothing when withheld (its count
+    // is known): complementary suppression must not count on it.
+    let known: Vec<bool> = sets
+        .iter()
+        .map(|set| !set.is_empty() && memory.known(set))
+        .collect();
     let mut total_forced = false;
     loop {
-        let disclosed = disclosure::apply_with(table, k, &forced, total_forced);
+        let disclosed = disclosure::apply_knowing(table, k, &forced, total_forced, &known);
         let released = |cell: usize| matches!(disclosed.cells[cell], Outcome::Released(_));
         let mut changed = false;
         for cell in 0..cell_count {
@@ -387,6 +398,25 @@ pub fn decide(
             released_sets.push(total_set);
         }
         released_sets.extend(margin_sets);
+        // In every line with withheld cells, the records of its released and known cells are
+        // a count the reader can add up: remember it, so that a later query releasing the
+        // line's whole margin is seen to differ from it by the withheld records.
+        for group in &margin_groups {
+            let readable: Vec<usize> = group
+                .iter()
+                .copied()
+                .filter(|&cell| released(cell) || known[cell])
+                .collect();
+            if readable.len() < group.len() && !readable.is_empty() {
+                released_sets.push(union(sets, &readable));
+            }
+        }
+        let everything: Vec<usize> = (0..cell_count)
+            .filter(|&cell| released(cell) || known[cell])
+            .collect();
+        if everything.len() < cell_count && !everything.is_empty() {
+            released_sets.push(union(sets, &everything));
+        }
         return Decided {
             table: disclosed,
             released_sets,

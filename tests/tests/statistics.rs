@@ -653,3 +653,77 @@ async fn a_separated_regression_is_detected_and_reported_without_estimates() -> 
     test.alliance.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_complement_whose_records_were_released_before_does_not_protect_a_mean()
+-> anyhow::Result<()> {
+    // The audited attack: a second, slightly longer window adds one admission to the 25+
+    // band (withheld by overlap control); if its complement is a band with no new admissions
+    // (so its summary is the first answer's), the total minus the released bands minus that
+    // earlier summary is one patient's length of stay.
+    let test = TestAlliance::start().await?;
+    let mut node = test.node_as_coordinator(0).await?;
+    let window = |to: &str| {
+        vec![
+            fedq_proto::convert::parameter_to_wire(
+                "from",
+                &fedq_proto::template::Value::Date(
+                    fedq_proto::model::parse_date("2020-04-06").unwrap(),
+                ),
+            ),
+            fedq_proto::convert::parameter_to_wire(
+                "to",
+                &fedq_proto::template::Value::Date(fedq_proto::model::parse_date(to).unwrap()),
+            ),
+        ]
+    };
+    let ask = |to: &'static str, id: &'static str| {
+        let mut request =
+            fedq_tests::node_request(&test.alliance, "length-of-stay-by-severity", window(to))
+                .unwrap();
+        request.request_id = id.into();
+        request
+    };
+    let first = node
+        .run_query(ask("2021-01-31", "first"))
+        .await?
+        .into_inner();
+    let second = node
+        .run_query(ask("2021-02-22", "second"))
+        .await?
+        .into_inner();
+    let n = |cell: &wire::Cell| match &cell.outcome {
+        Some(wire::cell::Outcome::Released(released)) => Some(released.count),
+        _ => None,
+    };
+    let withheld: Vec<usize> = (0..second.cells.len())
+        .filter(|&index| n(&second.cells[index]).is_none())
+        .collect();
+    assert!(
+        !withheld.is_empty(),
+        "overlap control must act on the second window"
+    );
+    // What the reader can compute: the second total less its released bands is the withheld
+    // group; taking every withheld band but one as the first answer gave it leaves that one
+    // band, whose growth over the first answer must not be a small group of admissions.
+    if let Some(total) = second.total.as_ref().and_then(n) {
+        let group = total - second.cells.iter().filter_map(n).sum::<u64>();
+        for &band in &withheld {
+            let others: Option<u64> = withheld
+                .iter()
+                .filter(|&&other| other != band)
+                .map(|&other| n(&first.cells[other]))
+                .sum();
+            if let (Some(others), Some(before)) = (others, n(&first.cells[band])) {
+                let derived = group.saturating_sub(others);
+                let growth = derived.saturating_sub(before);
+                assert!(
+                    !(1..10).contains(&growth),
+                    "band {band}: {growth} new admission(s) with a derivable summary"
+                );
+            }
+        }
+    }
+    test.alliance.stop().await?;
+    Ok(())
+}

@@ -123,14 +123,25 @@ fn lines(shape: &[usize]) -> Vec<Vec<usize>> {
 /// not be derivable); or at least two summing to at least k; or all of them when the line's
 /// own sum is below k (then its margin is a small count that any other query withholds in
 /// turn, so nothing released pins them down).
-fn line_holds(line: &[usize], counts: &[u64], withheld: &[bool], k: u32, must_hide: bool) -> bool {
+/// Cells a reader may already know (`known`) protect nothing: they are not counted among the
+/// withheld ones.
+fn line_holds(
+    line: &[usize],
+    counts: &[u64],
+    withheld: &[bool],
+    known: &[bool],
+    k: u32,
+    must_hide: bool,
+) -> bool {
+    let is_known = |cell: usize| known.get(cell).copied().unwrap_or(false);
     let (number, sum) = line
         .iter()
-        .filter(|&&cell| withheld[cell])
+        .filter(|&&cell| withheld[cell] && !is_known(cell))
         .fold((0usize, 0u64), |(number, sum), &cell| {
             (number + 1, sum + counts[cell])
         });
-    let whole_line_small = number == line.len() && sum < u64::from(k);
+    let line_sum: u64 = line.iter().map(|&cell| counts[cell]).sum();
+    let whole_line_small = line.iter().all(|&cell| withheld[cell]) && line_sum < u64::from(k);
     (number == 0 && !must_hide) || (number >= 2 && sum >= u64::from(k)) || whole_line_small
 }
 
@@ -140,9 +151,13 @@ fn complete_line(
     line: &[usize],
     counts: &[u64],
     withheld: &mut [bool],
+    known: &[bool],
     k: u32,
     must_hide: bool,
 ) -> bool {
+    let is_known = |cell: usize| known.get(cell).copied().unwrap_or(false);
+    // Known cells are tried last: withholding one protects nothing, but a line that cannot
+    // hold otherwise is withheld entirely.
     let mut candidates: Vec<usize> = line
         .iter()
         .copied()
@@ -150,10 +165,10 @@ fn complete_line(
         .collect();
     // Non-zero counts first, smallest first; zeros last (they add nothing to the sum, but one
     // may be needed to reach two withheld cells). Ties keep grid order, so results repeat.
-    candidates.sort_by_key(|&cell| (counts[cell] == 0, counts[cell]));
+    candidates.sort_by_key(|&cell| (is_known(cell), counts[cell] == 0, counts[cell]));
     let mut changed = false;
     for cell in candidates {
-        if line_holds(line, counts, withheld, k, must_hide) {
+        if line_holds(line, counts, withheld, known, k, must_hide) {
             break;
         }
         withheld[cell] = true;
@@ -169,14 +184,16 @@ fn smallest_released_in_lines_of(
     lines: &[Vec<usize>],
     counts: &[u64],
     withheld: &[bool],
+    known: &[bool],
 ) -> Option<usize> {
+    let is_known = |cell: usize| known.get(cell).copied().unwrap_or(false);
     lines
         .iter()
         .filter(|line| line.contains(&cell))
         .flatten()
         .copied()
         .filter(|&other| !withheld[other])
-        .min_by_key(|&other| (counts[other] == 0, counts[other], other))
+        .min_by_key(|&other| (is_known(other), counts[other] == 0, counts[other], other))
 }
 
 /// Applies disclosure control with threshold `k`.
@@ -193,6 +210,19 @@ pub fn apply_with(
     k: u32,
     forced: &[Option<Reason>],
     total_forced: bool,
+) -> DisclosedTable {
+    apply_knowing(table, k, forced, total_forced, &[])
+}
+
+/// Like [`apply_with`], where the `known` cells' values a reader may already know (their
+/// records were released before, see overlap control): withholding them protects nothing, so
+/// complementary suppression does not count on them.
+pub fn apply_knowing(
+    table: &RawTable,
+    k: u32,
+    forced: &[Option<Reason>],
+    total_forced: bool,
+    known: &[bool],
 ) -> DisclosedTable {
     let counts = &table.counts;
     let primary: Vec<bool> = counts.iter().map(|&count| is_small(count, k)).collect();
@@ -223,8 +253,9 @@ pub fn apply_with(
         loop {
             let mut changed = false;
             for (index, line) in all_lines.iter().enumerate() {
-                if !line_holds(line, counts, &withheld, k, must_hide(index)) {
-                    changed |= complete_line(line, counts, &mut withheld, k, must_hide(index));
+                if !line_holds(line, counts, &withheld, known, k, must_hide(index)) {
+                    changed |=
+                        complete_line(line, counts, &mut withheld, known, k, must_hide(index));
                 }
             }
             if changed {
@@ -235,7 +266,7 @@ pub fn apply_with(
             let determined = solvable::determined(&all_lines, &withheld);
             for &cell in &determined {
                 if let Some(extra) =
-                    smallest_released_in_lines_of(cell, &all_lines, counts, &withheld)
+                    smallest_released_in_lines_of(cell, &all_lines, counts, &withheld, known)
                 {
                     withheld[extra] = true;
                     changed = true;
@@ -256,6 +287,7 @@ pub fn apply_with(
         &(0..counts.len()).collect::<Vec<_>>(),
         counts,
         &withheld,
+        known,
         k,
         false,
     );
