@@ -552,12 +552,13 @@ fn solve(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> [f64; 4] {
             .unwrap();
         a.swap(column, pivot);
         b.swap(column, pivot);
-        for row in column + 1..4 {
-            let factor = a[row][column] / a[column][column];
-            for k in column..4 {
-                a[row][k] -= factor * a[column][k];
+        let (pivot_row, pivot_value) = (a[column], b[column]);
+        for (row, value) in a.iter_mut().zip(b.iter_mut()).skip(column + 1) {
+            let factor = row[column] / pivot_row[column];
+            for (target, source) in row.iter_mut().zip(pivot_row).skip(column) {
+                *target -= factor * source;
             }
-            b[row] -= factor * b[column];
+            *value -= factor * pivot_value;
         }
     }
     let mut x = [0.0; 4];
