@@ -365,7 +365,7 @@ fn mechanism_costs(
     memory.remember(sets)?;
     let (raw_with_sets, cell_sets) = plan::count_grid_with_sets(query, axes, &numbered)?;
     let overlap_check = time(Box::new(|| {
-        overlap::decide(&raw_with_sets, &cell_sets, 10, &memory, &[]);
+        overlap::decide(&raw_with_sets, &cell_sets, 10, &memory, &[], false);
         Ok(())
     }))?;
     let decided = disclosure::apply(&raw, 10);

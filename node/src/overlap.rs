@@ -340,6 +340,7 @@ pub fn decide(
     k: u32,
     memory: &OverlapMemory,
     already_forced: &[Option<Reason>],
+    total_already_forced: bool,
 ) -> Decided {
     let cell_count = table.counts.len();
     let margin_groups = margins(&table.shape);
@@ -354,7 +355,7 @@ pub fn decide(
         .iter()
         .map(|set| !set.is_empty() && memory.known(set))
         .collect();
-    let mut total_forced = false;
+    let mut total_forced = total_already_forced;
     loop {
         let disclosed = disclosure::apply_knowing(table, k, &forced, total_forced, &known);
         let released = |cell: usize| matches!(disclosed.cells[cell], Outcome::Released(_));
@@ -525,7 +526,7 @@ mod tests {
             shape: vec![1],
             counts: vec![50],
         };
-        let first = decide(&everyone, &[set(0..50)], 10, &memory, &[]);
+        let first = decide(&everyone, &[set(0..50)], 10, &memory, &[], false);
         assert_eq!(first.table.total, Outcome::Released(50));
         memory.remember(first.released_sets).unwrap();
         // Second answer: everyone but record 7.
@@ -540,6 +541,7 @@ mod tests {
             10,
             &memory,
             &[],
+            false,
         );
         assert_eq!(second.table.cells, [Outcome::Withheld]);
         assert_eq!(second.table.total, Outcome::Withheld);
@@ -556,7 +558,7 @@ mod tests {
             shape: vec![2],
             counts: vec![30, 29],
         };
-        let decided = decide(&table, &[set(0..30), set(31..60)], 10, &memory, &[]);
+        let decided = decide(&table, &[set(0..30), set(31..60)], 10, &memory, &[], false);
         assert_eq!(decided.table.total, Outcome::Withheld);
         let released: u64 = decided
             .table

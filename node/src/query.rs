@@ -10,6 +10,7 @@ use polars::prelude::{Column, PolarsError};
 use fedq_proto::model::DataModel;
 use fedq_proto::rational::Rational;
 use fedq_proto::study::Study;
+use fedq_proto::summary::Summary;
 use fedq_proto::template::{Axis, Statistic, Template, TemplateRef, Value};
 use fedq_proto::wire;
 
@@ -559,7 +560,7 @@ impl QueryEngine {
         }
         if matches!(
             template.statistic,
-            Statistic::Survival { .. } | Statistic::Logistic { .. }
+            Statistic::Mean { .. } | Statistic::Survival { .. } | Statistic::Logistic { .. }
         ) && self.policy.privacy.rounding_base > 0
         {
             return Err(NodeError::StatisticNotRounded {
@@ -635,19 +636,30 @@ impl QueryEngine {
                 continue;
             }
             let cells = computed.raw.counts.len();
-            let mut forced = dominated_cells(
-                computed.moments.as_ref(),
-                self.policy.privacy.dominance_percent,
-            );
+            let percent = self.policy.privacy.dominance_percent;
+            let mut forced = dominated_cells(computed.moments.as_ref(), percent);
             forced.resize(cells, None);
+            // A total one value dominates is withheld too (and so not derivable from cells).
+            let total_dominated = percent > 0
+                && computed
+                    .moments
+                    .as_ref()
+                    .is_some_and(|moments| dominated(&moments.total, percent));
             let table = loop {
                 let (table, released_sets) = match (memory.as_deref_mut(), &computed.sets) {
                     (Some(memory), Some(sets)) => {
-                        let decided = overlap::decide(&computed.raw, sets, k, memory, &forced);
+                        let decided = overlap::decide(
+                            &computed.raw,
+                            sets,
+                            k,
+                            memory,
+                            &forced,
+                            total_dominated,
+                        );
                         (decided.table, Some(decided.released_sets))
                     }
                     _ => (
-                        disclosure::apply_with(&computed.raw, k, &forced, false),
+                        disclosure::apply_with(&computed.raw, k, &forced, total_dominated),
                         None,
                     ),
                 };
@@ -809,6 +821,16 @@ impl QueryEngine {
     }
 }
 
+/// Whether one value dominates a cell: it is more than `percent` of the cell's sum, or its
+/// square more than `percent` of the sum of squares (which the released mean and spread
+/// would otherwise bound it by).
+fn dominated(cell: &plan::Moments, percent: u32) -> bool {
+    let share = f64::from(percent) / 100.0;
+    let Summary { n, mean, m2 } = cell.summary;
+    let squares = m2 + n as f64 * mean * mean;
+    n > 0 && (cell.largest > share * cell.sum.abs() || cell.largest.powi(2) > share * squares)
+}
+
 /// The cells the dominance rule withholds: one value above `percent` of the cell's sum (off
 /// at 0, and for statistics without moments).
 fn dominated_cells(
@@ -821,10 +843,7 @@ fn dominated_cells(
     moments
         .cells
         .iter()
-        .map(|cell| {
-            let limit = cell.sum.abs() * f64::from(percent) / 100.0;
-            (cell.summary.n > 0 && cell.largest > limit).then_some(disclosure::Reason::Dominance)
-        })
+        .map(|cell| dominated(cell, percent).then_some(disclosure::Reason::Dominance))
         .collect()
 }
 
@@ -964,6 +983,18 @@ mod tests {
             [Some(disclosure::Reason::Dominance), None, None]
         );
         assert!(dominated_cells(Some(&moments), 0).is_empty(), "off");
+        // One stay of 50 among nine of 50/9: half the sum, but most of the sum of squares
+        // (which the mean and spread would otherwise pin it down by).
+        let values: Vec<f64> = std::iter::once(50.0).chain([50.0 / 9.0; 9]).collect();
+        let mean = 10.0;
+        let m2: f64 = values.iter().map(|value| (value - mean).powi(2)).sum();
+        let squared = plan::Moments {
+            summary: Summary { n: 10, mean, m2 },
+            sum: 100.0,
+            largest: 50.0,
+        };
+        assert!(dominated(&squared, 80), "by its square");
+        assert!(!dominated(&squared, 95));
         assert!(
             dominated_cells(None, 80).is_empty(),
             "counts have no moments"

@@ -79,6 +79,42 @@ fn group_sets(stratum: &Stratum, from: usize, to: usize) -> [RoaringBitmap; 3] {
     ]
 }
 
+/// A stratum's events and its censorings over all its intervals.
+fn derived_sets(stratum: &Stratum) -> [RoaringBitmap; 2] {
+    [
+        stratum.event_sets.iter().union(),
+        stratum.censored_sets.iter().union(),
+    ]
+}
+
+/// Over the `released` strata: their records, events and censorings; and every stratum's
+/// records when the total is released.
+fn derived_across(strata: &[Stratum], released: &[usize], total: bool) -> Vec<RoaringBitmap> {
+    let records = |index: &usize| {
+        let stratum = &strata[*index];
+        stratum
+            .event_sets
+            .iter()
+            .chain(&stratum.censored_sets)
+            .union()
+    };
+    let mut sets = vec![
+        released.iter().map(records).union(),
+        released
+            .iter()
+            .map(|index| derived_sets(&strata[*index])[0].clone())
+            .union(),
+        released
+            .iter()
+            .map(|index| derived_sets(&strata[*index])[1].clone())
+            .union(),
+    ];
+    if total {
+        sets.push((0..strata.len()).map(|index| records(&index)).union());
+    }
+    sets
+}
+
 /// Merges groups (given by their starts) until every group holds: at least k at risk, events
 /// and censorings each 0 or at least k, and (with `memory`) no released set too close to a
 /// remembered one. Returns the starts, or none when even one group cannot hold.
@@ -191,9 +227,39 @@ pub fn decide(
             };
             merged.push(starts);
         }
-        match failed {
-            Some(index) => forced[index] = Some(Reason::Threshold),
-            None => break (gate, merged),
+        if let Some(index) = failed {
+            forced[index] = Some(Reason::Threshold);
+            continue;
+        }
+        // Sums a reader can add up from the released curves — each stratum's events and
+        // censorings, and over the released strata their records, events and censorings (and
+        // the total when released) — are checked like released values too.
+        let Some(memory) = memory else {
+            break (gate, merged);
+        };
+        let released: Vec<usize> = (0..strata_count)
+            .filter(|&index| merged[index].is_some())
+            .collect();
+        let close = |set: &RoaringBitmap| !set.is_empty() && memory.too_close(set, k);
+        let own = released
+            .iter()
+            .copied()
+            .find(|&index| derived_sets(&strata[index]).iter().any(|set| close(set)));
+        let across = derived_across(
+            &strata,
+            &released,
+            matches!(gate.total, Outcome::Released(_)),
+        );
+        let smallest = released
+            .iter()
+            .copied()
+            .min_by_key(|&index| totals.counts[index]);
+        match (own, across.iter().any(|set| close(set)), smallest) {
+            (Some(index), _, _) | (None, true, Some(index)) => {
+                forced[index] = Some(Reason::Overlap);
+                overlap_acted = true;
+            }
+            _ => break (gate, merged),
         }
     };
     let mut curves = Vec::new();
@@ -252,6 +318,22 @@ pub fn decide(
             stratum: index,
             intervals: released,
         });
+    }
+    if memory.is_some() {
+        let released: Vec<usize> = curves
+            .iter()
+            .filter(|curve| !curve.intervals.is_empty())
+            .map(|curve| curve.stratum)
+            .collect();
+        for &index in &released {
+            released_sets.extend(derived_sets(&strata[index]));
+        }
+        released_sets.extend(derived_across(
+            &strata,
+            &released,
+            matches!(gate.total, Outcome::Released(_)),
+        ));
+        released_sets.retain(|set| !set.is_empty());
     }
     Decided {
         curves,

@@ -728,3 +728,50 @@ async fn a_complement_whose_records_were_released_before_does_not_protect_a_mean
     test.alliance.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sums_a_survival_answer_implies_are_remembered_like_released_counts()
+-> anyhow::Result<()> {
+    // The audited attack: survival from ISS 9 releases its curves, whose events add up to the
+    // deaths at ISS 9 or more; deaths-by-mechanism from ISS 10 then releases its total, and
+    // the difference is the deaths at ISS exactly 9.
+    let test = TestAlliance::start().await?;
+    let site_a = &oracle_rows(&test.sites)?[0];
+    let deaths_at_9 = site_a.iter().filter(|row| row.died && row.iss == 9).count();
+    assert!(
+        (1..10).contains(&deaths_at_9),
+        "the attack needs a small group: {deaths_at_9}"
+    );
+    let mut node = test.node_as_coordinator(0).await?;
+    let mut survival = fedq_tests::node_request(
+        &test.alliance,
+        "survival-after-admission",
+        vec![integer("min_iss", 9)],
+    )?;
+    survival.request_id = "survival-9".into();
+    let curves = node.run_query(survival).await?.into_inner().curves;
+    let events: u64 = curves
+        .iter()
+        .flat_map(|curve| &curve.intervals)
+        .map(|interval| interval.events)
+        .sum();
+    assert!(events > 0, "the survival answer released curves");
+    let mut deaths = fedq_tests::node_request(
+        &test.alliance,
+        "deaths-by-mechanism",
+        vec![integer("min_iss", 10)],
+    )?;
+    deaths.request_id = "deaths-10".into();
+    let answer = node.run_query(deaths).await?.into_inner();
+    if let Some(wire::cell::Outcome::Released(total)) =
+        answer.total.as_ref().and_then(|cell| cell.outcome.clone())
+    {
+        assert!(
+            !(1..10).contains(&events.saturating_sub(total.count)),
+            "{events} deaths in the curves less {} released: the deaths at ISS 9",
+            total.count
+        );
+    }
+    test.alliance.stop().await?;
+    Ok(())
+}
