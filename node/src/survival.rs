@@ -244,7 +244,7 @@ pub fn decide(
         let own = released
             .iter()
             .copied()
-            .find(|&index| derived_sets(&strata[index]).iter().any(|set| close(set)));
+            .find(|&index| derived_sets(&strata[index]).iter().any(&close));
         let across = derived_across(
             &strata,
             &released,
@@ -254,7 +254,7 @@ pub fn decide(
             .iter()
             .copied()
             .min_by_key(|&index| totals.counts[index]);
-        match (own, across.iter().any(|set| close(set)), smallest) {
+        match (own, across.iter().any(close), smallest) {
             (Some(index), _, _) | (None, true, Some(index)) => {
                 forced[index] = Some(Reason::Overlap);
                 overlap_acted = true;
