@@ -764,7 +764,7 @@ async fn the_sums_a_survival_answer_implies_are_remembered_like_released_counts(
     deaths.request_id = "deaths-10".into();
     let answer = node.run_query(deaths).await?.into_inner();
     if let Some(wire::cell::Outcome::Released(total)) =
-        answer.total.as_ref().and_then(|cell| cell.outcome.clone())
+        answer.total.as_ref().and_then(|cell| cell.outcome)
     {
         assert!(
             !(1..10).contains(&events.saturating_sub(total.count)),
