@@ -48,10 +48,10 @@ impl Slot {
             .take()
     }
 
-    async fn take(&self) -> std::io::Result<TokioIo<TlsStream<TcpStream>>> {
+    async fn take(&self) -> std::io::Result<TokioIo<Waited>> {
         let waited = tokio::time::timeout(CONNECT_WAIT, async {
             loop {
-                if let Some(stream) = self.take_now() {
+                if let Some(stream) = self.take_now().and_then(Waited::alive) {
                     return stream;
                 }
                 self.arrived.notified().await;
@@ -67,6 +67,74 @@ impl Slot {
                 ),
             )
         })
+    }
+}
+
+/// A connection that waited in a slot, with what the node already sent on it (its HTTP/2
+/// settings) read ahead, to tell whether the node is still there; reads replay it first.
+pub struct Waited {
+    early: Vec<u8>,
+    stream: TlsStream<TcpStream>,
+}
+
+impl Waited {
+    /// Reads what is available without waiting: a connection the node closed meanwhile (it
+    /// stopped, or dialled again) ends or fails and is dropped.
+    fn alive(mut stream: TlsStream<TcpStream>) -> Option<Waited> {
+        use tokio::io::AsyncRead;
+        let waker = std::task::Waker::noop();
+        let mut context = std::task::Context::from_waker(waker);
+        let mut early = Vec::new();
+        loop {
+            let mut chunk = [0u8; 4096];
+            let mut buffer = tokio::io::ReadBuf::new(&mut chunk);
+            match std::pin::Pin::new(&mut stream).poll_read(&mut context, &mut buffer) {
+                std::task::Poll::Pending => return Some(Waited { early, stream }),
+                std::task::Poll::Ready(Ok(())) if buffer.filled().is_empty() => return None,
+                std::task::Poll::Ready(Ok(())) => early.extend_from_slice(buffer.filled()),
+                std::task::Poll::Ready(Err(_)) => return None,
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Waited {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.early.is_empty() {
+            let taken = self.early.len().min(buffer.remaining());
+            buffer.put_slice(&self.early[..taken]);
+            self.early.drain(..taken);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.stream).poll_read(context, buffer)
+    }
+}
+
+impl tokio::io::AsyncWrite for Waited {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(context, data)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(context)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        context: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(context)
     }
 }
 

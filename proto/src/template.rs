@@ -99,6 +99,47 @@ pub struct ParameterSpec {
     /// Value used when the study lead gives none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default: Option<Literal>,
+    /// Integer parameters: values go in steps of this from `min` (coarser questions are
+    /// harder to chain into differences of a few records).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i64>,
+    /// Date parameters: the value must start or end a month or a year.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub align: Option<Align>,
+}
+
+/// Where a date parameter's values must fall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Align {
+    MonthStart,
+    MonthEnd,
+    YearStart,
+    YearEnd,
+}
+
+impl Align {
+    /// Whether `date` falls where this alignment requires.
+    pub fn holds(self, date: NaiveDate) -> bool {
+        use chrono::Datelike;
+        let next_day = date.succ_opt();
+        match self {
+            Align::MonthStart => date.day() == 1,
+            Align::MonthEnd => next_day.is_none_or(|next| next.day() == 1),
+            Align::YearStart => date.ordinal() == 1,
+            Align::YearEnd => next_day.is_none_or(|next| next.ordinal() == 1),
+        }
+    }
+
+    /// In words, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Align::MonthStart => "the first day of a month",
+            Align::MonthEnd => "the last day of a month",
+            Align::YearStart => "the first day of a year",
+            Align::YearEnd => "the last day of a year",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1179,6 +1220,20 @@ impl<'a> Checker<'a> {
                             "{at}: 'column' and 'allowed' apply only to category parameters"
                         )));
                     }
+                    if parameter.step.is_some()
+                        && (parameter.parameter_type != ParameterType::Integer
+                            || parameter.step.is_some_and(|step| step < 1))
+                    {
+                        return Err(malformed(format!(
+                            "{at}: 'step' applies to integer parameters and is at least 1"
+                        )));
+                    }
+                    if parameter.align.is_some() && parameter.parameter_type != ParameterType::Date
+                    {
+                        return Err(malformed(format!(
+                            "{at}: 'align' applies only to date parameters"
+                        )));
+                    }
                     let (Some(min), Some(max)) = (&parameter.min, &parameter.max) else {
                         return Err(malformed(format!(
                             "{at}: {} parameters need both 'min' and 'max' limits",
@@ -1202,6 +1257,11 @@ impl<'a> Checker<'a> {
                     }
                 }
                 ParameterType::Category | ParameterType::Categories => {
+                    if parameter.step.is_some() || parameter.align.is_some() {
+                        return Err(malformed(format!(
+                            "{at}: 'step' and 'align' do not apply to category parameters"
+                        )));
+                    }
                     if parameter.min.is_some() || parameter.max.is_some() {
                         return Err(malformed(format!(
                             "{at}: category parameters take 'allowed', not 'min'/'max'"
@@ -1433,6 +1493,14 @@ impl<'a> Checker<'a> {
                 if min.is_some_and(|min| *given < min) || max.is_some_and(|max| *given > max) {
                     return Err(out_of_limits(given.to_string()));
                 }
+                if let Some(step) = parameter.step
+                    && (given - min.unwrap_or(0)).rem_euclid(step) != 0
+                {
+                    return Err(format!(
+                        "{given} is not allowed: this template takes values in steps of {step} from {}",
+                        min.unwrap_or(0)
+                    ));
+                }
                 Ok(())
             }
             (ParameterType::Float, Value::Float(_) | Value::Integer(_)) => {
@@ -1461,6 +1529,14 @@ impl<'a> Checker<'a> {
                 let (min, max) = (limit(&parameter.min), limit(&parameter.max));
                 if min.is_some_and(|min| *given < min) || max.is_some_and(|max| *given > max) {
                     return Err(out_of_limits(given.to_string()));
+                }
+                if let Some(align) = parameter.align
+                    && !align.holds(*given)
+                {
+                    return Err(format!(
+                        "{given} is not allowed: this template compares whole periods, so the date must be {}",
+                        align.describe()
+                    ));
                 }
                 Ok(())
             }
@@ -1716,20 +1792,27 @@ pub fn describe_limits(parameter: &ParameterSpec, dataset: &DatasetSpec) -> Stri
             "one or more of: {}",
             allowed_categories(parameter, dataset).join(", ")
         ),
-        kind => format!(
-            "{} from {} to {}",
-            kind.name(),
-            parameter
-                .min
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
-            parameter
-                .max
-                .as_ref()
-                .map(ToString::to_string)
-                .unwrap_or_default()
-        ),
+        kind => {
+            let grain = match (parameter.step, parameter.align) {
+                (Some(step), _) if step > 1 => format!(", in steps of {step}"),
+                (_, Some(align)) => format!(", {}", align.describe()),
+                _ => String::new(),
+            };
+            format!(
+                "{} from {} to {}{grain}",
+                kind.name(),
+                parameter
+                    .min
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default(),
+                parameter
+                    .max
+                    .as_ref()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            )
+        }
     }
 }
 

@@ -680,8 +680,7 @@ async fn a_complement_whose_records_were_released_before_does_not_protect_a_mean
     };
     let ask = |to: &'static str, id: &'static str| {
         let mut request =
-            fedq_tests::node_request(&test.alliance, "length-of-stay-by-severity", window(to))
-                .unwrap();
+            fedq_tests::node_request(&test.alliance, "length-of-stay-by-day", window(to)).unwrap();
         request.request_id = id.into();
         request
     };

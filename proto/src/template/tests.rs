@@ -543,3 +543,47 @@ fn column_comparisons_need_two_number_or_date_columns_and_no_identifier() {
         "{err}"
     );
 }
+
+#[test]
+fn coarse_parameters_take_only_aligned_dates_and_stepped_integers() {
+    let text = COHORT
+        .replace(
+            "min = \"2010-01-01\"\nmax = \"2030-12-31\"\n\n[[parameters]]\nname = \"to\"",
+            "min = \"2010-01-01\"\nmax = \"2030-12-31\"\nalign = \"month_start\"\n\n[[parameters]]\nname = \"to\"",
+        )
+        .replace("max = 75\ndefault = 0", "max = 75\ndefault = 0\nstep = 5");
+    let template = Template::from_toml(&text, "coarse").unwrap();
+    assert!(template.parameters[0].align.is_some() && template.parameters[2].step == Some(5));
+    let model = model();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    let bind = |from: &str, min_iss: i64| {
+        checked.bind(&[
+            ("from".into(), date(from)),
+            ("to".into(), date("2020-06-30")),
+            ("min_iss".into(), Value::Integer(min_iss)),
+        ])
+    };
+    assert!(bind("2020-03-01", 15).is_ok());
+    let err = bind("2020-03-02", 15).unwrap_err().to_string();
+    assert!(err.contains("must be the first day of a month"), "{err}");
+    let err = bind("2020-03-01", 16).unwrap_err().to_string();
+    assert!(err.contains("in steps of 5 from 0"), "{err}");
+    assert!(Align::MonthEnd.holds(parse_date("2024-02-29").unwrap()));
+    assert!(Align::MonthEnd.holds(parse_date("2023-02-28").unwrap()));
+    assert!(!Align::MonthEnd.holds(parse_date("2024-02-28").unwrap()));
+    assert!(Align::YearEnd.holds(parse_date("2024-12-31").unwrap()));
+    // Misplaced settings are refused.
+    let misplaced = COHORT.replace(
+        "max = 75\ndefault = 0",
+        "max = 75\ndefault = 0\nalign = \"month_start\"",
+    );
+    let err = Template::from_toml(&misplaced, "m")
+        .unwrap()
+        .check(&model, &no_extra())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("'align' applies only to date parameters"),
+        "{err}"
+    );
+}
