@@ -391,10 +391,11 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 match site.description {
                     Some(description) => {
                         println!(
-                            "{:<10} {} fedq {} model {} floor k={}",
+                            "{:<10} {} fedq {} protocol {} model {} floor k={}",
                             site.site_id,
                             site.address,
                             description.software_version,
+                            description.protocol_version,
                             description.data_model,
                             description.min_cell_count
                         );

@@ -221,6 +221,7 @@ pub fn render(result: &wire::PooledResult, standard: &wire::QualityStandard) -> 
         "Data-quality report: template {} v{}, study {}, query {}",
         reference.id, reference.version, standard.study_id, result.query_id
     );
+    out.push_str(&crate::render::asked(result));
     let _ = writeln!(
         out,
         "alliance standard: at most {}% missing, {}% outside the domain, {}% implausible; ! marks a site above it\n",

@@ -125,6 +125,7 @@ pub fn table(title: &str, result: &wire::PooledResult) -> String {
         short_hash(&reference.content_hash),
         result.query_id
     );
+    out.push_str(&asked(result));
     if let Some(fit) = &result.regression {
         out.push_str(&regression(fit));
         let _ = writeln!(out, "\nsites:");
@@ -459,6 +460,34 @@ fn odds_ratios(result: &wire::PooledResult) -> String {
     out
 }
 
+/// The study and every parameter's value, marking the template's defaults.
+pub fn asked(result: &wire::PooledResult) -> String {
+    if result.study_id.is_empty() && result.parameters.is_empty() {
+        return String::new();
+    }
+    let parameters: Vec<String> = result
+        .parameters
+        .iter()
+        .map(|parameter| {
+            format!(
+                "{}={}{}",
+                parameter.name,
+                parameter.value,
+                if parameter.given { "" } else { " (default)" }
+            )
+        })
+        .collect();
+    format!(
+        "study {}; parameters: {}\n",
+        result.study_id,
+        if parameters.is_empty() {
+            "none".to_string()
+        } else {
+            parameters.join(", ")
+        }
+    )
+}
+
 /// Which marks a rendered table used, for the legend, and its largest noise variance.
 #[derive(Debug, Default)]
 struct Marks {
@@ -500,6 +529,7 @@ pub fn section_view(result: &wire::PooledResult, index: usize) -> wire::PooledRe
         odds_ratios: Vec::new(),
         curves: Vec::new(),
         regression: None,
+        ..Default::default()
     }
 }
 
@@ -716,9 +746,15 @@ pub fn study(study: &wire::StudySummary) -> String {
 pub struct JsonResult {
     pub query_id: String,
     pub template: JsonTemplate,
+    /// The study the query was made under.
+    pub study_id: String,
+    /// Every parameter's effective value, `given: false` where the default was used.
+    pub parameters: Vec<JsonParameter>,
     pub axes: Vec<JsonAxis>,
     pub cells: Vec<JsonCell>,
-    pub total: JsonCell,
+    /// Absent for survival curves and regressions (see `curves` and `regression`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total: Option<JsonCell>,
     pub sites: Vec<JsonSite>,
     /// A data-quality profile's sections, each a one-way table (absent for counts).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -767,6 +803,19 @@ pub struct JsonCurve {
     pub sites: Vec<String>,
     pub excluded: Vec<String>,
     pub points: Vec<JsonSurvivalPoint>,
+    /// Each site's own released intervals with its survival after each (sites that withheld
+    /// the curve are absent).
+    pub by_site: std::collections::BTreeMap<String, Vec<JsonSiteInterval>>,
+}
+
+/// One interval of a site's own curve.
+#[derive(Debug, Serialize)]
+pub struct JsonSiteInterval {
+    pub from: String,
+    pub at_risk: u64,
+    pub events: u64,
+    pub censored: u64,
+    pub survival: f64,
 }
 
 /// One interval of a pooled survival curve; `from` is its start on the template's grid.
@@ -821,6 +870,13 @@ pub struct JsonSection {
     pub axis: JsonAxis,
     pub cells: Vec<JsonCell>,
     pub total: JsonCell,
+}
+
+#[derive(Debug, Serialize)]
+pub struct JsonParameter {
+    pub name: String,
+    pub value: String,
+    pub given: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -944,6 +1000,16 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
     };
     JsonResult {
         query_id: result.query_id.clone(),
+        study_id: result.study_id.clone(),
+        parameters: result
+            .parameters
+            .iter()
+            .map(|parameter| JsonParameter {
+                name: parameter.name.clone(),
+                value: parameter.value.clone(),
+                given: parameter.given,
+            })
+            .collect(),
         template: JsonTemplate {
             id: reference.id,
             version: reference.version,
@@ -963,7 +1029,7 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
             .enumerate()
             .map(|(index, pooled)| cell(Some(index), pooled))
             .collect(),
-        total: cell(None, &result.total.clone().unwrap_or_default()),
+        total: result.total.as_ref().map(|total| cell(None, total)),
         sites: result
             .sites
             .iter()
@@ -1038,6 +1104,42 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
                         .collect(),
                     sites: curve.sites.clone(),
                     excluded: curve.excluded.clone(),
+                    by_site: result
+                        .sites
+                        .iter()
+                        .filter_map(|site| {
+                            let own = site
+                                .result
+                                .as_ref()?
+                                .curves
+                                .iter()
+                                .find(|own| own.stratum == curve.stratum)
+                                .filter(|own| !own.intervals.is_empty())?;
+                            let mut survival = 1.0;
+                            let intervals = own
+                                .intervals
+                                .iter()
+                                .map(|interval| {
+                                    if interval.at_risk > 0 {
+                                        survival *=
+                                            1.0 - interval.events as f64 / interval.at_risk as f64;
+                                    }
+                                    JsonSiteInterval {
+                                        from: time
+                                            .and_then(|axis| {
+                                                axis.levels.get(interval.start as usize).cloned()
+                                            })
+                                            .unwrap_or_default(),
+                                        at_risk: interval.at_risk,
+                                        events: interval.events,
+                                        censored: interval.censored,
+                                        survival,
+                                    }
+                                })
+                                .collect();
+                            Some((site.site_id.clone(), intervals))
+                        })
+                        .collect(),
                     points: curve
                         .points
                         .iter()
@@ -1107,7 +1209,7 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
                         levels: Vec::new(),
                     }),
                     cells,
-                    total,
+                    total: total.unwrap_or_else(|| cell(None, &wire::PooledCell::default())),
                 }
             })
             .collect(),

@@ -275,6 +275,7 @@ fn pool_result(
             odds_ratios: Vec::new(),
             curves,
             regression: None,
+            ..Default::default()
         };
     }
     // Each table pooled on its own: (its axes, pooled cells with coordinates, pooled total).
@@ -333,6 +334,7 @@ fn pool_result(
         odds_ratios,
         curves: Vec::new(),
         regression: None,
+        ..Default::default()
     }
 }
 
@@ -512,6 +514,7 @@ where
         odds_ratios: Vec::new(),
         curves: Vec::new(),
         regression: Some(outcome),
+        ..Default::default()
     }
 }
 
@@ -736,6 +739,16 @@ impl Coordinator for CoordinatorService {
         checked
             .bind(&values)
             .map_err(|err| CoordinatorError::from(err).to_status())?;
+        let asked: Vec<wire::EffectiveParameter> = checked
+            .effective_parameters(&values)
+            .map_err(|err| CoordinatorError::from(err).to_status())?
+            .into_iter()
+            .map(|(name, value, given)| wire::EffectiveParameter {
+                name,
+                value: value.to_string(),
+                given,
+            })
+            .collect();
         let axes = checked.axes.clone();
         let statistic = template.statistic.clone();
         let reference = TemplateRef::of(template);
@@ -832,6 +845,9 @@ impl Coordinator for CoordinatorService {
                     &mut finished,
                 ),
             };
+            let mut result = result;
+            result.study_id = study_id.clone();
+            result.parameters = asked;
             let contributed = contributions(&result.sites);
             let recorded = tokio::task::spawn_blocking(move || {
                 store.record_contributions(

@@ -529,6 +529,19 @@ pub enum Value {
     Categories(Vec<String>),
 }
 
+impl std::fmt::Display for Value {
+    /// The value as `fedq query -p name=value` takes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Integer(value) => write!(f, "{value}"),
+            Value::Float(value) => write!(f, "{value}"),
+            Value::Date(date) => write!(f, "{date}"),
+            Value::Category(name) => f.write_str(name),
+            Value::Categories(names) => f.write_str(&names.join(",")),
+        }
+    }
+}
+
 impl Value {
     fn type_name(&self) -> &'static str {
         match self {
@@ -1715,6 +1728,22 @@ impl CheckedTemplate<'_> {
             }
         }
         Ok(content)
+    }
+
+    /// Every parameter's effective value (given, or its default) in the template's order,
+    /// each with whether it was given.
+    pub fn effective_parameters(
+        &self,
+        given: &[(String, Value)],
+    ) -> Result<Vec<(String, Value, bool)>, Error> {
+        Ok(self
+            .effective_values(given)?
+            .into_iter()
+            .map(|(name, value)| {
+                let was_given = given.iter().any(|(given, _)| given == name);
+                (name.to_string(), value, was_given)
+            })
+            .collect())
     }
 
     fn effective_values(&self, given: &[(String, Value)]) -> Result<Vec<(&str, Value)>, Error> {

@@ -105,7 +105,7 @@ async fn pooled_means_and_variances_equal_the_computation_on_all_rows_together()
     let table = fedq_coordinator::render::table("stay", &result);
     assert!(table.contains(&format!("{:.2} ±", mean)), "{table}");
     let json = fedq_coordinator::render::json(&result);
-    assert_eq!(json.total.summary.as_ref().unwrap().n, n);
+    assert_eq!(json.total.as_ref().unwrap().summary.as_ref().unwrap().n, n);
     test.alliance.stop().await?;
     Ok(())
 }
