@@ -364,10 +364,23 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                             .list_templates(wire::ListTemplatesRequest {})
                             .await,
                     )?;
+                    let id_width = list
+                        .templates
+                        .iter()
+                        .filter_map(|template| template.reference.as_ref())
+                        .map(|reference| reference.id.len())
+                        .max()
+                        .unwrap_or(0);
+                    let kind_width = list
+                        .templates
+                        .iter()
+                        .map(|template| template.statistic.len())
+                        .max()
+                        .unwrap_or(0);
                     for template in list.templates {
                         let reference = template.reference.unwrap_or_default();
                         println!(
-                            "{:<28} v{:<3} {:<8} {}",
+                            "{:<id_width$}  v{:<3} {:<kind_width$}  {}",
                             reference.id, reference.version, template.statistic, template.title
                         );
                     }
@@ -643,6 +656,9 @@ fn describe_template(detail: &wire::TemplateDetail) -> String {
             summary.signer_key_ids.join(", ")
         },
     );
+    if detail.parameters.is_empty() {
+        text.push_str("  none\n");
+    }
     for parameter in &detail.parameters {
         let default = if parameter.default_value.is_empty() {
             "required".to_string()
