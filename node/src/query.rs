@@ -153,6 +153,8 @@ struct Seen {
     snapshot_version: Option<String>,
     /// Epsilon this query spent (zero for a repeat), when differential privacy is on.
     epsilon_spent: Option<Rational>,
+    /// Every parameter's effective value (given, or the template's default), once bound.
+    effective: Option<Vec<(String, Value, bool)>>,
 }
 
 /// A released answer: only disclosed values.
@@ -533,6 +535,7 @@ impl QueryEngine {
             .map(fedq_proto::convert::parameter_from_wire)
             .collect::<Result<_, _>>()?;
         let query = checked.bind(&values)?;
+        seen.effective = checked.effective_parameters(&values).ok();
         self.limits.admit(
             &study.id,
             study.max_queries_per_day,
@@ -935,10 +938,22 @@ fn query_event(
             content_hash: template.content_hash(),
         }),
         // A caller this node does not accept gets a short record: what it sent is not kept.
-        parameters: if caller_refused {
-            BTreeMap::new()
-        } else {
-            audit::parameters_of(&request.parameters)
+        parameters: match (&seen.effective, caller_refused) {
+            (_, true) => BTreeMap::new(),
+            // Once bound: every effective value, the template's defaults marked.
+            (Some(effective), false) => effective
+                .iter()
+                .map(|(name, value, given)| {
+                    let value = audit::bounded(&value.to_string());
+                    let text = if *given {
+                        value
+                    } else {
+                        format!("{value} (default)")
+                    };
+                    (name.clone(), text)
+                })
+                .collect(),
+            (None, false) => audit::parameters_of(&request.parameters),
         },
         outcome,
         refusal,

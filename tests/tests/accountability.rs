@@ -94,6 +94,11 @@ async fn answers_carry_signed_heads_the_coordinator_keeps_and_a_cut_log_is_caugh
         released[1].parameters.get("min_iss").map(String::as_str),
         Some("16")
     );
+    // The template's defaults are recorded as such: the record says what was computed.
+    assert_eq!(
+        released[1].parameters.get("from").map(String::as_str),
+        Some("2019-01-01 (default)")
+    );
     assert_eq!(released[1].requester, fedq_deploy::alliance::STUDY_LEAD);
     assert_eq!(
         released[1].study.as_ref().map(|study| study.id.as_str()),
