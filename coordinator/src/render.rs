@@ -288,24 +288,10 @@ fn curves(result: &wire::PooledResult) -> String {
             // No site has records in this stratum (e.g. the strata's "missing" level).
             continue;
         }
-        let stratum: Vec<String> = curve
-            .stratum
-            .iter()
-            .zip(strata)
-            .map(|(level, axis)| {
-                format!(
-                    "{} {}",
-                    axis.column,
-                    axis.levels
-                        .get(*level as usize)
-                        .cloned()
-                        .unwrap_or_default()
-                )
-            })
-            .collect();
+        let stratum = stratum_text(&curve.stratum, strata);
         let _ = writeln!(out);
         if !stratum.is_empty() {
-            let _ = writeln!(out, "{}:", stratum.join(", "));
+            let _ = writeln!(out, "{stratum}:");
         }
         if curve.points.is_empty() {
             let _ = writeln!(out, "  no site released this curve");
@@ -335,29 +321,12 @@ fn curves(result: &wire::PooledResult) -> String {
         }
         // Each site's own curve on the intervals it released.
         for site in &result.sites {
-            let Some(own) = site
-                .result
-                .as_ref()
-                .and_then(|answer| {
-                    answer
-                        .curves
-                        .iter()
-                        .find(|own| own.stratum == curve.stratum)
-                })
-                .filter(|own| !own.intervals.is_empty())
-            else {
+            let Some(own) = own_curve(site, &curve.stratum) else {
                 continue;
             };
-            let mut survival = 1.0;
             let steps: Vec<String> = own
-                .intervals
                 .iter()
-                .map(|interval| {
-                    if interval.at_risk > 0 {
-                        survival *= 1.0 - interval.events as f64 / interval.at_risk as f64;
-                    }
-                    format!("{} {survival:.4}", label(interval.start))
-                })
+                .map(|(interval, survival)| format!("{} {survival:.4}", label(interval.start)))
                 .collect();
             let _ = writeln!(
                 out,
@@ -394,23 +363,9 @@ fn odds_ratios(result: &wire::PooledResult) -> String {
         "\nOdds ratios of the outcome, exposed vs not exposed, with 95% confidence intervals:"
     );
     for ratios in &result.odds_ratios {
-        let label: Vec<String> = ratios
-            .stratum
-            .iter()
-            .zip(strata)
-            .map(|(level, axis)| {
-                format!(
-                    "{} {}",
-                    axis.column,
-                    axis.levels
-                        .get(*level as usize)
-                        .cloned()
-                        .unwrap_or_default()
-                )
-            })
-            .collect();
+        let label = stratum_text(&ratios.stratum, strata);
         if !label.is_empty() {
-            let _ = writeln!(out, "  {}:", label.join(", "));
+            let _ = writeln!(out, "  {label}:");
         }
         for site in &ratios.sites {
             let _ = writeln!(
@@ -548,16 +503,9 @@ fn grid(result: &wire::PooledResult, marks: &mut Marks) -> String {
             hidden += 1;
             continue;
         }
-        let mut row: Vec<String> = cell
-            .coordinates
-            .iter()
-            .zip(&result.axes)
-            .map(|(level, axis)| {
-                axis.levels
-                    .get(*level as usize)
-                    .cloned()
-                    .unwrap_or_default()
-            })
+        let mut row: Vec<String> = levels_of(&cell.coordinates, &result.axes)
+            .into_iter()
+            .map(|(_, level)| level)
             .collect();
         row.extend(
             result
@@ -663,6 +611,57 @@ fn grid(result: &wire::PooledResult, marks: &mut Marks) -> String {
         .map(|cell| cell.noise_variance)
         .fold(marks.noisiest, f64::max);
     out
+}
+
+/// Each axis's column with the level `coordinates` pick on it (an unknown level: empty).
+fn levels_of(coordinates: &[u32], axes: &[wire::Axis]) -> Vec<(String, String)> {
+    coordinates
+        .iter()
+        .zip(axes)
+        .map(|(level, axis)| {
+            let name = axis
+                .levels
+                .get(*level as usize)
+                .cloned()
+                .unwrap_or_default();
+            (axis.column.clone(), name)
+        })
+        .collect()
+}
+
+/// A stratum for people: "column level, column level".
+fn stratum_text(coordinates: &[u32], axes: &[wire::Axis]) -> String {
+    levels_of(coordinates, axes)
+        .into_iter()
+        .map(|(column, level)| format!("{column} {level}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A site's own curve for `stratum`: each released interval with the survival after it.
+fn own_curve<'a>(
+    site: &'a wire::SiteProgress,
+    stratum: &[u32],
+) -> Option<Vec<(&'a wire::SurvivalInterval, f64)>> {
+    let own = site
+        .result
+        .as_ref()?
+        .curves
+        .iter()
+        .find(|own| own.stratum == stratum)
+        .filter(|own| !own.intervals.is_empty())?;
+    let mut survival = 1.0;
+    Some(
+        own.intervals
+            .iter()
+            .map(|interval| {
+                if interval.at_risk > 0 {
+                    survival *= 1.0 - interval.events as f64 / interval.at_risk as f64;
+                }
+                (interval, survival)
+            })
+            .collect(),
+    )
 }
 
 fn site_cell_text(value: Option<Option<u64>>) -> String {
@@ -957,19 +956,8 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
         .chain(result.total.iter())
         .any(|cell| cell.summary.is_some());
     let cell = |index: Option<usize>, pooled: &wire::PooledCell| JsonCell {
-        levels: pooled
-            .coordinates
-            .iter()
-            .zip(&result.axes)
-            .map(|(level, axis)| {
-                (
-                    axis.column.clone(),
-                    axis.levels
-                        .get(*level as usize)
-                        .cloned()
-                        .unwrap_or_default(),
-                )
-            })
+        levels: levels_of(&pooled.coordinates, &result.axes)
+            .into_iter()
             .collect(),
         pooled: pooled.count,
         complete: pooled.complete,
@@ -1088,19 +1076,8 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
                 let dims = result.axes.len();
                 let time = result.axes.get(dims.wrapping_sub(2));
                 JsonCurve {
-                    stratum: curve
-                        .stratum
-                        .iter()
-                        .zip(&result.axes)
-                        .map(|(level, axis)| {
-                            (
-                                axis.column.clone(),
-                                axis.levels
-                                    .get(*level as usize)
-                                    .cloned()
-                                    .unwrap_or_default(),
-                            )
-                        })
+                    stratum: levels_of(&curve.stratum, &result.axes)
+                        .into_iter()
                         .collect(),
                     sites: curve.sites.clone(),
                     excluded: curve.excluded.clone(),
@@ -1108,33 +1085,18 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
                         .sites
                         .iter()
                         .filter_map(|site| {
-                            let own = site
-                                .result
-                                .as_ref()?
-                                .curves
-                                .iter()
-                                .find(|own| own.stratum == curve.stratum)
-                                .filter(|own| !own.intervals.is_empty())?;
-                            let mut survival = 1.0;
-                            let intervals = own
-                                .intervals
-                                .iter()
-                                .map(|interval| {
-                                    if interval.at_risk > 0 {
-                                        survival *=
-                                            1.0 - interval.events as f64 / interval.at_risk as f64;
-                                    }
-                                    JsonSiteInterval {
-                                        from: time
-                                            .and_then(|axis| {
-                                                axis.levels.get(interval.start as usize).cloned()
-                                            })
-                                            .unwrap_or_default(),
-                                        at_risk: interval.at_risk,
-                                        events: interval.events,
-                                        censored: interval.censored,
-                                        survival,
-                                    }
+                            let intervals = own_curve(site, &curve.stratum)?
+                                .into_iter()
+                                .map(|(interval, survival)| JsonSiteInterval {
+                                    from: time
+                                        .and_then(|axis| {
+                                            axis.levels.get(interval.start as usize).cloned()
+                                        })
+                                        .unwrap_or_default(),
+                                    at_risk: interval.at_risk,
+                                    events: interval.events,
+                                    censored: interval.censored,
+                                    survival,
                                 })
                                 .collect();
                             Some((site.site_id.clone(), intervals))
@@ -1163,19 +1125,8 @@ pub fn json(result: &wire::PooledResult) -> JsonResult {
             .odds_ratios
             .iter()
             .map(|ratios| JsonOddsRatios {
-                stratum: ratios
-                    .stratum
-                    .iter()
-                    .zip(&result.axes)
-                    .map(|(level, axis)| {
-                        (
-                            axis.column.clone(),
-                            axis.levels
-                                .get(*level as usize)
-                                .cloned()
-                                .unwrap_or_default(),
-                        )
-                    })
+                stratum: levels_of(&ratios.stratum, &result.axes)
+                    .into_iter()
                     .collect(),
                 by_site: ratios
                     .sites
