@@ -19,6 +19,15 @@ fn roomy_sites() -> Vec<fedq_deploy::synth::SiteProfile> {
     sites
 }
 
+/// Sites large enough that, at floor 3, no 2x2 or survival count is small.
+fn large_sites() -> Vec<fedq_deploy::synth::SiteProfile> {
+    let mut sites = roomy_sites();
+    sites[0].admissions = 4_000;
+    sites[1].admissions = 3_000;
+    sites[2].admissions = 3_000;
+    sites
+}
+
 /// ISS band index as `length-of-stay-by-severity` cuts it.
 fn iss_band(iss: i64) -> usize {
     match iss {
@@ -47,6 +56,22 @@ fn oracle_summary(values: &[f64]) -> (u64, f64, f64) {
         .sum::<f64>()
         / (n - 1.0);
     (values.len() as u64, mean, variance)
+}
+
+/// The first of `groups` groups (by `group_of`) with 1 to 9 of `rows`: a small cell at k = 10.
+fn small_group(
+    rows: &[OracleRow],
+    groups: usize,
+    group_of: impl Fn(&OracleRow) -> usize,
+) -> Option<usize> {
+    (0..groups).find(|group| {
+        let n = rows.iter().filter(|row| group_of(row) == *group).count();
+        (1..10).contains(&n)
+    })
+}
+
+fn withheld(cell: &wire::Cell) -> bool {
+    matches!(cell.outcome, Some(wire::cell::Outcome::Withheld(_)))
 }
 
 fn pooled_summary(cell: &wire::PooledCell) -> Summary {
@@ -155,19 +180,9 @@ async fn a_small_cell_of_a_mean_or_histogram_is_withheld_and_sends_no_summary() 
     )
     .await?;
     let answer = site_c(&means);
-    let small_band = (0..4)
-        .find(|band| {
-            let n = site_c_rows
-                .iter()
-                .filter(|row| iss_band(row.iss) == *band)
-                .count();
-            (1..10).contains(&n)
-        })
+    let small_band = small_group(site_c_rows, 4, |row| iss_band(row.iss))
         .expect("site-c (150 admissions) has a band with 1 to 9 admissions");
-    assert!(matches!(
-        answer.cells[small_band].outcome,
-        Some(wire::cell::Outcome::Withheld(_))
-    ));
+    assert!(withheld(&answer.cells[small_band]));
     for cell in &answer.cells {
         match &cell.outcome {
             Some(wire::cell::Outcome::Released(released)) if released.count > 0 => {
@@ -187,19 +202,9 @@ async fn a_small_cell_of_a_mean_or_histogram_is_withheld_and_sends_no_summary() 
     )
     .await?;
     let answer = site_c(&histogram);
-    let small_bin = (0..7)
-        .find(|bin| {
-            let n = site_c_rows
-                .iter()
-                .filter(|row| systolic_bin(row.systolic_bp) == *bin)
-                .count();
-            (1..10).contains(&n)
-        })
+    let small_bin = small_group(site_c_rows, 7, |row| systolic_bin(row.systolic_bp))
         .expect("site-c has a small systolic band");
-    assert!(matches!(
-        answer.cells[small_bin].outcome,
-        Some(wire::cell::Outcome::Withheld(_))
-    ));
+    assert!(withheld(&answer.cells[small_bin]));
     test.alliance.stop().await?;
     Ok(())
 }
@@ -285,11 +290,7 @@ fn oracle_mantel_haenszel(tables: &[[f64; 4]]) -> (f64, f64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_odds_ratios_equal_the_computation_on_all_sites_tables() -> anyhow::Result<()> {
-    let mut sites = roomy_sites();
-    sites[0].admissions = 4_000;
-    sites[1].admissions = 3_000;
-    sites[2].admissions = 3_000;
-    let test = TestAlliance::start_custom(sites, &[], 3).await?;
+    let test = TestAlliance::start_custom(large_sites(), &[], 3).await?;
     let mut coordinator = test.coordinator().await?;
     let result = query(&mut coordinator, "icu-death-odds", vec![], 20_000).await?;
     let per_site = oracle_rows(&test.sites)?;
@@ -352,12 +353,7 @@ async fn a_site_that_withholds_a_cell_of_its_2x2_table_is_left_out_of_the_pooled
     );
     assert!(ratios.sites.iter().all(|site| site.site_id != "site-c"));
     let answer = result.sites[2].result.as_ref().unwrap();
-    assert!(
-        answer
-            .cells
-            .iter()
-            .any(|cell| matches!(cell.outcome, Some(wire::cell::Outcome::Withheld(_))))
-    );
+    assert!(answer.cells.iter().any(withheld));
     let table = fedq_coordinator::render::table("odds", &result);
     assert!(table.contains("not included"), "{table}");
     test.alliance.stop().await?;
@@ -370,11 +366,7 @@ const GRID: [i64; 6] = [0, 7, 14, 30, 60, 90];
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_survival_equals_the_product_limit_on_all_rows_on_the_shared_starts()
 -> anyhow::Result<()> {
-    let mut sites = roomy_sites();
-    sites[0].admissions = 4_000;
-    sites[1].admissions = 3_000;
-    sites[2].admissions = 3_000;
-    let test = TestAlliance::start_custom(sites, &[], 3).await?;
+    let test = TestAlliance::start_custom(large_sites(), &[], 3).await?;
     let mut coordinator = test.coordinator().await?;
     let min_iss = 9;
     let result = query(
