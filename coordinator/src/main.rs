@@ -450,13 +450,7 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 parameters: Vec::new(),
                 deadline_ms: deadline_ms.unwrap_or(0),
             };
-            let watching = std::io::stderr().is_terminal();
-            let result = client::run_query(&mut coordinator, request, |site| {
-                if watching {
-                    eprintln!("{}", render::site_line(site));
-                }
-            })
-            .await?;
+            let result = run_watched(&mut coordinator, request).await?;
             if json {
                 println!("{:#}", quality::json(&result, &standard));
             } else {
@@ -583,14 +577,7 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
                 parameters,
                 deadline_ms: deadline_ms.unwrap_or(0),
             };
-            // Progress while sites answer, for a person watching; the summary follows anyway.
-            let watching = std::io::stderr().is_terminal();
-            let result = client::run_query(&mut coordinator, request, |site| {
-                if watching {
-                    eprintln!("{}", render::site_line(site));
-                }
-            })
-            .await?;
+            let result = run_watched(&mut coordinator, request).await?;
             if json {
                 let text = serde_json::to_string_pretty(&render::json(&result))
                     .map_err(|err| CoordinatorError::Client(err.to_string()))?;
@@ -605,6 +592,21 @@ async fn run(cli: Cli) -> Result<(), CoordinatorError> {
             Ok(())
         }
     }
+}
+
+/// Runs a query, printing each site's progress to stderr while a person is watching a
+/// terminal; the pooled summary follows on stdout either way.
+async fn run_watched(
+    coordinator: &mut client::Connection,
+    request: wire::RunQueryRequest,
+) -> Result<wire::PooledResult, CoordinatorError> {
+    let watching = std::io::stderr().is_terminal();
+    client::run_query(coordinator, request, |site| {
+        if watching {
+            eprintln!("{}", render::site_line(site));
+        }
+    })
+    .await
 }
 
 fn document_command(command: DocumentCommand, kind: DocumentKind) -> Result<(), CoordinatorError> {

@@ -114,6 +114,18 @@ fn database_error(err: rusqlite::Error) -> CoordinatorError {
     CoordinatorError::State(err.to_string())
 }
 
+/// The audit key pinned for a site, read through a connection the caller already holds.
+fn pinned_in(connection: &Connection, site_id: &str) -> Result<Option<String>, CoordinatorError> {
+    connection
+        .query_row(
+            "SELECT key_id FROM audit_keys WHERE site_id = ?1",
+            params![site_id],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(database_error)
+}
+
 fn now_text() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -204,14 +216,7 @@ impl Store {
             )));
         }
         let connection = self.connection();
-        let pinned: Option<String> = connection
-            .query_row(
-                "SELECT key_id FROM audit_keys WHERE site_id = ?1",
-                params![site_id],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(database_error)?;
+        let pinned = pinned_in(&connection, site_id)?;
         match pinned {
             Some(pinned) if pinned != key_id => {
                 return Ok(HeadOutcome::Rejected(format!(
@@ -350,27 +355,13 @@ impl Store {
 
     /// The audit key pinned for a site.
     pub fn pinned_key(&self, site_id: &str) -> Result<Option<String>, CoordinatorError> {
-        self.connection()
-            .query_row(
-                "SELECT key_id FROM audit_keys WHERE site_id = ?1",
-                params![site_id],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(database_error)
+        pinned_in(&self.connection(), site_id)
     }
 
     /// Forgets the key pinned for a site (its next head pins a new one), recording who did.
     pub fn clear_pin(&self, site_id: &str, by: &str) -> Result<(), CoordinatorError> {
         let connection = self.connection();
-        let pinned: Option<String> = connection
-            .query_row(
-                "SELECT key_id FROM audit_keys WHERE site_id = ?1",
-                params![site_id],
-                |row| row.get(0),
-            )
-            .optional()
-            .map_err(database_error)?;
+        let pinned = pinned_in(&connection, site_id)?;
         connection
             .execute(
                 "DELETE FROM audit_keys WHERE site_id = ?1",
