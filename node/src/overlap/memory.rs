@@ -1,26 +1,19 @@
-//! Query-set overlap control. The node remembers the record set of every value it released —
-//! cells, the total, and every margin the released cells add up to — as compressed bitmaps of
-//! record numbers ([`crate::records`]), whatever study or coordinator asked. A new value whose
-//! record set differs from a remembered one by 1 to k-1 records is withheld: otherwise
-//! subtracting the two answers would reveal those few records ("everyone" minus "everyone but
-//! one"). Only sets whose sizes differ by less than k can be that close, so only those are
-//! compared.
-//!
-//! The memory lives in `state_dir/overlap/released-sets.bin`: append-only entries of
-//! `[u32 length][SHA-256 of the bitmap][bitmap]`, each query's new sets fsynced before its
-//! reply. It is bounded: when the next answer would pass `privacy.overlap_memory_mb`, the node
-//! refuses queries (fail closed) until an administrator raises the bound or archives the file.
+//! The overlap memory's durable part: the released record sets of one node, appended to
+//! `state_dir/overlap/released-sets.bin` as entries of `[u32 length][SHA-256 of the
+//! bitmap][bitmap]`, each answer's new sets (after a zero-length entry marking where the
+//! answer starts) fsynced before its reply, with each study's share of the bound in
+//! `study-shares.json`. Opening replays the file into a [`SetIndex`], which derives again the
+//! differences of nested pairs, so they need no room in the file.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use roaring::{MultiOps, RoaringBitmap};
+use roaring::RoaringBitmap;
 use sha2::{Digest, Sha256};
 
-use crate::disclosure::{self, DisclosedTable, Outcome, Reason};
-use crate::plan::RawTable;
+use super::index::SetIndex;
 use crate::records::OVERLAP_DIR;
 
 const SETS_FILE: &str = "released-sets.bin";
@@ -45,13 +38,13 @@ pub enum OverlapError {
     },
 }
 
-/// The remembered released record sets of one node.
+/// The remembered released record sets of one node, and the counts derived from them.
 #[derive(Debug)]
 pub struct OverlapMemory {
     path: PathBuf,
-    sets: Vec<RoaringBitmap>,
-    /// Cardinality → positions in `sets`.
-    by_size: BTreeMap<u64, Vec<usize>>,
+    index: SetIndex,
+    /// Released sets remembered (the index also holds derived counts).
+    released: usize,
     bytes: u64,
     limit: u64,
     /// Bytes added per study (kept in `study-shares.json`).
@@ -91,13 +84,16 @@ impl OverlapMemory {
         };
         let mut memory = OverlapMemory {
             path: path.clone(),
-            sets: Vec::new(),
-            by_size: BTreeMap::new(),
+            index: SetIndex::default(),
+            released: 0,
             bytes: 0,
             limit,
             by_study,
         };
         let mut at = 0;
+        // Where the current answer's sets start; entries written before answers were marked
+        // count as answers of one set each.
+        let mut answer_start = None;
         while at + HEADER_BYTES <= bytes.len() {
             let length =
                 u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
@@ -115,8 +111,13 @@ impl OverlapMemory {
             if fingerprint(payload) != bytes[at + 4..at + HEADER_BYTES] {
                 return Err(damaged());
             }
-            let set = RoaringBitmap::deserialize_from(payload).map_err(|_| damaged())?;
-            memory.insert(set, length as u64);
+            if payload.is_empty() {
+                answer_start = Some(memory.index.len());
+            } else {
+                let set = RoaringBitmap::deserialize_from(payload).map_err(|_| damaged())?;
+                let start = answer_start.unwrap_or(memory.index.len());
+                memory.insert(set, length as u64, start);
+            }
             at = end;
         }
         if at < bytes.len() {
@@ -132,31 +133,24 @@ impl OverlapMemory {
         Ok(memory)
     }
 
-    fn insert(&mut self, set: RoaringBitmap, size: u64) {
-        self.by_size
-            .entry(set.len())
-            .or_default()
-            .push(self.sets.len());
-        self.sets.push(set);
+    fn insert(&mut self, set: RoaringBitmap, size: u64, answer_start: usize) {
+        self.index.insert(set, answer_start);
+        self.released += 1;
         self.bytes += size;
     }
 
-    /// Whether exactly this set is remembered.
-    fn contains(&self, set: &RoaringBitmap) -> bool {
-        self.by_size.get(&set.len()).is_some_and(|positions| {
-            positions
-                .iter()
-                .any(|&position| self.sets[position] == *set)
-        })
-    }
-
-    /// Remembered sets.
+    /// Released sets remembered.
     pub fn len(&self) -> usize {
-        self.sets.len()
+        self.released
     }
 
     pub fn is_empty(&self) -> bool {
-        self.sets.is_empty()
+        self.released == 0
+    }
+
+    /// Counts derived from nested released sets (kept in memory, derived again on opening).
+    pub fn derived(&self) -> usize {
+        self.index.len() - self.released
     }
 
     /// Bytes the remembered sets take (serialised).
@@ -164,22 +158,17 @@ impl OverlapMemory {
         self.bytes
     }
 
-    /// Whether `set` differs from a remembered set by 1 to k-1 records.
+    /// Whether releasing `set` would reveal 1 to k-1 records by subtraction: it differs by
+    /// that many from a remembered count (released or derived), or subtracting it from a
+    /// nested remembered set would give a count that does.
     pub fn too_close(&self, set: &RoaringBitmap, k: u32) -> bool {
         let reach = u64::from(k.saturating_sub(1));
-        let size = set.len();
-        self.by_size
-            .range(size.saturating_sub(reach)..=size.saturating_add(reach))
-            .flat_map(|(_, positions)| positions)
-            .any(|&position| {
-                let difference = self.sets[position].symmetric_difference_len(set);
-                difference >= 1 && difference <= reach
-            })
+        self.index.close(set, reach) || self.index.chain_hazard(set, reach)
     }
 
-    /// Whether a reader already knows `set`'s count exactly: it was released before.
+    /// Whether a reader already knows `set`'s count exactly: it was released or derived.
     pub fn known(&self, set: &RoaringBitmap) -> bool {
-        self.contains(set)
+        self.index.holds(set)
     }
 
     /// Remembers `sets` durably (one append and fsync), skipping empty sets and sets already
@@ -204,12 +193,17 @@ impl OverlapMemory {
         study: Option<(&str, u64)>,
         sets: Vec<RoaringBitmap>,
     ) -> Result<(), OverlapError> {
-        let mut entries = Vec::new();
+        // The answer's sets follow a zero-length entry marking where it starts.
+        let mut entries = Vec::from(&(0u32).to_le_bytes()[..]);
+        entries.extend_from_slice(&fingerprint(&[]));
         let mut fresh: Vec<(RoaringBitmap, u64)> = Vec::new();
         let mut added = 0u64;
         for set in sets {
             // Known sets (a repeated query) cost one comparison, no serialisation.
-            if set.is_empty() || self.contains(&set) || fresh.iter().any(|(seen, _)| *seen == set) {
+            if set.is_empty()
+                || self.index.holds(&set)
+                || fresh.iter().any(|(seen, _)| *seen == set)
+            {
                 continue;
             }
             let mut payload = Vec::with_capacity(set.serialized_size());
@@ -249,8 +243,9 @@ impl OverlapMemory {
                 file.sync_data()
             })
             .map_err(|err| OverlapError::Write(format!("{}: {err}", self.path.display())))?;
+        let answer_start = self.index.len();
         for (set, size) in fresh {
-            self.insert(set, size);
+            self.insert(set, size, answer_start);
         }
         if let Some((study, _)) = study {
             *self.by_study.entry(study.to_string()).or_insert(0) += added;
@@ -272,156 +267,6 @@ impl OverlapMemory {
             })
             .and_then(|()| std::fs::rename(&temporary, &path))
             .map_err(|err| OverlapError::Write(format!("{}: {err}", path.display())))
-    }
-}
-
-/// The cells each margin of a grid adds up (every way of summing over some of its axes, the
-/// total excluded), or only the one-axis margins when there would be very many.
-fn margins(shape: &[usize]) -> Vec<Vec<usize>> {
-    const MOST_MARGINS: usize = 50_000;
-    let cells: usize = shape.iter().product();
-    let axes = shape.len();
-    let all_subsets =
-        shape.iter().map(|length| length + 1).product::<usize>() <= MOST_MARGINS && axes <= 16;
-    let mut found = Vec::new();
-    // `kept`: the axes a margin keeps (its coordinates); the others are summed over.
-    for kept in 0u32..(1u32 << axes) {
-        let summed = axes - kept.count_ones() as usize;
-        if summed == 0 || kept == 0 || !(all_subsets || summed == 1) {
-            continue;
-        }
-        let mut groups: BTreeMap<Vec<u32>, Vec<usize>> = BTreeMap::new();
-        for cell in 0..cells {
-            let coordinates = fedq_proto::template::cell_coordinates(shape, cell);
-            let key: Vec<u32> = (0..axes)
-                .filter(|axis| kept & (1 << axis) != 0)
-                .map(|axis| coordinates[axis])
-                .collect();
-            groups.entry(key).or_default().push(cell);
-        }
-        found.extend(groups.into_values().filter(|group| group.len() > 1));
-    }
-    found
-}
-
-fn union(sets: &[RoaringBitmap], cells: &[usize]) -> RoaringBitmap {
-    cells.iter().map(|&cell| &sets[cell]).union()
-}
-
-/// The smallest non-zero released cell of `cells` (or the first released one).
-fn smallest_released(
-    table: &RawTable,
-    disclosed: &DisclosedTable,
-    cells: &[usize],
-) -> Option<usize> {
-    cells
-        .iter()
-        .copied()
-        .filter(|&cell| matches!(disclosed.cells[cell], Outcome::Released(_)))
-        .min_by_key(|&cell| (table.counts[cell] == 0, table.counts[cell]))
-}
-
-/// An answer decided under overlap control, and the record sets it releases.
-#[derive(Debug)]
-pub struct Decided {
-    pub table: DisclosedTable,
-    pub released_sets: Vec<RoaringBitmap>,
-}
-
-/// Disclosure control with overlap control: threshold and complementary suppression as in
-/// [`disclosure::apply_with`] (with the cells `already_forced` withheld for their reason),
-/// then every released value — cell, total, and each margin the released cells determine — is
-/// checked against `memory`; a value too close to a remembered set is withheld (a margin by
-/// withholding its smallest cell) and the rules run again, until nothing released is too
-/// close. All on true values.
-pub fn decide(
-    table: &RawTable,
-    sets: &[RoaringBitmap],
-    k: u32,
-    memory: &OverlapMemory,
-    already_forced: &[Option<Reason>],
-    total_already_forced: bool,
-) -> Decided {
-    let cell_count = table.counts.len();
-    let margin_groups = margins(&table.shape);
-    let all_cells: Vec<usize> = (0..cell_count).collect();
-    let total_set = union(sets, &all_cells);
-    let mut forced: Vec<Option<Reason>> = (0..cell_count)
-        .map(|cell| already_forced.get(cell).copied().flatten())
-        .collect();
-    // A cell whose exact records were released before protects nothing when withheld (its count
-    // is known): complementary suppression must not count on it.
-    let known: Vec<bool> = sets
-        .iter()
-        .map(|set| !set.is_empty() && memory.known(set))
-        .collect();
-    let mut total_forced = total_already_forced;
-    loop {
-        let disclosed = disclosure::apply_knowing(table, k, &forced, total_forced, &known);
-        let released = |cell: usize| matches!(disclosed.cells[cell], Outcome::Released(_));
-        let mut changed = false;
-        for cell in 0..cell_count {
-            if released(cell) && !sets[cell].is_empty() && memory.too_close(&sets[cell], k) {
-                forced[cell] = Some(Reason::Overlap);
-                changed = true;
-            }
-        }
-        if !total_forced
-            && matches!(disclosed.total, Outcome::Released(_))
-            && memory.too_close(&total_set, k)
-        {
-            total_forced = true;
-            changed = true;
-        }
-        let mut margin_sets = Vec::new();
-        for group in &margin_groups {
-            if !group.iter().all(|&cell| released(cell)) {
-                continue;
-            }
-            let set = union(sets, group);
-            if !set.is_empty() && memory.too_close(&set, k) {
-                if let Some(cell) = smallest_released(table, &disclosed, group) {
-                    forced[cell] = Some(Reason::Overlap);
-                    changed = true;
-                }
-            } else {
-                margin_sets.push(set);
-            }
-        }
-        if changed {
-            continue;
-        }
-        let mut released_sets: Vec<RoaringBitmap> = (0..cell_count)
-            .filter(|&cell| released(cell))
-            .map(|cell| sets[cell].clone())
-            .collect();
-        if matches!(disclosed.total, Outcome::Released(_)) {
-            released_sets.push(total_set);
-        }
-        released_sets.extend(margin_sets);
-        // In every line with withheld cells, the records of its released and known cells are
-        // a count the reader can add up: remember it, so that a later query releasing the
-        // line's whole margin is seen to differ from it by the withheld records.
-        for group in &margin_groups {
-            let readable: Vec<usize> = group
-                .iter()
-                .copied()
-                .filter(|&cell| released(cell) || known[cell])
-                .collect();
-            if readable.len() < group.len() && !readable.is_empty() {
-                released_sets.push(union(sets, &readable));
-            }
-        }
-        let everything: Vec<usize> = (0..cell_count)
-            .filter(|&cell| released(cell) || known[cell])
-            .collect();
-        if everything.len() < cell_count && !everything.is_empty() {
-            released_sets.push(union(sets, &everything));
-        }
-        return Decided {
-            table: disclosed,
-            released_sets,
-        };
     }
 }
 
@@ -515,63 +360,5 @@ mod tests {
         memory
             .remember_for_study("other", share, vec![set(5000..7000)])
             .unwrap();
-    }
-
-    #[test]
-    fn all_but_one_is_withheld_after_all_was_released() {
-        let state = tempfile::tempdir().unwrap();
-        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
-        // First answer: one cell of 50 records, released.
-        let everyone = RawTable {
-            shape: vec![1],
-            counts: vec![50],
-        };
-        let first = decide(&everyone, &[set(0..50)], 10, &memory, &[], false);
-        assert_eq!(first.table.total, Outcome::Released(50));
-        memory.remember(first.released_sets).unwrap();
-        // Second answer: everyone but record 7.
-        let mut all_but_one = set(0..50);
-        all_but_one.remove(7);
-        let second = decide(
-            &RawTable {
-                shape: vec![1],
-                counts: vec![49],
-            },
-            &[all_but_one],
-            10,
-            &memory,
-            &[],
-            false,
-        );
-        assert_eq!(second.table.cells, [Outcome::Withheld]);
-        assert_eq!(second.table.total, Outcome::Withheld);
-        assert!(second.released_sets.is_empty());
-    }
-
-    #[test]
-    fn a_margin_the_released_cells_add_up_to_is_protected_too() {
-        let state = tempfile::tempdir().unwrap();
-        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
-        memory.remember(vec![set(0..60)]).unwrap();
-        // Two cells of 30 and 29 records: each far from 60, but together 59 = 60 minus one.
-        let table = RawTable {
-            shape: vec![2],
-            counts: vec![30, 29],
-        };
-        let decided = decide(&table, &[set(0..30), set(31..60)], 10, &memory, &[], false);
-        assert_eq!(decided.table.total, Outcome::Withheld);
-        let released: u64 = decided
-            .table
-            .cells
-            .iter()
-            .filter_map(|cell| match cell {
-                Outcome::Released(count) => Some(*count),
-                Outcome::Withheld => None,
-            })
-            .sum();
-        assert_ne!(
-            released, 59,
-            "the cells must not add up to the too-close total"
-        );
     }
 }

@@ -1,0 +1,754 @@
+//! The counts the overlap memory remembers and the indexes that search them: by size (sets a
+//! few records apart) and by sampled records (sets nested in or around a new one). Besides the
+//! released record sets it keeps *derived* counts: when a released set is nested in a
+//! remembered one, their difference is a count anyone can compute by subtraction, so it is
+//! remembered too and compared like a released one — the defence against differencing chains
+//! (A, then B inside A, then C within one record of A minus B).
+//!
+//! Derived differences are kept as references to the two remembered sets (small ones as
+//! bitmaps), so remembering them costs a few bytes however large they are. Nested sets are
+//! found through a fixed sample of record numbers (one in [`SAMPLE_ONE_IN`]): a set inside
+//! another has its sampled records inside the other's, so a per-sample list of the sets
+//! holding it ("columns") and each set's first sampled records narrow the search to a few
+//! candidates, which an exact count then settles.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+use roaring::RoaringBitmap;
+
+/// One record number in this many is sampled.
+pub const SAMPLE_ONE_IN: u32 = 64;
+/// Probe records kept per set, to reject candidates before counting: one missing from a new
+/// set shows the two differ (or are not nested), so a set missing more than k-1 of them is not
+/// within k-1 records.
+const HEAD: usize = 32;
+/// Columns intersected to find the sets holding a new one.
+const MOST_COLUMNS: usize = 8;
+/// Nested remembered sets whose differences are remembered per released set, closest first.
+pub const MOST_PARTNERS: usize = 16;
+/// Subtractions a derived count may stack (each level doubles the cost of counting it).
+pub const MOST_DEPTH: u8 = 4;
+/// Record numbers per roaring container, the unit the sample grows in.
+const CHUNK: u64 = 1 << 16;
+/// A set holding at least one record in this many is intersected rather than walked.
+const DENSE: u64 = 16;
+/// Sets this small are compared record by record (stopping at the first miss).
+const FEW: u64 = 256;
+
+/// A fixed reordering of record numbers, independent of the sample's: a set's probe records
+/// are its lowest-ranked ones, so they are spread over all record numbers rather than
+/// gathered at the smallest (where every large set would share them).
+fn rank(record: u32) -> u32 {
+    let mixed = record.wrapping_mul(0x85EB_CA6B);
+    (mixed ^ (mixed >> 13)).wrapping_mul(0xC2B2_AE35)
+}
+
+/// The [`HEAD`] lowest-ranked records of `records`, lowest first.
+fn head_of(records: &RoaringBitmap) -> Vec<u32> {
+    let mut ranked: Vec<(u32, u32)> = records
+        .iter()
+        .map(|record| (rank(record), record))
+        .collect();
+    let most = ranked.len().min(HEAD);
+    if most < ranked.len() {
+        ranked.select_nth_unstable(most);
+    }
+    ranked.truncate(most);
+    ranked.sort_unstable();
+    ranked.into_iter().map(|(_, record)| record).collect()
+}
+
+/// Records two bitmaps share; a set much smaller than the other is looked up record by
+/// record, since roaring's own count walks both.
+fn shared_records(one: &RoaringBitmap, other: &RoaringBitmap) -> u64 {
+    let (small, large) = if one.len() <= other.len() {
+        (one, other)
+    } else {
+        (other, one)
+    };
+    if small.len() * 32 < large.len() {
+        small
+            .iter()
+            .filter(|&record| large.contains(record))
+            .count() as u64
+    } else {
+        small.intersection_len(large)
+    }
+}
+
+/// Whether `record` is in the sample: a fixed multiplicative mix spreads consecutive numbers
+/// evenly, so every set of more than a few times [`SAMPLE_ONE_IN`] records has sampled ones.
+fn sampled(record: u32) -> bool {
+    record.wrapping_mul(0x9E37_79B1) < u32::MAX / SAMPLE_ONE_IN
+}
+
+#[derive(Debug)]
+enum Shape {
+    Records(RoaringBitmap),
+    /// `plus` minus `minus`, where `minus` lies inside `plus`.
+    Difference {
+        plus: usize,
+        minus: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Member {
+    shape: Shape,
+    len: u64,
+    /// Probe records it holds (at most [`HEAD`], lowest [`rank`] first): its sampled ones,
+    /// or all of them when none is sampled. The first is its key.
+    head: Vec<u32>,
+    depth: u8,
+}
+
+/// Probes besides the key kept beside each member's size, so that most candidates are
+/// rejected without reaching the member itself.
+const BRIEF_PROBES: usize = 3;
+
+/// A member's size and first probes, packed together for the candidate scan.
+#[derive(Debug)]
+struct Brief {
+    len: u64,
+    probes: [u32; BRIEF_PROBES],
+    /// The previous member with the same key, plus one (0: none).
+    next_with_key: u32,
+}
+
+/// One side of a difference: a remembered member or a set not yet remembered.
+#[derive(Debug, Clone, Copy)]
+enum Operand<'a> {
+    Member(usize),
+    Set(&'a RoaringBitmap),
+}
+
+/// `plus` minus `minus` (which lies inside it), `len` records, before it is remembered.
+#[derive(Debug)]
+struct Pending<'a> {
+    plus: Operand<'a>,
+    minus: Operand<'a>,
+    len: u64,
+}
+
+/// A remembered set nested with a new one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partner {
+    pub member: usize,
+    /// Whether the remembered set holds the new one (otherwise it lies inside it).
+    pub holds: bool,
+    /// Records in one and not the other.
+    pub difference: u64,
+}
+
+/// Remembered counts (released and derived) with their indexes.
+#[derive(Debug, Default)]
+pub struct SetIndex {
+    members: Vec<Member>,
+    /// Parallel to `members`.
+    briefs: Vec<Brief>,
+    /// Cardinality → members.
+    by_size: BTreeMap<u64, Vec<usize>>,
+    /// Sampled record numbers below `sample_end`.
+    sample: RoaringBitmap,
+    sample_end: u64,
+    /// One past the largest record number of any bitmap member.
+    universe: u64,
+    /// Sampled record → bitmap members holding it.
+    columns: HashMap<u32, RoaringBitmap>,
+    /// Key record (the first of its head) → its last member with that key, plus one (0:
+    /// none); earlier ones are chained through [`Brief::next_with_key`]. `keys` and
+    /// `key_bits` hold the keys.
+    last_with_key: Vec<u32>,
+    keys: RoaringBitmap,
+    key_bits: Vec<u64>,
+    /// Member → the differences taken from it (it is their `plus`).
+    children: HashMap<usize, Vec<usize>>,
+}
+
+impl SetIndex {
+    /// Members remembered (released and derived).
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Records `member` shares with `set`.
+    fn shared(&self, member: usize, set: &RoaringBitmap) -> u64 {
+        match &self.members[member].shape {
+            Shape::Records(records) => shared_records(records, set),
+            Shape::Difference { plus, minus } => self.shared(*plus, set) - self.shared(*minus, set),
+        }
+    }
+
+    /// Whether `member` holds every record of `set`.
+    fn holds_all(&self, member: usize, set: &RoaringBitmap) -> bool {
+        if set.len() <= FEW {
+            set.iter().all(|record| self.holds_record(member, record))
+        } else {
+            self.shared(member, set) == set.len()
+        }
+    }
+
+    /// Whether every record of `member` is in `set`.
+    fn lies_in(&self, member: usize, set: &RoaringBitmap) -> bool {
+        match &self.members[member].shape {
+            Shape::Records(records) if records.len() <= FEW => {
+                records.iter().all(|record| set.contains(record))
+            }
+            _ => self.shared(member, set) == self.members[member].len,
+        }
+    }
+
+    fn holds_record(&self, member: usize, record: u32) -> bool {
+        match &self.members[member].shape {
+            Shape::Records(records) => records.contains(record),
+            Shape::Difference { plus, minus } => {
+                self.holds_record(*plus, record) && !self.holds_record(*minus, record)
+            }
+        }
+    }
+
+    fn records(&self, member: usize) -> Cow<'_, RoaringBitmap> {
+        match &self.members[member].shape {
+            Shape::Records(records) => Cow::Borrowed(records),
+            Shape::Difference { plus, minus } => {
+                Cow::Owned(self.records(*plus).into_owned() - self.records(*minus).as_ref())
+            }
+        }
+    }
+
+    /// Records in `member` or `set` but not both.
+    fn distance(&self, member: usize, set: &RoaringBitmap) -> u64 {
+        let shared = self.shared(member, set);
+        self.members[member].len + set.len() - 2 * shared
+    }
+
+    /// Whether `set` differs from a remembered count by 1 to `reach` records.
+    pub fn close(&self, set: &RoaringBitmap, reach: u64) -> bool {
+        let size = set.len();
+        self.by_size
+            .range(size.saturating_sub(reach)..=size.saturating_add(reach))
+            .flat_map(|(_, members)| members)
+            .filter(|&&member| self.misses_at_most(member, set, reach))
+            .any(|&member| (1..=reach).contains(&self.distance(member, set)))
+    }
+
+    /// Whether exactly this set's count is remembered (released or derived).
+    pub fn holds(&self, set: &RoaringBitmap) -> bool {
+        self.by_size.get(&set.len()).is_some_and(|members| {
+            members.iter().any(|&member| {
+                self.misses_at_most(member, set, 0) && self.distance(member, set) == 0
+            })
+        })
+    }
+
+    /// `set`'s sampled records (the sample reaches past every member's records).
+    fn sampled_part(&self, set: &RoaringBitmap) -> RoaringBitmap {
+        set & &self.sample
+    }
+
+    /// Remembered sets (numbered below `before`) holding `set` with more records.
+    fn holding(&self, set: &RoaringBitmap, before: usize) -> Vec<usize> {
+        let size = set.len();
+        let Some(largest) = set.max() else {
+            return Vec::new();
+        };
+        if u64::from(largest) >= self.universe {
+            return Vec::new();
+        }
+        let is_holder = |member: usize| {
+            member < before && self.members[member].len > size && self.holds_all(member, set)
+        };
+        // A few of its sampled records, found by walking it (cheaper than intersecting it with
+        // the whole sample when only the first few are needed).
+        let sampled: Vec<u32> = set
+            .iter()
+            .filter(|&record| sampled(record))
+            .take(MOST_COLUMNS)
+            .collect();
+        if sampled.is_empty() {
+            // Too few records to be sampled (typically under a few hundred): finding the sets
+            // holding it would mean testing every remembered set, so it is not searched for
+            // (the sets inside it still are). See PRIVACY.md for what that leaves open.
+            return Vec::new();
+        }
+        // A holder holds every sampled record of `set`: intersect their columns.
+        let mut records = sampled.into_iter();
+        let mut candidates = records
+            .next()
+            .and_then(|record| self.columns.get(&record))
+            .cloned()
+            .unwrap_or_default();
+        for record in records {
+            if candidates.is_empty() {
+                break;
+            }
+            match self.columns.get(&record) {
+                Some(column) => candidates &= column,
+                None => candidates.clear(),
+            }
+        }
+        let mut found: Vec<usize> = candidates
+            .iter()
+            .map(|member| member as usize)
+            .filter(|&member| is_holder(member))
+            .collect();
+        // Differences taken from a holder hold `set` too when they removed none of its records.
+        let mut next = 0;
+        while next < found.len() {
+            let parent = found[next];
+            next += 1;
+            for &child in self.children.get(&parent).into_iter().flatten() {
+                let Shape::Difference { minus, .. } = self.members[child].shape else {
+                    continue;
+                };
+                if child < before
+                    && self.members[child].len > size
+                    && self.shared(minus, set) == 0
+                    && !found.contains(&child)
+                {
+                    found.push(child);
+                }
+            }
+        }
+        found
+    }
+
+    /// Whether at most `most` of `member`'s probe records are missing from `set` (stopping at
+    /// the first one more).
+    fn misses_at_most(&self, member: usize, set: &RoaringBitmap, most: u64) -> bool {
+        let mut missing = 0;
+        for &record in &self.members[member].head {
+            if !set.contains(record) {
+                missing += 1;
+                if missing > most {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn is_key(&self, record: u32) -> bool {
+        self.key_bits
+            .get(record as usize / 64)
+            .is_some_and(|word| word & (1 << (record % 64)) != 0)
+    }
+
+    /// Remembered sets (numbered below `before`) that may lie inside `set` with fewer records,
+    /// by their key (a set inside has it in `set`): not yet verified.
+    fn maybe_inside(&self, set: &RoaringBitmap, before: usize) -> Vec<usize> {
+        let size = set.len();
+        // A dense set is intersected with the keys (roaring tests each key against its bitmap
+        // containers); a sparse one is walked, testing each record against the keys' bits.
+        let keys: Vec<u32> = if size.saturating_mul(DENSE) >= self.universe {
+            (&self.keys & set).iter().collect()
+        } else {
+            set.iter().filter(|&record| self.is_key(record)).collect()
+        };
+        let mut found = Vec::new();
+        for record in keys {
+            let mut next = self.last_with_key[record as usize];
+            while next > 0 {
+                let member = next as usize - 1;
+                next = self.briefs[member].next_with_key;
+                found.push(member);
+            }
+        }
+        found
+            .into_iter()
+            .filter(|&member| {
+                let brief = &self.briefs[member];
+                member < before
+                    && brief.len < size
+                    && brief.probes.iter().all(|&record| set.contains(record))
+            })
+            .collect()
+    }
+
+    /// Remembered sets (numbered below `before`) nested with `set` whose difference with it
+    /// may be remembered: at most [`MOST_PARTNERS`], smallest difference first.
+    pub fn partners(&self, set: &RoaringBitmap, before: usize) -> Vec<Partner> {
+        if set.is_empty() || before == 0 {
+            return Vec::new();
+        }
+        let size = set.len();
+        let shallow = |member: &usize| self.members[*member].depth < MOST_DEPTH;
+        let mut partners: Vec<Partner> = self
+            .holding(set, before)
+            .into_iter()
+            .filter(shallow)
+            .map(|member| Partner {
+                member,
+                holds: true,
+                difference: self.members[member].len - size,
+            })
+            .collect();
+        partners.sort_by_key(|partner| (partner.difference, partner.member));
+        partners.truncate(MOST_PARTNERS);
+        // Sets inside it are verified closest first, only until no closer ones could be kept.
+        let mut inside: Vec<(u64, usize)> = self
+            .maybe_inside(set, before)
+            .into_iter()
+            .filter(shallow)
+            .map(|member| (size - self.members[member].len, member))
+            .collect();
+        inside.sort_unstable();
+        inside.dedup();
+        let mut kept = Vec::new();
+        for (difference, member) in inside {
+            let closer = partners
+                .iter()
+                .filter(|partner| partner.difference <= difference)
+                .count();
+            if closer + kept.len() >= MOST_PARTNERS {
+                break;
+            }
+            if self.misses_at_most(member, set, 0) && self.lies_in(member, set) {
+                kept.push(Partner {
+                    member,
+                    holds: false,
+                    difference,
+                });
+            }
+        }
+        partners.extend(kept);
+        partners.sort_by_key(|partner| (partner.difference, partner.member));
+        partners.truncate(MOST_PARTNERS);
+        partners
+    }
+
+    /// Records two members share.
+    fn shared_members(&self, one: usize, other: usize) -> u64 {
+        match &self.members[other].shape {
+            Shape::Records(records) => self.shared(one, records),
+            Shape::Difference { plus, minus } => {
+                self.shared_members(one, *plus) - self.shared_members(one, *minus)
+            }
+        }
+    }
+
+    fn shared_with(&self, member: usize, operand: Operand<'_>) -> u64 {
+        match operand {
+            Operand::Member(other) => self.shared_members(member, other),
+            Operand::Set(set) => self.shared(member, set),
+        }
+    }
+
+    fn operand_holds(&self, operand: Operand<'_>, record: u32) -> bool {
+        match operand {
+            Operand::Member(member) => self.holds_record(member, record),
+            Operand::Set(set) => set.contains(record),
+        }
+    }
+
+    fn pending_holds(&self, pending: &Pending<'_>, record: u32) -> bool {
+        self.operand_holds(pending.plus, record) && !self.operand_holds(pending.minus, record)
+    }
+
+    /// Members of `pending`'s size give or take `reach` whose distance to it passes `test`.
+    fn near_pending(&self, pending: &Pending<'_>, reach: u64, test: impl Fn(u64) -> bool) -> bool {
+        let size = pending.len;
+        self.by_size
+            .range(size.saturating_sub(reach)..=size.saturating_add(reach))
+            .flat_map(|(_, members)| members)
+            .filter(|&&member| {
+                let missing = self.members[member]
+                    .head
+                    .iter()
+                    .filter(|&&record| !self.pending_holds(pending, record))
+                    .take(reach as usize + 1)
+                    .count();
+                missing as u64 <= reach
+            })
+            .any(|&member| {
+                let shared = self.shared_with(member, pending.plus)
+                    - self.shared_with(member, pending.minus);
+                test(self.members[member].len + size - 2 * shared)
+            })
+    }
+
+    /// The difference of `set` and a partner, not materialised.
+    fn pending<'a>(&self, partner: Partner, set: &'a RoaringBitmap) -> Pending<'a> {
+        let (member, set) = (Operand::Member(partner.member), Operand::Set(set));
+        let (plus, minus) = if partner.holds {
+            (member, set)
+        } else {
+            (set, member)
+        };
+        Pending {
+            plus,
+            minus,
+            len: partner.difference,
+        }
+    }
+
+    /// Whether releasing `set` would let a reader derive, by subtracting it from a nested
+    /// remembered count, a count 1 to `reach` records from another remembered one. A count
+    /// already known reveals nothing new, whatever it is nested with.
+    pub fn chain_hazard(&self, set: &RoaringBitmap, reach: u64) -> bool {
+        if self.holds(set) {
+            return false;
+        }
+        self.partners(set, self.members.len())
+            .into_iter()
+            .any(|partner| {
+                let pending = self.pending(partner, set);
+                self.near_pending(&pending, reach, |distance| (1..=reach).contains(&distance))
+            })
+    }
+
+    /// Remembers a released set, and the differences with its partners among the members
+    /// numbered below `batch_start` (the sets of the same answer are left to the answer's own
+    /// rules). `set` must not be remembered already.
+    pub fn insert(&mut self, set: RoaringBitmap, batch_start: usize) {
+        let partners = self.partners(&set, batch_start);
+        let released = self.push_records(set, 0);
+        for partner in partners {
+            let (plus, minus) = if partner.holds {
+                (partner.member, released)
+            } else {
+                (released, partner.member)
+            };
+            let pending = Pending {
+                plus: Operand::Member(plus),
+                minus: Operand::Member(minus),
+                len: partner.difference,
+            };
+            if self.near_pending(&pending, 0, |distance| distance == 0) {
+                continue;
+            }
+            let depth = self.members[partner.member].depth + 1;
+            // Kept by reference, probed by the records of its larger set's probes that it
+            // keeps; when it keeps none, as a bitmap.
+            let head: Vec<u32> = self.members[plus]
+                .head
+                .iter()
+                .copied()
+                .filter(|&record| !self.holds_record(minus, record))
+                .collect();
+            if head.is_empty() {
+                let records = self.records(plus).into_owned() - self.records(minus).as_ref();
+                self.push_records(records, depth);
+            } else {
+                let member = self.push(
+                    Shape::Difference { plus, minus },
+                    partner.difference,
+                    head,
+                    depth,
+                );
+                self.children.entry(plus).or_default().push(member);
+            }
+        }
+    }
+
+    fn grow_sample(&mut self, upto: u64) {
+        while self.sample_end < upto {
+            let start = self.sample_end;
+            let end = (start + CHUNK).min(u64::from(u32::MAX) + 1);
+            self.sample.extend(
+                (start..end)
+                    .map(|record| record as u32)
+                    .filter(|&record| sampled(record)),
+            );
+            self.sample_end = end;
+        }
+    }
+
+    fn push(&mut self, shape: Shape, len: u64, head: Vec<u32>, depth: u8) -> usize {
+        let member = self.members.len();
+        self.by_size.entry(len).or_default().push(member);
+        if let Some(&key) = head.first() {
+            self.keys.insert(key);
+            let word = key as usize / 64;
+            if self.key_bits.len() <= word {
+                self.key_bits.resize(word + 1, 0);
+            }
+            self.key_bits[word] |= 1 << (key % 64);
+        }
+        // Its next probes, padded with its key (every candidate holds that).
+        let mut probes = [head.first().copied().unwrap_or(0); BRIEF_PROBES];
+        for (probe, &record) in probes.iter_mut().zip(head.iter().skip(1)) {
+            *probe = record;
+        }
+        let next_with_key = match head.first() {
+            Some(&key) => {
+                let key = key as usize;
+                if self.last_with_key.len() <= key {
+                    self.last_with_key.resize(key + 1, 0);
+                }
+                std::mem::replace(&mut self.last_with_key[key], member as u32 + 1)
+            }
+            None => 0,
+        };
+        self.briefs.push(Brief {
+            len,
+            probes,
+            next_with_key,
+        });
+        self.members.push(Member {
+            shape,
+            len,
+            head,
+            depth,
+        });
+        member
+    }
+
+    fn push_records(&mut self, records: RoaringBitmap, depth: u8) -> usize {
+        if let Some(largest) = records.max() {
+            self.universe = self.universe.max(u64::from(largest) + 1);
+            self.grow_sample(self.universe);
+        }
+        let sampled = self.sampled_part(&records);
+        let member = self.members.len();
+        for record in &sampled {
+            self.columns
+                .entry(record)
+                .or_default()
+                .insert(member as u32);
+        }
+        let head = if sampled.is_empty() {
+            head_of(&records)
+        } else {
+            head_of(&sampled)
+        };
+        let len = records.len();
+        self.push(Shape::Records(records), len, head, depth)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(range: std::ops::Range<u32>) -> RoaringBitmap {
+        range.collect()
+    }
+
+    fn scattered(count: u32, stride: u32, offset: u32) -> RoaringBitmap {
+        (0..count).map(|step| offset + step * stride).collect()
+    }
+
+    fn index_of(sets: Vec<RoaringBitmap>) -> SetIndex {
+        let mut index = SetIndex::default();
+        for set in sets {
+            let start = index.len();
+            index.insert(set, start);
+        }
+        index
+    }
+
+    #[test]
+    fn the_sample_takes_about_one_record_in_sample_one_in() {
+        let taken = (0..1_000_000u32).filter(|&record| sampled(record)).count();
+        let expected = 1_000_000 / SAMPLE_ONE_IN as usize;
+        assert!(taken.abs_diff(expected) < expected / 20, "{taken}");
+    }
+
+    #[test]
+    fn nested_sets_are_found_in_both_directions() {
+        let (outer, inner) = (scattered(50_000, 7, 3), scattered(20_000, 7, 3));
+        let index = index_of(vec![outer.clone()]);
+        let found = index.partners(&inner, index.len());
+        assert_eq!(found.len(), 1, "the outer set holds the inner one");
+        assert!(found[0].holds);
+        assert_eq!(found[0].difference, outer.len() - inner.len());
+
+        let index = index_of(vec![inner.clone()]);
+        let found = index.partners(&outer, index.len());
+        assert_eq!(found.len(), 1, "the inner set lies inside the outer one");
+        assert!(!found[0].holds);
+        assert_eq!(found[0].difference, outer.len() - inner.len());
+    }
+
+    #[test]
+    fn a_set_too_small_to_be_sampled_is_found_inside_larger_ones_but_not_searched_for_holders() {
+        let (outer, inner) = (set(100..140), set(110..125));
+        assert!(inner.iter().all(|record| !sampled(record)));
+        let index = index_of(vec![inner.clone()]);
+        let found = index.partners(&outer, index.len());
+        assert_eq!(
+            found.len(),
+            1,
+            "a remembered small set inside a new one is found"
+        );
+        assert!(!found[0].holds);
+        let index = index_of(vec![outer]);
+        assert!(
+            index.partners(&inner, index.len()).is_empty(),
+            "the documented limit: holders of an unsampled set are not searched for"
+        );
+    }
+
+    #[test]
+    fn sets_that_overlap_without_nesting_are_not_partners() {
+        let index = index_of(vec![scattered(50_000, 3, 0), set(100..140)]);
+        let mut overlapping = scattered(20_000, 3, 0);
+        overlapping.insert(1);
+        assert!(index.partners(&overlapping, index.len()).is_empty());
+        assert!(index.partners(&set(130..150), index.len()).is_empty());
+    }
+
+    #[test]
+    fn the_difference_of_a_nested_pair_is_remembered_and_compared() {
+        // A (1,000 records), then B inside A (600): A minus B (400) is now known.
+        let a = set(0..1000);
+        let b = set(0..600);
+        let index = index_of(vec![a, b]);
+        assert_eq!(index.len(), 3, "A, B and A minus B");
+        assert!(index.holds(&set(600..1000)));
+        // C, 399 of A minus B's 400 records, would reveal one record by a third subtraction.
+        assert!(index.close(&set(600..999), 9));
+        assert!(!index.close(&set(600..990), 9), "ten records apart is fine");
+    }
+
+    #[test]
+    fn a_release_completing_a_chain_is_a_hazard_before_it_is_remembered() {
+        // A, and C within one record of A's upper part: B = A's lower part completes A - B - C.
+        let index = index_of(vec![set(0..1000), set(600..999)]);
+        assert!(index.chain_hazard(&set(0..600), 9));
+        assert!(
+            !index.chain_hazard(&set(0..500), 9),
+            "A minus this is far from C"
+        );
+    }
+
+    #[test]
+    fn large_differences_are_kept_by_reference_and_chains_go_on_through_them() {
+        let a = scattered(200_000, 3, 0);
+        let b = scattered(100_000, 3, 0);
+        let mut index = index_of(vec![a.clone(), b.clone()]);
+        let derived = index.len() - 1;
+        assert!(matches!(
+            index.members[derived].shape,
+            Shape::Difference { .. }
+        ));
+        let a_minus_b = a.clone() - &b;
+        assert!(index.holds(&a_minus_b));
+        // C inside A minus B, far from it: (A - B) - C is remembered too, then D within one
+        // record of it is a hazard.
+        let c = scattered(50_000, 3, 300_000);
+        assert!(
+            index
+                .partners(&c, index.len())
+                .iter()
+                .any(|p| p.member == derived)
+        );
+        let start = index.len();
+        index.insert(c.clone(), start);
+        let rest = a_minus_b - &c;
+        assert!(index.holds(&rest));
+        let mut almost = rest.clone();
+        almost.remove(rest.max().unwrap());
+        assert!(index.close(&almost, 9));
+    }
+
+    #[test]
+    fn sets_of_one_answer_do_not_derive_from_each_other() {
+        let mut index = SetIndex::default();
+        index.insert(set(0..1000), 0);
+        index.insert(set(0..600), 0);
+        assert_eq!(index.len(), 2);
+    }
+}

@@ -1,0 +1,357 @@
+//! Query-set overlap control. The node remembers the record set of every value it released —
+//! cells, the total, and every margin the released cells add up to — as compressed bitmaps of
+//! record numbers ([`crate::records`]), whatever study or coordinator asked, and the counts a
+//! reader can derive from them by subtracting nested ones. A new value whose record set
+//! differs from a remembered count by 1 to k-1 records is withheld: otherwise subtracting the
+//! two answers would reveal those few records ("everyone" minus "everyone but one"). So is a
+//! value whose subtraction from a nested remembered set would give such a count (the third
+//! step of a chain).
+//!
+//! [`memory`] keeps the sets durably and bounded; [`index`] finds close and nested ones.
+
+mod index;
+mod memory;
+
+pub use index::{MOST_DEPTH, MOST_PARTNERS, SAMPLE_ONE_IN};
+pub use memory::{OverlapError, OverlapMemory};
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+use roaring::{MultiOps, RoaringBitmap};
+
+use crate::disclosure::{self, DisclosedTable, Outcome, Reason};
+use crate::plan::RawTable;
+
+/// The cells each margin of a grid adds up (every way of summing over some of its axes, the
+/// total excluded), or only the one-axis margins when there would be very many.
+fn margins(shape: &[usize]) -> Vec<Vec<usize>> {
+    const MOST_MARGINS: usize = 50_000;
+    let cells: usize = shape.iter().product();
+    let axes = shape.len();
+    let all_subsets =
+        shape.iter().map(|length| length + 1).product::<usize>() <= MOST_MARGINS && axes <= 16;
+    let mut found = Vec::new();
+    // `kept`: the axes a margin keeps (its coordinates); the others are summed over.
+    for kept in 0u32..(1u32 << axes) {
+        let summed = axes - kept.count_ones() as usize;
+        if summed == 0 || kept == 0 || !(all_subsets || summed == 1) {
+            continue;
+        }
+        let mut groups: BTreeMap<Vec<u32>, Vec<usize>> = BTreeMap::new();
+        for cell in 0..cells {
+            let coordinates = fedq_proto::template::cell_coordinates(shape, cell);
+            let key: Vec<u32> = (0..axes)
+                .filter(|axis| kept & (1 << axis) != 0)
+                .map(|axis| coordinates[axis])
+                .collect();
+            groups.entry(key).or_default().push(cell);
+        }
+        found.extend(groups.into_values().filter(|group| group.len() > 1));
+    }
+    found
+}
+
+fn union(sets: &[RoaringBitmap], cells: &[usize]) -> RoaringBitmap {
+    cells.iter().map(|&cell| &sets[cell]).union()
+}
+
+/// The smallest non-zero released cell of `cells` (or the first released one).
+fn smallest_released(
+    table: &RawTable,
+    disclosed: &DisclosedTable,
+    cells: &[usize],
+) -> Option<usize> {
+    cells
+        .iter()
+        .copied()
+        .filter(|&cell| matches!(disclosed.cells[cell], Outcome::Released(_)))
+        .min_by_key(|&cell| (table.counts[cell] == 0, table.counts[cell]))
+}
+
+/// An answer decided under overlap control, and the record sets it releases.
+#[derive(Debug)]
+pub struct Decided {
+    pub table: DisclosedTable,
+    pub released_sets: Vec<RoaringBitmap>,
+}
+
+/// The verdicts of one answer's sets, each asked of the memory once however many rounds the
+/// rules take: sets are named by the cells whose records they unite.
+struct Verdicts<'a> {
+    sets: &'a [RoaringBitmap],
+    memory: &'a OverlapMemory,
+    k: u32,
+    asked: HashMap<Vec<usize>, Verdict<'a>>,
+}
+
+/// A union of cells and whether releasing it would reveal 1 to k-1 records.
+type Verdict<'a> = (Cow<'a, RoaringBitmap>, bool);
+
+/// Answers with at least this many records are checked on every core.
+const PARALLEL_RECORDS: u64 = 1 << 16;
+
+fn verdict<'a>(
+    sets: &'a [RoaringBitmap],
+    memory: &OverlapMemory,
+    k: u32,
+    cells: &[usize],
+) -> Verdict<'a> {
+    let set = match cells {
+        [cell] => Cow::Borrowed(&sets[*cell]),
+        _ => Cow::Owned(union(sets, cells)),
+    };
+    let close = !set.is_empty() && memory.too_close(&set, k);
+    (set, close)
+}
+
+impl<'a> Verdicts<'a> {
+    fn entry(&mut self, cells: &[usize]) -> &Verdict<'a> {
+        let (sets, memory, k) = (self.sets, self.memory, self.k);
+        self.asked
+            .entry(cells.to_vec())
+            .or_insert_with(|| verdict(sets, memory, k, cells))
+    }
+
+    /// Asks about every group of cells not asked yet; for a large answer, on every core (the
+    /// memory is only read).
+    fn ask_all(&mut self, groups: Vec<Vec<usize>>) {
+        let mut missing: Vec<Vec<usize>> = groups
+            .into_iter()
+            .filter(|cells| !self.asked.contains_key(cells))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let records: u64 = self.sets.iter().map(RoaringBitmap::len).sum();
+        let threads = std::thread::available_parallelism().map_or(1, |count| count.get());
+        if threads < 2 || missing.len() < 2 || records < PARALLEL_RECORDS {
+            for cells in missing {
+                self.entry(&cells);
+            }
+            return;
+        }
+        let (sets, memory, k) = (self.sets, self.memory, self.k);
+        let missing = &missing;
+        let answers: Vec<(Vec<usize>, Verdict<'a>)> = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|first| {
+                    scope.spawn(move || {
+                        missing
+                            .iter()
+                            .skip(first)
+                            .step_by(threads)
+                            .map(|cells| (cells.clone(), verdict(sets, memory, k, cells)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|worker| {
+                    worker
+                        .join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        self.asked.extend(answers);
+    }
+
+    /// Whether releasing the union of `cells` would reveal 1 to k-1 records by subtraction.
+    fn too_close(&mut self, cells: &[usize]) -> bool {
+        self.entry(cells).1
+    }
+
+    fn set(&mut self, cells: &[usize]) -> RoaringBitmap {
+        self.entry(cells).0.clone().into_owned()
+    }
+}
+
+/// Disclosure control with overlap control: threshold and complementary suppression as in
+/// [`disclosure::apply_with`] (with the cells `already_forced` withheld for their reason),
+/// then every count a reader can add up from the answer — each released cell, the total, each
+/// margin the released cells determine, the released (and already known) cells of a line with
+/// withheld ones, and the withheld cells together (the total minus the rest) — is checked
+/// against `memory`; one too close to a remembered count, or completing a chain with one, is
+/// withheld (a sum by withholding its smallest released cell, the withheld cells together by
+/// withholding the total) and the rules run again, until nothing readable is too close. All on
+/// true values.
+pub fn decide(
+    table: &RawTable,
+    sets: &[RoaringBitmap],
+    k: u32,
+    memory: &OverlapMemory,
+    already_forced: &[Option<Reason>],
+    total_already_forced: bool,
+) -> Decided {
+    let cell_count = table.counts.len();
+    let margin_groups = margins(&table.shape);
+    let all_cells: Vec<usize> = (0..cell_count).collect();
+    let mut forced: Vec<Option<Reason>> = (0..cell_count)
+        .map(|cell| already_forced.get(cell).copied().flatten())
+        .collect();
+    // A cell whose exact records were released before protects nothing when withheld (its count
+    // is known): complementary suppression must not count on it.
+    let known: Vec<bool> = sets
+        .iter()
+        .map(|set| !set.is_empty() && memory.known(set))
+        .collect();
+    let mut verdicts = Verdicts {
+        sets,
+        memory,
+        k,
+        asked: HashMap::new(),
+    };
+    let mut total_forced = total_already_forced;
+    loop {
+        let disclosed = disclosure::apply_knowing(table, k, &forced, total_forced, &known);
+        let released = |cell: usize| matches!(disclosed.cells[cell], Outcome::Released(_));
+        let total_released = matches!(disclosed.total, Outcome::Released(_));
+        // Sums of cells a reader can add up: whole margins, and the readable part of a line
+        // with withheld cells (the whole table counts as one line here).
+        let readable = |cells: &[usize]| -> Vec<usize> {
+            cells
+                .iter()
+                .copied()
+                .filter(|&cell| released(cell) || known[cell])
+                .collect()
+        };
+        let sums: Vec<Vec<usize>> = margin_groups
+            .iter()
+            .map(|group| readable(group))
+            .chain(std::iter::once(readable(&all_cells)))
+            .filter(|cells| cells.iter().any(|&cell| released(cell)))
+            .collect();
+        let withheld: Vec<usize> = all_cells
+            .iter()
+            .copied()
+            .filter(|&cell| !released(cell) && !known[cell])
+            .collect();
+        let mut asked: Vec<Vec<usize>> = (0..cell_count)
+            .filter(|&cell| released(cell))
+            .map(|cell| vec![cell])
+            .chain(sums.iter().filter(|cells| cells.len() > 1).cloned())
+            .collect();
+        if total_released {
+            asked.push(all_cells.clone());
+            if !withheld.is_empty() {
+                asked.push(withheld.clone());
+            }
+        }
+        verdicts.ask_all(asked);
+        let mut changed = false;
+        for (cell, reason) in forced.iter_mut().enumerate() {
+            if released(cell) && verdicts.too_close(&[cell]) {
+                *reason = Some(Reason::Overlap);
+                changed = true;
+            }
+        }
+        if !total_forced
+            && total_released
+            && (verdicts.too_close(&all_cells)
+                || (!withheld.is_empty() && verdicts.too_close(&withheld)))
+        {
+            total_forced = true;
+            changed = true;
+        }
+        for cells in &sums {
+            if cells.len() > 1
+                && verdicts.too_close(cells)
+                && let Some(cell) = smallest_released(table, &disclosed, cells)
+            {
+                forced[cell] = Some(Reason::Overlap);
+                changed = true;
+            }
+        }
+        if changed {
+            continue;
+        }
+        let mut released_sets: Vec<RoaringBitmap> = (0..cell_count)
+            .filter(|&cell| released(cell))
+            .map(|cell| sets[cell].clone())
+            .collect();
+        if total_released {
+            released_sets.push(verdicts.set(&all_cells));
+            if !withheld.is_empty() {
+                released_sets.push(verdicts.set(&withheld));
+            }
+        }
+        // Sums are remembered too: a later query releasing a line's whole margin is then seen to
+        // differ from its readable part by the withheld records.
+        for cells in sums.iter().filter(|cells| cells.len() > 1) {
+            released_sets.push(verdicts.set(cells));
+        }
+        released_sets.retain(|set| !set.is_empty());
+        return Decided {
+            table: disclosed,
+            released_sets,
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(range: std::ops::Range<u32>) -> RoaringBitmap {
+        range.collect()
+    }
+
+    #[test]
+    fn all_but_one_is_withheld_after_all_was_released() {
+        let state = tempfile::tempdir().unwrap();
+        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        // First answer: one cell of 50 records, released.
+        let everyone = RawTable {
+            shape: vec![1],
+            counts: vec![50],
+        };
+        let first = decide(&everyone, &[set(0..50)], 10, &memory, &[], false);
+        assert_eq!(first.table.total, Outcome::Released(50));
+        memory.remember(first.released_sets).unwrap();
+        // Second answer: everyone but record 7.
+        let mut all_but_one = set(0..50);
+        all_but_one.remove(7);
+        let second = decide(
+            &RawTable {
+                shape: vec![1],
+                counts: vec![49],
+            },
+            &[all_but_one],
+            10,
+            &memory,
+            &[],
+            false,
+        );
+        assert_eq!(second.table.cells, [Outcome::Withheld]);
+        assert_eq!(second.table.total, Outcome::Withheld);
+        assert!(second.released_sets.is_empty());
+    }
+
+    #[test]
+    fn a_margin_the_released_cells_add_up_to_is_protected_too() {
+        let state = tempfile::tempdir().unwrap();
+        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        memory.remember(vec![set(0..60)]).unwrap();
+        // Two cells of 30 and 29 records: each far from 60, but together 59 = 60 minus one.
+        let table = RawTable {
+            shape: vec![2],
+            counts: vec![30, 29],
+        };
+        let decided = decide(&table, &[set(0..30), set(31..60)], 10, &memory, &[], false);
+        assert_eq!(decided.table.total, Outcome::Withheld);
+        let released: u64 = decided
+            .table
+            .cells
+            .iter()
+            .filter_map(|cell| match cell {
+                Outcome::Released(count) => Some(*count),
+                Outcome::Withheld => None,
+            })
+            .sum();
+        assert_ne!(
+            released, 59,
+            "the cells must not add up to the too-close total"
+        );
+    }
+}
