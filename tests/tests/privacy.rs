@@ -331,3 +331,129 @@ async fn an_exhausted_privacy_budget_refuses_and_stays_exhausted_after_a_restart
     restarted.stop().await?;
     test.alliance.stop().await
 }
+
+fn mechanisms(chosen: &[&str]) -> wire::ParameterValue {
+    fedq_proto::convert::parameter_to_wire(
+        "mechanisms",
+        &fedq_proto::template::Value::Categories(chosen.iter().map(|m| m.to_string()).collect()),
+    )
+}
+
+/// A differencing chain on `deaths-by-mechanism`: a site and three mechanisms whose deaths
+/// (ISS >= 16, from the generated data) are small (1 to k-1), at least k, and at least k.
+struct Chain {
+    site_id: String,
+    small: &'static str,
+    middle: &'static str,
+    last: &'static str,
+}
+
+fn chain_in(test: &TestAlliance) -> anyhow::Result<Chain> {
+    const MECHANISMS: [&str; 5] = ["road_traffic", "fall", "assault", "self_harm", "other"];
+    let rows = fedq_tests::oracle_rows(&test.sites)?;
+    let deaths = |site: usize, mechanism: &str| {
+        rows[site]
+            .iter()
+            .filter(|row| row.died && row.iss >= 16 && row.mechanism == mechanism)
+            .count() as u64
+    };
+    (0..test.sites.len())
+        .flat_map(|site| MECHANISMS.iter().map(move |&small| (site, small)))
+        .filter(|&(site, small)| (1..K).contains(&deaths(site, small)))
+        .find_map(|(site, small)| {
+            let large: Vec<&'static str> = MECHANISMS
+                .iter()
+                .copied()
+                .filter(|&mechanism| deaths(site, mechanism) >= K)
+                .collect();
+            (large.len() >= 2).then(|| Chain {
+                site_id: test.sites[site].site_id.clone(),
+                small,
+                middle: large[0],
+                last: large[1],
+            })
+        })
+        .ok_or_else(|| anyhow::anyhow!("the fixture has no small and two large death counts"))
+}
+
+/// The chain's site's released count of `mechanism` in a deaths-by-mechanism answer, and the
+/// answer's total there.
+fn deaths_released(
+    result: &wire::PooledResult,
+    chain: &Chain,
+    mechanism: &str,
+) -> (Option<u64>, Option<u64>) {
+    let level = result.axes[0]
+        .levels
+        .iter()
+        .position(|level| level == mechanism)
+        .expect("a mechanism level");
+    let (cells, total) = site_values(result, &chain.site_id);
+    (cells[level], total)
+}
+
+fn overlap_acted(result: &wire::PooledResult, site_id: &str) -> bool {
+    result.sites.iter().any(|site| {
+        site.site_id == site_id
+            && site.result.as_ref().is_some_and(|answer| {
+                answer
+                    .mechanisms
+                    .contains(&(wire::Mechanism::QueryOverlapControl as i32))
+            })
+    })
+}
+
+async fn deaths_of(
+    lead: &mut fedq_coordinator::client::Connection,
+    chosen: &[&str],
+) -> anyhow::Result<wire::PooledResult> {
+    Ok(query(lead, "deaths-by-mechanism", vec![mechanisms(chosen)], 0).await?)
+}
+
+fn assert_not_recovered(chain: &Chain, recovered: u64) {
+    assert!(
+        !(1..K).contains(&recovered),
+        "{}: the chain recovered the withheld {} deaths ({recovered})",
+        chain.site_id,
+        chain.small
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_three_queries_recovers_no_withheld_count() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let chain = chain_in(&test)?;
+    let (small, middle, last) = (chain.small, chain.middle, chain.last);
+    let mut lead = test.coordinator().await?;
+    // 1. {small, middle}: the small count is withheld (and middle with it), the total released.
+    let first = deaths_of(&mut lead, &[small, middle]).await?;
+    assert_eq!(
+        (
+            deaths_released(&first, &chain, small).0,
+            deaths_released(&first, &chain, middle).0
+        ),
+        (None, None),
+        "the small count and its complement are withheld"
+    );
+    let first_total = site_values(&first, &chain.site_id)
+        .1
+        .expect("a released total");
+    // 2. {middle, last}: middle alone would differ from the first total by the small count, so
+    // it is withheld (and last with it); their total is released.
+    let second = deaths_of(&mut lead, &[middle, last]).await?;
+    let second_total = site_values(&second, &chain.site_id)
+        .1
+        .expect("a released total");
+    // 3. {last}: releasing it would give middle = second total - last, and then the small count
+    // = first total - middle.
+    let third = deaths_of(&mut lead, &[last]).await?;
+    let (cell, total) = deaths_released(&third, &chain, last);
+    for released in [cell, total].into_iter().flatten() {
+        assert_not_recovered(&chain, first_total - (second_total - released));
+    }
+    assert!(
+        overlap_acted(&third, &chain.site_id),
+        "overlap control acted"
+    );
+    test.alliance.stop().await
+}

@@ -31,6 +31,9 @@ pub const MOST_PARTNERS: usize = 16;
 pub const MOST_DEPTH: u8 = 4;
 /// Record numbers per roaring container, the unit the sample grows in.
 const CHUNK: u64 = 1 << 16;
+/// Bitmap members of at most this many records are also listed record by record, so that the
+/// sets holding a set too small to be sampled can be found.
+const POSTED: u64 = 1024;
 /// A set holding at least one record in this many is intersected rather than walked.
 const DENSE: u64 = 16;
 /// Sets this small are compared record by record (stopping at the first miss).
@@ -162,6 +165,11 @@ pub struct SetIndex {
     last_with_key: Vec<u32>,
     keys: RoaringBitmap,
     key_bits: Vec<u64>,
+    /// Record → its last posting, plus one (0: none): the bitmap members of at most
+    /// [`POSTED`] records, each record listed, earlier postings chained in `postings` as
+    /// (member, earlier posting plus one).
+    last_posting: Vec<u32>,
+    postings: Vec<(u32, u32)>,
     /// Member → the differences taken from it (it is their `plus`).
     children: HashMap<usize, Vec<usize>>,
 }
@@ -266,31 +274,29 @@ impl SetIndex {
             .filter(|&record| sampled(record))
             .take(MOST_COLUMNS)
             .collect();
-        if sampled.is_empty() {
-            // Too few records to be sampled (typically under a few hundred): finding the sets
-            // holding it would mean testing every remembered set, so it is not searched for
-            // (the sets inside it still are). See PRIVACY.md for what that leaves open.
-            return Vec::new();
-        }
-        // A holder holds every sampled record of `set`: intersect their columns.
-        let mut records = sampled.into_iter();
-        let mut candidates = records
-            .next()
-            .and_then(|record| self.columns.get(&record))
-            .cloned()
-            .unwrap_or_default();
-        for record in records {
-            if candidates.is_empty() {
-                break;
+        let candidates: Vec<usize> = if sampled.is_empty() {
+            self.holding_unsampled(set)
+        } else {
+            // A holder holds every sampled record of `set`: intersect their columns.
+            let mut records = sampled.into_iter();
+            let mut candidates = records
+                .next()
+                .and_then(|record| self.columns.get(&record))
+                .cloned()
+                .unwrap_or_default();
+            for record in records {
+                if candidates.is_empty() {
+                    break;
+                }
+                match self.columns.get(&record) {
+                    Some(column) => candidates &= column,
+                    None => candidates.clear(),
+                }
             }
-            match self.columns.get(&record) {
-                Some(column) => candidates &= column,
-                None => candidates.clear(),
-            }
-        }
+            candidates.iter().map(|member| member as usize).collect()
+        };
         let mut found: Vec<usize> = candidates
-            .iter()
-            .map(|member| member as usize)
+            .into_iter()
             .filter(|&member| is_holder(member))
             .collect();
         // Differences taken from a holder hold `set` too when they removed none of its records.
@@ -333,6 +339,34 @@ impl SetIndex {
         self.key_bits
             .get(record as usize / 64)
             .is_some_and(|word| word & (1 << (record % 64)) != 0)
+    }
+
+    /// Candidate holders of a set without sampled records: the small sets (posted record by
+    /// record) holding its smallest record. Larger sets are tested one by one only when it is
+    /// large for an unsampled set (above [`POSTED`] / 4 records, rare): a chain through sets
+    /// smaller than that needs its outer set below [`POSTED`] (it is the two inner ones and
+    /// fewer than k records more), where the postings find it.
+    fn holding_unsampled(&self, set: &RoaringBitmap) -> Vec<usize> {
+        let size = set.len();
+        let mut candidates = Vec::new();
+        if let Some(first) = set.min() {
+            let mut next = self.last_posting.get(first as usize).copied().unwrap_or(0);
+            while next > 0 {
+                let (member, earlier) = self.postings[next as usize - 1];
+                candidates.push(member as usize);
+                next = earlier;
+            }
+        }
+        if size > POSTED / 4 {
+            candidates.extend(
+                self.by_size
+                    .range(POSTED + 1..)
+                    .flat_map(|(_, members)| members)
+                    .copied()
+                    .filter(|&member| matches!(self.members[member].shape, Shape::Records(_))),
+            );
+        }
+        candidates
     }
 
     /// Remembered sets (numbered below `before`) that may lie inside `set` with fewer records,
@@ -520,14 +554,14 @@ impl SetIndex {
             }
             let depth = self.members[partner.member].depth + 1;
             // Kept by reference, probed by the records of its larger set's probes that it
-            // keeps; when it keeps none, as a bitmap.
+            // keeps; when it keeps none, or is small (to be posted), as a bitmap.
             let head: Vec<u32> = self.members[plus]
                 .head
                 .iter()
                 .copied()
                 .filter(|&record| !self.holds_record(minus, record))
                 .collect();
-            if head.is_empty() {
+            if head.is_empty() || partner.difference <= POSTED {
                 let records = self.records(plus).into_owned() - self.records(minus).as_ref();
                 self.push_records(records, depth);
             } else {
@@ -602,6 +636,17 @@ impl SetIndex {
         }
         let sampled = self.sampled_part(&records);
         let member = self.members.len();
+        if records.len() <= POSTED {
+            for record in &records {
+                let slot = record as usize;
+                if self.last_posting.len() <= slot {
+                    self.last_posting.resize(slot + 1, 0);
+                }
+                let earlier = self.last_posting[slot];
+                self.postings.push((member as u32, earlier));
+                self.last_posting[slot] = self.postings.len() as u32;
+            }
+        }
         for record in &sampled {
             self.columns
                 .entry(record)
@@ -663,9 +708,9 @@ mod tests {
     }
 
     #[test]
-    fn a_set_too_small_to_be_sampled_is_found_inside_larger_ones_but_not_searched_for_holders() {
+    fn sets_too_small_to_be_sampled_are_found_in_both_directions() {
         let (outer, inner) = (set(100..140), set(110..125));
-        assert!(inner.iter().all(|record| !sampled(record)));
+        assert!(outer.iter().all(|record| !sampled(record)));
         let index = index_of(vec![inner.clone()]);
         let found = index.partners(&outer, index.len());
         assert_eq!(
@@ -675,10 +720,33 @@ mod tests {
         );
         assert!(!found[0].holds);
         let index = index_of(vec![outer]);
-        assert!(
-            index.partners(&inner, index.len()).is_empty(),
-            "the documented limit: holders of an unsampled set are not searched for"
+        let found = index.partners(&inner, index.len());
+        assert_eq!(
+            found.len(),
+            1,
+            "a remembered small set holding a new one is found"
         );
+        assert!(found[0].holds);
+    }
+
+    #[test]
+    fn an_unsampled_set_inside_a_large_one_is_searched_for_only_when_a_chain_could_need_it() {
+        let outer = scattered(50_000, 7, 3);
+        let unsampled = |count: usize| -> RoaringBitmap {
+            outer
+                .iter()
+                .filter(|&record| !sampled(record))
+                .take(count)
+                .collect()
+        };
+        let index = index_of(vec![outer.clone()]);
+        // Twenty records: a chain through it and another set this small has an outer set of
+        // at most about forty records, which the postings would find; this one is not searched.
+        assert!(index.partners(&unsampled(20), index.len()).is_empty());
+        // Three hundred: rare for an unsampled set, so the large sets are tested one by one.
+        let found = index.partners(&unsampled(300), index.len());
+        assert_eq!(found.len(), 1);
+        assert!(found[0].holds);
     }
 
     #[test]

@@ -361,4 +361,49 @@ mod tests {
             .remember_for_study("other", share, vec![set(5000..7000)])
             .unwrap();
     }
+
+    #[test]
+    fn derived_counts_come_back_on_reopening_from_the_answers_marked_in_the_file() {
+        let state = tempfile::tempdir().unwrap();
+        let derived = {
+            let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+            memory.remember(vec![set(0..1000)]).unwrap();
+            // One answer with two sets inside the first answer's, one inside the other.
+            memory.remember(vec![set(0..600), set(0..300)]).unwrap();
+            assert!(memory.known(&set(600..1000)), "A minus the first");
+            assert!(memory.known(&set(300..1000)), "A minus the second");
+            assert!(
+                !memory.known(&set(300..600)),
+                "sets of one answer derive nothing from each other"
+            );
+            memory.derived()
+        };
+        let memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        assert_eq!(memory.len(), 3);
+        assert_eq!(memory.derived(), derived);
+        assert!(memory.known(&set(600..1000)));
+        assert!(!memory.known(&set(300..600)));
+    }
+
+    #[test]
+    fn sets_written_before_answers_were_marked_count_as_answers_of_their_own() {
+        let state = tempfile::tempdir().unwrap();
+        let dir = state.path().join(OVERLAP_DIR);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut file = Vec::new();
+        for records in [set(0..1000), set(0..600), set(0..300)] {
+            let mut payload = Vec::new();
+            records.serialize_into(&mut payload).unwrap();
+            file.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            file.extend_from_slice(&fingerprint(&payload));
+            file.extend_from_slice(&payload);
+        }
+        std::fs::write(dir.join(SETS_FILE), file).unwrap();
+        let memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        assert_eq!(memory.len(), 3);
+        assert!(
+            memory.known(&set(300..600)),
+            "each old set is an answer of its own"
+        );
+    }
 }

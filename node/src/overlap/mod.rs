@@ -354,4 +354,27 @@ mod tests {
             "the cells must not add up to the too-close total"
         );
     }
+
+    #[test]
+    fn a_value_close_to_a_count_derived_by_subtraction_is_withheld_though_nested_in_nothing() {
+        let state = tempfile::tempdir().unwrap();
+        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        let one_cell = |count: u64| RawTable {
+            shape: vec![1],
+            counts: vec![count],
+        };
+        // A (records 0-99), then B inside it (0-49): A minus B (50-99) is known by subtraction.
+        for records in [set(0..100), set(0..50)] {
+            let size = records.len();
+            let decided = decide(&one_cell(size), &[records], 10, &memory, &[], false);
+            assert_eq!(decided.table.total, Outcome::Released(size));
+            memory.remember(decided.released_sets).unwrap();
+        }
+        // C: 50-98 and record 200, in neither A nor B, but two records from A minus B.
+        let mut c = set(50..99);
+        c.insert(200);
+        let decided = decide(&one_cell(c.len()), &[c], 10, &memory, &[], false);
+        assert_eq!(decided.table.cells, [Outcome::Withheld]);
+        assert_eq!(decided.table.total, Outcome::Withheld);
+    }
 }
