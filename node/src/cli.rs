@@ -281,9 +281,10 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
         differential_privacy = dp.as_deref().unwrap_or("off"),
         "disclosure policy"
     );
-    if let Some((sets, bytes)) = node.engine().overlap_memory() {
+    if let Some((sets, derived, bytes)) = node.engine().overlap_memory() {
         tracing::info!(
             sets,
+            derived,
             mib = bytes.div_ceil(1024 * 1024),
             limit_mib = privacy.overlap_memory_bytes / (1024 * 1024),
             "overlap memory"

@@ -395,13 +395,13 @@ impl QueryEngine {
         );
     }
 
-    /// Remembered released sets and their bytes, when overlap control is on.
-    pub fn overlap_memory(&self) -> Option<(usize, u64)> {
+    /// Remembered released sets, the counts derived from them, and the sets' bytes, when
+    /// overlap control is on.
+    pub fn overlap_memory(&self) -> Option<(usize, usize, u64)> {
         let memory = self.overlap.as_ref()?.lock().ok()?;
-        Some((memory.len(), memory.bytes()))
+        Some((memory.len(), memory.derived(), memory.bytes()))
     }
 
-    /// The node's metrics in the Prometheus text format.
     /// Outbound mode: whether a connection to the coordinator is open (a metric).
     pub fn set_outbound_connected(&self, connected: bool) {
         self.metrics.set(
@@ -412,6 +412,7 @@ impl QueryEngine {
         );
     }
 
+    /// The node's metrics in the Prometheus text format.
     pub fn render_metrics(&self) -> String {
         self.metrics.set(
             "fedq_node_audit_records",
@@ -433,6 +434,12 @@ impl QueryEngine {
                 "Remembered released record sets.",
                 &[],
                 i64::try_from(memory.len()).unwrap_or(i64::MAX),
+            );
+            self.metrics.set(
+                "fedq_node_overlap_derived_counts",
+                "Counts derived from nested released sets (differences), remembered in memory.",
+                &[],
+                i64::try_from(memory.derived()).unwrap_or(i64::MAX),
             );
         }
         if let Some(budget) = &self.budget {

@@ -15,7 +15,7 @@ async fn benchmark_runs_end_to_end_and_prints_both_timings() -> anyhow::Result<(
         "same, with overlap control",
         "audited throughput",
         "threshold + complementary",
-        "overlap check, 10,000 sets",
+        "overlap + chain check, 10,000 sets",
         "overlap control in all",
         "rounding",
         "differential-privacy noise",

@@ -1,16 +1,17 @@
-//! The counts the overlap memory remembers and the indexes that search them: by size (sets a
-//! few records apart) and by sampled records (sets nested in or around a new one). Besides the
+//! The counts the overlap memory remembers and the indexes that search them. Besides the
 //! released record sets it keeps *derived* counts: when a released set is nested in a
-//! remembered one, their difference is a count anyone can compute by subtraction, so it is
-//! remembered too and compared like a released one — the defence against differencing chains
-//! (A, then B inside A, then C within one record of A minus B).
+//! remembered one (or holds it), their difference is a count anyone can compute by
+//! subtraction, so it is remembered too and compared like a released one — the defence against
+//! differencing chains (A, then B inside A, then C within one record of A minus B).
 //!
-//! Derived differences are kept as references to the two remembered sets (small ones as
-//! bitmaps), so remembering them costs a few bytes however large they are. Nested sets are
-//! found through a fixed sample of record numbers (one in [`SAMPLE_ONE_IN`]): a set inside
-//! another has its sampled records inside the other's, so a per-sample list of the sets
-//! holding it ("columns") and each set's first sampled records narrow the search to a few
-//! candidates, which an exact count then settles.
+//! Derived differences are kept as references to the two remembered sets (those of at most
+//! [`POSTED`] records as bitmaps), so remembering them costs a few bytes however large they
+//! are. Sets a few records apart are found by size. Nested sets are found through a fixed
+//! sample of record numbers (one in [`SAMPLE_ONE_IN`]): a set holding a new one holds its
+//! sampled records, so per-sample lists of the sets holding each ("columns") narrow the search;
+//! a set inside a new one has its key (its lowest-ranked probe record) in it, and its other
+//! probes too. A new set with no sampled record is looked up in postings of the small sets,
+//! record by record. An exact count settles every candidate.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -18,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use roaring::RoaringBitmap;
 
 /// One record number in this many is sampled.
-pub const SAMPLE_ONE_IN: u32 = 64;
+const SAMPLE_ONE_IN: u32 = 64;
 /// Probe records kept per set, to reject candidates before counting: one missing from a new
 /// set shows the two differ (or are not nested), so a set missing more than k-1 of them is not
 /// within k-1 records.
@@ -26,9 +27,9 @@ const HEAD: usize = 32;
 /// Columns intersected to find the sets holding a new one.
 const MOST_COLUMNS: usize = 8;
 /// Nested remembered sets whose differences are remembered per released set, closest first.
-pub const MOST_PARTNERS: usize = 16;
+const MOST_PARTNERS: usize = 16;
 /// Subtractions a derived count may stack (each level doubles the cost of counting it).
-pub const MOST_DEPTH: u8 = 4;
+const MOST_DEPTH: u8 = 4;
 /// Record numbers per roaring container, the unit the sample grows in.
 const CHUNK: u64 = 1 << 16;
 /// Bitmap members of at most this many records are also listed record by record, so that the

@@ -12,7 +12,6 @@
 mod index;
 mod memory;
 
-pub use index::{MOST_DEPTH, MOST_PARTNERS, SAMPLE_ONE_IN};
 pub use memory::{OverlapError, OverlapMemory};
 
 use std::borrow::Cow;
