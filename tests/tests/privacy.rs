@@ -339,13 +339,12 @@ fn mechanisms(chosen: &[&str]) -> wire::ParameterValue {
     )
 }
 
-/// A differencing chain on `deaths-by-mechanism`: a site and three mechanisms whose deaths
-/// (ISS >= 16, from the generated data) are small (1 to k-1), at least k, and at least k.
+/// A differencing chain on `deaths-by-mechanism`: a site, a mechanism whose deaths (ISS >= 16,
+/// from the generated data) are small (1 to k-1), and mechanisms with at least k.
 struct Chain {
     site_id: String,
     small: &'static str,
-    middle: &'static str,
-    last: &'static str,
+    large: Vec<&'static str>,
 }
 
 fn chain_in(test: &TestAlliance) -> anyhow::Result<Chain> {
@@ -366,14 +365,13 @@ fn chain_in(test: &TestAlliance) -> anyhow::Result<Chain> {
                 .copied()
                 .filter(|&mechanism| deaths(site, mechanism) >= K)
                 .collect();
-            (large.len() >= 2).then(|| Chain {
+            (large.len() >= 3).then(|| Chain {
                 site_id: test.sites[site].site_id.clone(),
                 small,
-                middle: large[0],
-                last: large[1],
+                large,
             })
         })
-        .ok_or_else(|| anyhow::anyhow!("the fixture has no small and two large death counts"))
+        .ok_or_else(|| anyhow::anyhow!("the fixture has no small and three large death counts"))
 }
 
 /// The chain's site's released count of `mechanism` in a deaths-by-mechanism answer, and the
@@ -407,7 +405,16 @@ async fn deaths_of(
     lead: &mut fedq_coordinator::client::Connection,
     chosen: &[&str],
 ) -> anyhow::Result<wire::PooledResult> {
-    Ok(query(lead, "deaths-by-mechanism", vec![mechanisms(chosen)], 0).await?)
+    deaths_from(lead, chosen, 16).await
+}
+
+async fn deaths_from(
+    lead: &mut fedq_coordinator::client::Connection,
+    chosen: &[&str],
+    min_iss: i64,
+) -> anyhow::Result<wire::PooledResult> {
+    let parameters = vec![mechanisms(chosen), integer("min_iss", min_iss)];
+    Ok(query(lead, "deaths-by-mechanism", parameters, 0).await?)
 }
 
 fn assert_not_recovered(chain: &Chain, recovered: u64) {
@@ -423,7 +430,7 @@ fn assert_not_recovered(chain: &Chain, recovered: u64) {
 async fn a_chain_of_three_queries_recovers_no_withheld_count() -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;
     let chain = chain_in(&test)?;
-    let (small, middle, last) = (chain.small, chain.middle, chain.last);
+    let (small, middle, last) = (chain.small, chain.large[0], chain.large[1]);
     let mut lead = test.coordinator().await?;
     // 1. {small, middle}: the small count is withheld (and middle with it), the total released.
     let first = deaths_of(&mut lead, &[small, middle]).await?;
@@ -455,5 +462,81 @@ async fn a_chain_of_three_queries_recovers_no_withheld_count() -> anyhow::Result
         overlap_acted(&third, &chain.site_id),
         "overlap control acted"
     );
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_four_queries_whose_last_step_derives_a_count_recovers_nothing()
+-> anyhow::Result<()> {
+    // Found by an audit: N = {small, a}, M = {a, b}, P = {b, c}, then S = {c}. Releasing S
+    // makes b = P - S derivable, which lies inside M: a = M - b, and small = N - a.
+    let test = TestAlliance::start().await?;
+    let chain = chain_in(&test)?;
+    let (small, a, b, c) = (chain.small, chain.large[0], chain.large[1], chain.large[2]);
+    let mut lead = test.coordinator().await?;
+    let mut totals = Vec::new();
+    for chosen in [vec![small, a], vec![a, b], vec![b, c], vec![c]] {
+        let result = deaths_of(&mut lead, &chosen).await?;
+        totals.push(site_values(&result, &chain.site_id).1);
+    }
+    if let [Some(n), Some(m), Some(p), Some(s)] = totals[..] {
+        assert_not_recovered(&chain, n - (m - (p - s)));
+    }
+    assert_eq!(totals[3], None, "the last step is withheld");
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_mixing_severity_thresholds_recovers_no_withheld_band() -> anyhow::Result<()> {
+    // Found by an audit: deaths of one mechanism from ISS 16 (released), then from ISS 17
+    // (withheld: a small band apart), then at ISS 17 {m, a}, {a, b} and {b}: m@17 = {m, a} -
+    // ({a, b} - b), and the band = m@16 - m@17.
+    let test = TestAlliance::start().await?;
+    let chain = chain_in(&test)?;
+    let rows = fedq_tests::oracle_rows(&test.sites)?;
+    let site = test
+        .sites
+        .iter()
+        .position(|site| site.site_id == chain.site_id)
+        .expect("the chain's site");
+    let deaths = |mechanism: &str, min_iss: i64| {
+        rows[site]
+            .iter()
+            .filter(|row| row.died && row.iss >= min_iss && row.mechanism == mechanism)
+            .count() as u64
+    };
+    let banded = chain
+        .large
+        .iter()
+        .copied()
+        .find(|&mechanism| (1..K).contains(&(deaths(mechanism, 16) - deaths(mechanism, 17))))
+        .expect("a mechanism with a small band of deaths at ISS 16");
+    let others: Vec<&str> = chain
+        .large
+        .iter()
+        .copied()
+        .filter(|&mechanism| mechanism != banded)
+        .collect();
+    let mut lead = test.coordinator().await?;
+    let mut totals = Vec::new();
+    for (chosen, min_iss) in [
+        (vec![banded], 16),
+        (vec![banded], 17),
+        (vec![banded, others[0]], 17),
+        (vec![others[0], others[1]], 17),
+        (vec![others[1]], 17),
+    ] {
+        let result = deaths_from(&mut lead, &chosen, min_iss).await?;
+        totals.push(site_values(&result, &chain.site_id).1);
+    }
+    assert_eq!(totals[1], None, "the threshold one apart is withheld");
+    if let [Some(whole), _, Some(m), Some(p), Some(s)] = totals[..] {
+        let band = whole - (m - (p - s));
+        assert!(
+            !(1..K).contains(&band),
+            "{}: the chain recovered the withheld band of {banded} deaths ({band})",
+            chain.site_id
+        );
+    }
     test.alliance.stop().await
 }

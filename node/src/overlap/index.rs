@@ -30,6 +30,9 @@ const MOST_COLUMNS: usize = 8;
 const MOST_PARTNERS: usize = 16;
 /// Subtractions a derived count may stack (each level doubles the cost of counting it).
 const MOST_DEPTH: u8 = 4;
+/// Searches for sets holding a derived count, per released set (bounding the work a release
+/// can cause when its differences are followed further).
+const MOST_FOLLOWED: usize = 16;
 /// Record numbers per roaring container, the unit the sample grows in.
 const CHUNK: u64 = 1 << 16;
 /// Bitmap members of at most this many records are also listed record by record, so that the
@@ -120,11 +123,13 @@ struct Brief {
     next_with_key: u32,
 }
 
-/// One side of a difference: a remembered member or a set not yet remembered.
+/// One side of a difference: a remembered member, a set not yet remembered, or a difference
+/// not yet remembered.
 #[derive(Debug, Clone, Copy)]
 enum Operand<'a> {
     Member(usize),
     Set(&'a RoaringBitmap),
+    Pending(&'a Pending<'a>),
 }
 
 /// `plus` minus `minus` (which lies inside it), `len` records, before it is remembered.
@@ -270,37 +275,89 @@ impl SetIndex {
         };
         // A few of its sampled records, found by walking it (cheaper than intersecting it with
         // the whole sample when only the first few are needed).
-        let sampled: Vec<u32> = set
+        let probes: Vec<u32> = set
             .iter()
             .filter(|&record| sampled(record))
             .take(MOST_COLUMNS)
             .collect();
-        let candidates: Vec<usize> = if sampled.is_empty() {
-            self.holding_unsampled(set)
+        let mut candidates = if probes.is_empty() {
+            set.min()
+                .map(|first| self.posted(first))
+                .unwrap_or_default()
         } else {
-            // A holder holds every sampled record of `set`: intersect their columns.
-            let mut records = sampled.into_iter();
-            let mut candidates = records
-                .next()
-                .and_then(|record| self.columns.get(&record))
-                .cloned()
-                .unwrap_or_default();
-            for record in records {
-                if candidates.is_empty() {
-                    break;
-                }
-                match self.columns.get(&record) {
-                    Some(column) => candidates &= column,
-                    None => candidates.clear(),
-                }
-            }
-            candidates.iter().map(|member| member as usize).collect()
+            self.candidates_by_probes(&probes)
         };
+        if probes.is_empty() && size > POSTED / 4 {
+            // Rare: an unsampled set this large; test the larger sets one by one.
+            candidates.extend(
+                self.by_size
+                    .range(POSTED + 1..)
+                    .flat_map(|(_, members)| members)
+                    .copied()
+                    .filter(|&member| matches!(self.members[member].shape, Shape::Records(_))),
+            );
+        }
         let mut found: Vec<usize> = candidates
             .into_iter()
             .filter(|&member| is_holder(member))
             .collect();
-        // Differences taken from a holder hold `set` too when they removed none of its records.
+        self.add_holding_children(&mut found, before, size, |minus| {
+            self.shared(minus, set) == 0
+        });
+        found
+    }
+
+    /// Candidate holders of a set from some of its records: the intersection of the columns
+    /// of `probes` when they are sampled; else the small sets posted under the first one.
+    fn candidates_by_probes(&self, probes: &[u32]) -> Vec<usize> {
+        match probes.first() {
+            None => Vec::new(),
+            Some(&first) if !sampled(first) => self.posted(first),
+            Some(_) => {
+                let mut records = probes.iter();
+                let mut candidates = records
+                    .next()
+                    .and_then(|record| self.columns.get(record))
+                    .cloned()
+                    .unwrap_or_default();
+                for record in records {
+                    if candidates.is_empty() {
+                        break;
+                    }
+                    match self.columns.get(record) {
+                        Some(column) => candidates &= column,
+                        None => candidates.clear(),
+                    }
+                }
+                candidates.iter().map(|member| member as usize).collect()
+            }
+        }
+    }
+
+    /// The small sets (at most [`POSTED`] records) holding `record`. A chain through a set too
+    /// small to be sampled needs an outer set below [`POSTED`] (two such sets and fewer than k
+    /// records more), where the postings find it.
+    fn posted(&self, record: u32) -> Vec<usize> {
+        let mut found = Vec::new();
+        let mut next = self.last_posting.get(record as usize).copied().unwrap_or(0);
+        while next > 0 {
+            let (member, earlier) = self.postings[next as usize - 1];
+            found.push(member as usize);
+            next = earlier;
+        }
+        found
+    }
+
+    /// Adds to the holders in `found` the differences taken from them (numbered below
+    /// `before`, larger than `size`) that hold the set too: those whose subtracted member
+    /// shares none of its records (`disjoint`).
+    fn add_holding_children(
+        &self,
+        found: &mut Vec<usize>,
+        before: usize,
+        size: u64,
+        disjoint: impl Fn(usize) -> bool,
+    ) {
         let mut next = 0;
         while next < found.len() {
             let parent = found[next];
@@ -311,14 +368,13 @@ impl SetIndex {
                 };
                 if child < before
                     && self.members[child].len > size
-                    && self.shared(minus, set) == 0
                     && !found.contains(&child)
+                    && disjoint(minus)
                 {
                     found.push(child);
                 }
             }
         }
-        found
     }
 
     /// Whether at most `most` of `member`'s probe records are missing from `set` (stopping at
@@ -340,34 +396,6 @@ impl SetIndex {
         self.key_bits
             .get(record as usize / 64)
             .is_some_and(|word| word & (1 << (record % 64)) != 0)
-    }
-
-    /// Candidate holders of a set without sampled records: the small sets (posted record by
-    /// record) holding its smallest record. Larger sets are tested one by one only when it is
-    /// large for an unsampled set (above [`POSTED`] / 4 records, rare): a chain through sets
-    /// smaller than that needs its outer set below [`POSTED`] (it is the two inner ones and
-    /// fewer than k records more), where the postings find it.
-    fn holding_unsampled(&self, set: &RoaringBitmap) -> Vec<usize> {
-        let size = set.len();
-        let mut candidates = Vec::new();
-        if let Some(first) = set.min() {
-            let mut next = self.last_posting.get(first as usize).copied().unwrap_or(0);
-            while next > 0 {
-                let (member, earlier) = self.postings[next as usize - 1];
-                candidates.push(member as usize);
-                next = earlier;
-            }
-        }
-        if size > POSTED / 4 {
-            candidates.extend(
-                self.by_size
-                    .range(POSTED + 1..)
-                    .flat_map(|(_, members)| members)
-                    .copied()
-                    .filter(|&member| matches!(self.members[member].shape, Shape::Records(_))),
-            );
-        }
-        candidates
     }
 
     /// Remembered sets (numbered below `before`) that may lie inside `set` with fewer records,
@@ -467,14 +495,85 @@ impl SetIndex {
         match operand {
             Operand::Member(other) => self.shared_members(member, other),
             Operand::Set(set) => self.shared(member, set),
+            Operand::Pending(pending) => self.shared_pending(member, pending),
         }
+    }
+
+    /// Records `member` shares with `pending`.
+    fn shared_pending(&self, member: usize, pending: &Pending<'_>) -> u64 {
+        self.shared_with(member, pending.plus) - self.shared_with(member, pending.minus)
     }
 
     fn operand_holds(&self, operand: Operand<'_>, record: u32) -> bool {
         match operand {
             Operand::Member(member) => self.holds_record(member, record),
             Operand::Set(set) => set.contains(record),
+            Operand::Pending(pending) => self.pending_holds(pending, record),
         }
+    }
+
+    fn operand_records(&self, operand: Operand<'_>) -> Cow<'_, RoaringBitmap> {
+        match operand {
+            Operand::Member(member) => self.records(member),
+            Operand::Set(set) => Cow::Owned(set.clone()),
+            Operand::Pending(pending) => Cow::Owned(
+                self.operand_records(pending.plus).into_owned()
+                    - self.operand_records(pending.minus).as_ref(),
+            ),
+        }
+    }
+
+    /// A few records of `pending` to find its holders by: sampled ones when it has them
+    /// (taken from its larger side's probes, else by walking it), else one unsampled one.
+    fn pending_probes(&self, pending: &Pending<'_>) -> Vec<u32> {
+        let keeps = |record: &u32| !self.operand_holds(pending.minus, *record);
+        if let Operand::Member(plus) = pending.plus {
+            let probes: Vec<u32> = self.members[plus]
+                .head
+                .iter()
+                .copied()
+                .filter(keeps)
+                .take(MOST_COLUMNS)
+                .collect();
+            if !probes.is_empty() {
+                return probes;
+            }
+        }
+        let records = self.operand_records(Operand::Pending(pending));
+        let probes: Vec<u32> = records
+            .iter()
+            .filter(|&record| sampled(record))
+            .take(MOST_COLUMNS)
+            .collect();
+        if probes.is_empty() {
+            records.min().into_iter().collect()
+        } else {
+            probes
+        }
+    }
+
+    /// Remembered sets (numbered below `before`, not `exclude`) holding `pending` with more
+    /// records: at most [`MOST_PARTNERS`], smallest first.
+    fn pending_holders(&self, pending: &Pending<'_>, exclude: usize, before: usize) -> Vec<usize> {
+        let size = pending.len;
+        let probes = self.pending_probes(pending);
+        let mut found: Vec<usize> = self
+            .candidates_by_probes(&probes)
+            .into_iter()
+            .filter(|&member| {
+                member < before
+                    && member != exclude
+                    && self.members[member].len > size
+                    && self.shared_pending(member, pending) == size
+            })
+            .collect();
+        self.add_holding_children(&mut found, before, size, |minus| {
+            self.shared_pending(minus, pending) == 0
+        });
+        found.retain(|&member| member != exclude);
+        found.sort_by_key(|&member| (self.members[member].len, member));
+        found.truncate(MOST_PARTNERS);
+        found
     }
 
     fn pending_holds(&self, pending: &Pending<'_>, record: u32) -> bool {
@@ -519,62 +618,129 @@ impl SetIndex {
     }
 
     /// Whether releasing `set` would let a reader derive, by subtracting it from a nested
-    /// remembered count, a count 1 to `reach` records from another remembered one. A count
-    /// already known reveals nothing new, whatever it is nested with.
+    /// remembered count (and the result from remembered sets holding it, and so on), a count 1
+    /// to `reach` records from another remembered one. A count already known reveals nothing
+    /// new, whatever it is nested with.
     pub fn chain_hazard(&self, set: &RoaringBitmap, reach: u64) -> bool {
         if self.holds(set) {
             return false;
         }
-        self.partners(set, self.members.len())
-            .into_iter()
-            .any(|partner| {
-                let pending = self.pending(partner, set);
-                self.near_pending(&pending, reach, |distance| (1..=reach).contains(&distance))
-            })
+        let mut budget = MOST_FOLLOWED;
+        for partner in self.partners(set, self.members.len()) {
+            let pending = self.pending(partner, set);
+            if self.hazard_in(&pending, partner.member, reach, 1, &mut budget) {
+                return true;
+            }
+        }
+        false
     }
 
-    /// Remembers a released set, and the differences with its partners among the members
-    /// numbered below `batch_start` (the sets of the same answer are left to the answer's own
-    /// rules). `set` must not be remembered already.
+    /// Whether `pending` (`depth` subtractions deep), or its difference with a remembered set
+    /// (other than `exclude`) holding it, and so on, comes 1 to `reach` records from a
+    /// remembered count.
+    fn hazard_in(
+        &self,
+        pending: &Pending<'_>,
+        exclude: usize,
+        reach: u64,
+        depth: u8,
+        budget: &mut usize,
+    ) -> bool {
+        if self.near_pending(pending, reach, |distance| (1..=reach).contains(&distance)) {
+            return true;
+        }
+        if depth >= MOST_DEPTH || *budget == 0 {
+            return false;
+        }
+        *budget -= 1;
+        for holder in self.pending_holders(pending, exclude, self.members.len()) {
+            let next = Pending {
+                plus: Operand::Member(holder),
+                minus: Operand::Pending(pending),
+                len: self.members[holder].len - pending.len,
+            };
+            if self.hazard_in(&next, holder, reach, depth + 1, budget) {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Remembers a released set, the differences with its partners among the members numbered
+    /// below `batch_start` (the sets of the same answer are left to the answer's own rules),
+    /// and the differences of those with the remembered sets holding them, and so on, as
+    /// [`SetIndex::chain_hazard`] follows them. `set` must not be remembered already.
     pub fn insert(&mut self, set: RoaringBitmap, batch_start: usize) {
         let partners = self.partners(&set, batch_start);
         let released = self.push_records(set, 0);
+        let mut budget = MOST_FOLLOWED;
         for partner in partners {
             let (plus, minus) = if partner.holds {
                 (partner.member, released)
             } else {
                 (released, partner.member)
             };
-            let pending = Pending {
-                plus: Operand::Member(plus),
-                minus: Operand::Member(minus),
-                len: partner.difference,
-            };
-            if self.near_pending(&pending, 0, |distance| distance == 0) {
-                continue;
-            }
-            let depth = self.members[partner.member].depth + 1;
-            // Kept by reference, probed by the records of its larger set's probes that it
-            // keeps; when it keeps none, or is small (to be posted), as a bitmap.
-            let head: Vec<u32> = self.members[plus]
-                .head
-                .iter()
-                .copied()
-                .filter(|&record| !self.holds_record(minus, record))
-                .collect();
-            if head.is_empty() || partner.difference <= POSTED {
-                let records = self.records(plus).into_owned() - self.records(minus).as_ref();
-                self.push_records(records, depth);
-            } else {
-                let member = self.push(
-                    Shape::Difference { plus, minus },
-                    partner.difference,
-                    head,
-                    depth,
-                );
-                self.children.entry(plus).or_default().push(member);
+            if let Some(derived) = self.derive(plus, minus, partner.difference) {
+                self.derive_through_holders(derived, partner.member, batch_start, &mut budget);
             }
         }
+    }
+
+    /// Remembers `derived`'s differences with the remembered sets (numbered below `before`,
+    /// other than `exclude`) holding it, and theirs in turn.
+    fn derive_through_holders(
+        &mut self,
+        derived: usize,
+        exclude: usize,
+        before: usize,
+        budget: &mut usize,
+    ) {
+        if self.members[derived].depth >= MOST_DEPTH || *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let nothing = RoaringBitmap::new();
+        let itself = Pending {
+            plus: Operand::Member(derived),
+            minus: Operand::Set(&nothing),
+            len: self.members[derived].len,
+        };
+        let holders = self.pending_holders(&itself, exclude, before);
+        for holder in holders {
+            let len = self.members[holder].len - self.members[derived].len;
+            if let Some(next) = self.derive(holder, derived, len) {
+                self.derive_through_holders(next, holder, before, budget);
+            }
+        }
+    }
+
+    /// Remembers `plus` minus `minus` (which lies inside it, `len` records fewer) unless that
+    /// count is remembered already; its number.
+    fn derive(&mut self, plus: usize, minus: usize, len: u64) -> Option<usize> {
+        let pending = Pending {
+            plus: Operand::Member(plus),
+            minus: Operand::Member(minus),
+            len,
+        };
+        if len == 0 || self.near_pending(&pending, 0, |distance| distance == 0) {
+            return None;
+        }
+        let depth = self.members[plus].depth.max(self.members[minus].depth) + 1;
+        // Kept by reference, probed by the records of its larger set's probes that it keeps;
+        // when it keeps none, or is small (to be posted), as a bitmap.
+        let head: Vec<u32> = self.members[plus]
+            .head
+            .iter()
+            .copied()
+            .filter(|&record| !self.holds_record(minus, record))
+            .collect();
+        if head.is_empty() || len <= POSTED {
+            let records = self.records(plus).into_owned() - self.records(minus).as_ref();
+            return Some(self.push_records(records, depth));
+        }
+        let member = self.push(Shape::Difference { plus, minus }, len, head, depth);
+        self.children.entry(plus).or_default().push(member);
+        Some(member)
     }
 
     fn grow_sample(&mut self, upto: u64) {
