@@ -16,6 +16,7 @@ async fn benchmark_runs_end_to_end_and_prints_both_timings() -> anyhow::Result<(
         "audited throughput",
         "threshold + complementary",
         "overlap + chain check, 10,000 sets",
+        "same, cells nested in an answer",
         "overlap control in all",
         "rounding",
         "differential-privacy noise",

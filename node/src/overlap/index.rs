@@ -30,9 +30,9 @@ const MOST_COLUMNS: usize = 8;
 const MOST_PARTNERS: usize = 16;
 /// Subtractions a derived count may stack (each level doubles the cost of counting it).
 const MOST_DEPTH: u8 = 4;
-/// Searches for sets holding a derived count, per released set (bounding the work a release
-/// can cause when its differences are followed further).
-const MOST_FOLLOWED: usize = 16;
+/// Searches for sets holding a derived count, per released set: the differences with its
+/// closest nested sets are followed further (bounding the work a release can cause).
+const MOST_FOLLOWED: usize = 4;
 /// Record numbers per roaring container, the unit the sample grows in.
 const CHUNK: u64 = 1 << 16;
 /// Bitmap members of at most this many records are also listed record by record, so that the
@@ -621,18 +621,50 @@ impl SetIndex {
     /// remembered count (and the result from remembered sets holding it, and so on), a count 1
     /// to `reach` records from another remembered one. A count already known reveals nothing
     /// new, whatever it is nested with.
-    pub fn chain_hazard(&self, set: &RoaringBitmap, reach: u64) -> bool {
+    pub fn chain_hazard(&self, set: &RoaringBitmap, partners: &[Partner], reach: u64) -> bool {
+        let mut budget = MOST_FOLLOWED;
+        partners.iter().any(|&partner| {
+            let pending = self.pending(partner, set);
+            self.hazard_in(&pending, partner.member, reach, 1, &mut budget)
+        })
+    }
+
+    /// The remembered sets whose differences with `set` a release would make derivable (none
+    /// when its count is known already: that reveals nothing new).
+    pub fn derivable(&self, set: &RoaringBitmap) -> Vec<Partner> {
         if self.holds(set) {
+            return Vec::new();
+        }
+        self.partners(set, self.members.len())
+    }
+
+    /// Whether `set`'s difference with `partner` comes 1 to `reach` records from `other`, a set
+    /// not remembered (another value of the same answer).
+    pub fn difference_near(
+        &self,
+        partner: Partner,
+        set: &RoaringBitmap,
+        other: &RoaringBitmap,
+        reach: u64,
+    ) -> bool {
+        let pending = self.pending(partner, set);
+        if pending.len.abs_diff(other.len()) > reach {
             return false;
         }
-        let mut budget = MOST_FOLLOWED;
-        for partner in self.partners(set, self.members.len()) {
-            let pending = self.pending(partner, set);
-            if self.hazard_in(&pending, partner.member, reach, 1, &mut budget) {
-                return true;
+        let shared =
+            self.operand_shares(pending.plus, other) - self.operand_shares(pending.minus, other);
+        (1..=reach).contains(&(pending.len + other.len() - 2 * shared))
+    }
+
+    /// Records `operand` shares with a set not remembered.
+    fn operand_shares(&self, operand: Operand<'_>, other: &RoaringBitmap) -> u64 {
+        match operand {
+            Operand::Member(member) => self.shared(member, other),
+            Operand::Set(set) => shared_records(set, other),
+            Operand::Pending(pending) => {
+                self.operand_shares(pending.plus, other) - self.operand_shares(pending.minus, other)
             }
         }
-        false
     }
 
     /// Whether `pending` (`depth` subtractions deep), or its difference with a remembered set
@@ -942,11 +974,12 @@ mod tests {
     fn a_release_completing_a_chain_is_a_hazard_before_it_is_remembered() {
         // A, and C within one record of A's upper part: B = A's lower part completes A - B - C.
         let index = index_of(vec![set(0..1000), set(600..999)]);
-        assert!(index.chain_hazard(&set(0..600), 9));
-        assert!(
-            !index.chain_hazard(&set(0..500), 9),
-            "A minus this is far from C"
-        );
+        let hazard = |released: RoaringBitmap| {
+            let partners = index.derivable(&released);
+            index.chain_hazard(&released, &partners, 9)
+        };
+        assert!(hazard(set(0..600)));
+        assert!(!hazard(set(0..500)), "A minus this is far from C");
     }
 
     #[test]

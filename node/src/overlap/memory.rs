@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use roaring::RoaringBitmap;
 use sha2::{Digest, Sha256};
 
-use super::index::SetIndex;
+use super::index::{Partner, SetIndex};
 use crate::records::OVERLAP_DIR;
 
 const SETS_FILE: &str = "released-sets.bin";
@@ -36,6 +36,33 @@ pub enum OverlapError {
         used_mb: u64,
         share_mb: u64,
     },
+}
+
+/// What the memory says about releasing a set.
+#[derive(Debug, Clone)]
+pub struct Assessment {
+    /// It would reveal 1 to k-1 records by subtraction.
+    pub too_close: bool,
+    /// The remembered sets it would be differenced with.
+    partners: Vec<Partner>,
+}
+
+impl Assessment {
+    /// About an empty set: nothing to reveal.
+    pub fn nothing() -> Assessment {
+        Assessment {
+            too_close: false,
+            partners: Vec::new(),
+        }
+    }
+
+    /// The differences the release would make derivable: their sizes, numbered.
+    pub fn difference_sizes(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.partners
+            .iter()
+            .map(|partner| partner.difference)
+            .enumerate()
+    }
 }
 
 /// The remembered released record sets of one node, and the counts derived from them.
@@ -162,8 +189,36 @@ impl OverlapMemory {
     /// that many from a remembered count (released or derived), or subtracting it from a
     /// nested remembered set would give a count that does.
     pub fn too_close(&self, set: &RoaringBitmap, k: u32) -> bool {
+        self.assess(set, k).too_close
+    }
+
+    /// [`OverlapMemory::too_close`], keeping the nested remembered sets the release would
+    /// make differences with, for [`OverlapMemory::difference_near`].
+    pub fn assess(&self, set: &RoaringBitmap, k: u32) -> Assessment {
         let reach = u64::from(k.saturating_sub(1));
-        self.index.close(set, reach) || self.index.chain_hazard(set, reach)
+        let partners = self.index.derivable(set);
+        let too_close =
+            self.index.close(set, reach) || self.index.chain_hazard(set, &partners, reach);
+        Assessment {
+            too_close,
+            partners,
+        }
+    }
+
+    /// Whether difference number `difference` that releasing `set` (assessed as
+    /// `assessment`) would make derivable comes 1 to k-1 records from `other`, a value released
+    /// in the same answer.
+    pub fn difference_near(
+        &self,
+        set: &RoaringBitmap,
+        assessment: &Assessment,
+        difference: usize,
+        other: &RoaringBitmap,
+        k: u32,
+    ) -> bool {
+        let reach = u64::from(k.saturating_sub(1));
+        let partner = assessment.partners[difference];
+        self.index.difference_near(partner, set, other, reach)
     }
 
     /// Whether a reader already knows `set`'s count exactly: it was released or derived.

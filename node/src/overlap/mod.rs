@@ -12,7 +12,7 @@
 mod index;
 mod memory;
 
-pub use memory::{OverlapError, OverlapMemory};
+pub use memory::{Assessment, OverlapError, OverlapMemory};
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -84,8 +84,8 @@ struct Verdicts<'a> {
     asked: HashMap<Vec<usize>, Verdict<'a>>,
 }
 
-/// A union of cells and whether releasing it would reveal 1 to k-1 records.
-type Verdict<'a> = (Cow<'a, RoaringBitmap>, bool);
+/// A union of cells and what the memory says about releasing it.
+type Verdict<'a> = (Cow<'a, RoaringBitmap>, Assessment);
 
 /// Answers with at least this many records are checked on every core.
 const PARALLEL_RECORDS: u64 = 1 << 16;
@@ -100,8 +100,12 @@ fn verdict<'a>(
         [cell] => Cow::Borrowed(&sets[*cell]),
         _ => Cow::Owned(union(sets, cells)),
     };
-    let close = !set.is_empty() && memory.too_close(&set, k);
-    (set, close)
+    let assessment = if set.is_empty() {
+        Assessment::nothing()
+    } else {
+        memory.assess(&set, k)
+    };
+    (set, assessment)
 }
 
 impl<'a> Verdicts<'a> {
@@ -158,7 +162,45 @@ impl<'a> Verdicts<'a> {
 
     /// Whether releasing the union of `cells` would reveal 1 to k-1 records by subtraction.
     fn too_close(&mut self, cells: &[usize]) -> bool {
-        self.entry(cells).1
+        self.entry(cells).1.too_close
+    }
+
+    /// The union of `cells` and its assessment, once asked.
+    fn asked(&self, cells: &[usize]) -> &Verdict<'a> {
+        &self.asked[cells]
+    }
+
+    /// The first of `values` (groups of cells, all asked) whose release would make a difference
+    /// with a remembered set derivable that comes 1 to k-1 records from another of them (the
+    /// memory holds neither yet).
+    fn first_near_another(&self, values: &[&Vec<usize>]) -> Option<usize> {
+        let reach = u64::from(self.k.saturating_sub(1));
+        let mut by_size: Vec<(u64, usize)> = values
+            .iter()
+            .enumerate()
+            .map(|(index, cells)| (self.asked(cells).0.len(), index))
+            .collect();
+        by_size.sort_unstable();
+        values.iter().enumerate().position(|(index, cells)| {
+            let (set, assessment) = self.asked(cells);
+            assessment.difference_sizes().any(|(difference, size)| {
+                let from =
+                    by_size.partition_point(|&(other, _)| other < size.saturating_sub(reach));
+                by_size[from..]
+                    .iter()
+                    .take_while(|&&(other, _)| other <= size + reach)
+                    .any(|&(_, other)| {
+                        other != index
+                            && self.memory.difference_near(
+                                set,
+                                assessment,
+                                difference,
+                                &self.asked(values[other]).0,
+                                self.k,
+                            )
+                    })
+            })
+        })
     }
 
     fn set(&mut self, cells: &[usize]) -> RoaringBitmap {
@@ -226,9 +268,13 @@ pub fn decide(
             .copied()
             .filter(|&cell| !released(cell) && !known[cell])
             .collect();
-        let mut asked: Vec<Vec<usize>> = (0..cell_count)
+        let single: Vec<Vec<usize>> = (0..cell_count)
             .filter(|&cell| released(cell))
             .map(|cell| vec![cell])
+            .collect();
+        let mut asked: Vec<Vec<usize>> = single
+            .iter()
+            .cloned()
             .chain(sums.iter().filter(|cells| cells.len() > 1).cloned())
             .collect();
         if total_released {
@@ -263,6 +309,31 @@ pub fn decide(
             }
         }
         if changed {
+            continue;
+        }
+        // A difference this answer makes derivable with an earlier one must not come within
+        // k-1 records of another value of this answer either (the memory holds neither yet).
+        let mut values: Vec<&Vec<usize>> = single.iter().collect();
+        values.extend(sums.iter().filter(|cells| cells.len() > 1));
+        if total_released {
+            values.push(&all_cells);
+            if !withheld.is_empty() {
+                values.push(&withheld);
+            }
+        }
+        if let Some(index) = verdicts.first_near_another(&values) {
+            let cells = values[index];
+            // The total and the withheld cells together go with the total; a sum (every one
+            // here has a released cell) with its smallest released cell.
+            let cell = match cells.as_slice() {
+                [cell] => Some(*cell),
+                _ if *cells == all_cells || *cells == withheld => None,
+                _ => smallest_released(table, &disclosed, cells),
+            };
+            match cell {
+                Some(cell) => forced[cell] = Some(Reason::Overlap),
+                None => total_forced = true,
+            }
             continue;
         }
         let mut released_sets: Vec<RoaringBitmap> = (0..cell_count)
@@ -375,5 +446,24 @@ mod tests {
         let decided = decide(&one_cell(c.len()), &[c], 10, &memory, &[], false);
         assert_eq!(decided.table.cells, [Outcome::Withheld]);
         assert_eq!(decided.table.total, Outcome::Withheld);
+    }
+
+    #[test]
+    fn a_difference_with_an_earlier_answer_is_compared_with_the_other_values_of_this_one() {
+        let state = tempfile::tempdir().unwrap();
+        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        memory.remember(vec![set(0..100)]).unwrap();
+        // X inside the earlier set; Y its remainder and one record more; Z unrelated. X and Y
+        // released together would give |X| + |Y| - 100 = 1.
+        let mut y = set(40..100);
+        y.insert(500);
+        let sets = [set(0..40), y, set(1000..1050)];
+        let table = RawTable {
+            shape: vec![3],
+            counts: sets.iter().map(RoaringBitmap::len).collect(),
+        };
+        let decided = decide(&table, &sets, 10, &memory, &[], false);
+        let released = |cell: usize| matches!(decided.table.cells[cell], Outcome::Released(_));
+        assert!(!(released(0) && released(1)), "{:?}", decided.table.cells);
     }
 }
