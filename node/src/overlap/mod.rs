@@ -466,4 +466,51 @@ mod tests {
         let released = |cell: usize| matches!(decided.table.cells[cell], Outcome::Released(_));
         assert!(!(released(0) && released(1)), "{:?}", decided.table.cells);
     }
+
+    /// Releases one-cell answers over `sets` in turn; whether each was released.
+    fn release_in_turn(sets: Vec<RoaringBitmap>) -> Vec<bool> {
+        let state = tempfile::tempdir().unwrap();
+        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        sets.into_iter()
+            .map(|records| {
+                let table = RawTable {
+                    shape: vec![1],
+                    counts: vec![records.len()],
+                };
+                let decided = decide(&table, &[records], 10, &memory, &[], false);
+                memory.remember(decided.released_sets).unwrap();
+                matches!(decided.table.total, Outcome::Released(_))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn three_date_windows_isolating_one_day_are_not_all_released() {
+        // Admissions numbered by day, 20 a day for 100 days except 3 on day 50: [0, 100),
+        // [0, 50) and [51, 100) would give day 50 by subtraction.
+        let day = |first: u32, last: u32| -> RoaringBitmap {
+            (first..last)
+                .flat_map(|day| (0..if day == 50 { 3 } else { 20 }).map(move |i| day * 20 + i))
+                .collect()
+        };
+        let released = release_in_turn(vec![day(0, 100), day(0, 50), day(51, 100)]);
+        assert_eq!(released, [true, true, false]);
+    }
+
+    #[test]
+    fn four_corners_of_two_thresholds_isolating_a_small_rectangle_are_not_all_released() {
+        // Records on a 40 x 40 grid; x < 2 and y < 2 is a rectangle of 4 records.
+        let grid = |keep: &dyn Fn(u32, u32) -> bool| -> RoaringBitmap {
+            (0..40u32 * 40)
+                .filter(|&record| keep(record / 40, record % 40))
+                .collect()
+        };
+        let released = release_in_turn(vec![
+            grid(&|_, _| true),
+            grid(&|x, _| x >= 2),
+            grid(&|_, y| y >= 2),
+            grid(&|x, y| x >= 2 && y >= 2),
+        ]);
+        assert_eq!(released, [true, true, true, false]);
+    }
 }
