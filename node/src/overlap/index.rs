@@ -557,16 +557,21 @@ impl SetIndex {
     fn pending_holders(&self, pending: &Pending<'_>, exclude: usize, before: usize) -> Vec<usize> {
         let size = pending.len;
         let probes = self.pending_probes(pending);
+        let holds = |member: usize| {
+            member < before
+                && self.members[member].len > size
+                && self.shared_pending(member, pending) == size
+        };
         let mut found: Vec<usize> = self
             .candidates_by_probes(&probes)
             .into_iter()
-            .filter(|&member| {
-                member < before
-                    && member != exclude
-                    && self.members[member].len > size
-                    && self.shared_pending(member, pending) == size
-            })
+            .filter(|&member| holds(member))
             .collect();
+        // `exclude` is not itself a holder to step through, but the differences taken from it
+        // may be (kept by reference, they are found only through it).
+        if !found.contains(&exclude) && holds(exclude) {
+            found.push(exclude);
+        }
         self.add_holding_children(&mut found, before, size, |minus| {
             self.shared_pending(minus, pending) == 0
         });

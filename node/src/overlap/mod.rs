@@ -513,4 +513,22 @@ mod tests {
         ]);
         assert_eq!(released, [true, true, true, false]);
     }
+
+    #[test]
+    fn a_chain_steps_through_the_differences_taken_from_the_set_it_came_from() {
+        // Found by an audit. Groups g (3 records), y, m, z, n; released M = m, Z = z + g,
+        // Y = y, H = m + z + n (so H - M = z + n, over 1,024 records, kept by reference). R =
+        // y + m + z would give g = Z - (R - Y - M): R - Y = m + z lies in H, H - (m + z) = n,
+        // and n lies in H - M, whose difference with it is z: 3 records from Z.
+        let (g, y, m) = (set(0..3), set(10..1510), set(2000..3200));
+        let (z, n) = (set(4000..5500), set(6000..7300));
+        let released = release_in_turn(vec![
+            m.clone(),
+            &z | &g,
+            y.clone(),
+            &(&m | &z) | &n,
+            &(&y | &m) | &z,
+        ]);
+        assert_eq!(released, [true, true, true, true, false]);
+    }
 }
