@@ -275,8 +275,10 @@ mod tests {
     use std::sync::Mutex;
     use tokio_stream::StreamExt;
 
+    /// Waits for `future`, as long as the longest redial back-off and some: under load a dial
+    /// can fail and back off before it succeeds.
     async fn within<T>(future: impl Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(10), future)
+        tokio::time::timeout(MOST_BACKOFF + Duration::from_secs(10), future)
             .await
             .expect("in time")
     }

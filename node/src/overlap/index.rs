@@ -123,6 +123,15 @@ struct Brief {
     next_with_key: u32,
 }
 
+/// Where a derivation goes on from: the member it came from (not stepped back into), the
+/// members it may use (numbered below `before`), and the set just released.
+#[derive(Debug, Clone, Copy)]
+struct Through {
+    exclude: usize,
+    before: usize,
+    released: usize,
+}
+
 /// One side of a difference: a remembered member, a set not yet remembered, or a difference
 /// not yet remembered.
 #[derive(Debug, Clone, Copy)]
@@ -630,7 +639,7 @@ impl SetIndex {
         let mut budget = MOST_FOLLOWED;
         partners.iter().any(|&partner| {
             let pending = self.pending(partner, set);
-            self.hazard_in(&pending, partner.member, reach, 1, &mut budget)
+            self.hazard_in(&pending, partner.member, Some(set), reach, 1, &mut budget)
         })
     }
 
@@ -679,6 +688,7 @@ impl SetIndex {
         &self,
         pending: &Pending<'_>,
         exclude: usize,
+        released: Option<&RoaringBitmap>,
         reach: u64,
         depth: u8,
         budget: &mut usize,
@@ -696,9 +706,21 @@ impl SetIndex {
                 minus: Operand::Pending(pending),
                 len: self.members[holder].len - pending.len,
             };
-            if self.hazard_in(&next, holder, reach, depth + 1, budget) {
+            if self.hazard_in(&next, holder, released, reach, depth + 1, budget) {
                 return true;
             }
+        }
+        // The set being released may hold it too (once per chain: it is not a member).
+        if let Some(set) = released
+            && set.len() > pending.len
+            && self.operand_shares(Operand::Pending(pending), set) == pending.len
+        {
+            let next = Pending {
+                plus: Operand::Set(set),
+                minus: Operand::Pending(pending),
+                len: set.len() - pending.len,
+            };
+            return self.hazard_in(&next, exclude, None, reach, depth + 1, budget);
         }
         false
     }
@@ -718,20 +740,19 @@ impl SetIndex {
                 (released, partner.member)
             };
             if let Some(derived) = self.derive(plus, minus, partner.difference) {
-                self.derive_through_holders(derived, partner.member, batch_start, &mut budget);
+                let through = Through {
+                    exclude: partner.member,
+                    before: batch_start,
+                    released,
+                };
+                self.derive_through_holders(derived, through, &mut budget);
             }
         }
     }
 
     /// Remembers `derived`'s differences with the remembered sets (numbered below `before`,
     /// other than `exclude`) holding it, and theirs in turn.
-    fn derive_through_holders(
-        &mut self,
-        derived: usize,
-        exclude: usize,
-        before: usize,
-        budget: &mut usize,
-    ) {
+    fn derive_through_holders(&mut self, derived: usize, through: Through, budget: &mut usize) {
         if self.members[derived].depth >= MOST_DEPTH || *budget == 0 {
             return;
         }
@@ -742,11 +763,23 @@ impl SetIndex {
             minus: Operand::Set(&nothing),
             len: self.members[derived].len,
         };
-        let holders = self.pending_holders(&itself, exclude, before);
+        let mut holders = self.pending_holders(&itself, through.exclude, through.before);
+        // The released set itself may hold it too (a reader subtracts from it as well).
+        let size = self.members[derived].len;
+        if through.released != through.exclude
+            && self.members[through.released].len > size
+            && self.shared_members(through.released, derived) == size
+        {
+            holders.push(through.released);
+        }
         for holder in holders {
-            let len = self.members[holder].len - self.members[derived].len;
+            let len = self.members[holder].len - size;
             if let Some(next) = self.derive(holder, derived, len) {
-                self.derive_through_holders(next, holder, before, budget);
+                let through = Through {
+                    exclude: holder,
+                    ..through
+                };
+                self.derive_through_holders(next, through, budget);
             }
         }
     }

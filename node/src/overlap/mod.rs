@@ -531,4 +531,30 @@ mod tests {
         ]);
         assert_eq!(released, [true, true, true, true, false]);
     }
+
+    #[test]
+    fn a_chain_may_subtract_a_derived_count_from_the_set_just_released() {
+        // Found by an audit's fuzzer (seed 2803). Atoms: a 3-record one and five blocks; sets
+        // are unions of atoms (bit i: atom i). After 011100, 101111, 010111, releasing 101100
+        // derives 000011, then 010100, 001000; the release itself holds 001000, so 100100 is
+        // known too, and 100101 is 3 records from it.
+        let sizes = [3, 500, 900, 700, 1200, 1500];
+        let atom = |index: usize| -> RoaringBitmap {
+            let start: u32 = sizes[..index].iter().sum::<u32>() + index as u32;
+            (start..start + sizes[index]).collect()
+        };
+        let of = |mask: u32| -> RoaringBitmap {
+            (0..sizes.len())
+                .filter(|&index| mask & (1 << index) != 0)
+                .map(atom)
+                .fold(RoaringBitmap::new(), |union, atom| union | atom)
+        };
+        let released = release_in_turn(
+            [0b011100, 0b101111, 0b010111, 0b101100, 0b100101]
+                .into_iter()
+                .map(of)
+                .collect(),
+        );
+        assert_eq!(released, [true, true, true, true, false]);
+    }
 }
