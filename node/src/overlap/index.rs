@@ -389,16 +389,23 @@ impl SetIndex {
     /// Whether at most `most` of `member`'s probe records are missing from `set` (stopping at
     /// the first one more).
     fn misses_at_most(&self, member: usize, set: &RoaringBitmap, most: u64) -> bool {
-        let mut missing = 0;
-        for &record in &self.members[member].head {
-            if !set.contains(record) {
-                missing += 1;
-                if missing > most {
-                    return false;
-                }
-            }
-        }
-        true
+        self.probes_missing_at_most(member, |record| set.contains(record), most)
+    }
+
+    /// Whether at most `most` of `member`'s probe records fail `holds` (stopping at the first
+    /// one more).
+    fn probes_missing_at_most(
+        &self,
+        member: usize,
+        holds: impl Fn(u32) -> bool,
+        most: u64,
+    ) -> bool {
+        self.members[member]
+            .head
+            .iter()
+            .filter(|&&record| !holds(record))
+            .nth(most as usize)
+            .is_none()
     }
 
     fn is_key(&self, record: u32) -> bool {
@@ -601,13 +608,11 @@ impl SetIndex {
             .range(size.saturating_sub(reach)..=size.saturating_add(reach))
             .flat_map(|(_, members)| members)
             .filter(|&&member| {
-                let missing = self.members[member]
-                    .head
-                    .iter()
-                    .filter(|&&record| !self.pending_holds(pending, record))
-                    .take(reach as usize + 1)
-                    .count();
-                missing as u64 <= reach
+                self.probes_missing_at_most(
+                    member,
+                    |record| self.pending_holds(pending, record),
+                    reach,
+                )
             })
             .any(|&member| {
                 let shared = self.shared_with(member, pending.plus)
