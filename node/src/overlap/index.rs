@@ -2,7 +2,10 @@
 //! released record sets it keeps *derived* counts: when a released set is nested in a
 //! remembered one (or holds it), their difference is a count anyone can compute by
 //! subtraction, so it is remembered too and compared like a released one — the defence against
-//! differencing chains (A, then B inside A, then C within one record of A minus B).
+//! differencing chains (A, then B inside A, then C within one record of A minus B). A release
+//! is *explored* before it is allowed: its differences with the nested remembered counts, their
+//! differences with the counts nested with them, and so on (fewest subtractions first), each
+//! checked against every known count; the same exploration is then remembered.
 //!
 //! Derived differences are kept as references to the two remembered sets (those of at most
 //! [`POSTED`] records as bitmaps), so remembering them costs a few bytes however large they
@@ -26,13 +29,13 @@ const SAMPLE_ONE_IN: u32 = 64;
 const HEAD: usize = 32;
 /// Columns intersected to find the sets holding a new one.
 const MOST_COLUMNS: usize = 8;
-/// Nested remembered sets whose differences are remembered per released set, closest first.
+/// Nested remembered sets a count is differenced with, closest first.
 const MOST_PARTNERS: usize = 16;
 /// Subtractions a derived count may stack (each level doubles the cost of counting it).
 const MOST_DEPTH: u8 = 4;
-/// Searches for sets holding a derived count, per released set: the differences with its
-/// closest nested sets are followed further (bounding the work a release can cause).
-const MOST_FOLLOWED: usize = 4;
+/// New counts a release's derivations are followed through (and remembered), fewest
+/// subtractions first; it bounds the work one release can cause.
+const MOST_STEPS: usize = 16;
 /// Record numbers per roaring container, the unit the sample grows in.
 const CHUNK: u64 = 1 << 16;
 /// Bitmap members of at most this many records are also listed record by record, so that the
@@ -123,30 +126,59 @@ struct Brief {
     next_with_key: u32,
 }
 
-/// Where a derivation goes on from: the member it came from (not stepped back into), the
-/// members it may use (numbered below `before`), and the set just released.
+/// Where one side of a derived count comes from.
 #[derive(Debug, Clone, Copy)]
-struct Through {
-    exclude: usize,
-    before: usize,
-    released: usize,
-}
-
-/// One side of a difference: a remembered member, a set not yet remembered, or a difference
-/// not yet remembered.
-#[derive(Debug, Clone, Copy)]
-enum Operand<'a> {
+enum Source {
     Member(usize),
-    Set(&'a RoaringBitmap),
-    Pending(&'a Pending<'a>),
+    /// An earlier step of the same exploration.
+    Step(usize),
 }
 
-/// `plus` minus `minus` (which lies inside it), `len` records, before it is remembered.
+/// A count a release makes derivable (the first step: the released set itself).
 #[derive(Debug)]
-struct Pending<'a> {
-    plus: Operand<'a>,
-    minus: Operand<'a>,
-    len: u64,
+struct Step {
+    records: RoaringBitmap,
+    depth: u8,
+    /// `plus` minus `minus`; none for the released set.
+    from: Option<(Source, Source)>,
+    /// The member with the same records, remembered deeper, whose depth this step lowers.
+    known: Option<usize>,
+}
+
+/// What releasing a set makes derivable, found by [`SetIndex::explore`].
+#[derive(Debug, Default)]
+pub struct Exploration {
+    steps: Vec<Step>,
+    /// The steps followed so far, in the order they were.
+    order: Vec<usize>,
+    /// The remembered sets nested with the released one (its first subtractions).
+    pub partners: Vec<Partner>,
+    /// Whether a derivable count comes 1 to k-1 records from a known one.
+    pub hazard: bool,
+}
+
+impl Exploration {
+    /// The step with exactly these records.
+    fn position(&self, records: &RoaringBitmap) -> Option<usize> {
+        self.steps
+            .iter()
+            .position(|step| step.records.len() == records.len() && step.records == *records)
+    }
+
+    /// The shallowest step not followed yet.
+    fn next_step(&self) -> Option<usize> {
+        (0..self.steps.len())
+            .filter(|step| !self.order.contains(step))
+            .min_by_key(|&step| (self.steps[step].depth, step))
+    }
+
+    /// Whether `records` come 1 to `reach` records from a step's.
+    fn close(&self, records: &RoaringBitmap, reach: u64) -> bool {
+        self.steps.iter().any(|step| {
+            step.records.len().abs_diff(records.len()) <= reach
+                && (1..=reach).contains(&(step.records.symmetric_difference_len(records)))
+        })
+    }
 }
 
 /// A remembered set nested with a new one.
@@ -258,11 +290,25 @@ impl SetIndex {
 
     /// Whether exactly this set's count is remembered (released or derived).
     pub fn holds(&self, set: &RoaringBitmap) -> bool {
-        self.by_size.get(&set.len()).is_some_and(|members| {
-            members.iter().any(|&member| {
+        self.find(set).is_some()
+    }
+
+    /// Whether exactly this set was released (not only derived).
+    pub fn released(&self, set: &RoaringBitmap) -> bool {
+        self.find(set)
+            .is_some_and(|member| self.members[member].depth == 0)
+    }
+
+    /// The member with exactly this set's records, the shallowest if several.
+    fn find(&self, set: &RoaringBitmap) -> Option<usize> {
+        self.by_size
+            .get(&set.len())?
+            .iter()
+            .copied()
+            .filter(|&member| {
                 self.misses_at_most(member, set, 0) && self.distance(member, set) == 0
             })
-        })
+            .min_by_key(|&member| self.members[member].depth)
     }
 
     /// `set`'s sampled records (the sample reaches past every member's records).
@@ -497,166 +543,6 @@ impl SetIndex {
         partners
     }
 
-    /// Records two members share.
-    fn shared_members(&self, one: usize, other: usize) -> u64 {
-        match &self.members[other].shape {
-            Shape::Records(records) => self.shared(one, records),
-            Shape::Difference { plus, minus } => {
-                self.shared_members(one, *plus) - self.shared_members(one, *minus)
-            }
-        }
-    }
-
-    fn shared_with(&self, member: usize, operand: Operand<'_>) -> u64 {
-        match operand {
-            Operand::Member(other) => self.shared_members(member, other),
-            Operand::Set(set) => self.shared(member, set),
-            Operand::Pending(pending) => self.shared_pending(member, pending),
-        }
-    }
-
-    /// Records `member` shares with `pending`.
-    fn shared_pending(&self, member: usize, pending: &Pending<'_>) -> u64 {
-        self.shared_with(member, pending.plus) - self.shared_with(member, pending.minus)
-    }
-
-    fn operand_holds(&self, operand: Operand<'_>, record: u32) -> bool {
-        match operand {
-            Operand::Member(member) => self.holds_record(member, record),
-            Operand::Set(set) => set.contains(record),
-            Operand::Pending(pending) => self.pending_holds(pending, record),
-        }
-    }
-
-    fn operand_records(&self, operand: Operand<'_>) -> Cow<'_, RoaringBitmap> {
-        match operand {
-            Operand::Member(member) => self.records(member),
-            Operand::Set(set) => Cow::Owned(set.clone()),
-            Operand::Pending(pending) => Cow::Owned(
-                self.operand_records(pending.plus).into_owned()
-                    - self.operand_records(pending.minus).as_ref(),
-            ),
-        }
-    }
-
-    /// A few records of `pending` to find its holders by: sampled ones when it has them
-    /// (taken from its larger side's probes, else by walking it), else one unsampled one.
-    fn pending_probes(&self, pending: &Pending<'_>) -> Vec<u32> {
-        let keeps = |record: &u32| !self.operand_holds(pending.minus, *record);
-        if let Operand::Member(plus) = pending.plus {
-            let probes: Vec<u32> = self.members[plus]
-                .head
-                .iter()
-                .copied()
-                .filter(keeps)
-                .take(MOST_COLUMNS)
-                .collect();
-            if !probes.is_empty() {
-                return probes;
-            }
-        }
-        let records = self.operand_records(Operand::Pending(pending));
-        let probes: Vec<u32> = records
-            .iter()
-            .filter(|&record| sampled(record))
-            .take(MOST_COLUMNS)
-            .collect();
-        if probes.is_empty() {
-            records.min().into_iter().collect()
-        } else {
-            probes
-        }
-    }
-
-    /// Remembered sets (numbered below `before`, not `exclude`) holding `pending` with more
-    /// records: at most [`MOST_PARTNERS`], smallest first.
-    fn pending_holders(&self, pending: &Pending<'_>, exclude: usize, before: usize) -> Vec<usize> {
-        let size = pending.len;
-        let probes = self.pending_probes(pending);
-        let holds = |member: usize| {
-            member < before
-                && self.members[member].len > size
-                && self.shared_pending(member, pending) == size
-        };
-        let mut found: Vec<usize> = self
-            .candidates_by_probes(&probes)
-            .into_iter()
-            .filter(|&member| holds(member))
-            .collect();
-        // `exclude` is not itself a holder to step through, but the differences taken from it
-        // may be (kept by reference, they are found only through it).
-        if !found.contains(&exclude) && holds(exclude) {
-            found.push(exclude);
-        }
-        self.add_holding_children(&mut found, before, size, |minus| {
-            self.shared_pending(minus, pending) == 0
-        });
-        found.retain(|&member| member != exclude);
-        found.sort_by_key(|&member| (self.members[member].len, member));
-        found.truncate(MOST_PARTNERS);
-        found
-    }
-
-    fn pending_holds(&self, pending: &Pending<'_>, record: u32) -> bool {
-        self.operand_holds(pending.plus, record) && !self.operand_holds(pending.minus, record)
-    }
-
-    /// Members of `pending`'s size give or take `reach` whose distance to it passes `test`.
-    fn near_pending(&self, pending: &Pending<'_>, reach: u64, test: impl Fn(u64) -> bool) -> bool {
-        let size = pending.len;
-        self.by_size
-            .range(size.saturating_sub(reach)..=size.saturating_add(reach))
-            .flat_map(|(_, members)| members)
-            .filter(|&&member| {
-                self.probes_missing_at_most(
-                    member,
-                    |record| self.pending_holds(pending, record),
-                    reach,
-                )
-            })
-            .any(|&member| {
-                let shared = self.shared_with(member, pending.plus)
-                    - self.shared_with(member, pending.minus);
-                test(self.members[member].len + size - 2 * shared)
-            })
-    }
-
-    /// The difference of `set` and a partner, not materialised.
-    fn pending<'a>(&self, partner: Partner, set: &'a RoaringBitmap) -> Pending<'a> {
-        let (member, set) = (Operand::Member(partner.member), Operand::Set(set));
-        let (plus, minus) = if partner.holds {
-            (member, set)
-        } else {
-            (set, member)
-        };
-        Pending {
-            plus,
-            minus,
-            len: partner.difference,
-        }
-    }
-
-    /// Whether releasing `set` would let a reader derive, by subtracting it from a nested
-    /// remembered count (and the result from remembered sets holding it, and so on), a count 1
-    /// to `reach` records from another remembered one. A count already known reveals nothing
-    /// new, whatever it is nested with.
-    pub fn chain_hazard(&self, set: &RoaringBitmap, partners: &[Partner], reach: u64) -> bool {
-        let mut budget = MOST_FOLLOWED;
-        partners.iter().any(|&partner| {
-            let pending = self.pending(partner, set);
-            self.hazard_in(&pending, partner.member, Some(set), reach, 1, &mut budget)
-        })
-    }
-
-    /// The remembered sets whose differences with `set` a release would make derivable (none
-    /// when its count is known already: that reveals nothing new).
-    pub fn derivable(&self, set: &RoaringBitmap) -> Vec<Partner> {
-        if self.holds(set) {
-            return Vec::new();
-        }
-        self.partners(set, self.members.len())
-    }
-
     /// Whether `set`'s difference with `partner` comes 1 to `reach` records from `other`, a set
     /// not remembered (another value of the same answer).
     pub fn difference_near(
@@ -666,156 +552,210 @@ impl SetIndex {
         other: &RoaringBitmap,
         reach: u64,
     ) -> bool {
-        let pending = self.pending(partner, set);
-        if pending.len.abs_diff(other.len()) > reach {
+        if partner.difference.abs_diff(other.len()) > reach {
             return false;
         }
-        let shared =
-            self.operand_shares(pending.plus, other) - self.operand_shares(pending.minus, other);
-        (1..=reach).contains(&(pending.len + other.len() - 2 * shared))
+        let in_member = self.shared(partner.member, other);
+        let in_set = shared_records(set, other);
+        let shared = if partner.holds {
+            in_member - in_set
+        } else {
+            in_set - in_member
+        };
+        (1..=reach).contains(&(partner.difference + other.len() - 2 * shared))
     }
 
-    /// Records `operand` shares with a set not remembered.
-    fn operand_shares(&self, operand: Operand<'_>, other: &RoaringBitmap) -> u64 {
-        match operand {
-            Operand::Member(member) => self.shared(member, other),
-            Operand::Set(set) => shared_records(set, other),
-            Operand::Pending(pending) => {
-                self.operand_shares(pending.plus, other) - self.operand_shares(pending.minus, other)
+    /// What releasing `set` makes derivable from the members numbered below `before`: the
+    /// counts a reader gets by subtracting it from the nested remembered counts (or them from
+    /// it), then by subtracting those from the counts nested with them, and so on, up to
+    /// [`MOST_DEPTH`] stacked subtractions, fewest first. At most [`MOST_STEPS`] new counts
+    /// are followed (and remembered); the counts derivable from those are still checked. A
+    /// count remembered already is not derived again, unless this way takes fewer
+    /// subtractions (then its depth is lowered and it is followed further).
+    ///
+    /// With `reach`, the exploration stops at a *hazard*: `set`, or a count it makes
+    /// derivable, comes 1 to `reach` records from a remembered count or from another count of
+    /// the exploration, or is itself that small.
+    pub fn explore(&self, set: &RoaringBitmap, before: usize, reach: Option<u64>) -> Exploration {
+        let known = self.find(set);
+        if set.is_empty() || known.is_some_and(|member| self.members[member].depth == 0) {
+            return Exploration::default();
+        }
+        let mut exploration = Exploration {
+            steps: vec![Step {
+                records: set.clone(),
+                depth: 0,
+                from: None,
+                known,
+            }],
+            ..Exploration::default()
+        };
+        if let Some(reach) = reach
+            && known.is_none()
+            && self.close(set, reach)
+        {
+            exploration.hazard = true;
+            return exploration;
+        }
+        // Fewest subtractions first: a count reached again is reached no shallower, unless it
+        // is still waiting, so every count is followed at its least depth.
+        while let Some(step) = exploration.next_step() {
+            exploration.order.push(step);
+            for (records, depth, from) in self.derivations(&mut exploration, step, before) {
+                if records.is_empty() {
+                    continue;
+                }
+                if let Some(reached) = exploration.position(&records) {
+                    let reached = &mut exploration.steps[reached];
+                    if depth < reached.depth {
+                        reached.depth = depth;
+                        reached.from = Some(from);
+                    }
+                    continue;
+                }
+                let known = self.find(&records);
+                if known.is_some_and(|member| self.members[member].depth <= depth) {
+                    continue;
+                }
+                if let Some(reach) = reach
+                    && known.is_none()
+                    && ((1..=reach).contains(&records.len())
+                        || self.close(&records, reach)
+                        || exploration.close(&records, reach))
+                {
+                    exploration.hazard = true;
+                    return exploration;
+                }
+                if exploration.steps.len() > MOST_STEPS {
+                    // Checked, but not followed further nor remembered.
+                    continue;
+                }
+                exploration.steps.push(Step {
+                    records,
+                    depth,
+                    from: Some(from),
+                    known,
+                });
             }
         }
+        exploration
     }
 
-    /// Whether `pending` (`depth` subtractions deep), or its difference with a remembered set
-    /// (other than `exclude`) holding it, and so on, comes 1 to `reach` records from a
-    /// remembered count.
-    fn hazard_in(
+    /// The differences of step number `step` with the members (numbered below `before`)
+    /// nested with it and with the earlier steps nested with it, each with its depth and
+    /// sources. The first step's partners are kept in `exploration`.
+    fn derivations(
         &self,
-        pending: &Pending<'_>,
-        exclude: usize,
-        released: Option<&RoaringBitmap>,
-        reach: u64,
-        depth: u8,
-        budget: &mut usize,
-    ) -> bool {
-        if self.near_pending(pending, reach, |distance| (1..=reach).contains(&distance)) {
-            return true;
+        exploration: &mut Exploration,
+        step: usize,
+        before: usize,
+    ) -> Vec<(RoaringBitmap, u8, (Source, Source))> {
+        let this = &exploration.steps[step];
+        if this.depth >= MOST_DEPTH {
+            return Vec::new();
         }
-        if depth >= MOST_DEPTH || *budget == 0 {
-            return false;
-        }
-        *budget -= 1;
-        for holder in self.pending_holders(pending, exclude, self.members.len()) {
-            let next = Pending {
-                plus: Operand::Member(holder),
-                minus: Operand::Pending(pending),
-                len: self.members[holder].len - pending.len,
-            };
-            if self.hazard_in(&next, holder, released, reach, depth + 1, budget) {
-                return true;
+        let partners = self.partners(&this.records, before);
+        let mut found: Vec<_> = partners
+            .iter()
+            .map(|partner| {
+                let member = partner.member;
+                let depth = this.depth.max(self.members[member].depth) + 1;
+                let outer = self.records(member);
+                if partner.holds {
+                    let from = (Source::Member(member), Source::Step(step));
+                    (outer.as_ref() - &this.records, depth, from)
+                } else {
+                    let from = (Source::Step(step), Source::Member(member));
+                    (&this.records - outer.as_ref(), depth, from)
+                }
+            })
+            .collect();
+        for &earlier in &exploration.order {
+            let other = &exploration.steps[earlier];
+            if other.depth >= MOST_DEPTH || other.records.len() == this.records.len() {
+                continue;
             }
-        }
-        // The set being released may hold it too (once per chain: it is not a member).
-        if let Some(set) = released
-            && set.len() > pending.len
-            && self.operand_shares(Operand::Pending(pending), set) == pending.len
-        {
-            let next = Pending {
-                plus: Operand::Set(set),
-                minus: Operand::Pending(pending),
-                len: set.len() - pending.len,
-            };
-            return self.hazard_in(&next, exclude, None, reach, depth + 1, budget);
-        }
-        false
-    }
-
-    /// Remembers a released set, the differences with its partners among the members numbered
-    /// below `batch_start` (the sets of the same answer are left to the answer's own rules),
-    /// and the differences of those with the remembered sets holding them, and so on, as
-    /// [`SetIndex::chain_hazard`] follows them. `set` must not be remembered already.
-    pub fn insert(&mut self, set: RoaringBitmap, batch_start: usize) {
-        let partners = self.partners(&set, batch_start);
-        let released = self.push_records(set, 0);
-        let mut budget = MOST_FOLLOWED;
-        for partner in partners {
-            let (plus, minus) = if partner.holds {
-                (partner.member, released)
+            let depth = this.depth.max(other.depth) + 1;
+            let ((outer, plus), (inner, minus)) = if other.records.len() > this.records.len() {
+                ((other, earlier), (this, step))
             } else {
-                (released, partner.member)
+                ((this, step), (other, earlier))
             };
-            if let Some(derived) = self.derive(plus, minus, partner.difference) {
-                let through = Through {
-                    exclude: partner.member,
-                    before: batch_start,
-                    released,
-                };
-                self.derive_through_holders(derived, through, &mut budget);
+            if inner.records.is_subset(&outer.records) {
+                let from = (Source::Step(plus), Source::Step(minus));
+                found.push((&outer.records - &inner.records, depth, from));
             }
+        }
+        if step == 0 {
+            exploration.partners = partners;
+        }
+        found
+    }
+
+    /// Remembers a released set and what it makes derivable from the members numbered below
+    /// `batch_start` (the sets of the same answer are left to the answer's own rules).
+    pub fn insert(&mut self, set: RoaringBitmap, batch_start: usize) {
+        let exploration = self.explore(&set, batch_start, None);
+        self.commit(exploration);
+    }
+
+    /// Remembers the counts of an exploration (its first step is the released set), each
+    /// after the steps it is derived from.
+    pub fn commit(&mut self, exploration: Exploration) {
+        let Exploration {
+            steps, mut order, ..
+        } = exploration;
+        let waiting: Vec<usize> = (0..steps.len())
+            .filter(|step| !order.contains(step))
+            .collect();
+        order.extend(waiting);
+        let mut steps: Vec<Option<Step>> = steps.into_iter().map(Some).collect();
+        let mut numbers: Vec<usize> = vec![usize::MAX; steps.len()];
+        for index in order {
+            let Some(step) = steps[index].take() else {
+                continue;
+            };
+            let number = match (step.known, step.from) {
+                (Some(member), _) => {
+                    self.members[member].depth = step.depth;
+                    member
+                }
+                (None, None) => self.push_records(step.records, step.depth),
+                (None, Some((plus, minus))) => {
+                    let number = |source| match source {
+                        Source::Member(member) => member,
+                        Source::Step(step) => numbers[step],
+                    };
+                    self.push_derived(number(plus), number(minus), step.records, step.depth)
+                }
+            };
+            numbers[index] = number;
         }
     }
 
-    /// Remembers `derived`'s differences with the remembered sets (numbered below `before`,
-    /// other than `exclude`) holding it, and theirs in turn.
-    fn derive_through_holders(&mut self, derived: usize, through: Through, budget: &mut usize) {
-        if self.members[derived].depth >= MOST_DEPTH || *budget == 0 {
-            return;
-        }
-        *budget -= 1;
-        let nothing = RoaringBitmap::new();
-        let itself = Pending {
-            plus: Operand::Member(derived),
-            minus: Operand::Set(&nothing),
-            len: self.members[derived].len,
-        };
-        let mut holders = self.pending_holders(&itself, through.exclude, through.before);
-        // The released set itself may hold it too (a reader subtracts from it as well).
-        let size = self.members[derived].len;
-        if through.released != through.exclude
-            && self.members[through.released].len > size
-            && self.shared_members(through.released, derived) == size
-        {
-            holders.push(through.released);
-        }
-        for holder in holders {
-            let len = self.members[holder].len - size;
-            if let Some(next) = self.derive(holder, derived, len) {
-                let through = Through {
-                    exclude: holder,
-                    ..through
-                };
-                self.derive_through_holders(next, through, budget);
-            }
-        }
-    }
-
-    /// Remembers `plus` minus `minus` (which lies inside it, `len` records fewer) unless that
-    /// count is remembered already; its number.
-    fn derive(&mut self, plus: usize, minus: usize, len: u64) -> Option<usize> {
-        let pending = Pending {
-            plus: Operand::Member(plus),
-            minus: Operand::Member(minus),
-            len,
-        };
-        if len == 0 || self.near_pending(&pending, 0, |distance| distance == 0) {
-            return None;
-        }
-        let depth = self.members[plus].depth.max(self.members[minus].depth) + 1;
-        // Kept by reference, probed by the records of its larger set's probes that it keeps;
-        // when it keeps none, or is small (to be posted), as a bitmap.
+    /// Remembers `records`, `plus` minus `minus`: by reference, probed by the records of its
+    /// larger set's probes that it keeps; when it keeps none, or is small (to be posted), as
+    /// a bitmap.
+    fn push_derived(
+        &mut self,
+        plus: usize,
+        minus: usize,
+        records: RoaringBitmap,
+        depth: u8,
+    ) -> usize {
         let head: Vec<u32> = self.members[plus]
             .head
             .iter()
             .copied()
             .filter(|&record| !self.holds_record(minus, record))
             .collect();
+        let len = records.len();
         if head.is_empty() || len <= POSTED {
-            let records = self.records(plus).into_owned() - self.records(minus).as_ref();
-            return Some(self.push_records(records, depth));
+            return self.push_records(records, depth);
         }
         let member = self.push(Shape::Difference { plus, minus }, len, head, depth);
         self.children.entry(plus).or_default().push(member);
-        Some(member)
+        member
     }
 
     fn grow_sample(&mut self, upto: u64) {
@@ -1017,10 +957,8 @@ mod tests {
     fn a_release_completing_a_chain_is_a_hazard_before_it_is_remembered() {
         // A, and C within one record of A's upper part: B = A's lower part completes A - B - C.
         let index = index_of(vec![set(0..1000), set(600..999)]);
-        let hazard = |released: RoaringBitmap| {
-            let partners = index.derivable(&released);
-            index.chain_hazard(&released, &partners, 9)
-        };
+        let hazard =
+            |released: RoaringBitmap| index.explore(&released, index.len(), Some(9)).hazard;
         assert!(hazard(set(0..600)));
         assert!(!hazard(set(0..500)), "A minus this is far from C");
     }

@@ -196,12 +196,10 @@ impl OverlapMemory {
     /// make differences with, for [`OverlapMemory::difference_near`].
     pub fn assess(&self, set: &RoaringBitmap, k: u32) -> Assessment {
         let reach = u64::from(k.saturating_sub(1));
-        let partners = self.index.derivable(set);
-        let too_close =
-            self.index.close(set, reach) || self.index.chain_hazard(set, &partners, reach);
+        let exploration = self.index.explore(set, self.index.len(), Some(reach));
         Assessment {
-            too_close,
-            partners,
+            too_close: exploration.hazard,
+            partners: exploration.partners,
         }
     }
 
@@ -256,7 +254,7 @@ impl OverlapMemory {
         for set in sets {
             // Known sets (a repeated query) cost one comparison, no serialisation.
             if set.is_empty()
-                || self.index.holds(&set)
+                || self.index.released(&set)
                 || fresh.iter().any(|(seen, _)| *seen == set)
             {
                 continue;

@@ -9,6 +9,8 @@
 //!
 //! [`memory`] keeps the sets durably and bounded; [`index`] finds close and nested ones.
 
+#[cfg(test)]
+mod chains;
 mod index;
 mod memory;
 
