@@ -157,27 +157,21 @@ pub struct Exploration {
     pub hazard: bool,
 }
 
-impl Exploration {
-    /// The step with exactly these records.
-    fn position(&self, records: &RoaringBitmap) -> Option<usize> {
-        self.steps
-            .iter()
-            .position(|step| step.records.len() == records.len() && step.records == *records)
-    }
+/// A difference an exploration found, before it is materialised: `plus` minus `minus`.
+#[derive(Debug)]
+struct Derivation {
+    plus: Source,
+    minus: Source,
+    len: u64,
+    depth: u8,
+}
 
+impl Exploration {
     /// The shallowest step not followed yet.
     fn next_step(&self) -> Option<usize> {
         (0..self.steps.len())
             .filter(|step| !self.order.contains(step))
             .min_by_key(|&step| (self.steps[step].depth, step))
-    }
-
-    /// Whether `records` come 1 to `reach` records from a step's.
-    fn close(&self, records: &RoaringBitmap, reach: u64) -> bool {
-        self.steps.iter().any(|step| {
-            step.records.len().abs_diff(records.len()) <= reach
-                && (1..=reach).contains(&(step.records.symmetric_difference_len(records)))
-        })
     }
 }
 
@@ -250,6 +244,8 @@ impl SetIndex {
             Shape::Records(records) if records.len() <= FEW => {
                 records.iter().all(|record| set.contains(record))
             }
+            // Container by container, stopping at the first that is not inside.
+            Shape::Records(records) => records.is_subset(set),
             _ => self.shared(member, set) == self.members[member].len,
         }
     }
@@ -460,35 +456,59 @@ impl SetIndex {
             .is_some_and(|word| word & (1 << (record % 64)) != 0)
     }
 
-    /// Remembered sets (numbered below `before`) that may lie inside `set` with fewer records,
-    /// by their key (a set inside has it in `set`): not yet verified.
-    fn maybe_inside(&self, set: &RoaringBitmap, before: usize) -> Vec<usize> {
+    /// Remembered sets (numbered below `before`) that may lie inside `set` with fewer records
+    /// (their key and first probes are in it), closest in size first; not yet verified.
+    fn maybe_inside<'a>(
+        &'a self,
+        set: &'a RoaringBitmap,
+        before: usize,
+    ) -> Box<dyn Iterator<Item = usize> + 'a> {
         let size = set.len();
-        // A dense set is intersected with the keys (roaring tests each key against its bitmap
-        // containers); a sparse one is walked, testing each record against the keys' bits.
+        let may_lie_inside = move |member: usize| {
+            let brief = &self.briefs[member];
+            member < before
+                && brief.len < size
+                && brief.probes.iter().all(|&record| set.contains(record))
+        };
+        if size.saturating_mul(2) >= self.universe {
+            // A set of most records holds the keys of most members: walk them by size,
+            // largest first, so that the search stops at the closest.
+            return Box::new(
+                self.by_size
+                    .range(..size)
+                    .rev()
+                    .flat_map(|(_, members)| members.iter().copied())
+                    .filter(move |&member| {
+                        self.members[member]
+                            .head
+                            .first()
+                            .is_some_and(|&key| set.contains(key))
+                            && may_lie_inside(member)
+                    }),
+            );
+        }
+        // Otherwise through the keys it holds: a dense set is intersected with the keys
+        // (roaring tests each key against its bitmap containers); a sparse one is walked,
+        // testing each record against the keys' bits.
         let keys: Vec<u32> = if size.saturating_mul(DENSE) >= self.universe {
             (&self.keys & set).iter().collect()
         } else {
             set.iter().filter(|&record| self.is_key(record)).collect()
         };
-        let mut found = Vec::new();
+        let mut found: Vec<usize> = Vec::new();
         for record in keys {
             let mut next = self.last_with_key[record as usize];
             while next > 0 {
                 let member = next as usize - 1;
                 next = self.briefs[member].next_with_key;
-                found.push(member);
+                if may_lie_inside(member) {
+                    found.push(member);
+                }
             }
         }
-        found
-            .into_iter()
-            .filter(|&member| {
-                let brief = &self.briefs[member];
-                member < before
-                    && brief.len < size
-                    && brief.probes.iter().all(|&record| set.contains(record))
-            })
-            .collect()
+        found.sort_unstable_by_key(|&member| (size - self.members[member].len, member));
+        found.dedup();
+        Box::new(found.into_iter())
     }
 
     /// Remembered sets (numbered below `before`) nested with `set` whose difference with it
@@ -512,14 +532,10 @@ impl SetIndex {
         partners.sort_by_key(|partner| (partner.difference, partner.member));
         partners.truncate(MOST_PARTNERS);
         // Sets inside it are verified closest first, only until no closer ones could be kept.
-        let mut inside: Vec<(u64, usize)> = self
+        let inside = self
             .maybe_inside(set, before)
-            .into_iter()
             .filter(shallow)
-            .map(|member| (size - self.members[member].len, member))
-            .collect();
-        inside.sort_unstable();
-        inside.dedup();
+            .map(|member| (size - self.members[member].len, member));
         let mut kept = Vec::new();
         for (difference, member) in inside {
             let closer = partners
@@ -601,27 +617,66 @@ impl SetIndex {
         // is still waiting, so every count is followed at its least depth.
         while let Some(step) = exploration.next_step() {
             exploration.order.push(step);
-            for (records, depth, from) in self.derivations(&mut exploration, step, before) {
-                if records.is_empty() {
+            for derivation in self.derivations(&mut exploration, step, before) {
+                let (len, depth) = (derivation.len, derivation.depth);
+                if len == 0 {
                     continue;
                 }
-                if let Some(reached) = exploration.position(&records) {
+                // Most differences have no remembered count or step near their size: those are
+                // checked without being materialised.
+                let reach_or_0 = reach.unwrap_or(0);
+                let members = self.near_derivation(&exploration, &derivation, reach_or_0);
+                let steps: Vec<usize> = (0..exploration.steps.len())
+                    .filter(|&step| {
+                        exploration.steps[step].records.len().abs_diff(len) <= reach_or_0
+                    })
+                    .collect();
+                let records = (!members.is_empty() || !steps.is_empty())
+                    .then(|| self.materialise(&exploration, &derivation));
+                let distances_to_steps: Vec<(usize, u64)> = records
+                    .iter()
+                    .flat_map(|records| {
+                        steps.iter().map(|&step| {
+                            let distance = exploration.steps[step]
+                                .records
+                                .symmetric_difference_len(records);
+                            (step, distance)
+                        })
+                    })
+                    .collect();
+                let from = Some((derivation.plus, derivation.minus));
+                if let Some(&(reached, _)) = distances_to_steps.iter().find(|&&(_, d)| d == 0) {
                     let reached = &mut exploration.steps[reached];
                     if depth < reached.depth {
                         reached.depth = depth;
-                        reached.from = Some(from);
+                        reached.from = from;
                     }
                     continue;
                 }
-                let known = self.find(&records);
+                let distances: Vec<(usize, u64)> = records
+                    .iter()
+                    .flat_map(|records| {
+                        members
+                            .iter()
+                            .map(|&member| (member, self.distance(member, records)))
+                    })
+                    .collect();
+                let known = distances
+                    .iter()
+                    .filter(|&&(_, distance)| distance == 0)
+                    .map(|&(member, _)| member)
+                    .min_by_key(|&member| self.members[member].depth);
                 if known.is_some_and(|member| self.members[member].depth <= depth) {
                     continue;
                 }
-                if let Some(reach) = reach
+                let close = |distance: u64| (1..=reach_or_0).contains(&distance);
+                if reach.is_some()
                     && known.is_none()
-                    && ((1..=reach).contains(&records.len())
-                        || self.close(&records, reach)
-                        || exploration.close(&records, reach))
+                    && (close(len)
+                        || distances.iter().any(|&(_, distance)| close(distance))
+                        || distances_to_steps
+                            .iter()
+                            .any(|&(_, distance)| close(distance)))
                 {
                     exploration.hazard = true;
                     return exploration;
@@ -630,10 +685,12 @@ impl SetIndex {
                     // Checked, but not followed further nor remembered.
                     continue;
                 }
+                let records =
+                    records.unwrap_or_else(|| self.materialise(&exploration, &derivation));
                 exploration.steps.push(Step {
                     records,
                     depth,
-                    from: Some(from),
+                    from,
                     known,
                 });
             }
@@ -642,54 +699,91 @@ impl SetIndex {
     }
 
     /// The differences of step number `step` with the members (numbered below `before`)
-    /// nested with it and with the earlier steps nested with it, each with its depth and
-    /// sources. The first step's partners are kept in `exploration`.
+    /// nested with it and with the earlier steps nested with it, not yet materialised. The
+    /// first step's partners are kept in `exploration`.
     fn derivations(
         &self,
         exploration: &mut Exploration,
         step: usize,
         before: usize,
-    ) -> Vec<(RoaringBitmap, u8, (Source, Source))> {
+    ) -> Vec<Derivation> {
         let this = &exploration.steps[step];
         if this.depth >= MOST_DEPTH {
             return Vec::new();
         }
         let partners = self.partners(&this.records, before);
-        let mut found: Vec<_> = partners
+        let mut found: Vec<Derivation> = partners
             .iter()
             .map(|partner| {
-                let member = partner.member;
-                let depth = this.depth.max(self.members[member].depth) + 1;
-                let outer = self.records(member);
-                if partner.holds {
-                    let from = (Source::Member(member), Source::Step(step));
-                    (outer.as_ref() - &this.records, depth, from)
+                let (member, step) = (Source::Member(partner.member), Source::Step(step));
+                let (plus, minus) = if partner.holds {
+                    (member, step)
                 } else {
-                    let from = (Source::Step(step), Source::Member(member));
-                    (&this.records - outer.as_ref(), depth, from)
+                    (step, member)
+                };
+                Derivation {
+                    plus,
+                    minus,
+                    len: partner.difference,
+                    depth: this.depth.max(self.members[partner.member].depth) + 1,
                 }
             })
             .collect();
         for &earlier in &exploration.order {
             let other = &exploration.steps[earlier];
-            if other.depth >= MOST_DEPTH || other.records.len() == this.records.len() {
-                continue;
-            }
-            let depth = this.depth.max(other.depth) + 1;
-            let ((outer, plus), (inner, minus)) = if other.records.len() > this.records.len() {
-                ((other, earlier), (this, step))
-            } else {
-                ((this, step), (other, earlier))
+            let (outer, inner) = match other.records.len().cmp(&this.records.len()) {
+                std::cmp::Ordering::Greater => ((other, earlier), (this, step)),
+                std::cmp::Ordering::Less => ((this, step), (other, earlier)),
+                std::cmp::Ordering::Equal => continue,
             };
-            if inner.records.is_subset(&outer.records) {
-                let from = (Source::Step(plus), Source::Step(minus));
-                found.push((&outer.records - &inner.records, depth, from));
+            if other.depth < MOST_DEPTH && inner.0.records.is_subset(&outer.0.records) {
+                found.push(Derivation {
+                    plus: Source::Step(outer.1),
+                    minus: Source::Step(inner.1),
+                    len: outer.0.records.len() - inner.0.records.len(),
+                    depth: this.depth.max(other.depth) + 1,
+                });
             }
         }
         if step == 0 {
             exploration.partners = partners;
         }
         found
+    }
+
+    fn source_holds(&self, exploration: &Exploration, source: Source, record: u32) -> bool {
+        match source {
+            Source::Member(member) => self.holds_record(member, record),
+            Source::Step(step) => exploration.steps[step].records.contains(record),
+        }
+    }
+
+    /// The members of `derivation`'s size give or take `reach` that pass a probe filter for
+    /// it (at most `reach` of their probes missing from it).
+    fn near_derivation(
+        &self,
+        exploration: &Exploration,
+        derivation: &Derivation,
+        reach: u64,
+    ) -> Vec<usize> {
+        let holds = |record: u32| {
+            self.source_holds(exploration, derivation.plus, record)
+                && !self.source_holds(exploration, derivation.minus, record)
+        };
+        let len = derivation.len;
+        self.by_size
+            .range(len.saturating_sub(reach)..=len.saturating_add(reach))
+            .flat_map(|(_, members)| members.iter().copied())
+            .filter(|&member| self.probes_missing_at_most(member, holds, reach))
+            .collect()
+    }
+
+    fn materialise(&self, exploration: &Exploration, derivation: &Derivation) -> RoaringBitmap {
+        let records = |source| match source {
+            Source::Member(member) => self.records(member),
+            Source::Step(step) => Cow::Borrowed(&exploration.steps[step].records),
+        };
+        records(derivation.plus).as_ref() - records(derivation.minus).as_ref()
     }
 
     /// Remembers a released set and what it makes derivable from the members numbered below
