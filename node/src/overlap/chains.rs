@@ -2,8 +2,8 @@
 //! a reader can subtract — the node's guarantee, checked where every derivable count can be
 //! listed.
 //!
-//! Records come in six "atoms": one of three records (the small group an attacker is after)
-//! and five of 400 to 2,400. Every released group is a union of atoms, so what a reader knows
+//! Records come in six "atoms": one of three records (the small group an attacker is after),
+//! in half the sequences a second small one, and the rest of 400 to 2,400. Every released group is a union of atoms, so what a reader knows
 //! is a set of atom masks: the released ones, and every difference of two nested known ones
 //! built from at most [`MOST_DEPTH`] stacked subtractions. The guarantee (PRIVACY.md, "What is
 //! guaranteed, exactly") is that no two such counts ever come 1 to k-1 records apart — one more
@@ -25,16 +25,16 @@ const ATOMS: u32 = 6;
 /// Subtractions a derived count may stack, as in the index.
 const MOST_DEPTH: u8 = 4;
 
-/// The atoms, the first the small group, their records scattered among each other (as a
-/// filter's records are among a dataset's).
+/// The atoms, their records scattered among each other (as a filter's records are among a
+/// dataset's): the first is the small group; in half the sequences so is the second (2 to 8
+/// records, so that the two together may be fewer than k as well).
 fn atoms(rng: &mut ChaCha20Rng) -> Vec<RoaringBitmap> {
+    let second_small = rng.random_bool(0.5);
     let sizes: Vec<u32> = (0..ATOMS)
-        .map(|atom| {
-            if atom == 0 {
-                3
-            } else {
-                rng.random_range(400..2400)
-            }
+        .map(|atom| match atom {
+            0 => 3,
+            1 if second_small => rng.random_range(2..=8),
+            _ => rng.random_range(400..2400),
         })
         .collect();
     let mut records: Vec<u32> = (0..sizes.iter().sum()).collect();

@@ -338,8 +338,9 @@ impl SetIndex {
         } else {
             self.candidates_by_probes(&probes)
         };
-        if probes.is_empty() && size > POSTED / 4 {
-            // Rare: an unsampled set this large; test the larger sets one by one.
+        if probes.is_empty() {
+            // The postings hold only small sets: test the large ones one by one too (for a
+            // small set each stops at the first record it lacks).
             candidates.extend(
                 self.by_size
                     .range(POSTED + 1..)
@@ -1006,7 +1007,7 @@ mod tests {
     }
 
     #[test]
-    fn an_unsampled_set_inside_a_large_one_is_searched_for_only_when_a_chain_could_need_it() {
+    fn an_unsampled_set_is_found_inside_a_large_one() {
         let outer = scattered(50_000, 7, 3);
         let unsampled = |count: usize| -> RoaringBitmap {
             outer
@@ -1016,13 +1017,11 @@ mod tests {
                 .collect()
         };
         let index = index_of(vec![outer.clone()]);
-        // Twenty records: a chain through it and another set this small has an outer set of
-        // at most about forty records, which the postings would find; this one is not searched.
-        assert!(index.partners(&unsampled(20), index.len()).is_empty());
-        // Three hundred: rare for an unsampled set, so the large sets are tested one by one.
-        let found = index.partners(&unsampled(300), index.len());
-        assert_eq!(found.len(), 1);
-        assert!(found[0].holds);
+        for count in [3, 20, 300] {
+            let found = index.partners(&unsampled(count), index.len());
+            assert_eq!(found.len(), 1, "{count} records");
+            assert!(found[0].holds);
+        }
     }
 
     #[test]
