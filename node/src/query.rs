@@ -804,7 +804,7 @@ impl QueryEngine {
         &self,
         memory: &mut OverlapMemory,
         study: &str,
-        released_sets: Vec<roaring::RoaringBitmap>,
+        released_sets: Vec<impl Into<overlap::Release>>,
     ) -> Result<(), NodeError> {
         let share = self.policy.privacy.overlap_memory_bytes / 100
             * u64::from(self.policy.privacy.overlap_study_share_percent);

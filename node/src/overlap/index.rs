@@ -135,7 +135,7 @@ enum Source {
 }
 
 /// A count a release makes derivable (the first step: the released set itself).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Step {
     records: RoaringBitmap,
     depth: u8,
@@ -146,9 +146,11 @@ struct Step {
 }
 
 /// What releasing a set makes derivable, found by [`SetIndex::explore`].
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Exploration {
     steps: Vec<Step>,
+    /// The members it was found among (those numbered below this).
+    basis: usize,
     /// The steps followed so far, in the order they were.
     order: Vec<usize>,
     /// The remembered sets nested with the released one (its first subtractions).
@@ -596,7 +598,10 @@ impl SetIndex {
     pub fn explore(&self, set: &RoaringBitmap, before: usize, reach: Option<u64>) -> Exploration {
         let known = self.find(set);
         if set.is_empty() || known.is_some_and(|member| self.members[member].depth == 0) {
-            return Exploration::default();
+            return Exploration {
+                basis: before,
+                ..Exploration::default()
+            };
         }
         let mut exploration = Exploration {
             steps: vec![Step {
@@ -605,6 +610,7 @@ impl SetIndex {
                 from: None,
                 known,
             }],
+            basis: before,
             ..Exploration::default()
         };
         if let Some(reach) = reach
@@ -788,15 +794,31 @@ impl SetIndex {
     }
 
     /// Remembers a released set and what it makes derivable from the members numbered below
-    /// `batch_start` (the sets of the same answer are left to the answer's own rules).
-    pub fn insert(&mut self, set: RoaringBitmap, batch_start: usize) {
-        let exploration = self.explore(&set, batch_start, None);
+    /// `batch_start` (the sets of the same answer are left to the answer's own rules). The
+    /// exploration made when the release was checked is used when it was made among the same
+    /// members; otherwise the set is explored again.
+    pub fn insert(
+        &mut self,
+        set: RoaringBitmap,
+        batch_start: usize,
+        explored: Option<Exploration>,
+    ) {
+        let exploration = explored
+            .filter(|exploration| {
+                exploration.basis == batch_start
+                    && !exploration.hazard
+                    && exploration
+                        .steps
+                        .first()
+                        .is_some_and(|first| first.records == set)
+            })
+            .unwrap_or_else(|| self.explore(&set, batch_start, None));
         self.commit(exploration);
     }
 
     /// Remembers the counts of an exploration (its first step is the released set), each
     /// after the steps it is derived from.
-    pub fn commit(&mut self, exploration: Exploration) {
+    fn commit(&mut self, exploration: Exploration) {
         let Exploration {
             steps, mut order, ..
         } = exploration;
@@ -956,7 +978,7 @@ mod tests {
         let mut index = SetIndex::default();
         for set in sets {
             let start = index.len();
-            index.insert(set, start);
+            index.insert(set, start, None);
         }
         index
     }
@@ -1078,7 +1100,7 @@ mod tests {
                 .any(|p| p.member == derived)
         );
         let start = index.len();
-        index.insert(c.clone(), start);
+        index.insert(c.clone(), start, None);
         let rest = a_minus_b - &c;
         assert!(index.holds(&rest));
         let mut almost = rest.clone();
@@ -1089,8 +1111,8 @@ mod tests {
     #[test]
     fn sets_of_one_answer_do_not_derive_from_each_other() {
         let mut index = SetIndex::default();
-        index.insert(set(0..1000), 0);
-        index.insert(set(0..600), 0);
+        index.insert(set(0..1000), 0, None);
+        index.insert(set(0..600), 0, None);
         assert_eq!(index.len(), 2);
     }
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use roaring::RoaringBitmap;
 use sha2::{Digest, Sha256};
 
-use super::index::{Partner, SetIndex};
+use super::index::{Exploration, Partner, SetIndex};
 use crate::records::OVERLAP_DIR;
 
 const SETS_FILE: &str = "released-sets.bin";
@@ -39,20 +39,48 @@ pub enum OverlapError {
 }
 
 /// What the memory says about releasing a set.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Assessment {
     /// It would reveal 1 to k-1 records by subtraction.
     pub too_close: bool,
     /// The remembered sets it would be differenced with.
     partners: Vec<Partner>,
+    /// What it would make derivable, to remember without searching again.
+    exploration: Option<Exploration>,
+}
+
+/// A set to remember, with what its check found it makes derivable (when it was checked).
+#[derive(Debug)]
+pub struct Release {
+    pub records: RoaringBitmap,
+    exploration: Option<Exploration>,
+}
+
+impl From<RoaringBitmap> for Release {
+    fn from(records: RoaringBitmap) -> Release {
+        Release {
+            records,
+            exploration: None,
+        }
+    }
 }
 
 impl Assessment {
+    /// `records` (the set assessed) to remember, with what the assessment found they make
+    /// derivable (only once: a second release of the same set is explored again).
+    pub fn release(&mut self, records: RoaringBitmap) -> Release {
+        Release {
+            records,
+            exploration: self.exploration.take(),
+        }
+    }
+
     /// About an empty set: nothing to reveal.
     pub fn nothing() -> Assessment {
         Assessment {
             too_close: false,
             partners: Vec::new(),
+            exploration: None,
         }
     }
 
@@ -143,7 +171,7 @@ impl OverlapMemory {
             } else {
                 let set = RoaringBitmap::deserialize_from(payload).map_err(|_| damaged())?;
                 let start = answer_start.unwrap_or(memory.index.len());
-                memory.insert(set, length as u64, start);
+                memory.insert(set.into(), length as u64, start);
             }
             at = end;
         }
@@ -160,8 +188,9 @@ impl OverlapMemory {
         Ok(memory)
     }
 
-    fn insert(&mut self, set: RoaringBitmap, size: u64, answer_start: usize) {
-        self.index.insert(set, answer_start);
+    fn insert(&mut self, release: Release, size: u64, answer_start: usize) {
+        self.index
+            .insert(release.records, answer_start, release.exploration);
         self.released += 1;
         self.bytes += size;
     }
@@ -199,7 +228,8 @@ impl OverlapMemory {
         let exploration = self.index.explore(set, self.index.len(), Some(reach));
         Assessment {
             too_close: exploration.hazard,
-            partners: exploration.partners,
+            partners: exploration.partners.clone(),
+            exploration: Some(exploration),
         }
     }
 
@@ -226,7 +256,7 @@ impl OverlapMemory {
 
     /// Remembers `sets` durably (one append and fsync), skipping empty sets and sets already
     /// remembered. Refuses, writing nothing, when they would pass the bound.
-    pub fn remember(&mut self, sets: Vec<RoaringBitmap>) -> Result<(), OverlapError> {
+    pub fn remember(&mut self, sets: Vec<impl Into<Release>>) -> Result<(), OverlapError> {
         self.remember_for(None, sets)
     }
 
@@ -236,7 +266,7 @@ impl OverlapMemory {
         &mut self,
         study: &str,
         share: u64,
-        sets: Vec<RoaringBitmap>,
+        sets: Vec<impl Into<Release>>,
     ) -> Result<(), OverlapError> {
         self.remember_for(Some((study, share)), sets)
     }
@@ -244,18 +274,20 @@ impl OverlapMemory {
     fn remember_for(
         &mut self,
         study: Option<(&str, u64)>,
-        sets: Vec<RoaringBitmap>,
+        sets: Vec<impl Into<Release>>,
     ) -> Result<(), OverlapError> {
         // The answer's sets follow a zero-length entry marking where it starts.
         let mut entries = Vec::from(&(0u32).to_le_bytes()[..]);
         entries.extend_from_slice(&fingerprint(&[]));
-        let mut fresh: Vec<(RoaringBitmap, u64)> = Vec::new();
+        let mut fresh: Vec<(Release, u64)> = Vec::new();
         let mut added = 0u64;
-        for set in sets {
+        for release in sets {
+            let release: Release = release.into();
+            let set = &release.records;
             // Known sets (a repeated query) cost one comparison, no serialisation.
             if set.is_empty()
-                || self.index.released(&set)
-                || fresh.iter().any(|(seen, _)| *seen == set)
+                || self.index.released(set)
+                || fresh.iter().any(|(seen, _)| seen.records == *set)
             {
                 continue;
             }
@@ -266,7 +298,7 @@ impl OverlapMemory {
             entries.extend_from_slice(&fingerprint(&payload));
             entries.extend_from_slice(&payload);
             added += payload.len() as u64;
-            fresh.push((set, payload.len() as u64));
+            fresh.push((release, payload.len() as u64));
         }
         if fresh.is_empty() {
             return Ok(());
@@ -297,8 +329,8 @@ impl OverlapMemory {
             })
             .map_err(|err| OverlapError::Write(format!("{}: {err}", self.path.display())))?;
         let answer_start = self.index.len();
-        for (set, size) in fresh {
-            self.insert(set, size, answer_start);
+        for (release, size) in fresh {
+            self.insert(release, size, answer_start);
         }
         if let Some((study, _)) = study {
             *self.by_study.entry(study.to_string()).or_insert(0) += added;

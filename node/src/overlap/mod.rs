@@ -14,7 +14,7 @@ mod chains;
 mod index;
 mod memory;
 
-pub use memory::{Assessment, OverlapError, OverlapMemory};
+pub use memory::{Assessment, OverlapError, OverlapMemory, Release};
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -74,7 +74,7 @@ fn smallest_released(
 #[derive(Debug)]
 pub struct Decided {
     pub table: DisclosedTable,
-    pub released_sets: Vec<RoaringBitmap>,
+    pub released_sets: Vec<Release>,
 }
 
 /// The verdicts of one answer's sets, each asked of the memory once however many rounds the
@@ -111,7 +111,7 @@ fn verdict<'a>(
 }
 
 impl<'a> Verdicts<'a> {
-    fn entry(&mut self, cells: &[usize]) -> &Verdict<'a> {
+    fn entry(&mut self, cells: &[usize]) -> &mut Verdict<'a> {
         let (sets, memory, k) = (self.sets, self.memory, self.k);
         self.asked
             .entry(cells.to_vec())
@@ -205,8 +205,10 @@ impl<'a> Verdicts<'a> {
         })
     }
 
-    fn set(&mut self, cells: &[usize]) -> RoaringBitmap {
-        self.entry(cells).0.clone().into_owned()
+    /// The union of `cells` to remember, with what its check found it makes derivable.
+    fn release(&mut self, cells: &[usize]) -> Release {
+        let (set, assessment) = self.entry(cells);
+        assessment.release(set.as_ref().clone())
     }
 }
 
@@ -338,22 +340,22 @@ pub fn decide(
             }
             continue;
         }
-        let mut released_sets: Vec<RoaringBitmap> = (0..cell_count)
+        let mut released_sets: Vec<Release> = (0..cell_count)
             .filter(|&cell| released(cell))
-            .map(|cell| sets[cell].clone())
+            .map(|cell| verdicts.release(&[cell]))
             .collect();
         if total_released {
-            released_sets.push(verdicts.set(&all_cells));
+            released_sets.push(verdicts.release(&all_cells));
             if !withheld.is_empty() {
-                released_sets.push(verdicts.set(&withheld));
+                released_sets.push(verdicts.release(&withheld));
             }
         }
         // Sums are remembered too: a later query releasing a line's whole margin is then seen to
         // differ from its readable part by the withheld records.
         for cells in sums.iter().filter(|cells| cells.len() > 1) {
-            released_sets.push(verdicts.set(cells));
+            released_sets.push(verdicts.release(cells));
         }
-        released_sets.retain(|set| !set.is_empty());
+        released_sets.retain(|release| !release.records.is_empty());
         return Decided {
             table: disclosed,
             released_sets,
