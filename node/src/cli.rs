@@ -281,10 +281,11 @@ async fn serve(config_path: PathBuf) -> Result<(), String> {
         differential_privacy = dp.as_deref().unwrap_or("off"),
         "disclosure policy"
     );
-    if let Some((sets, derived, bytes)) = node.engine().overlap_memory() {
+    if let Some((sets, derived, cut, bytes)) = node.engine().overlap_memory() {
         tracing::info!(
             sets,
             derived,
+            cut,
             mib = bytes.div_ceil(1024 * 1024),
             limit_mib = privacy.overlap_memory_bytes / (1024 * 1024),
             "overlap memory"

@@ -395,11 +395,11 @@ impl QueryEngine {
         );
     }
 
-    /// Remembered released sets, the counts derived from them, and the sets' bytes, when
-    /// overlap control is on.
-    pub fn overlap_memory(&self) -> Option<(usize, usize, u64)> {
+    /// Remembered released sets, the counts derived from them, the released sets whose
+    /// derived counts were cut at the bound, and the sets' bytes, when overlap control is on.
+    pub fn overlap_memory(&self) -> Option<(usize, usize, usize, u64)> {
         let memory = self.overlap.as_ref()?.lock().ok()?;
-        Some((memory.len(), memory.derived(), memory.bytes()))
+        Some((memory.len(), memory.derived(), memory.cut(), memory.bytes()))
     }
 
     /// Outbound mode: whether a connection to the coordinator is open (a metric).
@@ -440,6 +440,13 @@ impl QueryEngine {
                 "Counts derived from nested released sets (differences), remembered in memory.",
                 &[],
                 i64::try_from(memory.derived()).unwrap_or(i64::MAX),
+            );
+            self.metrics.set(
+                "fedq_node_overlap_cut_releases",
+                "Released sets that made more counts derivable than the node follows (16); \
+                 chains through the rest are not tracked (PRIVACY.md).",
+                &[],
+                i64::try_from(memory.cut()).unwrap_or(i64::MAX),
             );
         }
         if let Some(budget) = &self.budget {

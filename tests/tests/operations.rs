@@ -358,6 +358,7 @@ async fn node_metrics_count_outcomes_and_reasons_without_any_request_content() -
         "fedq_node_query_seconds_count{outcome=\"released\"} 1",
         "fedq_node_audit_records 3",
         "# TYPE fedq_node_query_seconds histogram",
+        "fedq_node_overlap_cut_releases 0",
     ] {
         assert!(
             response.contains(expected),

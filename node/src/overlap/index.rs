@@ -157,6 +157,8 @@ pub struct Exploration {
     pub partners: Vec<Partner>,
     /// Whether a derivable count comes 1 to k-1 records from a known one.
     pub hazard: bool,
+    /// Whether more counts were derivable than are followed (and remembered).
+    cut: bool,
 }
 
 /// A difference an exploration found, before it is materialised: `plus` minus `minus`.
@@ -690,6 +692,7 @@ impl SetIndex {
                 }
                 if exploration.steps.len() > MOST_STEPS {
                     // Checked, but not followed further nor remembered.
+                    exploration.cut = true;
                     continue;
                 }
                 let records =
@@ -796,13 +799,14 @@ impl SetIndex {
     /// Remembers a released set and what it makes derivable from the members numbered below
     /// `batch_start` (the sets of the same answer are left to the answer's own rules). The
     /// exploration made when the release was checked is used when it was made among the same
-    /// members; otherwise the set is explored again.
+    /// members; otherwise the set is explored again. Whether it made more counts derivable
+    /// than are followed.
     pub fn insert(
         &mut self,
         set: RoaringBitmap,
         batch_start: usize,
         explored: Option<Exploration>,
-    ) {
+    ) -> bool {
         let exploration = explored
             .filter(|exploration| {
                 exploration.basis == batch_start
@@ -813,7 +817,9 @@ impl SetIndex {
                         .is_some_and(|first| first.records == set)
             })
             .unwrap_or_else(|| self.explore(&set, batch_start, None));
+        let cut = exploration.cut;
         self.commit(exploration);
+        cut
     }
 
     /// Remembers the counts of an exploration (its first step is the released set), each

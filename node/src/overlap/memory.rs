@@ -100,6 +100,8 @@ pub struct OverlapMemory {
     index: SetIndex,
     /// Released sets remembered (the index also holds derived counts).
     released: usize,
+    /// Released sets that made more counts derivable than are followed.
+    cut: usize,
     bytes: u64,
     limit: u64,
     /// Bytes added per study (kept in `study-shares.json`).
@@ -141,6 +143,7 @@ impl OverlapMemory {
             path: path.clone(),
             index: SetIndex::default(),
             released: 0,
+            cut: 0,
             bytes: 0,
             limit,
             by_study,
@@ -189,9 +192,11 @@ impl OverlapMemory {
     }
 
     fn insert(&mut self, release: Release, size: u64, answer_start: usize) {
-        self.index
+        let cut = self
+            .index
             .insert(release.records, answer_start, release.exploration);
         self.released += 1;
+        self.cut += usize::from(cut);
         self.bytes += size;
     }
 
@@ -212,6 +217,12 @@ impl OverlapMemory {
     /// Bytes the remembered sets take (serialised).
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+
+    /// Released sets that made more counts derivable than the node follows (16): chains
+    /// through the others are not tracked (PRIVACY.md, "What is guaranteed, exactly").
+    pub fn cut(&self) -> usize {
+        self.cut
     }
 
     /// Whether releasing `set` would reveal 1 to k-1 records by subtraction: it differs by
@@ -468,6 +479,31 @@ mod tests {
         assert_eq!(memory.derived(), derived);
         assert!(memory.known(&set(600..1000)));
         assert!(!memory.known(&set(300..600)));
+    }
+
+    #[test]
+    fn a_release_making_more_counts_derivable_than_are_followed_is_counted_and_survives_reopening()
+    {
+        let state = tempfile::tempdir().unwrap();
+        {
+            let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+            // Twenty groups of 100 records, each its own answer, then one holding them all: it
+            // makes more differences derivable than are followed.
+            for group in 0..20 {
+                memory
+                    .remember(vec![set(group * 100..group * 100 + 100)])
+                    .unwrap();
+            }
+            assert_eq!(memory.cut(), 0, "disjoint groups derive nothing");
+            memory.remember(vec![set(0..2000)]).unwrap();
+            assert_eq!(memory.cut(), 1);
+            // A group inside one other elsewhere makes one difference derivable.
+            memory.remember(vec![set(5000..5100)]).unwrap();
+            memory.remember(vec![set(5000..5050)]).unwrap();
+            assert_eq!(memory.cut(), 1);
+        }
+        let memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        assert_eq!(memory.cut(), 1, "replaying the file cuts the same release");
     }
 
     #[test]
