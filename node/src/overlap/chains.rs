@@ -1,13 +1,16 @@
-//! Differencing chains: named attacks, and random release sequences against a model of what
+//! Differencing chains: named attacks, and random sequences of answers against a model of what
 //! a reader can subtract — the node's guarantee, checked where every derivable count can be
 //! listed.
 //!
 //! Records come in six "atoms": one of three records (the small group an attacker is after),
-//! in half the sequences a second small one, and the rest of 400 to 2,400. Every released group is a union of atoms, so what a reader knows
-//! is a set of atom masks: the released ones, and every difference of two nested known ones
-//! built from at most [`MOST_DEPTH`] stacked subtractions. The guarantee (PRIVACY.md, "What is
-//! guaranteed, exactly") is that no two such counts ever come 1 to k-1 records apart — one more
-//! subtraction would reveal that few records — and no such count is itself that small.
+//! in half the sequences a second small one, and the rest of 400 to 2,400. Every released value
+//! is a union of atoms, so what a reader knows is a set of atom masks: the values released
+//! (cells, totals, the released cells together, the withheld ones together), and every
+//! difference of two nested known counts built from at most [`MOST_DEPTH`] stacked
+//! subtractions — except two values of one answer, which the answer's own rules cover. The
+//! guarantee (PRIVACY.md, "What is guaranteed, exactly") is that no two such counts ever come
+//! 1 to k-1 records apart — one more subtraction would reveal that few records — and no such
+//! count is itself that small.
 
 use std::collections::HashMap;
 
@@ -50,127 +53,6 @@ fn atoms(rng: &mut ChaCha20Rng) -> Vec<RoaringBitmap> {
         .collect()
 }
 
-fn records_of(atoms: &[RoaringBitmap], mask: u32) -> RoaringBitmap {
-    atoms
-        .iter()
-        .enumerate()
-        .filter(|(atom, _)| mask & (1 << atom) != 0)
-        .fold(RoaringBitmap::new(), |all, (_, records)| all | records)
-}
-
-/// Every count a reader can derive from `released` by nested subtraction, with the fewest
-/// stacked subtractions it takes (at most [`MOST_DEPTH`]).
-fn derivable(released: &[u32]) -> HashMap<u32, u8> {
-    let mut known: HashMap<u32, u8> = released.iter().map(|&mask| (mask, 0)).collect();
-    loop {
-        let now: Vec<(u32, u8)> = known.iter().map(|(&mask, &depth)| (mask, depth)).collect();
-        let mut grew = false;
-        for &(inner, inner_depth) in &now {
-            for &(outer, outer_depth) in &now {
-                let depth = inner_depth.max(outer_depth) + 1;
-                if inner != outer && inner & outer == inner && depth <= MOST_DEPTH {
-                    let entry = known.entry(outer & !inner).or_insert(u8::MAX);
-                    if depth < *entry {
-                        *entry = depth;
-                        grew = true;
-                    }
-                }
-            }
-        }
-        if !grew {
-            return known;
-        }
-    }
-}
-
-/// Two derivable counts 1 to k-1 records apart (or one that small), if any.
-fn exposed(known: &HashMap<u32, u8>, sizes: &[u64]) -> Option<(u32, u32)> {
-    let len = |mask: u32| -> u64 {
-        (0..ATOMS)
-            .filter(|atom| mask & (1 << atom) != 0)
-            .map(|atom| sizes[atom as usize])
-            .sum()
-    };
-    let small = |records: u64| (1..u64::from(K)).contains(&records);
-    known.keys().find_map(|&one| {
-        if small(len(one)) {
-            return Some((one, 0));
-        }
-        known
-            .keys()
-            .find(|&&other| small(len(one ^ other)))
-            .map(|&other| (one, other))
-    })
-}
-
-/// Releases a one-cell answer over `records` if the node allows it.
-fn release(memory: &mut OverlapMemory, records: &RoaringBitmap) -> bool {
-    let table = RawTable {
-        shape: vec![1],
-        counts: vec![records.len()],
-    };
-    let decided = decide(&table, std::slice::from_ref(records), K, memory, &[], false);
-    memory.remember(decided.released_sets).unwrap();
-    matches!(decided.table.total, Outcome::Released(_))
-}
-
-#[test]
-fn no_sequence_of_releases_makes_a_small_count_derivable() {
-    let sequences: u64 = std::env::var("FEDQ_FUZZ_SEQUENCES")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or(300);
-    let mut released_total = 0;
-    for seed in 0..sequences {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let atoms = atoms(&mut rng);
-        let sizes: Vec<u64> = atoms.iter().map(RoaringBitmap::len).collect();
-        let state = tempfile::tempdir().unwrap();
-        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
-        let mut released: Vec<u32> = Vec::new();
-        let mut log = Vec::new();
-        for _ in 0..rng.random_range(4..12) {
-            // Mostly a new group; sometimes one the reader can derive already (a re-release
-            // that takes fewer subtractions than the derivation did).
-            let mut known: Vec<u32> = derivable(&released)
-                .into_keys()
-                .filter(|&m| m > 1)
-                .collect();
-            known.sort_unstable();
-            let mask = if !known.is_empty() && rng.random_range(0..3) == 0 {
-                known[rng.random_range(0..known.len())]
-            } else {
-                rng.random_range(2..1 << ATOMS)
-            };
-            let out = release(&mut memory, &records_of(&atoms, mask));
-            log.push(format!("{mask:06b}{}", if out { "" } else { " withheld" }));
-            if out {
-                released.push(mask);
-                released_total += 1;
-                if let Some((one, other)) = exposed(&derivable(&released), &sizes) {
-                    panic!(
-                        "seed {seed}: after {log:?} the counts of {one:06b} and {other:06b} \
-                         are derivable and reveal the small atom"
-                    );
-                }
-            }
-        }
-        // What was remembered from the checks' explorations is what opening the memory
-        // derives again from the file.
-        let knows = |memory: &OverlapMemory| -> Vec<bool> {
-            (1..1 << ATOMS)
-                .map(|mask| memory.known(&records_of(&atoms, mask)))
-                .collect()
-        };
-        let before = knows(&memory);
-        drop(memory);
-        let reopened = OverlapMemory::open(state.path(), 1 << 30).unwrap();
-        assert_eq!(knows(&reopened), before, "seed {seed}: {log:?}");
-    }
-    // The test means something only if most groups are released.
-    assert!(released_total > sequences * 3, "{released_total} released");
-}
-
 /// Groups of the given sizes, each a block of consecutive records.
 fn blocks(sizes: &[u32]) -> Vec<RoaringBitmap> {
     let mut next = 0;
@@ -184,13 +66,196 @@ fn blocks(sizes: &[u32]) -> Vec<RoaringBitmap> {
         .collect()
 }
 
-/// Releases the groups `masks` (over `atoms`) in turn; whether each was released.
+fn records_of(atoms: &[RoaringBitmap], mask: u32) -> RoaringBitmap {
+    atoms
+        .iter()
+        .enumerate()
+        .filter(|(atom, _)| mask & (1 << atom) != 0)
+        .fold(RoaringBitmap::new(), |all, (_, records)| all | records)
+}
+
+fn len_of(atoms: &[RoaringBitmap], mask: u32) -> u64 {
+    records_of(atoms, mask).len()
+}
+
+/// A count a reader knows: the fewest stacked subtractions it takes, and the answer it is a
+/// value of (`None` when derived, or a value of several answers).
+type Known = HashMap<u32, (u8, Option<usize>)>;
+
+/// An answer as a reader sees it: each cell's count if released, the total's, and the values
+/// it can read off (released cells, the total, the released cells together, the withheld ones
+/// together), as masks.
+struct Answer {
+    cells: Vec<Option<u64>>,
+    total: Option<u64>,
+    values: Vec<u32>,
+}
+
+/// Asks for a one-axis table whose cells are `cells` (disjoint masks) and remembers what the
+/// node releases.
+fn ask(memory: &mut OverlapMemory, atoms: &[RoaringBitmap], cells: &[u32]) -> Answer {
+    let sets: Vec<RoaringBitmap> = cells.iter().map(|&mask| records_of(atoms, mask)).collect();
+    let table = RawTable {
+        shape: vec![cells.len()],
+        counts: sets.iter().map(RoaringBitmap::len).collect(),
+    };
+    let decided = decide(&table, &sets, K, memory, &[], false);
+    memory.remember(decided.released_sets).unwrap();
+    let count = |outcome: &Outcome| match outcome {
+        Outcome::Released(count) => Some(*count),
+        Outcome::Withheld => None,
+    };
+    let released: Vec<Option<u64>> = decided.table.cells.iter().map(count).collect();
+    let total = count(&decided.table.total);
+    let mut values: Vec<u32> = cells
+        .iter()
+        .zip(&released)
+        .filter(|(_, count)| count.is_some())
+        .map(|(&mask, _)| mask)
+        .collect();
+    let readable = values.iter().fold(0, |all, mask| all | mask);
+    values.push(readable);
+    if total.is_some() {
+        let all = cells.iter().fold(0, |all, mask| all | mask);
+        values.extend([all, all & !readable]);
+    }
+    values.retain(|&mask| mask != 0);
+    values.sort_unstable();
+    values.dedup();
+    Answer {
+        cells: released,
+        total,
+        values,
+    }
+}
+
+/// Every count a reader can derive from the `released` values (mask, answer) by nested
+/// subtraction, with the fewest stacked subtractions it takes (at most [`MOST_DEPTH`]).
+fn derivable(released: &[(u32, usize)]) -> Known {
+    let mut known: Known = HashMap::new();
+    for &(mask, answer) in released {
+        known
+            .entry(mask)
+            .and_modify(|(_, of)| {
+                if *of != Some(answer) {
+                    *of = None;
+                }
+            })
+            .or_insert((0, Some(answer)));
+    }
+    loop {
+        let now: Vec<(u32, (u8, Option<usize>))> = known.iter().map(|(&m, &e)| (m, e)).collect();
+        let mut grew = false;
+        for &(inner, (inner_depth, inner_of)) in &now {
+            for &(outer, (outer_depth, outer_of)) in &now {
+                let depth = inner_depth.max(outer_depth) + 1;
+                let same_answer = inner_depth == 0 && outer_depth == 0 && inner_of == outer_of;
+                if inner == outer || inner & outer != inner || same_answer || depth > MOST_DEPTH {
+                    continue;
+                }
+                let entry = known.entry(outer & !inner).or_insert((u8::MAX, None));
+                if depth < entry.0 {
+                    *entry = (depth, None);
+                    grew = true;
+                }
+            }
+        }
+        if !grew {
+            return known;
+        }
+    }
+}
+
+/// Two derivable counts 1 to k-1 records apart (not two values of one answer), or one that
+/// small (paired with 0).
+fn exposed(known: &Known, atoms: &[RoaringBitmap]) -> Option<(u32, u32)> {
+    let small = |records: u64| (1..u64::from(K)).contains(&records);
+    known.iter().find_map(|(&one, &(depth, of))| {
+        if small(len_of(atoms, one)) {
+            return Some((one, 0));
+        }
+        known
+            .iter()
+            .find(|&(&other, &(other_depth, other_of))| {
+                let same_answer = depth == 0 && other_depth == 0 && of.is_some() && of == other_of;
+                !same_answer && small(len_of(atoms, one ^ other))
+            })
+            .map(|(&other, _)| (one, other))
+    })
+}
+
+#[test]
+fn no_sequence_of_answers_makes_a_small_count_derivable() {
+    let sequences: u64 = std::env::var("FEDQ_FUZZ_SEQUENCES")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(300);
+    let mut released_total = 0;
+    for seed in 0..sequences {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let atoms = atoms(&mut rng);
+        let state = tempfile::tempdir().unwrap();
+        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        let mut released: Vec<(u32, usize)> = Vec::new();
+        let mut log = Vec::new();
+        for answer in 0..rng.random_range(4..12) {
+            // A group split at random into 1 to 4 cells: mostly a new group; sometimes one the
+            // reader can derive already (a release that takes fewer subtractions than the
+            // derivation did).
+            let mut known: Vec<u32> = derivable(&released)
+                .into_keys()
+                .filter(|&mask| mask > 1)
+                .collect();
+            known.sort_unstable();
+            let group = if !known.is_empty() && rng.random_range(0..3) == 0 {
+                known[rng.random_range(0..known.len())]
+            } else {
+                rng.random_range(2..1 << ATOMS)
+            };
+            let mut cells = vec![0u32; rng.random_range(1..=4)];
+            for atom in (0..ATOMS).filter(|atom| group & (1 << atom) != 0) {
+                let cell = rng.random_range(0..cells.len());
+                cells[cell] |= 1 << atom;
+            }
+            cells.retain(|&mask| mask != 0);
+            let out = ask(&mut memory, &atoms, &cells);
+            let shown: Vec<String> = cells.iter().map(|mask| format!("{mask:06b}")).collect();
+            log.push(format!(
+                "{shown:?} -> {:?} total {:?}",
+                out.cells, out.total
+            ));
+            released_total += out.values.len() as u64;
+            released.extend(out.values.iter().map(|&mask| (mask, answer)));
+            if let Some((one, other)) = exposed(&derivable(&released), &atoms) {
+                panic!(
+                    "seed {seed}: after {log:#?} the counts of {one:06b} and {other:06b} are \
+                     derivable and reveal a small group"
+                );
+            }
+        }
+        // What was remembered from the checks' explorations is what opening the memory
+        // derives again from the file.
+        let knows = |memory: &OverlapMemory| -> Vec<bool> {
+            (1..1 << ATOMS)
+                .map(|mask| memory.known(&records_of(&atoms, mask)))
+                .collect()
+        };
+        let before = knows(&memory);
+        drop(memory);
+        let reopened = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        assert_eq!(knows(&reopened), before, "seed {seed}: {log:#?}");
+    }
+    // The test means something only if most values are released.
+    assert!(released_total > sequences * 4, "{released_total} released");
+}
+
+/// Asks for one-cell answers over `masks` in turn; whether each was released.
 fn releases(atoms: &[RoaringBitmap], masks: &[u32]) -> Vec<bool> {
     let state = tempfile::tempdir().unwrap();
     let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
     masks
         .iter()
-        .map(|&mask| release(&mut memory, &records_of(atoms, mask)))
+        .map(|&mask| ask(&mut memory, atoms, &[mask]).total.is_some())
         .collect()
 }
 
@@ -217,4 +282,56 @@ fn a_group_derived_deep_then_released_is_followed_from_its_release() {
     let released = releases(&atoms, &masks);
     assert!(released[..7].iter().all(|&out| out), "{released:?}");
     assert!(!released[7], "the last release completes the chain");
+}
+
+// The next four were found by an audit (multi-cell answers).
+
+#[test]
+fn a_second_subtraction_is_compared_with_the_other_values_of_the_answer() {
+    // g (3 records), a, c, d, e. Released {c, d}, {a, d, e}; then cells {g, a, e} and {c}:
+    // {c, d} - {c} = {d}, {a, d, e} - {d} = {a, e}, 3 records from the cell {g, a, e}.
+    let atoms = blocks(&[3, 1200, 900, 1500, 700]);
+    let (g, a, c, d, e) = (1, 2, 4, 8, 16);
+    let state = tempfile::tempdir().unwrap();
+    let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+    assert!(ask(&mut memory, &atoms, &[c | d]).total.is_some());
+    assert!(ask(&mut memory, &atoms, &[a | d | e]).total.is_some());
+    let answer = ask(&mut memory, &atoms, &[g | a | e, c]);
+    assert!(answer.cells.contains(&None), "{:?}", answer.cells);
+}
+
+#[test]
+fn two_cells_each_differenced_with_an_earlier_answer_are_compared_with_each_other() {
+    // g (3 records), a, b, c, d. Released {g, a, b} and {a, c, d}, {d} (so {a, c} is derived);
+    // then cells {b} and {c}: {g, a, b} - {b} = {g, a} and ({a, c, d} - {d}) - {c} = {a}.
+    let atoms = blocks(&[3, 1200, 1500, 900, 700]);
+    let (g, a, b, c, d) = (1, 2, 4, 8, 16);
+    for earlier in [vec![g | a | b, a | c], vec![g | a | b, a | c | d, d]] {
+        let state = tempfile::tempdir().unwrap();
+        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        for mask in earlier {
+            assert!(ask(&mut memory, &atoms, &[mask]).total.is_some());
+        }
+        let answer = ask(&mut memory, &atoms, &[b, c]);
+        assert!(answer.cells.contains(&None), "{:?}", answer.cells);
+    }
+}
+
+#[test]
+fn a_count_derived_across_two_values_of_one_answer_is_remembered() {
+    // g (3 records), q, r1, r2, t1, t2. Released {r1, t1}; then cells {q}, {r1, r2}, {t1, t2}
+    // (total T), so (T - {r1, t1}) - {q} = {r2, t2}; after a restart, {g, r2, t2} is 3 records
+    // from it.
+    let atoms = blocks(&[3, 800, 1100, 900, 1300, 700]);
+    let (g, q, r1, r2, t1, t2) = (1, 2, 4, 8, 16, 32);
+    let state = tempfile::tempdir().unwrap();
+    {
+        let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+        assert!(ask(&mut memory, &atoms, &[r1 | t1]).total.is_some());
+        let answer = ask(&mut memory, &atoms, &[q, r1 | r2, t1 | t2]);
+        assert!(answer.total.is_some() && answer.cells.iter().all(Option::is_some));
+    }
+    let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+    assert!(memory.known(&records_of(&atoms, r2 | t2)));
+    assert!(ask(&mut memory, &atoms, &[g | r2 | t2]).total.is_none());
 }

@@ -153,8 +153,6 @@ pub struct Exploration {
     basis: usize,
     /// The steps followed so far, in the order they were.
     order: Vec<usize>,
-    /// The remembered sets nested with the released one (its first subtractions).
-    pub partners: Vec<Partner>,
     /// Whether a derivable count comes 1 to k-1 records from a known one.
     pub hazard: bool,
     /// Whether more counts were derivable than are followed (and remembered).
@@ -171,6 +169,11 @@ struct Derivation {
 }
 
 impl Exploration {
+    /// The counts found derivable (besides the released set).
+    pub fn derived(&self) -> impl Iterator<Item = &RoaringBitmap> {
+        self.steps.iter().skip(1).map(|step| &step.records)
+    }
+
     /// The shallowest step not followed yet.
     fn next_step(&self) -> Option<usize> {
         (0..self.steps.len())
@@ -316,7 +319,15 @@ impl SetIndex {
         set & &self.sample
     }
 
-    /// Remembered sets (numbered below `before`) holding `set` with more records.
+    /// Whether `member` may be differenced with a set of an answer whose sets are numbered from
+    /// `before`: it was remembered before the answer, or derived (from an earlier answer's
+    /// sets, or from another value of this answer, which a reader can subtract too). Two
+    /// values of one answer are left to the answer's own rules.
+    fn usable(&self, member: usize, before: usize) -> bool {
+        member < before || self.members[member].depth > 0
+    }
+
+    /// Remembered sets (usable from `before`) holding `set` with more records.
     fn holding(&self, set: &RoaringBitmap, before: usize) -> Vec<usize> {
         let size = set.len();
         let Some(largest) = set.max() else {
@@ -326,7 +337,9 @@ impl SetIndex {
             return Vec::new();
         }
         let is_holder = |member: usize| {
-            member < before && self.members[member].len > size && self.holds_all(member, set)
+            self.usable(member, before)
+                && self.members[member].len > size
+                && self.holds_all(member, set)
         };
         // A few of its sampled records, found by walking it (cheaper than intersecting it with
         // the whole sample when only the first few are needed).
@@ -404,7 +417,7 @@ impl SetIndex {
         found
     }
 
-    /// Adds to the holders in `found` the differences taken from them (numbered below
+    /// Adds to the holders in `found` the differences taken from them (usable from
     /// `before`, larger than `size`) that hold the set too: those whose subtracted member
     /// shares none of its records (`disjoint`).
     fn add_holding_children(
@@ -422,7 +435,7 @@ impl SetIndex {
                 let Shape::Difference { minus, .. } = self.members[child].shape else {
                     continue;
                 };
-                if child < before
+                if self.usable(child, before)
                     && self.members[child].len > size
                     && !found.contains(&child)
                     && disjoint(minus)
@@ -461,7 +474,7 @@ impl SetIndex {
             .is_some_and(|word| word & (1 << (record % 64)) != 0)
     }
 
-    /// Remembered sets (numbered below `before`) that may lie inside `set` with fewer records
+    /// Remembered sets (usable from `before`) that may lie inside `set` with fewer records
     /// (their key and first probes are in it), closest in size first; not yet verified.
     fn maybe_inside<'a>(
         &'a self,
@@ -471,7 +484,7 @@ impl SetIndex {
         let size = set.len();
         let may_lie_inside = move |member: usize| {
             let brief = &self.briefs[member];
-            member < before
+            self.usable(member, before)
                 && brief.len < size
                 && brief.probes.iter().all(|&record| set.contains(record))
         };
@@ -516,10 +529,10 @@ impl SetIndex {
         Box::new(found.into_iter())
     }
 
-    /// Remembered sets (numbered below `before`) nested with `set` whose difference with it
+    /// Remembered sets (usable from `before`) nested with `set` whose difference with it
     /// may be remembered: at most [`MOST_PARTNERS`], smallest difference first.
     pub fn partners(&self, set: &RoaringBitmap, before: usize) -> Vec<Partner> {
-        if set.is_empty() || before == 0 {
+        if set.is_empty() || self.members.is_empty() {
             return Vec::new();
         }
         let size = set.len();
@@ -564,29 +577,7 @@ impl SetIndex {
         partners
     }
 
-    /// Whether `set`'s difference with `partner` comes 1 to `reach` records from `other`, a set
-    /// not remembered (another value of the same answer).
-    pub fn difference_near(
-        &self,
-        partner: Partner,
-        set: &RoaringBitmap,
-        other: &RoaringBitmap,
-        reach: u64,
-    ) -> bool {
-        if partner.difference.abs_diff(other.len()) > reach {
-            return false;
-        }
-        let in_member = self.shared(partner.member, other);
-        let in_set = shared_records(set, other);
-        let shared = if partner.holds {
-            in_member - in_set
-        } else {
-            in_set - in_member
-        };
-        (1..=reach).contains(&(partner.difference + other.len() - 2 * shared))
-    }
-
-    /// What releasing `set` makes derivable from the members numbered below `before`: the
+    /// What releasing `set` makes derivable from the members usable from `before`: the
     /// counts a reader gets by subtracting it from the nested remembered counts (or them from
     /// it), then by subtracting those from the counts nested with them, and so on, up to
     /// [`MOST_DEPTH`] stacked subtractions, fewest first. At most [`MOST_STEPS`] new counts
@@ -626,7 +617,7 @@ impl SetIndex {
         // is still waiting, so every count is followed at its least depth.
         while let Some(step) = exploration.next_step() {
             exploration.order.push(step);
-            for derivation in self.derivations(&mut exploration, step, before) {
+            for derivation in self.derivations(&exploration, step, before) {
                 let (len, depth) = (derivation.len, derivation.depth);
                 if len == 0 {
                     continue;
@@ -708,12 +699,11 @@ impl SetIndex {
         exploration
     }
 
-    /// The differences of step number `step` with the members (numbered below `before`)
-    /// nested with it and with the earlier steps nested with it, not yet materialised. The
-    /// first step's partners are kept in `exploration`.
+    /// The differences of step number `step` with the members (usable from `before`)
+    /// nested with it and with the earlier steps nested with it, not yet materialised.
     fn derivations(
         &self,
-        exploration: &mut Exploration,
+        exploration: &Exploration,
         step: usize,
         before: usize,
     ) -> Vec<Derivation> {
@@ -721,7 +711,10 @@ impl SetIndex {
         if this.depth >= MOST_DEPTH {
             return Vec::new();
         }
-        let partners = self.partners(&this.records, before);
+        // A derived count may be differenced with every remembered count, this answer's
+        // values included; a value only with what was remembered before its answer.
+        let usable_from = if this.depth == 0 { before } else { usize::MAX };
+        let partners = self.partners(&this.records, usable_from);
         let mut found: Vec<Derivation> = partners
             .iter()
             .map(|partner| {
@@ -754,9 +747,6 @@ impl SetIndex {
                     depth: this.depth.max(other.depth) + 1,
                 });
             }
-        }
-        if step == 0 {
-            exploration.partners = partners;
         }
         found
     }
@@ -796,8 +786,9 @@ impl SetIndex {
         records(derivation.plus).as_ref() - records(derivation.minus).as_ref()
     }
 
-    /// Remembers a released set and what it makes derivable from the members numbered below
-    /// `batch_start` (the sets of the same answer are left to the answer's own rules). The
+    /// Remembers a released set and what it makes derivable from the members usable from
+    /// `batch_start` (where its answer's sets begin: they are not differenced with each
+    /// other, but what they derived is). The
     /// exploration made when the release was checked is used when it was made among the same
     /// members; otherwise the set is explored again. Whether it made more counts derivable
     /// than are followed.
@@ -807,9 +798,17 @@ impl SetIndex {
         batch_start: usize,
         explored: Option<Exploration>,
     ) -> bool {
+        // The check's exploration saw none of this answer's sets: it still holds if they
+        // cannot be differenced with it — none was remembered yet, or they derived nothing and
+        // it derives nothing (a value is differenced with the counts derived from the others,
+        // a derived count with the others themselves).
+        let answer = batch_start..self.members.len();
+        let derived_in_answer = answer.clone().any(|member| self.members[member].depth > 0);
         let exploration = explored
             .filter(|exploration| {
                 exploration.basis == batch_start
+                    && (answer.is_empty()
+                        || (!derived_in_answer && exploration.derived().next().is_none()))
                     && !exploration.hazard
                     && exploration
                         .steps

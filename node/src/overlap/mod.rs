@@ -172,37 +172,39 @@ impl<'a> Verdicts<'a> {
         &self.asked[cells]
     }
 
-    /// The first of `values` (groups of cells, all asked) whose release would make a difference
-    /// with a remembered set derivable that comes 1 to k-1 records from another of them (the
-    /// memory holds neither yet).
+    /// A value of `values` (groups of cells, all asked) whose release would make a count
+    /// derivable — by its own subtractions with remembered counts — that comes 1 to k-1 records
+    /// from another value of the answer or from a count another value makes derivable (the
+    /// memory holds none of them yet).
     fn first_near_another(&self, values: &[&Vec<usize>]) -> Option<usize> {
         let reach = u64::from(self.k.saturating_sub(1));
-        let mut by_size: Vec<(u64, usize)> = values
-            .iter()
-            .enumerate()
-            .map(|(index, cells)| (self.asked(cells).0.len(), index))
-            .collect();
-        by_size.sort_unstable();
-        values.iter().enumerate().position(|(index, cells)| {
+        // Every value and every count its release makes derivable, by size: (size, value,
+        // records, whether derived).
+        let mut pool: Vec<(u64, usize, &RoaringBitmap, bool)> = Vec::new();
+        for (index, cells) in values.iter().enumerate() {
             let (set, assessment) = self.asked(cells);
-            assessment.difference_sizes().any(|(difference, size)| {
-                let from =
-                    by_size.partition_point(|&(other, _)| other < size.saturating_sub(reach));
-                by_size[from..]
+            pool.push((set.len(), index, set.as_ref(), false));
+            pool.extend(
+                assessment
+                    .derived()
+                    .map(|records| (records.len(), index, records, true)),
+            );
+        }
+        pool.sort_unstable_by_key(|&(size, index, _, derived)| (size, index, derived));
+        pool.iter()
+            .filter(|&&(.., derived)| derived)
+            .find(|&&(size, index, records, _)| {
+                let from = pool.partition_point(|&(other, ..)| other < size.saturating_sub(reach));
+                pool[from..]
                     .iter()
-                    .take_while(|&&(other, _)| other <= size + reach)
-                    .any(|&(_, other)| {
+                    .take_while(|&&(other, ..)| other <= size + reach)
+                    .any(|&(_, other, other_records, _)| {
                         other != index
-                            && self.memory.difference_near(
-                                set,
-                                assessment,
-                                difference,
-                                &self.asked(values[other]).0,
-                                self.k,
-                            )
+                            && (1..=reach)
+                                .contains(&records.symmetric_difference_len(other_records))
                     })
             })
-        })
+            .map(|&(_, index, ..)| index)
     }
 
     /// The union of `cells` to remember, with what its check found it makes derivable.
