@@ -94,9 +94,19 @@ struct Answer {
 /// Asks for a one-axis table whose cells are `cells` (disjoint masks) and remembers what the
 /// node releases.
 fn ask(memory: &mut OverlapMemory, atoms: &[RoaringBitmap], cells: &[u32]) -> Answer {
+    ask_table(memory, atoms, &[cells.len()], cells)
+}
+
+/// [`ask`] for a table of the given shape (its values as read off a one-axis table).
+fn ask_table(
+    memory: &mut OverlapMemory,
+    atoms: &[RoaringBitmap],
+    shape: &[usize],
+    cells: &[u32],
+) -> Answer {
     let sets: Vec<RoaringBitmap> = cells.iter().map(|&mask| records_of(atoms, mask)).collect();
     let table = RawTable {
-        shape: vec![cells.len()],
+        shape: shape.to_vec(),
         counts: sets.iter().map(RoaringBitmap::len).collect(),
     };
     let decided = decide(&table, &sets, K, memory, &[], false);
@@ -334,4 +344,56 @@ fn a_count_derived_across_two_values_of_one_answer_is_remembered() {
     let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
     assert!(memory.known(&records_of(&atoms, r2 | t2)));
     assert!(ask(&mut memory, &atoms, &[g | r2 | t2]).total.is_none());
+}
+
+#[test]
+fn a_count_checked_but_not_followed_is_compared_with_the_other_values() {
+    // Fifteen groups of 60 records and r, S, D, g (3 records). c1 = the fifteen and r. Released
+    // each of the fifteen, P1 = c1 + S, P2 = S + D; then cells c1 and c2 = D + g. c1 makes more
+    // than sixteen counts derivable, among them P2 - (P1 - c1) = D, which is not followed — and
+    // c2 - D = 3 records.
+    let mut sizes = vec![60u32; 15];
+    sizes.extend([400, 300, 1000, 3]);
+    let atoms = blocks(&sizes);
+    let (r, s, d, g) = (1 << 15, 1 << 16, 1 << 17, 1 << 18);
+    let c1 = ((1 << 15) - 1) | r;
+    let state = tempfile::tempdir().unwrap();
+    let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+    for mask in (0..15).map(|group| 1 << group).chain([c1 | s, s | d]) {
+        assert!(ask(&mut memory, &atoms, &[mask]).total.is_some());
+    }
+    let answer = ask(&mut memory, &atoms, &[c1, d | g]);
+    assert!(answer.cells.contains(&None), "{:?}", answer.cells);
+}
+
+#[test]
+fn a_value_is_explored_again_when_an_earlier_value_of_its_answer_lowered_a_depth() {
+    // The third answer's total was derivable already: remembering it only lowers depths, after
+    // which the withheld cells together make more derivable than their check saw. What the node
+    // remembers must be what reopening the memory derives.
+    let atoms = blocks(&[3, 2372, 1054, 2221, 2161, 2052, 1253]);
+    let state = tempfile::tempdir().unwrap();
+    let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+    let answers: [(&[usize], &[u32]); 3] = [
+        (&[4], &[0b1000100, 0b0011000, 0b0000010, 0b0100001]),
+        (&[4], &[0b1001000, 0b0010001, 0, 0b0100110]),
+        (
+            &[2, 2, 2],
+            &[0, 0b0010000, 0, 0, 0, 0b0101000, 0b0000100, 0b0000010],
+        ),
+    ];
+    for (shape, cells) in answers {
+        ask_table(&mut memory, &atoms, shape, cells);
+    }
+    let knows = |memory: &OverlapMemory| -> Vec<bool> {
+        (1..1 << 7)
+            .map(|mask| memory.known(&records_of(&atoms, mask)))
+            .collect()
+    };
+    let live = knows(&memory);
+    drop(memory);
+    assert_eq!(
+        live,
+        knows(&OverlapMemory::open(state.path(), 1 << 30).unwrap())
+    );
 }

@@ -157,10 +157,14 @@ pub struct Exploration {
     pub hazard: bool,
     /// Whether more counts were derivable than are followed (and remembered).
     cut: bool,
+    /// The counts checked but not followed (beyond [`MOST_STEPS`]), not materialised.
+    unfollowed: Vec<Derivation>,
+    /// The index's depth lowerings when it was made.
+    lowered: u64,
 }
 
 /// A difference an exploration found, before it is materialised: `plus` minus `minus`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Derivation {
     plus: Source,
     minus: Source,
@@ -169,9 +173,17 @@ struct Derivation {
 }
 
 impl Exploration {
-    /// The counts found derivable (besides the released set).
+    /// The counts found derivable and followed (besides the released set).
     pub fn derived(&self) -> impl Iterator<Item = &RoaringBitmap> {
         self.steps.iter().skip(1).map(|step| &step.records)
+    }
+
+    /// The sizes of the counts found derivable but not followed, numbered.
+    pub fn unfollowed_sizes(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.unfollowed
+            .iter()
+            .map(|derivation| derivation.len)
+            .enumerate()
     }
 
     /// The shallowest step not followed yet.
@@ -196,6 +208,9 @@ pub struct Partner {
 #[derive(Debug, Default)]
 pub struct SetIndex {
     members: Vec<Member>,
+    /// Members whose depth a release lowered, counted (an exploration made before one may
+    /// miss what the shallower member now makes derivable).
+    lowered: u64,
     /// Parallel to `members`.
     briefs: Vec<Brief>,
     /// Cardinality → members.
@@ -593,6 +608,7 @@ impl SetIndex {
         if set.is_empty() || known.is_some_and(|member| self.members[member].depth == 0) {
             return Exploration {
                 basis: before,
+                lowered: self.lowered,
                 ..Exploration::default()
             };
         }
@@ -604,6 +620,7 @@ impl SetIndex {
                 known,
             }],
             basis: before,
+            lowered: self.lowered,
             ..Exploration::default()
         };
         if let Some(reach) = reach
@@ -684,6 +701,7 @@ impl SetIndex {
                 if exploration.steps.len() > MOST_STEPS {
                     // Checked, but not followed further nor remembered.
                     exploration.cut = true;
+                    exploration.unfollowed.push(derivation);
                     continue;
                 }
                 let records =
@@ -778,6 +796,11 @@ impl SetIndex {
             .collect()
     }
 
+    /// The records of unfollowed count number `number` of `exploration`.
+    pub fn unfollowed(&self, exploration: &Exploration, number: usize) -> RoaringBitmap {
+        self.materialise(exploration, &exploration.unfollowed[number])
+    }
+
     fn materialise(&self, exploration: &Exploration, derivation: &Derivation) -> RoaringBitmap {
         let records = |source| match source {
             Source::Member(member) => self.records(member),
@@ -807,6 +830,7 @@ impl SetIndex {
         let exploration = explored
             .filter(|exploration| {
                 exploration.basis == batch_start
+                    && exploration.lowered == self.lowered
                     && (answer.is_empty()
                         || (!derived_in_answer && exploration.derived().next().is_none()))
                     && !exploration.hazard
@@ -840,6 +864,7 @@ impl SetIndex {
             let number = match (step.known, step.from) {
                 (Some(member), _) => {
                     self.members[member].depth = step.depth;
+                    self.lowered += 1;
                     member
                 }
                 (None, None) => self.push_records(step.records, step.depth),

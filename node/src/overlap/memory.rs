@@ -81,9 +81,17 @@ impl Assessment {
         }
     }
 
-    /// The counts the release would make derivable (as far as they were followed).
+    /// The counts the release would make derivable and that were followed.
     pub fn derived(&self) -> impl Iterator<Item = &RoaringBitmap> {
         self.exploration.iter().flat_map(Exploration::derived)
+    }
+
+    /// The sizes of the counts the release would make derivable but that were not followed,
+    /// numbered (their records from [`OverlapMemory::unfollowed`]).
+    pub fn unfollowed_sizes(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.exploration
+            .iter()
+            .flat_map(Exploration::unfollowed_sizes)
     }
 }
 
@@ -235,6 +243,15 @@ impl OverlapMemory {
             too_close: exploration.hazard,
             exploration: Some(exploration),
         }
+    }
+
+    /// The records of unfollowed count number `number` of `assessment`.
+    pub fn unfollowed(&self, assessment: &Assessment, number: usize) -> RoaringBitmap {
+        assessment
+            .exploration
+            .as_ref()
+            .map(|exploration| self.index.unfollowed(exploration, number))
+            .unwrap_or_default()
     }
 
     /// Whether a reader already knows `set`'s count exactly: it was released or derived.

@@ -173,9 +173,9 @@ impl<'a> Verdicts<'a> {
     }
 
     /// A value of `values` (groups of cells, all asked) whose release would make a count
-    /// derivable — by its own subtractions with remembered counts — that comes 1 to k-1 records
-    /// from another value of the answer or from a count another value makes derivable (the
-    /// memory holds none of them yet).
+    /// derivable — by its own subtractions with remembered counts, followed or only checked —
+    /// that comes 1 to k-1 records from another value of the answer or from a count another
+    /// value makes derivable and follows (the memory holds none of them yet).
     fn first_near_another(&self, values: &[&Vec<usize>]) -> Option<usize> {
         let reach = u64::from(self.k.saturating_sub(1));
         // Every value and every count its release makes derivable, by size: (size, value,
@@ -191,20 +191,39 @@ impl<'a> Verdicts<'a> {
             );
         }
         pool.sort_unstable_by_key(|&(size, index, _, derived)| (size, index, derived));
-        pool.iter()
+        // The counts of the pool about `size` records, of values other than `index`.
+        let around = |size: u64, index: usize| {
+            let from = pool.partition_point(|&(other, ..)| other < size.saturating_sub(reach));
+            pool[from..]
+                .iter()
+                .take_while(move |&&(other, ..)| other <= size + reach)
+                .filter(move |&&(_, other, ..)| other != index)
+        };
+        let close = |records: &RoaringBitmap, other: &RoaringBitmap| {
+            (1..=reach).contains(&records.symmetric_difference_len(other))
+        };
+        let followed = pool
+            .iter()
             .filter(|&&(.., derived)| derived)
             .find(|&&(size, index, records, _)| {
-                let from = pool.partition_point(|&(other, ..)| other < size.saturating_sub(reach));
-                pool[from..]
-                    .iter()
-                    .take_while(|&&(other, ..)| other <= size + reach)
-                    .any(|&(_, other, other_records, _)| {
-                        other != index
-                            && (1..=reach)
-                                .contains(&records.symmetric_difference_len(other_records))
-                    })
+                around(size, index).any(|&(_, _, other, _)| close(records, other))
             })
-            .map(|&(_, index, ..)| index)
+            .map(|&(_, index, ..)| index);
+        // Counts checked but not followed (past the bound) are compared too; they are
+        // materialised only when a count of the pool is about their size.
+        followed.or_else(|| {
+            values.iter().enumerate().find_map(|(index, cells)| {
+                let (_, assessment) = self.asked(cells);
+                assessment
+                    .unfollowed_sizes()
+                    .filter(|&(_, size)| around(size, index).next().is_some())
+                    .any(|(number, size)| {
+                        let records = self.memory.unfollowed(assessment, number);
+                        around(size, index).any(|&(_, _, other, _)| close(&records, other))
+                    })
+                    .then_some(index)
+            })
+        })
     }
 
     /// The union of `cells` to remember, with what its check found it makes derivable.
