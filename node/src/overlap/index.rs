@@ -306,6 +306,14 @@ impl SetIndex {
             .any(|&member| (1..=reach).contains(&self.distance(member, set)))
     }
 
+    /// Whether a member has `size` records give or take `reach`.
+    pub fn has_size_near(&self, size: u64, reach: u64) -> bool {
+        self.by_size
+            .range(size.saturating_sub(reach)..=size.saturating_add(reach))
+            .next()
+            .is_some()
+    }
+
     /// Whether exactly this set's count is remembered (released or derived).
     pub fn holds(&self, set: &RoaringBitmap) -> bool {
         self.find(set).is_some()

@@ -254,6 +254,17 @@ impl OverlapMemory {
             .unwrap_or_default()
     }
 
+    /// Whether `set` differs from a known (released or derived) count by 1 to k-1 records.
+    pub fn near(&self, set: &RoaringBitmap, k: u32) -> bool {
+        self.index.close(set, u64::from(k.saturating_sub(1)))
+    }
+
+    /// Whether some known count has `size` records give or take k-1.
+    pub fn has_count_near(&self, size: u64, k: u32) -> bool {
+        self.index
+            .has_size_near(size, u64::from(k.saturating_sub(1)))
+    }
+
     /// Whether a reader already knows `set`'s count exactly: it was released or derived.
     pub fn known(&self, set: &RoaringBitmap) -> bool {
         self.index.holds(set)

@@ -175,7 +175,9 @@ impl<'a> Verdicts<'a> {
     /// A value of `values` (groups of cells, all asked) whose release would make a count
     /// derivable — by its own subtractions with remembered counts, followed or only checked —
     /// that comes 1 to k-1 records from another value of the answer or from a count another
-    /// value makes derivable and follows (the memory holds none of them yet).
+    /// value makes derivable and follows; or whose followed count lies inside one another
+    /// value makes derivable, their difference being small or that close to a known count or
+    /// to the answer's counts (the memory holds none of them yet).
     fn first_near_another(&self, values: &[&Vec<usize>]) -> Option<usize> {
         let reach = u64::from(self.k.saturating_sub(1));
         // Every value and every count its release makes derivable, by size: (size, value,
@@ -209,8 +211,39 @@ impl<'a> Verdicts<'a> {
                 around(size, index).any(|&(_, _, other, _)| close(records, other))
             })
             .map(|&(_, index, ..)| index);
+        // Two counts derived from two values, one inside the other: their difference is a
+        // count too (set aside by size unless a known count or one of the pool is about its
+        // size, or it is small).
+        let derived: Vec<&(u64, usize, &RoaringBitmap, bool)> =
+            pool.iter().filter(|&&(.., derived)| derived).collect();
+        let across = || {
+            derived.iter().find_map(|&&(size, index, outer, _)| {
+                derived
+                    .iter()
+                    .filter(|&&&(inner_size, other, ..)| other != index && inner_size < size)
+                    .any(|&&(inner_size, _, inner, _)| {
+                        let difference = size - inner_size;
+                        let matters = difference <= reach
+                            || self.memory.has_count_near(difference, self.k)
+                            || around(difference, usize::MAX).next().is_some();
+                        if !matters
+                            || !inner.min().is_some_and(|first| outer.contains(first))
+                            || !inner.is_subset(outer)
+                        {
+                            return false;
+                        }
+                        let records = outer - inner;
+                        difference <= reach
+                            || self.memory.near(&records, self.k)
+                            || around(difference, usize::MAX)
+                                .any(|&(_, _, other, _)| close(&records, other))
+                    })
+                    .then_some(index)
+            })
+        };
         // Counts checked but not followed (past the bound) are compared too; they are
         // materialised only when a count of the pool is about their size.
+        let followed = followed.or_else(across);
         followed.or_else(|| {
             values.iter().enumerate().find_map(|(index, cells)| {
                 let (_, assessment) = self.asked(cells);
