@@ -204,18 +204,20 @@ impl<'a> Verdicts<'a> {
         let close = |records: &RoaringBitmap, other: &RoaringBitmap| {
             (1..=reach).contains(&records.symmetric_difference_len(other))
         };
-        let followed = pool
-            .iter()
-            .filter(|&&(.., derived)| derived)
-            .find(|&&(size, index, records, _)| {
-                around(size, index).any(|&(_, _, other, _)| close(records, other))
-            })
-            .map(|&(_, index, ..)| index);
-        // Two counts derived from two values, one inside the other: their difference is a
-        // count too (set aside by size unless a known count or one of the pool is about its
-        // size, or it is small).
         let derived: Vec<&(u64, usize, &RoaringBitmap, bool)> =
             pool.iter().filter(|&&(.., derived)| derived).collect();
+        // A followed count close to another value or to a count another value follows.
+        let near_another = || {
+            derived
+                .iter()
+                .find(|&&&(size, index, records, _)| {
+                    around(size, index).any(|&(_, _, other, _)| close(records, other))
+                })
+                .map(|&&(_, index, ..)| index)
+        };
+        // Two followed counts of two values, one inside the other: their difference is a count
+        // too (set aside by size unless it is small or a known count or one of the pool is
+        // about its size).
         let across = || {
             derived.iter().find_map(|&&(size, index, outer, _)| {
                 derived
@@ -241,10 +243,9 @@ impl<'a> Verdicts<'a> {
                     .then_some(index)
             })
         };
-        // Counts checked but not followed (past the bound) are compared too; they are
-        // materialised only when a count of the pool is about their size.
-        let followed = followed.or_else(across);
-        followed.or_else(|| {
+        // Counts checked but not followed (past the bound), compared like followed ones; they
+        // are materialised only when a count of the pool is about their size.
+        let unfollowed = || {
             values.iter().enumerate().find_map(|(index, cells)| {
                 let (_, assessment) = self.asked(cells);
                 assessment
@@ -256,7 +257,8 @@ impl<'a> Verdicts<'a> {
                     })
                     .then_some(index)
             })
-        })
+        };
+        near_another().or_else(across).or_else(unfollowed)
     }
 
     /// The union of `cells` to remember, with what its check found it makes derivable.
