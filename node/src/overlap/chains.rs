@@ -367,6 +367,28 @@ fn a_count_checked_but_not_followed_is_compared_with_the_other_values() {
 }
 
 #[test]
+fn released_partners_are_not_crowded_out_by_derived_counts() {
+    // Found by an audit: five nested groups y1, y1+y2, ..., y1..y5 (60 records each step), r,
+    // S, D, g (3 records); c1 = y1..y5 + r. Released the five, P1 = c1 + S, P2 = S + D; then
+    // cells c1 and c2 = D + g. The differences among the five and with c1 are many counts of
+    // about c1's size; P1 must still be among c1's partners, for P2 - (P1 - c1) = D and
+    // c2 - D = 3 records.
+    let atoms = blocks(&[60, 60, 60, 60, 60, 400, 300, 1000, 3]);
+    let (r, s, d, g) = (1 << 5, 1 << 6, 1 << 7, 1 << 8);
+    let c1 = 0b11111 | r;
+    let state = tempfile::tempdir().unwrap();
+    let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+    for mask in (1..=5)
+        .map(|groups| (1 << groups) - 1)
+        .chain([c1 | s, s | d])
+    {
+        assert!(ask(&mut memory, &atoms, &[mask]).total.is_some());
+    }
+    let answer = ask(&mut memory, &atoms, &[c1, d | g]);
+    assert!(answer.cells.contains(&None), "{:?}", answer.cells);
+}
+
+#[test]
 fn a_value_is_explored_again_when_an_earlier_value_of_its_answer_lowered_a_depth() {
     // The third answer's total was derivable already: remembering it only lowers depths, after
     // which the withheld cells together make more derivable than their check saw. What the node

@@ -107,8 +107,8 @@ enum Shape {
 struct Member {
     shape: Shape,
     len: u64,
-    /// Probe records it holds (at most [`HEAD`], lowest [`rank`] first): its sampled ones,
-    /// or all of them when none is sampled. The first is its key.
+    /// Probe records it holds (at most [`HEAD`]): its sampled ones, lowest [`rank`] first,
+    /// then, when it has fewer, its other records in the same order. The first is its key.
     head: Vec<u32>,
     depth: u8,
 }
@@ -298,12 +298,53 @@ impl SetIndex {
 
     /// Whether `set` differs from a remembered count by 1 to `reach` records.
     pub fn close(&self, set: &RoaringBitmap, reach: u64) -> bool {
-        let size = set.len();
+        self.close_by(
+            set.len(),
+            |record| set.contains(record),
+            |member| self.shared(member, set),
+            reach,
+        )
+    }
+
+    /// Whether `outer` minus `inner` differs from a remembered count by 1 to `reach`
+    /// records, supposing `inner` lies inside `outer` (the difference is not made).
+    pub fn close_to_difference(
+        &self,
+        outer: &RoaringBitmap,
+        inner: &RoaringBitmap,
+        reach: u64,
+    ) -> bool {
+        self.close_by(
+            outer.len().saturating_sub(inner.len()),
+            |record| outer.contains(record) && !inner.contains(record),
+            |member| {
+                self.shared(member, outer)
+                    .saturating_sub(self.shared(member, inner))
+            },
+            reach,
+        )
+    }
+
+    /// Whether a count of `len` records (holding the records `holds` says, sharing `shared`
+    /// records with a member) differs from a remembered one by 1 to `reach` records: members
+    /// about its size, most rejected by their probe records, the others counted.
+    fn close_by(
+        &self,
+        len: u64,
+        holds: impl Fn(u32) -> bool,
+        shared: impl Fn(usize) -> u64,
+        reach: u64,
+    ) -> bool {
         self.by_size
-            .range(size.saturating_sub(reach)..=size.saturating_add(reach))
+            .range(len.saturating_sub(reach)..=len.saturating_add(reach))
             .flat_map(|(_, members)| members)
-            .filter(|&&member| self.misses_at_most(member, set, reach))
-            .any(|&member| (1..=reach).contains(&self.distance(member, set)))
+            .filter(|&&member| self.probes_missing_at_most(member, &holds, reach))
+            .any(|&member| {
+                // (A supposition that does not hold may give a count that cannot be.)
+                (self.members[member].len + len)
+                    .checked_sub(2 * shared(member))
+                    .is_some_and(|distance| (1..=reach).contains(&distance))
+            })
     }
 
     /// Whether a member has `size` records give or take `reach`.
@@ -553,13 +594,23 @@ impl SetIndex {
     }
 
     /// Remembered sets (usable from `before`) nested with `set` whose difference with it
-    /// may be remembered: at most [`MOST_PARTNERS`], smallest difference first.
+    /// may be remembered: at most [`MOST_PARTNERS`], released ones first, then smallest
+    /// difference first.
     pub fn partners(&self, set: &RoaringBitmap, before: usize) -> Vec<Partner> {
         if set.is_empty() || self.members.is_empty() {
             return Vec::new();
         }
         let size = set.len();
         let shallow = |member: &usize| self.members[*member].depth < MOST_DEPTH;
+        // Released counts before derived ones (derived counts come in families of similar
+        // size that would crowd out the released set completing a chain), then closest first.
+        let rank = |partner: &Partner| {
+            (
+                self.members[partner.member].depth > 0,
+                partner.difference,
+                partner.member,
+            )
+        };
         let mut partners: Vec<Partner> = self
             .holding(set, before)
             .into_iter()
@@ -570,20 +621,24 @@ impl SetIndex {
                 difference: self.members[member].len - size,
             })
             .collect();
-        partners.sort_by_key(|partner| (partner.difference, partner.member));
+        partners.sort_by_key(rank);
         partners.truncate(MOST_PARTNERS);
-        // Sets inside it are verified closest first, only until no closer ones could be kept.
+        // Sets inside it are verified closest first, only until no better ones could be kept:
+        // as many released sets at most as far.
         let inside = self
             .maybe_inside(set, before)
             .filter(shallow)
             .map(|member| (size - self.members[member].len, member));
-        let mut kept = Vec::new();
+        let mut kept: Vec<Partner> = Vec::new();
         for (difference, member) in inside {
-            let closer = partners
+            let better = partners
                 .iter()
-                .filter(|partner| partner.difference <= difference)
+                .chain(&kept)
+                .filter(|partner| {
+                    self.members[partner.member].depth == 0 && partner.difference <= difference
+                })
                 .count();
-            if closer + kept.len() >= MOST_PARTNERS {
+            if better >= MOST_PARTNERS {
                 break;
             }
             if self.misses_at_most(member, set, 0) && self.lies_in(member, set) {
@@ -595,7 +650,7 @@ impl SetIndex {
             }
         }
         partners.extend(kept);
-        partners.sort_by_key(|partner| (partner.difference, partner.member));
+        partners.sort_by_key(rank);
         partners.truncate(MOST_PARTNERS);
         partners
     }
@@ -990,11 +1045,16 @@ impl SetIndex {
                 .or_default()
                 .insert(member as u32);
         }
-        let head = if sampled.is_empty() {
-            head_of(&records)
-        } else {
-            head_of(&sampled)
-        };
+        // Its sampled records first (the key is one when it has any), then, when there are too
+        // few of them to reject most candidates, its other records.
+        let mut head = head_of(&sampled);
+        if head.len() < HEAD {
+            head.extend(
+                head_of(&(&records - &sampled))
+                    .into_iter()
+                    .take(HEAD - head.len()),
+            );
+        }
         let len = records.len();
         self.push(Shape::Records(records), len, head, depth)
     }

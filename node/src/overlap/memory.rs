@@ -254,9 +254,11 @@ impl OverlapMemory {
             .unwrap_or_default()
     }
 
-    /// Whether `set` differs from a known (released or derived) count by 1 to k-1 records.
-    pub fn near(&self, set: &RoaringBitmap, k: u32) -> bool {
-        self.index.close(set, u64::from(k.saturating_sub(1)))
+    /// Whether `outer` minus `inner` differs from a known (released or derived) count by 1
+    /// to k-1 records, supposing `inner` lies inside `outer` (the difference is not made).
+    pub fn near_difference(&self, outer: &RoaringBitmap, inner: &RoaringBitmap, k: u32) -> bool {
+        self.index
+            .close_to_difference(outer, inner, u64::from(k.saturating_sub(1)))
     }
 
     /// Whether some known count has `size` records give or take k-1.

@@ -18,6 +18,7 @@ pub use memory::{Assessment, OverlapError, OverlapMemory, Release};
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use roaring::{MultiOps, RoaringBitmap};
 
@@ -68,6 +69,54 @@ fn smallest_released(
         .copied()
         .filter(|&cell| matches!(disclosed.cells[cell], Outcome::Released(_)))
         .min_by_key(|&cell| (table.counts[cell] == 0, table.counts[cell]))
+}
+
+/// Whether `inner` may lie inside `outer`: a few of its records, spread over its range, are
+/// in `outer`.
+fn may_lie_in(inner: &RoaringBitmap, outer: &RoaringBitmap) -> bool {
+    const PROBES: u64 = 8;
+    let (Some(first), Some(last)) = (inner.min(), inner.max()) else {
+        return true;
+    };
+    let span = u64::from(last - first);
+    (0..PROBES).all(|probe| {
+        let from = first + (span * probe / PROBES) as u32;
+        inner
+            .range(from..)
+            .next()
+            .is_none_or(|record| outer.contains(record))
+    })
+}
+
+/// Whether `set` differs by 1 to `reach` records from `outer` minus `inner`, supposing
+/// `inner` lies inside `outer` (the difference is not made): a few of its records missing
+/// from the difference rule most sets out, then the exact count.
+fn close_to_difference(
+    set: &RoaringBitmap,
+    outer: &RoaringBitmap,
+    inner: &RoaringBitmap,
+    reach: u64,
+) -> bool {
+    const PROBES: usize = 32;
+    let difference = outer.len().saturating_sub(inner.len());
+    if set.len().abs_diff(difference) > reach {
+        return false;
+    }
+    let missing = set
+        .iter()
+        .take(PROBES)
+        .filter(|&record| !outer.contains(record) || inner.contains(record))
+        .count() as u64;
+    if missing > reach {
+        return false;
+    }
+    // (When `inner` is not inside `outer`, the counts may not add up.)
+    let shared = set
+        .intersection_len(outer)
+        .saturating_sub(set.intersection_len(inner));
+    (set.len() + difference)
+        .checked_sub(2 * shared)
+        .is_some_and(|distance| (1..=reach).contains(&distance))
 }
 
 /// An answer decided under overlap control, and the record sets it releases.
@@ -135,16 +184,18 @@ impl<'a> Verdicts<'a> {
             }
             return;
         }
+        // Largest first, each worker taking the next one not taken, so that no core is left
+        // with the largest ones at the end.
+        missing.sort_by_cached_key(|cells| {
+            std::cmp::Reverse(cells.iter().map(|&cell| self.sets[cell].len()).sum::<u64>())
+        });
         let (sets, memory, k) = (self.sets, self.memory, self.k);
-        let missing = &missing;
+        let (missing, next) = (&missing, &AtomicUsize::new(0));
         let answers: Vec<(Vec<usize>, Verdict<'a>)> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
-                .map(|first| {
+                .map(|_| {
                     scope.spawn(move || {
-                        missing
-                            .iter()
-                            .skip(first)
-                            .step_by(threads)
+                        std::iter::from_fn(|| missing.get(next.fetch_add(1, Ordering::Relaxed)))
                             .map(|cells| (cells.clone(), verdict(sets, memory, k, cells)))
                             .collect::<Vec<_>>()
                     })
@@ -216,8 +267,9 @@ impl<'a> Verdicts<'a> {
                 .map(|&&(_, index, ..)| index)
         };
         // Two followed counts of two values, one inside the other: their difference is a count
-        // too (set aside by size unless it is small or a known count or one of the pool is
-        // about its size).
+        // too. It matters when it is small, or close to a known count or to one of the pool;
+        // closeness is found without making the difference, as if the two were nested (which
+        // is then verified).
         let across = || {
             derived.iter().find_map(|&&(size, index, outer, _)| {
                 derived
@@ -225,20 +277,17 @@ impl<'a> Verdicts<'a> {
                     .filter(|&&&(inner_size, other, ..)| other != index && inner_size < size)
                     .any(|&&(inner_size, _, inner, _)| {
                         let difference = size - inner_size;
-                        let matters = difference <= reach
+                        let sized = difference <= reach
                             || self.memory.has_count_near(difference, self.k)
                             || around(difference, usize::MAX).next().is_some();
-                        if !matters
-                            || !inner.min().is_some_and(|first| outer.contains(first))
-                            || !inner.is_subset(outer)
-                        {
-                            return false;
-                        }
-                        let records = outer - inner;
-                        difference <= reach
-                            || self.memory.near(&records, self.k)
-                            || around(difference, usize::MAX)
-                                .any(|&(_, _, other, _)| close(&records, other))
+                        sized
+                            && may_lie_in(inner, outer)
+                            && (difference <= reach
+                                || self.memory.near_difference(outer, inner, self.k)
+                                || around(difference, usize::MAX).any(|&(_, _, other, _)| {
+                                    close_to_difference(other, outer, inner, reach)
+                                }))
+                            && inner.is_subset(outer)
                     })
                     .then_some(index)
             })
