@@ -87,6 +87,23 @@ fn shared_records(one: &RoaringBitmap, other: &RoaringBitmap) -> u64 {
     }
 }
 
+/// Distinct records spread over `set`'s range, in order: the first at or after each of
+/// `count` evenly spaced points.
+pub fn spread(set: &RoaringBitmap, count: u64) -> impl Iterator<Item = u32> + '_ {
+    let first = set.min().unwrap_or(0);
+    let span = u64::from(set.max().unwrap_or(0) - first);
+    let mut last = None;
+    (0..count).filter_map(move |point| {
+        let from = first + (span * point / count) as u32;
+        let record = set
+            .range(from..)
+            .next()
+            .filter(|&record| last != Some(record))?;
+        last = Some(record);
+        Some(record)
+    })
+}
+
 /// Whether `record` is in the sample: a fixed multiplicative mix spreads consecutive numbers
 /// evenly, so every set of more than a few times [`SAMPLE_ONE_IN`] records has sampled ones.
 fn sampled(record: u32) -> bool {
@@ -301,6 +318,7 @@ impl SetIndex {
         self.close_by(
             set.len(),
             |record| set.contains(record),
+            || spread(set, HEAD as u64).collect(),
             |member| self.shared(member, set),
             reach,
         )
@@ -317,6 +335,11 @@ impl SetIndex {
         self.close_by(
             outer.len().saturating_sub(inner.len()),
             |record| outer.contains(record) && !inner.contains(record),
+            || {
+                spread(outer, HEAD as u64)
+                    .filter(|&record| !inner.contains(record))
+                    .collect()
+            },
             |member| {
                 self.shared(member, outer)
                     .saturating_sub(self.shared(member, inner))
@@ -325,19 +348,31 @@ impl SetIndex {
         )
     }
 
-    /// Whether a count of `len` records (holding the records `holds` says, sharing `shared`
-    /// records with a member) differs from a remembered one by 1 to `reach` records: members
-    /// about its size, most rejected by their probe records, the others counted.
+    /// Whether a count of `len` records differs from a remembered one by 1 to `reach`
+    /// records: members about its size, most rejected by probes — a few of its own records
+    /// (`own_records`, made when first needed) they must hold, then theirs it must hold
+    /// (`holds`) — the others counted (`shared`: the records a member shares with it). Probes
+    /// work both ways because a count holding most records lets most members' probes through.
     fn close_by(
         &self,
         len: u64,
         holds: impl Fn(u32) -> bool,
+        own_records: impl Fn() -> Vec<u32>,
         shared: impl Fn(usize) -> u64,
         reach: u64,
     ) -> bool {
+        let own = std::cell::OnceCell::new();
+        let own = || own.get_or_init(&own_records);
         self.by_size
             .range(len.saturating_sub(reach)..=len.saturating_add(reach))
             .flat_map(|(_, members)| members)
+            .filter(|&&member| {
+                own()
+                    .iter()
+                    .filter(|&&record| !self.holds_record(member, record))
+                    .nth(reach as usize)
+                    .is_none()
+            })
             .filter(|&&member| self.probes_missing_at_most(member, &holds, reach))
             .any(|&member| {
                 // (A supposition that does not hold may give a count that cannot be.)

@@ -75,17 +75,7 @@ fn smallest_released(
 /// in `outer`.
 fn may_lie_in(inner: &RoaringBitmap, outer: &RoaringBitmap) -> bool {
     const PROBES: u64 = 8;
-    let (Some(first), Some(last)) = (inner.min(), inner.max()) else {
-        return true;
-    };
-    let span = u64::from(last - first);
-    (0..PROBES).all(|probe| {
-        let from = first + (span * probe / PROBES) as u32;
-        inner
-            .range(from..)
-            .next()
-            .is_none_or(|record| outer.contains(record))
-    })
+    index::spread(inner, PROBES).all(|record| outer.contains(record))
 }
 
 /// Whether `set` differs by 1 to `reach` records from `outer` minus `inner`, supposing
