@@ -389,6 +389,32 @@ fn released_partners_are_not_crowded_out_by_derived_counts() {
 }
 
 #[test]
+fn every_cell_of_a_twenty_cell_table_inside_a_release_is_differenced_with_it() {
+    // Found by an audit: atoms g (3 records), b, and twenty cells c0..c19 (c19 the smallest).
+    // Released the twenty-cell table (total T), then X = b + T, which holds the twenty cells
+    // and T. Then Y = X - c19 + g would give Y - (X - c19) = g: X - c19 must be remembered
+    // though it is X's farthest partner.
+    let mut sizes = vec![3, 2000];
+    sizes.extend((0..19).map(|cell| 700 + 10 * cell));
+    sizes.push(400);
+    let atoms = blocks(&sizes);
+    let (g, b) = (1, 2);
+    let cells: Vec<u32> = (2..22).map(|atom| 1 << atom).collect();
+    let table = cells.iter().fold(0, |all, cell| all | cell);
+    let state = tempfile::tempdir().unwrap();
+    let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+    let answer = ask(&mut memory, &atoms, &cells);
+    assert!(
+        answer.cells.iter().all(Option::is_some),
+        "{:?}",
+        answer.cells
+    );
+    assert!(ask(&mut memory, &atoms, &[b | table]).total.is_some());
+    let y = (b | table | g) & !(1 << 21);
+    assert!(ask(&mut memory, &atoms, &[y]).total.is_none());
+}
+
+#[test]
 fn a_value_is_explored_again_when_an_earlier_value_of_its_answer_lowered_a_depth() {
     // The third answer's total was derivable already: remembering it only lowers depths, after
     // which the withheld cells together make more derivable than their check saw. What the node

@@ -29,12 +29,16 @@ const SAMPLE_ONE_IN: u32 = 64;
 const HEAD: usize = 32;
 /// Columns intersected to find the sets holding a new one.
 const MOST_COLUMNS: usize = 8;
-/// Nested remembered sets a count is differenced with, closest first.
-const MOST_PARTNERS: usize = 16;
+/// Nested remembered sets a released set is differenced with (released ones first, then
+/// closest first): enough for the cells and total of an ordinary table inside it.
+const MOST_PARTNERS: usize = 32;
+/// The same for a derived count.
+const MOST_DERIVED_PARTNERS: usize = 16;
 /// Subtractions a derived count may stack (each level doubles the cost of counting it).
 const MOST_DEPTH: u8 = 4;
 /// New counts a release's derivations are followed through (and remembered), fewest
-/// subtractions first; it bounds the work one release can cause.
+/// subtractions first; it bounds the work one release can cause. (The release's own
+/// differences beyond these are remembered too, not followed.)
 const MOST_STEPS: usize = 16;
 /// Record numbers per roaring container, the unit the sample grows in.
 const CHUNK: u64 = 1 << 16;
@@ -629,9 +633,9 @@ impl SetIndex {
     }
 
     /// Remembered sets (usable from `before`) nested with `set` whose difference with it
-    /// may be remembered: at most [`MOST_PARTNERS`], released ones first, then smallest
+    /// may be remembered: at most `most`, released ones first, then smallest
     /// difference first.
-    pub fn partners(&self, set: &RoaringBitmap, before: usize) -> Vec<Partner> {
+    pub fn partners(&self, set: &RoaringBitmap, before: usize, most: usize) -> Vec<Partner> {
         if set.is_empty() || self.members.is_empty() {
             return Vec::new();
         }
@@ -657,7 +661,7 @@ impl SetIndex {
             })
             .collect();
         partners.sort_by_key(rank);
-        partners.truncate(MOST_PARTNERS);
+        partners.truncate(most);
         // Sets inside it are verified closest first, only until no better ones could be kept:
         // as many released sets at most as far.
         let inside = self
@@ -673,7 +677,7 @@ impl SetIndex {
                     self.members[partner.member].depth == 0 && partner.difference <= difference
                 })
                 .count();
-            if better >= MOST_PARTNERS {
+            if better >= most {
                 break;
             }
             if self.misses_at_most(member, set, 0) && self.lies_in(member, set) {
@@ -686,7 +690,7 @@ impl SetIndex {
         }
         partners.extend(kept);
         partners.sort_by_key(rank);
-        partners.truncate(MOST_PARTNERS);
+        partners.truncate(most);
         partners
     }
 
@@ -829,8 +833,12 @@ impl SetIndex {
         }
         // A derived count may be differenced with every remembered count, this answer's
         // values included; a value only with what was remembered before its answer.
-        let usable_from = if this.depth == 0 { before } else { usize::MAX };
-        let partners = self.partners(&this.records, usable_from);
+        let (usable_from, most) = if this.depth == 0 {
+            (before, MOST_PARTNERS)
+        } else {
+            (usize::MAX, MOST_DERIVED_PARTNERS)
+        };
+        let partners = self.partners(&this.records, usable_from, most);
         let mut found: Vec<Derivation> = partners
             .iter()
             .map(|partner| {
@@ -947,7 +955,10 @@ impl SetIndex {
     /// after the steps it is derived from.
     fn commit(&mut self, exploration: Exploration) {
         let Exploration {
-            steps, mut order, ..
+            steps,
+            mut order,
+            unfollowed,
+            ..
         } = exploration;
         let waiting: Vec<usize> = (0..steps.len())
             .filter(|step| !order.contains(step))
@@ -975,6 +986,20 @@ impl SetIndex {
                 }
             };
             numbers[index] = number;
+        }
+        // The release's own differences with remembered sets that were checked but not
+        // followed are remembered too (not followed further), so that a later value close to
+        // one of them is seen.
+        for derivation in unfollowed.into_iter().filter(|found| found.depth == 1) {
+            let number = |source| match source {
+                Source::Member(member) => member,
+                Source::Step(step) => numbers[step],
+            };
+            let (plus, minus) = (number(derivation.plus), number(derivation.minus));
+            let records = self.records(plus).into_owned() - self.records(minus).as_ref();
+            if self.find(&records).is_none() {
+                self.push_derived(plus, minus, records, 1);
+            }
         }
     }
 
@@ -1127,13 +1152,13 @@ mod tests {
     fn nested_sets_are_found_in_both_directions() {
         let (outer, inner) = (scattered(50_000, 7, 3), scattered(20_000, 7, 3));
         let index = index_of(vec![outer.clone()]);
-        let found = index.partners(&inner, index.len());
+        let found = index.partners(&inner, index.len(), MOST_PARTNERS);
         assert_eq!(found.len(), 1, "the outer set holds the inner one");
         assert!(found[0].holds);
         assert_eq!(found[0].difference, outer.len() - inner.len());
 
         let index = index_of(vec![inner.clone()]);
-        let found = index.partners(&outer, index.len());
+        let found = index.partners(&outer, index.len(), MOST_PARTNERS);
         assert_eq!(found.len(), 1, "the inner set lies inside the outer one");
         assert!(!found[0].holds);
         assert_eq!(found[0].difference, outer.len() - inner.len());
@@ -1144,7 +1169,7 @@ mod tests {
         let (outer, inner) = (set(100..140), set(110..125));
         assert!(outer.iter().all(|record| !sampled(record)));
         let index = index_of(vec![inner.clone()]);
-        let found = index.partners(&outer, index.len());
+        let found = index.partners(&outer, index.len(), MOST_PARTNERS);
         assert_eq!(
             found.len(),
             1,
@@ -1152,7 +1177,7 @@ mod tests {
         );
         assert!(!found[0].holds);
         let index = index_of(vec![outer]);
-        let found = index.partners(&inner, index.len());
+        let found = index.partners(&inner, index.len(), MOST_PARTNERS);
         assert_eq!(
             found.len(),
             1,
@@ -1173,7 +1198,7 @@ mod tests {
         };
         let index = index_of(vec![outer.clone()]);
         for count in [3, 20, 300] {
-            let found = index.partners(&unsampled(count), index.len());
+            let found = index.partners(&unsampled(count), index.len(), MOST_PARTNERS);
             assert_eq!(found.len(), 1, "{count} records");
             assert!(found[0].holds);
         }
@@ -1184,8 +1209,16 @@ mod tests {
         let index = index_of(vec![scattered(50_000, 3, 0), set(100..140)]);
         let mut overlapping = scattered(20_000, 3, 0);
         overlapping.insert(1);
-        assert!(index.partners(&overlapping, index.len()).is_empty());
-        assert!(index.partners(&set(130..150), index.len()).is_empty());
+        assert!(
+            index
+                .partners(&overlapping, index.len(), MOST_PARTNERS)
+                .is_empty()
+        );
+        assert!(
+            index
+                .partners(&set(130..150), index.len(), MOST_PARTNERS)
+                .is_empty()
+        );
     }
 
     #[test]
@@ -1228,7 +1261,7 @@ mod tests {
         let c = scattered(50_000, 3, 300_000);
         assert!(
             index
-                .partners(&c, index.len())
+                .partners(&c, index.len(), MOST_PARTNERS)
                 .iter()
                 .any(|p| p.member == derived)
         );
