@@ -15,6 +15,7 @@ async fn benchmark_runs_end_to_end_and_prints_both_timings() -> anyhow::Result<(
         "same, with overlap control",
         "audited throughput",
         "threshold + complementary",
+        "record sets per cell",
         "overlap + chain check, 10,000 sets",
         "same, cells nested in an answer",
         "overlap control in all",
