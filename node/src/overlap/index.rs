@@ -577,12 +577,26 @@ impl SetIndex {
             .is_some_and(|word| word & (1 << (record % 64)) != 0)
     }
 
+    /// The members' keys among `set`'s records (those of a set made of disjoint parts are
+    /// their parts' keys together): a dense set is intersected with the keys (roaring tests
+    /// each key against its bitmap containers); a sparse one is walked, testing each record
+    /// against the keys' bits.
+    pub fn keys_in(&self, set: &RoaringBitmap) -> Vec<u32> {
+        if set.len().saturating_mul(DENSE) >= self.universe {
+            (&self.keys & set).iter().collect()
+        } else {
+            set.iter().filter(|&record| self.is_key(record)).collect()
+        }
+    }
+
     /// Remembered sets (usable from `before`) that may lie inside `set` with fewer records
     /// (their key and first probes are in it), closest in size first; not yet verified.
+    /// `keys`: the keys among its records, when known.
     fn maybe_inside<'a>(
         &'a self,
         set: &'a RoaringBitmap,
         before: usize,
+        keys: Option<&[u32]>,
     ) -> Box<dyn Iterator<Item = usize> + 'a> {
         let size = set.len();
         let may_lie_inside = move |member: usize| {
@@ -608,16 +622,13 @@ impl SetIndex {
                     }),
             );
         }
-        // Otherwise through the keys it holds: a dense set is intersected with the keys
-        // (roaring tests each key against its bitmap containers); a sparse one is walked,
-        // testing each record against the keys' bits.
-        let keys: Vec<u32> = if size.saturating_mul(DENSE) >= self.universe {
-            (&self.keys & set).iter().collect()
-        } else {
-            set.iter().filter(|&record| self.is_key(record)).collect()
+        // Otherwise through the keys it holds (given, or found now).
+        let keys = match keys {
+            Some(keys) => Cow::Borrowed(keys),
+            None => Cow::Owned(self.keys_in(set)),
         };
         let mut found: Vec<usize> = Vec::new();
-        for record in keys {
+        for &record in keys.iter() {
             let mut next = self.last_with_key[record as usize];
             while next > 0 {
                 let member = next as usize - 1;
@@ -634,8 +645,14 @@ impl SetIndex {
 
     /// Remembered sets (usable from `before`) nested with `set` whose difference with it
     /// may be remembered: at most `most`, released ones first, then smallest
-    /// difference first.
-    pub fn partners(&self, set: &RoaringBitmap, before: usize, most: usize) -> Vec<Partner> {
+    /// difference first. `keys`: the keys among its records, when known ([`Self::keys_in`]).
+    pub fn partners(
+        &self,
+        set: &RoaringBitmap,
+        before: usize,
+        most: usize,
+        keys: Option<&[u32]>,
+    ) -> Vec<Partner> {
         if set.is_empty() || self.members.is_empty() {
             return Vec::new();
         }
@@ -665,7 +682,7 @@ impl SetIndex {
         // Sets inside it are verified closest first, only until no better ones could be kept:
         // as many released sets at most as far.
         let inside = self
-            .maybe_inside(set, before)
+            .maybe_inside(set, before, keys)
             .filter(shallow)
             .map(|member| (size - self.members[member].len, member));
         let mut kept: Vec<Partner> = Vec::new();
@@ -704,8 +721,15 @@ impl SetIndex {
     ///
     /// With `reach`, the exploration stops at a *hazard*: `set`, or a count it makes
     /// derivable, comes 1 to `reach` records from a remembered count or from another count of
-    /// the exploration, or is itself that small.
-    pub fn explore(&self, set: &RoaringBitmap, before: usize, reach: Option<u64>) -> Exploration {
+    /// the exploration, or is itself that small. `keys`: the keys among `set`'s records, when
+    /// known ([`Self::keys_in`]).
+    pub fn explore(
+        &self,
+        set: &RoaringBitmap,
+        before: usize,
+        reach: Option<u64>,
+        keys: Option<&[u32]>,
+    ) -> Exploration {
         let known = self.find(set);
         if set.is_empty() || known.is_some_and(|member| self.members[member].depth == 0) {
             return Exploration {
@@ -736,7 +760,8 @@ impl SetIndex {
         // is still waiting, so every count is followed at its least depth.
         while let Some(step) = exploration.next_step() {
             exploration.order.push(step);
-            for derivation in self.derivations(&exploration, step, before) {
+            let keys = if step == 0 { keys } else { None };
+            for derivation in self.derivations(&exploration, step, before, keys) {
                 let (len, depth) = (derivation.len, derivation.depth);
                 if len == 0 {
                     continue;
@@ -820,12 +845,14 @@ impl SetIndex {
     }
 
     /// The differences of step number `step` with the members (usable from `before`)
-    /// nested with it and with the earlier steps nested with it, not yet materialised.
+    /// nested with it and with the earlier steps nested with it, not yet materialised (`keys`:
+    /// the keys among its records, when known).
     fn derivations(
         &self,
         exploration: &Exploration,
         step: usize,
         before: usize,
+        keys: Option<&[u32]>,
     ) -> Vec<Derivation> {
         let this = &exploration.steps[step];
         if this.depth >= MOST_DEPTH {
@@ -838,7 +865,7 @@ impl SetIndex {
         } else {
             (usize::MAX, MOST_DERIVED_PARTNERS)
         };
-        let partners = self.partners(&this.records, usable_from, most);
+        let partners = self.partners(&this.records, usable_from, most, keys);
         let mut found: Vec<Derivation> = partners
             .iter()
             .map(|partner| {
@@ -945,7 +972,7 @@ impl SetIndex {
                         .first()
                         .is_some_and(|first| first.records == set)
             })
-            .unwrap_or_else(|| self.explore(&set, batch_start, None));
+            .unwrap_or_else(|| self.explore(&set, batch_start, None, None));
         let cut = exploration.cut;
         self.commit(exploration);
         cut
@@ -1152,13 +1179,13 @@ mod tests {
     fn nested_sets_are_found_in_both_directions() {
         let (outer, inner) = (scattered(50_000, 7, 3), scattered(20_000, 7, 3));
         let index = index_of(vec![outer.clone()]);
-        let found = index.partners(&inner, index.len(), MOST_PARTNERS);
+        let found = index.partners(&inner, index.len(), MOST_PARTNERS, None);
         assert_eq!(found.len(), 1, "the outer set holds the inner one");
         assert!(found[0].holds);
         assert_eq!(found[0].difference, outer.len() - inner.len());
 
         let index = index_of(vec![inner.clone()]);
-        let found = index.partners(&outer, index.len(), MOST_PARTNERS);
+        let found = index.partners(&outer, index.len(), MOST_PARTNERS, None);
         assert_eq!(found.len(), 1, "the inner set lies inside the outer one");
         assert!(!found[0].holds);
         assert_eq!(found[0].difference, outer.len() - inner.len());
@@ -1169,7 +1196,7 @@ mod tests {
         let (outer, inner) = (set(100..140), set(110..125));
         assert!(outer.iter().all(|record| !sampled(record)));
         let index = index_of(vec![inner.clone()]);
-        let found = index.partners(&outer, index.len(), MOST_PARTNERS);
+        let found = index.partners(&outer, index.len(), MOST_PARTNERS, None);
         assert_eq!(
             found.len(),
             1,
@@ -1177,7 +1204,7 @@ mod tests {
         );
         assert!(!found[0].holds);
         let index = index_of(vec![outer]);
-        let found = index.partners(&inner, index.len(), MOST_PARTNERS);
+        let found = index.partners(&inner, index.len(), MOST_PARTNERS, None);
         assert_eq!(
             found.len(),
             1,
@@ -1198,7 +1225,7 @@ mod tests {
         };
         let index = index_of(vec![outer.clone()]);
         for count in [3, 20, 300] {
-            let found = index.partners(&unsampled(count), index.len(), MOST_PARTNERS);
+            let found = index.partners(&unsampled(count), index.len(), MOST_PARTNERS, None);
             assert_eq!(found.len(), 1, "{count} records");
             assert!(found[0].holds);
         }
@@ -1211,12 +1238,12 @@ mod tests {
         overlapping.insert(1);
         assert!(
             index
-                .partners(&overlapping, index.len(), MOST_PARTNERS)
+                .partners(&overlapping, index.len(), MOST_PARTNERS, None)
                 .is_empty()
         );
         assert!(
             index
-                .partners(&set(130..150), index.len(), MOST_PARTNERS)
+                .partners(&set(130..150), index.len(), MOST_PARTNERS, None)
                 .is_empty()
         );
     }
@@ -1239,7 +1266,7 @@ mod tests {
         // A, and C within one record of A's upper part: B = A's lower part completes A - B - C.
         let index = index_of(vec![set(0..1000), set(600..999)]);
         let hazard =
-            |released: RoaringBitmap| index.explore(&released, index.len(), Some(9)).hazard;
+            |released: RoaringBitmap| index.explore(&released, index.len(), Some(9), None).hazard;
         assert!(hazard(set(0..600)));
         assert!(!hazard(set(0..500)), "A minus this is far from C");
     }
@@ -1261,7 +1288,7 @@ mod tests {
         let c = scattered(50_000, 3, 300_000);
         assert!(
             index
-                .partners(&c, index.len(), MOST_PARTNERS)
+                .partners(&c, index.len(), MOST_PARTNERS, None)
                 .iter()
                 .any(|p| p.member == derived)
         );

@@ -237,12 +237,29 @@ impl OverlapMemory {
     /// [`OverlapMemory::too_close`], keeping what the release would make derivable (to
     /// compare with the answer's other values, and to remember without searching again).
     pub fn assess(&self, set: &RoaringBitmap, k: u32) -> Assessment {
+        self.assess_knowing_keys(set, k, None)
+    }
+
+    /// [`OverlapMemory::assess`], given the keys among `set`'s records when they are known
+    /// ([`OverlapMemory::keys_in`]; a union of disjoint sets has their keys together).
+    pub fn assess_knowing_keys(
+        &self,
+        set: &RoaringBitmap,
+        k: u32,
+        keys: Option<&[u32]>,
+    ) -> Assessment {
         let reach = u64::from(k.saturating_sub(1));
-        let exploration = self.index.explore(set, self.index.len(), Some(reach));
+        let exploration = self.index.explore(set, self.index.len(), Some(reach), keys);
         Assessment {
             too_close: exploration.hazard,
             exploration: Some(exploration),
         }
+    }
+
+    /// The records of `set` that are keys of remembered counts (the index searches the
+    /// counts inside a set through them).
+    pub fn keys_in(&self, set: &RoaringBitmap) -> Vec<u32> {
+        self.index.keys_in(set)
     }
 
     /// The records of unfollowed count number `number` of `assessment`.

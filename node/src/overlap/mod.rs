@@ -18,6 +18,7 @@ pub use memory::{Assessment, OverlapError, OverlapMemory, Release};
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use roaring::{MultiOps, RoaringBitmap};
@@ -119,7 +120,7 @@ pub struct Decided {
 /// The verdicts of one answer's sets, each asked of the memory once however many rounds the
 /// rules take: sets are named by the cells whose records they unite.
 struct Verdicts<'a> {
-    sets: &'a [RoaringBitmap],
+    cells: Cells<'a>,
     memory: &'a OverlapMemory,
     k: u32,
     asked: HashMap<Vec<usize>, Verdict<'a>>,
@@ -131,30 +132,50 @@ type Verdict<'a> = (Cow<'a, RoaringBitmap>, Assessment);
 /// Answers with at least this many records are checked on every core.
 const PARALLEL_RECORDS: u64 = 1 << 16;
 
-fn verdict<'a>(
+/// An answer's cells and, found once per cell when first needed, the keys of remembered
+/// counts among each cell's records: the cells are disjoint, so a union's keys are its cells'
+/// keys together, and a margin need not be searched record by record again.
+#[derive(Clone, Copy)]
+struct Cells<'a> {
     sets: &'a [RoaringBitmap],
+    keys: &'a [OnceLock<Vec<u32>>],
+}
+
+impl Cells<'_> {
+    fn keys(&self, memory: &OverlapMemory, cells: &[usize]) -> Vec<u32> {
+        cells
+            .iter()
+            .flat_map(|&cell| self.keys[cell].get_or_init(|| memory.keys_in(&self.sets[cell])))
+            .copied()
+            .collect()
+    }
+}
+
+fn verdict<'a>(
+    cells_of: Cells<'a>,
     memory: &OverlapMemory,
     k: u32,
     cells: &[usize],
 ) -> Verdict<'a> {
     let set = match cells {
-        [cell] => Cow::Borrowed(&sets[*cell]),
-        _ => Cow::Owned(union(sets, cells)),
+        [cell] => Cow::Borrowed(&cells_of.sets[*cell]),
+        _ => Cow::Owned(union(cells_of.sets, cells)),
     };
     let assessment = if set.is_empty() {
         Assessment::nothing()
     } else {
-        memory.assess(&set, k)
+        let keys = cells_of.keys(memory, cells);
+        memory.assess_knowing_keys(&set, k, Some(&keys))
     };
     (set, assessment)
 }
 
 impl<'a> Verdicts<'a> {
     fn entry(&mut self, cells: &[usize]) -> &mut Verdict<'a> {
-        let (sets, memory, k) = (self.sets, self.memory, self.k);
+        let (cells_of, memory, k) = (self.cells, self.memory, self.k);
         self.asked
             .entry(cells.to_vec())
-            .or_insert_with(|| verdict(sets, memory, k, cells))
+            .or_insert_with(|| verdict(cells_of, memory, k, cells))
     }
 
     /// Asks about every group of cells not asked yet; for a large answer, on every core (the
@@ -166,7 +187,7 @@ impl<'a> Verdicts<'a> {
             .collect();
         missing.sort_unstable();
         missing.dedup();
-        let records: u64 = self.sets.iter().map(RoaringBitmap::len).sum();
+        let records: u64 = self.cells.sets.iter().map(RoaringBitmap::len).sum();
         let threads = std::thread::available_parallelism().map_or(1, |count| count.get());
         if threads < 2 || missing.len() < 2 || records < PARALLEL_RECORDS {
             for cells in missing {
@@ -177,16 +198,21 @@ impl<'a> Verdicts<'a> {
         // Largest first, each worker taking the next one not taken, so that no core is left
         // with the largest ones at the end.
         missing.sort_by_cached_key(|cells| {
-            std::cmp::Reverse(cells.iter().map(|&cell| self.sets[cell].len()).sum::<u64>())
+            std::cmp::Reverse(
+                cells
+                    .iter()
+                    .map(|&cell| self.cells.sets[cell].len())
+                    .sum::<u64>(),
+            )
         });
-        let (sets, memory, k) = (self.sets, self.memory, self.k);
+        let (cells_of, memory, k) = (self.cells, self.memory, self.k);
         let (missing, next) = (&missing, &AtomicUsize::new(0));
         let answers: Vec<(Vec<usize>, Verdict<'a>)> = std::thread::scope(|scope| {
             let workers: Vec<_> = (0..threads)
                 .map(|_| {
                     scope.spawn(move || {
                         std::iter::from_fn(|| missing.get(next.fetch_add(1, Ordering::Relaxed)))
-                            .map(|cells| (cells.clone(), verdict(sets, memory, k, cells)))
+                            .map(|cells| (cells.clone(), verdict(cells_of, memory, k, cells)))
                             .collect::<Vec<_>>()
                     })
                 })
@@ -336,8 +362,12 @@ pub fn decide(
         .iter()
         .map(|set| !set.is_empty() && memory.known(set))
         .collect();
+    let cell_keys: Vec<OnceLock<Vec<u32>>> = sets.iter().map(|_| OnceLock::new()).collect();
     let mut verdicts = Verdicts {
-        sets,
+        cells: Cells {
+            sets,
+            keys: &cell_keys,
+        },
         memory,
         k,
         asked: HashMap::new(),
