@@ -415,6 +415,29 @@ fn every_cell_of_a_twenty_cell_table_inside_a_release_is_differenced_with_it() {
 }
 
 #[test]
+fn a_release_s_own_difference_known_deeper_is_lowered_though_not_followed() {
+    // Found by an audit. Atoms R1..R4, D, P, Q, g (3 records), E1..E16. Released D + R1..R4,
+    // then each Ri: D is known at depth 4 only. Then D + P + Ei for each i, P, and X = D + P:
+    // X's sixteen closest released partners are the D + P + Ei, so X - P = D is its
+    // seventeenth difference, not followed; it must still be lowered to one subtraction, or
+    // Y = D + Q is never differenced with it and Z = Q + g gives Z - (Y - (X - P)) = g.
+    let mut sizes = vec![500, 600, 700, 800, 2000, 1000, 1500, 3];
+    sizes.extend((0..16).map(|step| 100 + 20 * step));
+    let atoms = blocks(&sizes);
+    let (d, p, q, g) = (1 << 4, 1 << 5, 1 << 6, 1 << 7);
+    let state = tempfile::tempdir().unwrap();
+    let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+    let releases = [d | 0b1111, 1, 2, 4, 8]
+        .into_iter()
+        .chain((0..16).map(|step| d | p | (1 << (8 + step))))
+        .chain([p, d | p, d | q]);
+    for mask in releases {
+        assert!(ask(&mut memory, &atoms, &[mask]).total.is_some());
+    }
+    assert!(ask(&mut memory, &atoms, &[q | g]).total.is_none());
+}
+
+#[test]
 fn a_value_is_explored_again_when_an_earlier_value_of_its_answer_lowered_a_depth() {
     // The third answer's total was derivable already: remembering it only lowers depths, after
     // which the withheld cells together make more derivable than their check saw. What the node

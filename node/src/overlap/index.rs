@@ -1024,8 +1024,16 @@ impl SetIndex {
             };
             let (plus, minus) = (number(derivation.plus), number(derivation.minus));
             let records = self.records(plus).into_owned() - self.records(minus).as_ref();
-            if self.find(&records).is_none() {
-                self.push_derived(plus, minus, records, 1);
+            match self.find(&records) {
+                None => {
+                    self.push_derived(plus, minus, records, 1);
+                }
+                // Known deeper: it is now one subtraction away, so later releases subtract it.
+                Some(member) if self.members[member].depth > 1 => {
+                    self.members[member].depth = 1;
+                    self.lowered += 1;
+                }
+                Some(_) => {}
             }
         }
     }
