@@ -6,7 +6,7 @@
 //! - [`synth`]: seeded synthetic trauma-registry data in each site's local format.
 //! - [`alliance`]: writing configurations and starting nodes and a coordinator.
 //! - [`demo`]: the main job (`cargo run --release -- demo`).
-//! - [`bench`]: node query speed end to end versus the bare polars plan.
+//! - [`bench`](mod@bench): node query speed end to end versus the bare polars plan.
 //! - [`prepare`]: the files of a three-site alliance for containers (compose).
 
 pub mod alliance;

@@ -170,7 +170,7 @@ pub type ConnectedHook = Arc<dyn Fn(bool) + Send + Sync>;
 /// back off from 1 s to 30 s, and so do connections the coordinator ends at once, e.g. because
 /// it does not accept this node's certificate). Each change of `renewals` (the certificates
 /// were reloaded) dials a new connection with the renewed files and retires the current one
-/// after [`RETIRE_GRACE`]. `connected` hears whether a connection is open. Every outcome is
+/// after `RETIRE_GRACE`. `connected` hears whether a connection is open. Every outcome is
 /// logged without request content.
 pub fn dial(
     outbound: Outbound,

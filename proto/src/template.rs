@@ -680,7 +680,7 @@ pub struct BoundCheck {
 pub struct TemplateRef {
     pub id: String,
     pub version: u32,
-    /// "sha256:<hex>" of the canonical bytes.
+    /// `"sha256:<hex>"` of the canonical bytes.
     pub content_hash: String,
 }
 
@@ -738,7 +738,7 @@ impl Template {
         serde_json::to_vec(self).expect("templates always serialise")
     }
 
-    /// "sha256:<hex>" of the canonical bytes.
+    /// `"sha256:<hex>"` of the canonical bytes.
     pub fn content_hash(&self) -> String {
         content_hash(&self.canonical_bytes())
     }
@@ -1173,7 +1173,7 @@ pub fn cell_coordinates(shape: &[usize], index: usize) -> Vec<u32> {
     coordinates
 }
 
-/// "sha256:<hex>" of some bytes.
+/// `"sha256:<hex>"` of some bytes.
 pub fn content_hash(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }

@@ -52,13 +52,13 @@ fn cut(text: &str, limit: usize) -> String {
     kept
 }
 
-/// A request field as audit text: control characters escaped, at most [`MAX_TEXT`]
+/// A request field as audit text: control characters escaped, at most `MAX_TEXT`
 /// characters.
 pub fn bounded(text: &str) -> String {
     cut(text, MAX_TEXT)
 }
 
-/// A refusal message as audit text: control characters escaped, at most [`MAX_MESSAGE`]
+/// A refusal message as audit text: control characters escaped, at most `MAX_MESSAGE`
 /// characters.
 pub fn bounded_message(text: &str) -> String {
     cut(text, MAX_MESSAGE)

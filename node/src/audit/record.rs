@@ -104,7 +104,7 @@ struct Line {
     hash: String,
 }
 
-/// "sha256:<hex>" of the record's canonical JSON.
+/// `"sha256:<hex>"` of the record's canonical JSON.
 pub fn hash_of(record: &Record) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(canonical(record))))
 }

@@ -7,7 +7,7 @@
 //! value whose subtraction from a nested remembered set would give such a count (the third
 //! step of a chain).
 //!
-//! [`memory`] keeps the sets durably and bounded; [`index`] finds close and nested ones.
+//! `memory` keeps the sets durably and bounded; `index` finds close and nested ones.
 
 #[cfg(test)]
 mod chains;
