@@ -108,6 +108,15 @@ pub fn spread(set: &RoaringBitmap, count: u64) -> impl Iterator<Item = u32> + '_
     })
 }
 
+/// Whether two counts of `one` and `other` records sharing `shared` are 1 to `reach` records
+/// apart (a `shared` worked out under a supposition that does not hold may exceed what the
+/// two can share: then they are not).
+pub fn apart_by_at_most(one: u64, other: u64, shared: u64, reach: u64) -> bool {
+    (one + other)
+        .checked_sub(2 * shared)
+        .is_some_and(|distance| (1..=reach).contains(&distance))
+}
+
 /// Whether `record` is in the sample: a fixed multiplicative mix spreads consecutive numbers
 /// evenly, so every set of more than a few times [`SAMPLE_ONE_IN`] records has sampled ones.
 fn sampled(record: u32) -> bool {
@@ -153,6 +162,16 @@ enum Source {
     Member(usize),
     /// An earlier step of the same exploration.
     Step(usize),
+}
+
+impl Source {
+    /// The member this is once the steps are remembered (`numbers`: each step's member).
+    fn number(self, numbers: &[usize]) -> usize {
+        match self {
+            Source::Member(member) => member,
+            Source::Step(step) => numbers[step],
+        }
+    }
 }
 
 /// A count a release makes derivable (the first step: the released set itself).
@@ -378,12 +397,7 @@ impl SetIndex {
                     .is_none()
             })
             .filter(|&&member| self.probes_missing_at_most(member, &holds, reach))
-            .any(|&member| {
-                // (A supposition that does not hold may give a count that cannot be.)
-                (self.members[member].len + len)
-                    .checked_sub(2 * shared(member))
-                    .is_some_and(|distance| (1..=reach).contains(&distance))
-            })
+            .any(|&member| apart_by_at_most(self.members[member].len, len, shared(member), reach))
     }
 
     /// Whether a member has `size` records give or take `reach`.
@@ -1005,11 +1019,8 @@ impl SetIndex {
                 }
                 (None, None) => self.push_records(step.records, step.depth),
                 (None, Some((plus, minus))) => {
-                    let number = |source| match source {
-                        Source::Member(member) => member,
-                        Source::Step(step) => numbers[step],
-                    };
-                    self.push_derived(number(plus), number(minus), step.records, step.depth)
+                    let (plus, minus) = (plus.number(&numbers), minus.number(&numbers));
+                    self.push_derived(plus, minus, step.records, step.depth)
                 }
             };
             numbers[index] = number;
@@ -1018,11 +1029,10 @@ impl SetIndex {
         // followed are remembered too (not followed further), so that a later value close to
         // one of them is seen.
         for derivation in unfollowed.into_iter().filter(|found| found.depth == 1) {
-            let number = |source| match source {
-                Source::Member(member) => member,
-                Source::Step(step) => numbers[step],
-            };
-            let (plus, minus) = (number(derivation.plus), number(derivation.minus));
+            let (plus, minus) = (
+                derivation.plus.number(&numbers),
+                derivation.minus.number(&numbers),
+            );
             let records = self.records(plus).into_owned() - self.records(minus).as_ref();
             match self.find(&records) {
                 None => {

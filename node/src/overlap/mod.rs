@@ -88,26 +88,21 @@ fn close_to_difference(
     inner: &RoaringBitmap,
     reach: u64,
 ) -> bool {
-    const PROBES: usize = 32;
+    const PROBES: u64 = 32;
     let difference = outer.len().saturating_sub(inner.len());
     if set.len().abs_diff(difference) > reach {
         return false;
     }
-    let missing = set
-        .iter()
-        .take(PROBES)
+    let missing = index::spread(set, PROBES)
         .filter(|&record| !outer.contains(record) || inner.contains(record))
         .count() as u64;
     if missing > reach {
         return false;
     }
-    // (When `inner` is not inside `outer`, the counts may not add up.)
     let shared = set
         .intersection_len(outer)
         .saturating_sub(set.intersection_len(inner));
-    (set.len() + difference)
-        .checked_sub(2 * shared)
-        .is_some_and(|distance| (1..=reach).contains(&distance))
+    index::apart_by_at_most(set.len(), difference, shared, reach)
 }
 
 /// An answer decided under overlap control, and the record sets it releases.
