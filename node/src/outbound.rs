@@ -219,6 +219,9 @@ pub fn dial(
                     () = sender.closed() => return,
                 }
             }
+            // Marked seen before the files are read: a renewal that lands during the dial (or
+            // while the connection is handed over) is then noticed, and dialled again with.
+            renewals.borrow_and_update();
             let dialled = tokio::select! {
                 dialled = dial_once(&outbound, &files) => dialled,
                 () = sender.closed() => return,
@@ -241,7 +244,6 @@ pub fn dial(
                         return;
                     }
                     connected(true);
-                    renewals.borrow_and_update();
                     open = Some((ended, retire, Instant::now()));
                 }
                 Err(problem) => {
@@ -318,21 +320,20 @@ mod tests {
         tls::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let (coordinator, node) = certificates(dir.path());
-        // The coordinator's side: mutual TLS, counting the node connections it accepts.
+        // The coordinator's side: the test sees each TCP connection before its TLS handshake.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
-            tls::mutual_tls_server_config(&coordinator).unwrap(),
-        ));
-        let (accepted, mut accepted_streams) = mpsc::unbounded_channel();
+        let (accepted, mut accepted_tcp) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = listener.accept().await.unwrap();
-                if let Ok(stream) = acceptor.accept(tcp).await {
-                    let _ = accepted.send(stream);
-                }
+                let _ = accepted.send(tcp);
             }
         });
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+            tls::mutual_tls_server_config(&coordinator).unwrap(),
+        ));
+        let handshake = |tcp| tokio::spawn(acceptor.clone().accept(tcp));
         let states = Arc::new(Mutex::new(Vec::new()));
         let hook: ConnectedHook = {
             let states = Arc::clone(&states);
@@ -345,29 +346,41 @@ mod tests {
         };
         let mut connections = dial(outbound, node, renewals, hook);
 
+        // Certificates renewed while the first dial is under way (its files are already read):
+        // once it is up, a second connection is dialled with the renewed files.
+        let first_tcp = within(accepted_tcp.recv()).await.unwrap();
+        renew.send(1).unwrap();
+        let first_tls = handshake(first_tcp);
         let first = within(connections.next()).await.unwrap().unwrap();
         assert_eq!(first.peer.identities, ["coordinator.test"]);
-        let _first_at_coordinator = within(accepted_streams.recv()).await.unwrap();
-
-        // Renewed certificates: a second connection, while the first stays open.
-        renew.send(1).unwrap();
+        within(first_tls).await.unwrap().unwrap();
+        let second_tls = handshake(within(accepted_tcp.recv()).await.unwrap());
         let second = within(connections.next()).await.unwrap().unwrap();
-        let _second_at_coordinator = within(accepted_streams.recv()).await.unwrap();
-        let mut first = first;
-        let waker = std::task::Waker::noop();
-        assert!(
-            first
-                .retired
-                .as_mut()
-                .poll(&mut Context::from_waker(waker))
-                .is_pending(),
-            "the first connection is retired only after the grace period"
-        );
+        within(second_tls).await.unwrap().unwrap();
 
-        // The server drops the second connection: the node dials again by itself.
-        drop(second);
+        // Renewed while a connection is open: a third connection, while the earlier stay open.
+        renew.send(2).unwrap();
+        let third_tls = handshake(within(accepted_tcp.recv()).await.unwrap());
         let third = within(connections.next()).await.unwrap().unwrap();
+        within(third_tls).await.unwrap().unwrap();
+        let waker = std::task::Waker::noop();
+        for mut earlier in [first, second] {
+            assert!(
+                earlier
+                    .retired
+                    .as_mut()
+                    .poll(&mut Context::from_waker(waker))
+                    .is_pending(),
+                "a replaced connection is retired only after the grace period"
+            );
+        }
+
+        // The server drops the third connection: the node dials again by itself.
         drop(third);
-        assert_eq!(states.lock().unwrap()[..3], [true, true, false]);
+        let fourth_tls = handshake(within(accepted_tcp.recv()).await.unwrap());
+        let fourth = within(connections.next()).await.unwrap().unwrap();
+        within(fourth_tls).await.unwrap().unwrap();
+        drop(fourth);
+        assert_eq!(states.lock().unwrap()[..5], [true, true, true, false, true]);
     }
 }
