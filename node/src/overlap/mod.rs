@@ -17,7 +17,7 @@ mod memory;
 pub use memory::{Assessment, OverlapError, OverlapMemory, Release};
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -118,6 +118,8 @@ struct Verdicts<'a> {
     cells: Cells<'a>,
     memory: &'a OverlapMemory,
     k: u32,
+    /// Cores the answer's checks run on (one for a small answer).
+    cores: usize,
     asked: HashMap<Vec<usize>, Verdict<'a>>,
 }
 
@@ -126,6 +128,51 @@ type Verdict<'a> = (Cow<'a, RoaringBitmap>, Assessment);
 
 /// Answers with at least this many records are checked on every core.
 const PARALLEL_RECORDS: u64 = 1 << 16;
+
+/// The cores to check an answer over `sets` on: all of them for a large answer, one for a
+/// small one (starting threads would cost more than it saves).
+fn cores_for(sets: &[RoaringBitmap]) -> usize {
+    if sets.iter().map(RoaringBitmap::len).sum::<u64>() < PARALLEL_RECORDS {
+        return 1;
+    }
+    std::thread::available_parallelism().map_or(1, |count| count.get())
+}
+
+/// `work` done on each of `items` on `threads` cores, each taking the next item not taken
+/// (so put the largest first); the results in the items' order.
+fn on_every_core<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    work: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    if threads < 2 || items.len() < 2 {
+        return items.iter().map(work).collect();
+    }
+    let (next, work) = (&AtomicUsize::new(0), &work);
+    let mut done: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(move || {
+                    std::iter::from_fn(|| {
+                        let index = next.fetch_add(1, Ordering::Relaxed);
+                        items.get(index).map(|item| (index, work(item)))
+                    })
+                    .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|worker| {
+                worker
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
+    done.sort_unstable_by_key(|&(index, _)| index);
+    done.into_iter().map(|(_, result)| result).collect()
+}
 
 /// An answer's cells and, found once per cell when first needed, the keys of remembered
 /// counts among each cell's records: the cells are disjoint, so a union's keys are its cells'
@@ -173,8 +220,8 @@ impl<'a> Verdicts<'a> {
             .or_insert_with(|| verdict(cells_of, memory, k, cells))
     }
 
-    /// Asks about every group of cells not asked yet; for a large answer, on every core (the
-    /// memory is only read).
+    /// Asks about every group of cells not asked yet, on the answer's cores (the memory is
+    /// only read).
     fn ask_all(&mut self, groups: Vec<Vec<usize>>) {
         let mut missing: Vec<Vec<usize>> = groups
             .into_iter()
@@ -182,16 +229,7 @@ impl<'a> Verdicts<'a> {
             .collect();
         missing.sort_unstable();
         missing.dedup();
-        let records: u64 = self.cells.sets.iter().map(RoaringBitmap::len).sum();
-        let threads = std::thread::available_parallelism().map_or(1, |count| count.get());
-        if threads < 2 || missing.len() < 2 || records < PARALLEL_RECORDS {
-            for cells in missing {
-                self.entry(&cells);
-            }
-            return;
-        }
-        // Largest first, each worker taking the next one not taken, so that no core is left
-        // with the largest ones at the end.
+        // Largest first, so that no core is left with the largest ones at the end.
         missing.sort_by_cached_key(|cells| {
             std::cmp::Reverse(
                 cells
@@ -201,26 +239,10 @@ impl<'a> Verdicts<'a> {
             )
         });
         let (cells_of, memory, k) = (self.cells, self.memory, self.k);
-        let (missing, next) = (&missing, &AtomicUsize::new(0));
-        let answers: Vec<(Vec<usize>, Verdict<'a>)> = std::thread::scope(|scope| {
-            let workers: Vec<_> = (0..threads)
-                .map(|_| {
-                    scope.spawn(move || {
-                        std::iter::from_fn(|| missing.get(next.fetch_add(1, Ordering::Relaxed)))
-                            .map(|cells| (cells.clone(), verdict(cells_of, memory, k, cells)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|worker| {
-                    worker
-                        .join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect()
+        let answers = on_every_core(&missing, self.cores, |cells| {
+            verdict(cells_of, memory, k, cells)
         });
+        let answers = missing.into_iter().zip(answers);
         self.asked.extend(answers);
     }
 
@@ -281,27 +303,32 @@ impl<'a> Verdicts<'a> {
         // too. It matters when it is small, or close to a known count or to one of the pool;
         // closeness is found without making the difference, as if the two were nested (which
         // is then verified).
+        let across_from = |&&(size, index, outer, _): &&(u64, usize, &RoaringBitmap, bool)| {
+            derived
+                .iter()
+                .filter(|&&&(inner_size, other, ..)| other != index && inner_size < size)
+                .any(|&&(inner_size, _, inner, _)| {
+                    let difference = size - inner_size;
+                    let sized = difference <= reach
+                        || self.memory.has_count_near(difference, self.k)
+                        || around(difference, usize::MAX).next().is_some();
+                    sized
+                        && may_lie_in(inner, outer)
+                        && (difference <= reach
+                            || self.memory.near_difference(outer, inner, self.k)
+                            || around(difference, usize::MAX).any(|&(_, _, other, _)| {
+                                close_to_difference(other, outer, inner, reach)
+                            }))
+                        && inner.is_subset(outer)
+                })
+        };
+        // On the answer's cores, largest first (a larger count has more inside it to try);
+        // the first of the pool that is found.
         let across = || {
-            derived.iter().find_map(|&&(size, index, outer, _)| {
-                derived
-                    .iter()
-                    .filter(|&&&(inner_size, other, ..)| other != index && inner_size < size)
-                    .any(|&&(inner_size, _, inner, _)| {
-                        let difference = size - inner_size;
-                        let sized = difference <= reach
-                            || self.memory.has_count_near(difference, self.k)
-                            || around(difference, usize::MAX).next().is_some();
-                        sized
-                            && may_lie_in(inner, outer)
-                            && (difference <= reach
-                                || self.memory.near_difference(outer, inner, self.k)
-                                || around(difference, usize::MAX).any(|&(_, _, other, _)| {
-                                    close_to_difference(other, outer, inner, reach)
-                                }))
-                            && inner.is_subset(outer)
-                    })
-                    .then_some(index)
-            })
+            let largest_first: Vec<_> = derived.iter().rev().copied().collect();
+            let found = on_every_core(&largest_first, self.cores, across_from);
+            let last = found.iter().rposition(|&found| found)?;
+            Some(largest_first[last].1)
         };
         // Counts checked but not followed (past the bound), compared like followed ones; they
         // are materialised only when a count of the pool is about their size.
@@ -321,10 +348,14 @@ impl<'a> Verdicts<'a> {
         near_another().or_else(across).or_else(unfollowed)
     }
 
-    /// The union of `cells` to remember, with what its check found it makes derivable.
+    /// The union of `cells` to remember, with what its check found it makes derivable (the
+    /// verdict is used up: a set is released once).
     fn release(&mut self, cells: &[usize]) -> Release {
-        let (set, assessment) = self.entry(cells);
-        assessment.release(set.as_ref().clone())
+        let (set, mut assessment) = self
+            .asked
+            .remove(cells)
+            .unwrap_or_else(|| verdict(self.cells, self.memory, self.k, cells));
+        assessment.release(set.into_owned())
     }
 }
 
@@ -365,6 +396,7 @@ pub fn decide(
         },
         memory,
         k,
+        cores: cores_for(sets),
         asked: HashMap::new(),
     };
     let mut total_forced = total_already_forced;
@@ -460,21 +492,15 @@ pub fn decide(
             }
             continue;
         }
-        let mut released_sets: Vec<Release> = (0..cell_count)
-            .filter(|&cell| released(cell))
-            .map(|cell| verdicts.release(&[cell]))
+        // Every released value, each once (a margin may be the total, when it has no
+        // withheld cells). Sums are remembered too: a later query releasing a line's whole
+        // margin is then seen to differ from its readable part by the withheld records.
+        let mut once = HashSet::new();
+        let mut released_sets: Vec<Release> = values
+            .into_iter()
+            .filter(|cells| once.insert(*cells))
+            .map(|cells| verdicts.release(cells))
             .collect();
-        if total_released {
-            released_sets.push(verdicts.release(&all_cells));
-            if !withheld.is_empty() {
-                released_sets.push(verdicts.release(&withheld));
-            }
-        }
-        // Sums are remembered too: a later query releasing a line's whole margin is then seen to
-        // differ from its readable part by the withheld records.
-        for cells in sums.iter().filter(|cells| cells.len() > 1) {
-            released_sets.push(verdicts.release(cells));
-        }
         released_sets.retain(|release| !release.records.is_empty());
         return Decided {
             table: disclosed,
