@@ -494,3 +494,23 @@ fn the_difference_of_counts_derived_from_two_values_of_one_answer_is_checked() {
         answer.total
     );
 }
+
+#[test]
+fn a_count_derived_from_one_value_less_another_value_of_the_answer_is_checked() {
+    // Found by an audit: g (3 records), m1, m2, a, b, c. Released M = {m1, m2} and K = {b, c,
+    // g}; then cells {a}, {b, m1}, {c, m2} and their total T. T - M = {a, b, c} is a count of
+    // the total; the cell {a} lies inside it, and (T - M) - {a} = {b, c} is 3 records from K.
+    let atoms = blocks(&[3, 900, 700, 1200, 800, 1000]);
+    let (g, m1, m2, a, b, c) = (1, 2, 4, 8, 16, 32);
+    let state = tempfile::tempdir().unwrap();
+    let mut memory = OverlapMemory::open(state.path(), 1 << 30).unwrap();
+    assert!(ask(&mut memory, &atoms, &[m1 | m2]).total.is_some());
+    assert!(ask(&mut memory, &atoms, &[b | c | g]).total.is_some());
+    let answer = ask(&mut memory, &atoms, &[a, b | m1, c | m2]);
+    assert!(
+        answer.cells.contains(&None) || answer.total.is_none(),
+        "{:?} {:?}",
+        answer.cells,
+        answer.total
+    );
+}

@@ -91,20 +91,15 @@ fn shared_records(one: &RoaringBitmap, other: &RoaringBitmap) -> u64 {
     }
 }
 
-/// Distinct records spread over `set`'s range, in order: the first at or after each of
-/// `count` evenly spaced points.
+/// Distinct records spread over `set`'s range, in order: for each of `count` evenly spaced
+/// points, the first at or after it that is not taken yet (one pass over the set).
 pub fn spread(set: &RoaringBitmap, count: u64) -> impl Iterator<Item = u32> + '_ {
     let first = set.min().unwrap_or(0);
     let span = u64::from(set.max().unwrap_or(0) - first);
-    let mut last = None;
-    (0..count).filter_map(move |point| {
-        let from = first + (span * point / count) as u32;
-        let record = set
-            .range(from..)
-            .next()
-            .filter(|&record| last != Some(record))?;
-        last = Some(record);
-        Some(record)
+    let mut records = set.iter();
+    (0..count).map_while(move |point| {
+        records.advance_to(first + (span * point / count) as u32);
+        records.next()
     })
 }
 

@@ -81,7 +81,9 @@ fn may_lie_in(inner: &RoaringBitmap, outer: &RoaringBitmap) -> bool {
 
 /// Whether `set` differs by 1 to `reach` records from `outer` minus `inner`, supposing
 /// `inner` lies inside `outer` (the difference is not made): a few of its records missing
-/// from the difference rule most sets out, then the exact count.
+/// from the difference, or a few of `inner`'s records in it, rule most sets out (a set much
+/// larger than `inner` is told apart from the difference only by the latter); then the exact
+/// count.
 fn close_to_difference(
     set: &RoaringBitmap,
     outer: &RoaringBitmap,
@@ -96,7 +98,12 @@ fn close_to_difference(
     let missing = index::spread(set, PROBES)
         .filter(|&record| !outer.contains(record) || inner.contains(record))
         .count() as u64;
-    if missing > reach {
+    let extra = || {
+        index::spread(inner, PROBES)
+            .filter(|&record| set.contains(record))
+            .count() as u64
+    };
+    if missing > reach || extra() > reach {
         return false;
     }
     let shared = set
@@ -259,9 +266,10 @@ impl<'a> Verdicts<'a> {
     /// A value of `values` (groups of cells, all asked) whose release would make a count
     /// derivable — by its own subtractions with remembered counts, followed or only checked —
     /// that comes 1 to k-1 records from another value of the answer or from a count another
-    /// value makes derivable and follows; or whose followed count lies inside one another
-    /// value makes derivable, their difference being small or that close to a known count or
-    /// to the answer's counts (the memory holds none of them yet).
+    /// value makes derivable and follows; or whose followed count lies inside another value,
+    /// or holds one, or lies inside a count another value makes derivable, their difference
+    /// being small or that close to a known count or to the answer's counts (the memory holds
+    /// none of them yet).
     fn first_near_another(&self, values: &[&Vec<usize>]) -> Option<usize> {
         let reach = u64::from(self.k.saturating_sub(1));
         // Every value and every count its release makes derivable, by size: (size, value,
@@ -299,34 +307,60 @@ impl<'a> Verdicts<'a> {
                 })
                 .map(|&&(_, index, ..)| index)
         };
-        // Two followed counts of two values, one inside the other: their difference is a count
-        // too. It matters when it is small, or close to a known count or to one of the pool;
-        // closeness is found without making the difference, as if the two were nested (which
-        // is then verified).
-        let across_from = |&&(size, index, outer, _): &&(u64, usize, &RoaringBitmap, bool)| {
-            derived
+        // Two counts, `inner` inside `outer` (supposed, then verified): their difference is a
+        // count too. It matters when it is small, or close to a known count or to one of the
+        // pool; closeness is found without making the difference.
+        let difference_matters = |outer: &RoaringBitmap, inner: &RoaringBitmap| {
+            if inner.is_empty() {
+                // Less an empty value, a count is itself.
+                return false;
+            }
+            let difference = outer.len() - inner.len();
+            let sized = difference <= reach
+                || self.memory.has_count_near(difference, self.k)
+                || around(difference, usize::MAX).next().is_some();
+            sized
+                && may_lie_in(inner, outer)
+                && (difference <= reach
+                    || self.memory.near_difference(outer, inner, self.k)
+                    || around(difference, usize::MAX)
+                        .any(|&(_, _, other, _)| close_to_difference(other, outer, inner, reach)))
+                && inner.is_subset(outer)
+        };
+        // Whether `records`, of `size`, are a value of the answer's: their differences with the
+        // other values are the answer's own (its rules cover those).
+        let is_a_value = |size: u64, records: &RoaringBitmap| {
+            let from = pool.partition_point(|&(other, ..)| other < size);
+            pool[from..]
                 .iter()
-                .filter(|&&&(inner_size, other, ..)| other != index && inner_size < size)
-                .any(|&&(inner_size, _, inner, _)| {
-                    let difference = size - inner_size;
-                    let sized = difference <= reach
-                        || self.memory.has_count_near(difference, self.k)
-                        || around(difference, usize::MAX).next().is_some();
-                    sized
-                        && may_lie_in(inner, outer)
-                        && (difference <= reach
-                            || self.memory.near_difference(outer, inner, self.k)
-                            || around(difference, usize::MAX).any(|&(_, _, other, _)| {
-                                close_to_difference(other, outer, inner, reach)
-                            }))
-                        && inner.is_subset(outer)
+                .take_while(|&&(other, ..)| other == size)
+                .any(|&(_, _, other, derived)| !derived && other == records)
+        };
+        // A count one value follows, and another value or a count another value follows, one
+        // inside the other: (T - M) - A, with T and A values of the answer and M remembered,
+        // is a count, and so is the difference of two followed counts.
+        let inside_another = |&&(size, index, records, _): &&(u64, usize, &RoaringBitmap, bool)| {
+            let with_values = !is_a_value(size, records);
+            pool.iter()
+                .filter(|&&(other_size, other, _, derived)| {
+                    other != index
+                        && other_size != size
+                        && (derived || with_values)
+                        && (other_size < size || !derived)
+                })
+                .any(|&(other_size, _, other, _)| {
+                    if other_size < size {
+                        difference_matters(records, other)
+                    } else {
+                        difference_matters(other, records)
+                    }
                 })
         };
         // On the answer's cores, largest first (a larger count has more inside it to try);
         // the first of the pool that is found.
         let across = || {
             let largest_first: Vec<_> = derived.iter().rev().copied().collect();
-            let found = on_every_core(&largest_first, self.cores, across_from);
+            let found = on_every_core(&largest_first, self.cores, inside_another);
             let last = found.iter().rposition(|&found| found)?;
             Some(largest_first[last].1)
         };
