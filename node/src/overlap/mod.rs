@@ -511,6 +511,10 @@ pub fn decide(
                 values.push(&withheld);
             }
         }
+        // Each once: a sum may be the total (the readable part of a table with no withheld
+        // cell).
+        let mut once = HashSet::new();
+        values.retain(|cells| once.insert(*cells));
         if let Some(index) = verdicts.first_near_another(&values) {
             let cells = values[index];
             // The total and the withheld cells together go with the total; a sum (every one
@@ -526,13 +530,10 @@ pub fn decide(
             }
             continue;
         }
-        // Every released value, each once (a margin may be the total, when it has no
-        // withheld cells). Sums are remembered too: a later query releasing a line's whole
+        // Every released value is remembered. Sums too: a later query releasing a line's whole
         // margin is then seen to differ from its readable part by the withheld records.
-        let mut once = HashSet::new();
         let mut released_sets: Vec<Release> = values
             .into_iter()
-            .filter(|cells| once.insert(*cells))
             .map(|cells| verdicts.release(cells))
             .collect();
         released_sets.retain(|release| !release.records.is_empty());
