@@ -220,7 +220,8 @@ pub fn dial(
                 }
             }
             // Marked seen before the files are read: a renewal that lands during the dial (or
-            // while the connection is handed over) is then noticed, and dialled again with.
+            // while the connection is handed over) is then noticed, and the node dials again
+            // with the renewed files.
             renewals.borrow_and_update();
             let dialled = tokio::select! {
                 dialled = dial_once(&outbound, &files) => dialled,
