@@ -275,7 +275,6 @@ async fn pause(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
     use tokio_stream::StreamExt;
 
     /// Waits for `future`, as long as the longest redial back-off and some: under load a dial
@@ -335,11 +334,12 @@ mod tests {
             tls::mutual_tls_server_config(&coordinator).unwrap(),
         ));
         let handshake = |tcp| tokio::spawn(acceptor.clone().accept(tcp));
-        let states = Arc::new(Mutex::new(Vec::new()));
-        let hook: ConnectedHook = {
-            let states = Arc::clone(&states);
-            Arc::new(move |up| states.lock().unwrap().push(up))
-        };
+        // What the hook hears, in order; it is called after a connection is handed over, so
+        // the test waits for each report rather than reading a shared list.
+        let (reports, mut heard) = mpsc::unbounded_channel();
+        let hook: ConnectedHook = Arc::new(move |up| {
+            let _ = reports.send(up);
+        });
         let (renew, renewals) = watch::channel(0u64);
         let outbound = Outbound {
             coordinator: format!("localhost:{}", address.port()),
@@ -381,7 +381,11 @@ mod tests {
         let fourth_tls = handshake(within(accepted_tcp.recv()).await.unwrap());
         let fourth = within(connections.next()).await.unwrap().unwrap();
         within(fourth_tls).await.unwrap().unwrap();
+        let mut states = Vec::new();
+        for _ in 0..5 {
+            states.push(within(heard.recv()).await.unwrap());
+        }
+        assert_eq!(states, [true, true, true, false, true]);
         drop(fourth);
-        assert_eq!(states.lock().unwrap()[..5], [true, true, true, false, true]);
     }
 }
