@@ -736,9 +736,11 @@ impl Coordinator for CoordinatorService {
             .map(parameter_from_wire)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|err| CoordinatorError::from(err).to_status())?;
-        checked
+        // The grid the sites answer on (the categories the filter admits, see `bind`).
+        let axes = checked
             .bind(&values)
-            .map_err(|err| CoordinatorError::from(err).to_status())?;
+            .map_err(|err| CoordinatorError::from(err).to_status())?
+            .axes;
         let asked: Vec<wire::EffectiveParameter> = checked
             .effective_parameters(&values)
             .map_err(|err| CoordinatorError::from(err).to_status())?
@@ -749,7 +751,6 @@ impl Coordinator for CoordinatorService {
                 given,
             })
             .collect();
-        let axes = checked.axes.clone();
         let statistic = template.statistic.clone();
         let reference = TemplateRef::of(template);
         let query_id = new_query_id();

@@ -115,7 +115,7 @@ pub async fn run(
     let mut direct = Vec::new();
     for _ in 0..iterations {
         let started = Instant::now();
-        let table = plan::count_grid(&query, &checked.axes, snapshot)?;
+        let table = plan::count_grid(&query, snapshot)?;
         direct.push(started.elapsed());
         anyhow::ensure!(
             table.total() == rows as u64,
@@ -124,7 +124,7 @@ pub async fn run(
         );
     }
 
-    let costs = mechanism_costs(&query, &checked.axes, snapshot, iterations, out)?;
+    let costs = mechanism_costs(&query, snapshot, iterations, out)?;
 
     let study = Study {
         id: "bench".into(),
@@ -162,7 +162,7 @@ pub async fn run(
         )],
         requester: "benchmark".into(),
     };
-    let cells: usize = checked.axes.iter().map(|axis| axis.levels.len()).product();
+    let cells: usize = query.axes.iter().map(|axis| axis.levels.len()).product();
     // End to end: a real node over mutual TLS, as configured (overlap control on), and the
     // same node with overlap control off (its own state directory).
     let end_to_end =
@@ -189,11 +189,7 @@ pub async fn run(
     writeln!(
         output,
         "\nthree-strata count (age band x sex x mechanism = {} cells), {rows} rows, median of {iterations}:",
-        checked
-            .axes
-            .iter()
-            .map(|axis| axis.levels.len())
-            .product::<usize>()
+        cells
     )?;
     writeln!(
         output,
@@ -322,7 +318,6 @@ struct MechanismCosts {
 /// earlier, coarser answer over the same records, and rounding.
 fn mechanism_costs(
     query: &fedq_proto::template::BoundQuery,
-    axes: &[fedq_proto::template::Axis],
     snapshot: &fedq_node::data::Snapshot,
     iterations: usize,
     out: &Path,
@@ -334,7 +329,7 @@ fn mechanism_costs(
         plan::RECORD_COLUMN.into(),
         (0..rows).collect::<Vec<u32>>(),
     ))?;
-    let raw = plan::count_grid(query, axes, &numbered)?;
+    let raw = plan::count_grid(query, &numbered)?;
     let time = |mut work: Box<dyn FnMut() -> anyhow::Result<()> + '_>| -> anyhow::Result<Duration> {
         let mut samples = Vec::new();
         for _ in 0..iterations {
@@ -353,10 +348,10 @@ fn mechanism_costs(
     let mut differences = Vec::new();
     for _ in 0..iterations {
         let started = Instant::now();
-        plan::count_grid(query, axes, &numbered)?;
+        plan::count_grid(query, &numbered)?;
         let counting = started.elapsed();
         let started = Instant::now();
-        plan::count_grid_with_sets(query, axes, &numbered)?;
+        plan::count_grid_with_sets(query, &numbered)?;
         differences.push(started.elapsed().as_secs_f64() - counting.as_secs_f64());
     }
     differences.sort_by(f64::total_cmp);
@@ -376,7 +371,7 @@ fn mechanism_costs(
         })
         .collect();
     memory.remember(sets)?;
-    let (raw_with_sets, cell_sets) = plan::count_grid_with_sets(query, axes, &numbered)?;
+    let (raw_with_sets, cell_sets) = plan::count_grid_with_sets(query, &numbered)?;
     let overlap_check = time(Box::new(|| {
         overlap::decide(&raw_with_sets, &cell_sets, 10, &memory, &[], false);
         Ok(())

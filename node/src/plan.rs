@@ -84,10 +84,10 @@ pub struct CellMoments {
 /// numbers.
 pub fn tables(
     query: &BoundQuery,
-    axes: &[Axis],
     snapshot: &Snapshot,
     with_sets: bool,
 ) -> PolarsResult<Vec<Table>> {
+    let axes = &query.axes;
     // A profile's tables are compared with each other (their record sets) whatever the node's
     // overlap policy.
     let with_sets = with_sets || query.statistic.is_profile();
@@ -230,24 +230,19 @@ fn moment_keys(
     Ok(CellMoments { cells, total })
 }
 
-/// Runs a count query's plan and lays the counts out on the full grid (empty cells are zeros).
-pub fn count_grid(
-    query: &BoundQuery,
-    axes: &[Axis],
-    snapshot: &Snapshot,
-) -> PolarsResult<RawTable> {
+/// Runs a count query's plan and lays the counts out on its grid (empty cells are zeros).
+pub fn count_grid(query: &BoundQuery, snapshot: &Snapshot) -> PolarsResult<RawTable> {
     let keys = query.strata.iter().map(stratum_expr).collect();
-    count_keys(filtered(query, snapshot), keys, shape_of(axes))
+    count_keys(filtered(query, snapshot), keys, shape_of(&query.axes))
 }
 
 /// Like [`count_grid`], and also the set of record numbers in each cell, for overlap control.
 pub fn count_grid_with_sets(
     query: &BoundQuery,
-    axes: &[Axis],
     snapshot: &Snapshot,
 ) -> PolarsResult<(RawTable, CellSets)> {
     let keys = query.strata.iter().map(stratum_expr).collect();
-    count_keys_with_sets(filtered(query, snapshot), keys, shape_of(axes))
+    count_keys_with_sets(filtered(query, snapshot), keys, shape_of(&query.axes))
 }
 
 fn shape_of(axes: &[Axis]) -> Vec<usize> {
@@ -360,7 +355,7 @@ fn count_keys_with_sets(
 /// value was outside the domain and is treated as missing); null (missing) otherwise.
 fn profile_expr(stratum: &BoundStratum, snapshot: &Snapshot) -> Expr {
     let (column, levels) = match stratum {
-        BoundStratum::Categories { column, count } => (column, *count as usize),
+        BoundStratum::Categories { column, categories } => (column, categories.len()),
         BoundStratum::Bands { column, bands, .. } => (column, bands.len()),
         BoundStratum::Rule(_) => return stratum_expr(stratum),
     };
@@ -397,7 +392,19 @@ fn stratum_key(index: usize) -> String {
 
 fn stratum_expr(stratum: &BoundStratum) -> Expr {
     match stratum {
-        BoundStratum::Categories { column, .. } => col(column.as_str()),
+        BoundStratum::Categories { column, categories } => {
+            if categories.iter().copied().eq(0..categories.len() as u32) {
+                // Every category: its position is its level.
+                return col(column.as_str());
+            }
+            // Only the categories the filter admits have levels.
+            first_level_that_holds(
+                categories
+                    .iter()
+                    .map(|&category| col(column.as_str()).eq(lit(category)))
+                    .collect(),
+            )
+        }
         BoundStratum::Rule(rule) => check_expr(rule),
         BoundStratum::Bands {
             column,
@@ -411,35 +418,42 @@ fn stratum_expr(stratum: &BoundStratum) -> Expr {
                     lit(value)
                 }
             };
-            let conditions: Vec<Expr> = bands
-                .iter()
-                .map(|(at_least, below)| {
-                    let value = col(column.as_str());
-                    let lower = at_least.map(|edge| value.clone().gt_eq(bound(edge)));
-                    let upper = below.map(|edge| value.clone().lt(bound(edge)));
-                    match (lower, upper) {
-                        (Some(lower), Some(upper)) => lower.and(upper),
-                        (Some(only), None) | (None, Some(only)) => only,
-                        (None, None) => value.is_not_null(),
-                    }
-                })
-                .collect();
-            let null_level = lit(Null {}).cast(DataType::UInt32);
-            let level = |index: usize| lit(index as u32);
-            match conditions.as_slice() {
-                [] => null_level,
-                [only] => when(only.clone()).then(level(0)).otherwise(null_level),
-                [first, second, rest @ ..] => {
-                    let mut chain = when(first.clone())
-                        .then(level(0))
-                        .when(second.clone())
-                        .then(level(1));
-                    for (offset, condition) in rest.iter().enumerate() {
-                        chain = chain.when(condition.clone()).then(level(offset + 2));
-                    }
-                    chain.otherwise(null_level)
-                }
+            first_level_that_holds(
+                bands
+                    .iter()
+                    .map(|(at_least, below)| {
+                        let value = col(column.as_str());
+                        let lower = at_least.map(|edge| value.clone().gt_eq(bound(edge)));
+                        let upper = below.map(|edge| value.clone().lt(bound(edge)));
+                        match (lower, upper) {
+                            (Some(lower), Some(upper)) => lower.and(upper),
+                            (Some(only), None) | (None, Some(only)) => only,
+                            (None, None) => value.is_not_null(),
+                        }
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// Level `i` where `conditions[i]` is the first that holds; null (the missing level) where
+/// none does.
+fn first_level_that_holds(conditions: Vec<Expr>) -> Expr {
+    let null_level = lit(Null {}).cast(DataType::UInt32);
+    let level = |index: usize| lit(index as u32);
+    match conditions.as_slice() {
+        [] => null_level,
+        [only] => when(only.clone()).then(level(0)).otherwise(null_level),
+        [first, second, rest @ ..] => {
+            let mut chain = when(first.clone())
+                .then(level(0))
+                .when(second.clone())
+                .then(level(1));
+            for (offset, condition) in rest.iter().enumerate() {
+                chain = chain.when(condition.clone()).then(level(offset + 2));
             }
+            chain.otherwise(null_level)
         }
     }
 }
@@ -542,14 +556,19 @@ mod tests {
             },
             BoundStratum::Categories {
                 column: "sex".into(),
-                count: 3,
+                categories: vec![0, 1, 2],
             },
         ]
     }
 
-    fn count_query(filter: Option<BoundFilter>, strata: Vec<BoundStratum>) -> BoundQuery {
+    fn count_query(
+        filter: Option<BoundFilter>,
+        strata: Vec<BoundStratum>,
+        axes: Vec<Axis>,
+    ) -> BoundQuery {
         BoundQuery {
             dataset: "trauma_admissions".into(),
+            axes,
             filter,
             strata,
             checks: Vec::new(),
@@ -567,8 +586,23 @@ mod tests {
             [false, false, false, true, false],
         );
         snapshot.frame.with_column(Column::from(outside)).unwrap();
+        let level = |column: &str, levels: &[&str]| Axis {
+            column: column.into(),
+            levels: levels.iter().map(|level| level.to_string()).collect(),
+        };
         let query = BoundQuery {
             dataset: "trauma_admissions".into(),
+            axes: vec![
+                level("age", &["<18", "18+", "outside domain", "missing"]),
+                level(
+                    "sex",
+                    &["female", "male", "other", "outside domain", "missing"],
+                ),
+                level(
+                    "age-range",
+                    &["plausible", "implausible", "cannot be evaluated"],
+                ),
+            ],
             filter: None,
             strata: strata(),
             checks: vec![BoundCheck {
@@ -582,23 +616,8 @@ mod tests {
             regression: None,
             statistic: Statistic::Profile,
         };
-        let level = |column: &str, levels: &[&str]| Axis {
-            column: column.into(),
-            levels: levels.iter().map(|level| level.to_string()).collect(),
-        };
-        let axes = vec![
-            level("age", &["<18", "18+", "outside domain", "missing"]),
-            level(
-                "sex",
-                &["female", "male", "other", "outside domain", "missing"],
-            ),
-            level(
-                "age-range",
-                &["plausible", "implausible", "cannot be evaluated"],
-            ),
-        ];
         for with_sets in [false, true] {
-            let tables = tables(&query, &axes, &snapshot, with_sets).unwrap();
+            let tables = tables(&query, &snapshot, with_sets).unwrap();
             let counts: Vec<&[u64]> = tables.iter().map(|table| &table.raw.counts[..]).collect();
             assert_eq!(counts, [&[1, 3, 1, 0][..], &[2, 2, 0, 0, 1], &[3, 1, 1]]);
             if with_sets {
@@ -610,8 +629,8 @@ mod tests {
 
     #[test]
     fn counts_fill_the_full_grid_with_missing_levels_and_zeros() {
-        let query = count_query(None, strata());
-        let table = count_grid(&query, &axes(), &snapshot()).unwrap();
+        let query = count_query(None, strata(), axes());
+        let table = count_grid(&query, &snapshot()).unwrap();
         assert_eq!(table.shape, [3, 4]);
         // rows: <18, 18+, missing; columns: female, male, other, missing
         assert_eq!(table.counts, [1, 0, 0, 0, 1, 1, 0, 1, 0, 1, 0, 0]);
@@ -624,9 +643,9 @@ mod tests {
 
     #[test]
     fn record_sets_match_the_counts_cell_by_cell() {
-        let query = count_query(None, strata());
-        let counted = count_grid(&query, &axes(), &snapshot()).unwrap();
-        let (table, sets) = count_grid_with_sets(&query, &axes(), &snapshot()).unwrap();
+        let query = count_query(None, strata(), axes());
+        let counted = count_grid(&query, &snapshot()).unwrap();
+        let (table, sets) = count_grid_with_sets(&query, &snapshot()).unwrap();
         assert_eq!(table, counted);
         for (count, set) in table.counts.iter().zip(&sets) {
             assert_eq!(*count, set.len());
@@ -642,8 +661,8 @@ mod tests {
             op: CompareOp::Ne,
             value: Scalar::Integer(30),
         };
-        let query = count_query(Some(filter), Vec::new());
-        let table = count_grid(&query, &[], &snapshot()).unwrap();
+        let query = count_query(Some(filter), Vec::new(), Vec::new());
+        let table = count_grid(&query, &snapshot()).unwrap();
         assert_eq!(table.counts, [2]);
     }
 
@@ -660,8 +679,35 @@ mod tests {
                 values: vec![Scalar::Category(0), Scalar::Category(1)],
             },
         ]);
-        let query = count_query(Some(filter), Vec::new());
-        let table = count_grid(&query, &[], &snapshot()).unwrap();
+        let query = count_query(Some(filter), Vec::new(), Vec::new());
+        let table = count_grid(&query, &snapshot()).unwrap();
         assert_eq!(table.counts, [2]);
+    }
+
+    #[test]
+    fn a_category_stratum_limited_to_the_admitted_categories_has_their_levels_only() {
+        // sex in (male, other): female (category 0) gets no row; male is the first level.
+        let admitted = vec![Scalar::Category(1), Scalar::Category(2)];
+        let filter = BoundFilter::OneOf {
+            column: "sex".into(),
+            values: admitted,
+        };
+        let limited = vec![BoundStratum::Categories {
+            column: "sex".into(),
+            categories: vec![1, 2],
+        }];
+        let levels = vec![Axis {
+            column: "sex".into(),
+            levels: vec!["male".into(), "other".into(), "missing".into()],
+        }];
+        let limited = count_query(Some(filter), limited, levels);
+        let (table, sets) = count_grid_with_sets(&limited, &snapshot()).unwrap();
+        assert_eq!(table.shape, [3]);
+        assert_eq!(table.counts, [2, 0, 0]);
+        let full = count_query(None, strata(), axes());
+        let (_, every) = count_grid_with_sets(&full, &snapshot()).unwrap();
+        // The male records are those of the full grid's male column (rows <18, 18+, missing).
+        let male = &every[1] | &every[5] | &every[9];
+        assert_eq!(sets[0], male);
     }
 }

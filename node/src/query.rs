@@ -617,14 +617,14 @@ impl QueryEngine {
                 request,
                 &query,
                 template,
-                &checked.axes,
+                &query.axes,
                 snapshot,
                 &study.id,
                 k,
             );
         }
-        let computed = plan::tables(&query, &checked.axes, snapshot, self.overlap.is_some())
-            .map_err(plan_failed)?;
+        let computed =
+            plan::tables(&query, snapshot, self.overlap.is_some()).map_err(plan_failed)?;
         let mut raws = Vec::with_capacity(computed.len());
         let mut tables = Vec::with_capacity(computed.len());
         let mut moments = Vec::with_capacity(computed.len());
@@ -746,7 +746,7 @@ impl QueryEngine {
                 curves,
                 regression: None,
                 snapshot_version: snapshot.version.clone(),
-                axes: checked.axes,
+                axes: query.axes,
                 noise,
             },
             tables,

@@ -13,7 +13,7 @@
 //!    yields a [`BoundQuery`], from which a node builds its plan. Values are never turned into
 //!    query text.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
@@ -604,8 +604,14 @@ pub enum CompareOp {
 /// A stratum resolved against the model.
 #[derive(Debug, Clone, PartialEq)]
 pub enum BoundStratum {
-    /// Level `i` is the column's category `i`; nulls go to the missing level.
-    Categories { column: String, count: u32 },
+    /// Level `i` is the column's category `categories[i]`: every category in the model's
+    /// order, or only those the query's filter admits (a category every record must be one
+    /// of, so the others are empty by the query's own definition and get no row). Nulls, and
+    /// categories not listed (which the filter has already excluded), go to the missing level.
+    Categories {
+        column: String,
+        categories: Vec<u32>,
+    },
     /// Level `i` is band `i`; nulls go to the missing level.
     Bands {
         column: String,
@@ -628,6 +634,9 @@ pub struct Axis {
 #[derive(Debug, Clone, PartialEq)]
 pub struct BoundQuery {
     pub dataset: String,
+    /// The answer's grid: the checked template's axes, less the categories the filter
+    /// excludes (see [`BoundStratum::Categories`]). Node and coordinator both use these.
+    pub axes: Vec<Axis>,
     pub filter: Option<BoundFilter>,
     pub strata: Vec<BoundStratum>,
     /// Profile templates: each check's rule and the columns it reads (a record missing any of
@@ -1614,19 +1623,34 @@ impl CheckedTemplate<'_> {
             Some(filter) => Some(bind_filter(filter, self.dataset, &values)?),
             None => None,
         };
-        let mut strata: Vec<BoundStratum> = self
-            .template
-            .strata
-            .iter()
-            .map(|stratum| bind_stratum(stratum, self.dataset))
-            .collect();
+        // A profile counts every category, including those the filter excludes; any other
+        // grid leaves out the categories no record of the query can have.
+        let admitted = match &filter {
+            Some(filter) if !self.template.statistic.is_profile() => admitted_categories(filter),
+            _ => BTreeMap::new(),
+        };
+        let mut axes = self.axes.clone();
+        let mut strata = Vec::with_capacity(self.template.strata.len() + 2);
+        for (stratum, axis) in self.template.strata.iter().zip(&mut axes) {
+            let limit = admitted.get(&stratum.column);
+            let bound = bind_stratum(stratum, self.dataset, limit);
+            if let (Some(_), BoundStratum::Categories { categories, .. }) = (limit, &bound) {
+                let missing = axis.levels.pop();
+                axis.levels = categories
+                    .iter()
+                    .map(|&category| axis.levels[category as usize].clone())
+                    .chain(missing)
+                    .collect();
+            }
+            strata.push(bound);
+        }
         if let Statistic::Survival { time, event, grid } = &self.template.statistic {
             // The time intervals, then the event: the grid's last two axes.
             let stratum = Stratum {
                 column: time.clone(),
                 bands: Some(survival_bands(grid)),
             };
-            strata.push(bind_stratum(&stratum, self.dataset));
+            strata.push(bind_stratum(&stratum, self.dataset, None));
             let mut columns = BTreeSet::from([time.clone()]);
             filter_columns(event, &mut columns);
             strata.push(BoundStratum::Rule(BoundCheck {
@@ -1651,7 +1675,7 @@ impl CheckedTemplate<'_> {
                 column: column.clone(),
                 bands: Some(bins.clone()),
             };
-            strata.push(bind_stratum(&stratum, self.dataset));
+            strata.push(bind_stratum(&stratum, self.dataset, None));
         }
         let checks = self
             .template
@@ -1696,6 +1720,7 @@ impl CheckedTemplate<'_> {
         };
         Ok(BoundQuery {
             dataset: self.template.dataset.clone(),
+            axes,
             filter,
             strata,
             checks,
@@ -1962,12 +1987,20 @@ fn compare_op(op: Operator) -> Option<CompareOp> {
     })
 }
 
-fn bind_stratum(stratum: &Stratum, dataset: &DatasetSpec) -> BoundStratum {
+/// Binds a stratum; `admitted` limits a category column's levels to the categories the filter
+/// admits (see [`admitted_categories`]).
+fn bind_stratum(
+    stratum: &Stratum,
+    dataset: &DatasetSpec,
+    admitted: Option<&BTreeSet<u32>>,
+) -> BoundStratum {
     let domain = dataset.column(&stratum.column).map(|column| &column.domain);
     match (domain, &stratum.bands) {
         (Some(Domain::Category { categories }), _) => BoundStratum::Categories {
             column: stratum.column.clone(),
-            count: categories.len() as u32,
+            categories: (0..categories.len() as u32)
+                .filter(|category| admitted.is_none_or(|admitted| admitted.contains(category)))
+                .collect(),
         },
         (domain, bands) => BoundStratum::Bands {
             column: stratum.column.clone(),
@@ -1979,6 +2012,49 @@ fn bind_stratum(stratum: &Stratum, dataset: &DatasetSpec) -> BoundStratum {
                 .collect(),
         },
     }
+}
+
+/// For each category column the filter restricts, the categories a record can still have:
+/// conditions every record must meet (the filter itself, or any part of an `all` at any
+/// depth) of the form `column in [...]` or `column = category`. Conditions inside `any` restrict
+/// nothing, and other columns are not listed.
+fn admitted_categories(filter: &BoundFilter) -> BTreeMap<String, BTreeSet<u32>> {
+    fn walk(filter: &BoundFilter, admitted: &mut BTreeMap<String, BTreeSet<u32>>) {
+        let (column, values): (&String, BTreeSet<u32>) = match filter {
+            BoundFilter::All(children) => {
+                children.iter().for_each(|child| walk(child, admitted));
+                return;
+            }
+            BoundFilter::OneOf { column, values } => {
+                (column, values.iter().filter_map(category_of).collect())
+            }
+            BoundFilter::Compare {
+                column,
+                op: CompareOp::Eq,
+                value,
+            } => (column, category_of(value).into_iter().collect()),
+            _ => return,
+        };
+        if values.is_empty() {
+            return; // not a condition on categories
+        }
+        admitted
+            .entry(column.clone())
+            .and_modify(|earlier| earlier.retain(|category| values.contains(category)))
+            .or_insert(values);
+    }
+    fn category_of(value: &Scalar) -> Option<u32> {
+        match value {
+            Scalar::Category(category) => Some(*category),
+            _ => None,
+        }
+    }
+    let mut admitted = BTreeMap::new();
+    walk(filter, &mut admitted);
+    // Conditions that admit no category together: no record qualifies, and the answer keeps
+    // the full grid of zeros rather than a grid of nothing.
+    admitted.retain(|_, categories| !categories.is_empty());
+    admitted
 }
 
 fn parameter_fits(parameter: &ParameterSpec, column: &ColumnSpec, op: Operator) -> bool {

@@ -386,6 +386,14 @@ pub fn integer(name: &str, value: i64) -> wire::ParameterValue {
     parameter_to_wire(name, &Value::Integer(value))
 }
 
+/// A typed category-list parameter value.
+pub fn categories(name: &str, chosen: &[&str]) -> wire::ParameterValue {
+    parameter_to_wire(
+        name,
+        &Value::Categories(chosen.iter().map(|category| category.to_string()).collect()),
+    )
+}
+
 /// Asserts a node refusal: gRPC code, typed reason, and words in the message.
 pub fn assert_refused(status: &tonic::Status, code: Code, refusal: RefusalCode, words: &str) {
     assert_eq!(status.code(), code, "{status:?}");

@@ -5,7 +5,8 @@
 use fedq_deploy::alliance;
 use fedq_proto::wire;
 use fedq_tests::{
-    TestAlliance, client_for, cohort_request, integer, node_config_with_own_state, query,
+    TestAlliance, categories, client_for, cohort_request, integer, node_config_with_own_state,
+    query,
 };
 
 /// k of the test alliance.
@@ -333,10 +334,7 @@ async fn an_exhausted_privacy_budget_refuses_and_stays_exhausted_after_a_restart
 }
 
 fn mechanisms(chosen: &[&str]) -> wire::ParameterValue {
-    fedq_proto::convert::parameter_to_wire(
-        "mechanisms",
-        &fedq_proto::template::Value::Categories(chosen.iter().map(|m| m.to_string()).collect()),
-    )
+    categories("mechanisms", chosen)
 }
 
 /// A differencing chain on `deaths-by-mechanism`: a site, a mechanism whose deaths (ISS >= 16,

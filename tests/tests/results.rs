@@ -54,6 +54,47 @@ async fn pooled_counts_equal_a_direct_count_over_the_concatenated_rows() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_on_chosen_categories_answers_with_their_rows_only() -> anyhow::Result<()> {
+    let test = TestAlliance::start().await?;
+    let mut coordinator = test.coordinator().await?;
+    let parameters = vec![
+        categories("mechanisms", &["assault", "fall"]),
+        integer("min_iss", 9),
+    ];
+    let result = query(&mut coordinator, "deaths-by-mechanism", parameters, 0).await?;
+
+    // The excluded mechanisms get no row (they would be empty by the query's own definition,
+    // shown as zeros or as withheld); the chosen keep the model's order.
+    assert_eq!(result.axes.len(), 1);
+    assert_eq!(result.axes[0].levels, ["fall", "assault", "missing"]);
+    assert_eq!(result.cells.len(), 3);
+    // What each site released is its own count of those deaths.
+    let rows = oracle_rows(&test.sites)?;
+    let mut released = 0;
+    for (site, site_rows) in test.sites.iter().zip(&rows) {
+        let answer = result
+            .sites
+            .iter()
+            .find(|answered| answered.site_id == site.site_id)
+            .and_then(|answered| answered.result.as_ref())
+            .expect("every site answered");
+        assert_eq!(answer.cells.len(), 3, "{}", site.site_id);
+        for (cell, level) in answer.cells.iter().zip(&result.axes[0].levels) {
+            let expected = site_rows
+                .iter()
+                .filter(|row| row.died && row.iss >= 9 && &row.mechanism == level)
+                .count() as u64;
+            if let Some(wire::cell::Outcome::Released(value)) = &cell.outcome {
+                assert_eq!(value.count, expected, "{} {level}", site.site_id);
+                released += 1;
+            }
+        }
+    }
+    assert!(released > 0, "no site released a count");
+    test.alliance.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_cell_is_withheld_without_any_value_and_the_pooled_cell_is_incomplete()
 -> anyhow::Result<()> {
     let test = TestAlliance::start().await?;

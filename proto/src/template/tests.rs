@@ -587,3 +587,68 @@ fn coarse_parameters_take_only_aligned_dates_and_stepped_integers() {
         "{err}"
     );
 }
+
+#[test]
+fn a_category_stratum_keeps_only_the_categories_the_filter_admits() {
+    let text = r#"
+id = "deaths"
+version = 1
+title = "Deaths"
+description = "Deaths by mechanism and sex."
+data_model = "fedq-trauma/1"
+dataset = "trauma_admissions"
+[statistic]
+kind = "count"
+[[parameters]]
+name = "mechanisms"
+type = "categories"
+column = "injury_mechanism"
+default = ["road_traffic", "fall", "assault", "self_harm", "other"]
+[filter]
+all = [
+  { column = "injury_mechanism", op = "in", param = "mechanisms" },
+  { all = [{ column = "injury_mechanism", op = "in", values = ["fall", "assault", "other"] }] },
+  { any = [{ column = "sex", op = "=", value = "female" }, { column = "iss", op = ">=", value = 16 }] },
+]
+[[strata]]
+column = "injury_mechanism"
+[[strata]]
+column = "sex"
+"#;
+    let model = model();
+    let template = Template::from_toml(text, "t").unwrap();
+    let checked = template.check(&model, &no_extra()).unwrap();
+    let mechanisms = |names: &[&str]| {
+        let names = names.iter().map(|name| name.to_string()).collect();
+        vec![("mechanisms".to_string(), Value::Categories(names))]
+    };
+    // Given in any order, the admitted categories keep the model's order; a condition nested
+    // in `all` narrows them further; one inside `any` narrows nothing.
+    let bound = checked
+        .bind(&mechanisms(&["self_harm", "assault", "fall"]))
+        .unwrap();
+    assert_eq!(bound.axes[0].levels, ["fall", "assault", MISSING_LEVEL]);
+    assert_eq!(
+        bound.strata[0],
+        BoundStratum::Categories {
+            column: "injury_mechanism".into(),
+            categories: vec![1, 2],
+        }
+    );
+    assert_eq!(bound.axes[1], checked.axes[1]);
+    assert_eq!(
+        bound.strata[1],
+        BoundStratum::Categories {
+            column: "sex".into(),
+            categories: vec![0, 1, 2],
+        }
+    );
+    // Conditions that together admit no category leave the full grid (of zeros).
+    let none = checked.bind(&mechanisms(&["road_traffic"])).unwrap();
+    assert_eq!(none.axes, checked.axes);
+    // A profile counts every category, whatever the filter.
+    let profile = Template::from_toml(&text.replace("\"count\"", "\"profile\""), "p").unwrap();
+    let checked = profile.check(&model, &no_extra()).unwrap();
+    let bound = checked.bind(&mechanisms(&["fall"])).unwrap();
+    assert_eq!(bound.axes, checked.axes);
+}
