@@ -315,7 +315,7 @@ async fn node_metrics_count_outcomes_and_reasons_without_any_request_content() -
 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let test = TestAlliance::start().await?;
-    let (config, _) = fedq_tests::node_config_with_own_state(&test)?;
+    let (config, state) = fedq_tests::node_config_with_own_state(&test)?;
     let config = fedq_node::config::NodeConfig::load(&config)?;
     let (node, _) = fedq_node::server::PreparedNode::load(&config)?;
     let metrics = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -373,6 +373,20 @@ async fn node_metrics_count_outcomes_and_reasons_without_any_request_content() -
     ] {
         assert!(!response.contains(secret), "metrics leak {secret:?}");
     }
+    // Withheld cells are counted, never by reason (the audit log has the reasons).
+    let audited = fedq_tests::audit_queries(&state)?;
+    let reasons = &audited[0].cells_withheld;
+    assert!(
+        reasons.contains_key("threshold"),
+        "the query withholds a small cell: {reasons:?}"
+    );
+    let withheld: u64 = reasons.values().sum();
+    let line = format!("fedq_node_cells_withheld_total {withheld}");
+    assert!(response.contains(&line), "missing {line:?} in:\n{response}");
+    assert!(
+        !response.contains("fedq_node_cells_withheld_total{"),
+        "withheld cells by reason in:\n{response}"
+    );
     let _ = stop.send(());
     server.await??;
     test.alliance.stop().await
