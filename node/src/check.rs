@@ -208,6 +208,14 @@ fn state_dir_writable(state_dir: &Path) -> Finding {
         .and_then(|()| std::fs::write(&probe, b"probe"))
         .and_then(|()| std::fs::remove_file(&probe));
     match written {
+        Ok(()) if crate::audit::log::in_use(state_dir) => finding(
+            Level::Warn,
+            "state dir",
+            format!(
+                "{} is writable and in use by a running fedq-node (its audit lock is held): expected when checking that node's own configuration; a second node on it refuses to start",
+                state_dir.display()
+            ),
+        ),
         Ok(()) => finding(
             Level::Pass,
             "state dir",

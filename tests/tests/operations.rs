@@ -29,6 +29,21 @@ async fn check_passes_a_good_node_and_names_each_seeded_misconfiguration() -> an
             "no {expected} finding"
         );
     }
+    // site-a's node is running on this state directory; one no node uses passes plainly.
+    let state_dir = |findings: &[check::Finding]| {
+        let finding = findings
+            .iter()
+            .find(|finding| finding.check == "state dir")
+            .expect("a state dir finding");
+        (finding.level, finding.detail.clone())
+    };
+    let (level, detail) = state_dir(&good);
+    assert_eq!(level, Level::Warn, "{detail}");
+    assert!(detail.contains("in use by a running fedq-node"), "{detail}");
+    let (unused, _) = fedq_tests::node_config_with_own_state(&test)?;
+    let (level, detail) = state_dir(&check::run(&unused));
+    assert_eq!(level, Level::Pass, "{detail}");
+    assert!(detail.ends_with("is writable"), "{detail}");
 
     let config = std::fs::read_to_string(config_path)?;
     let pki = &test.alliance.pki;

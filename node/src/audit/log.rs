@@ -133,9 +133,15 @@ pub struct AuditLog {
 /// The lock file inside the audit folder.
 const LOCK_FILE: &str = ".lock";
 
+/// Takes `file`'s exclusive lock without waiting; false when another process holds it.
+fn try_lock(file: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor the caller owns; no memory is shared.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
 /// Takes the audit folder's exclusive lock, or says who holds it.
 fn lock_dir(dir: &Path) -> Result<File, String> {
-    use std::os::fd::AsRawFd;
     let path = dir.join(LOCK_FILE);
     let file = OpenOptions::new()
         .create(true)
@@ -143,9 +149,7 @@ fn lock_dir(dir: &Path) -> Result<File, String> {
         .write(true)
         .open(&path)
         .map_err(|err| io_detail(&path, &err))?;
-    // SAFETY: flock on a descriptor this function owns; no memory is shared.
-    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if locked == 0 {
+    if try_lock(&file) {
         Ok(file)
     } else {
         Err(format!(
@@ -153,6 +157,12 @@ fn lock_dir(dir: &Path) -> Result<File, String> {
             path.display()
         ))
     }
+}
+
+/// Whether a running node holds the state directory's audit lock (the directory is in use).
+/// Creates nothing; the lock, if this takes it, is released at once.
+pub fn in_use(state_dir: &Path) -> bool {
+    File::open(state_dir.join(AUDIT_DIR).join(LOCK_FILE)).is_ok_and(|file| !try_lock(&file))
 }
 
 impl std::fmt::Debug for AuditLog {
