@@ -159,7 +159,7 @@ enum Command {
     },
     /// Create a development CA and certificates (for demos and tests, not production).
     Certs {
-        /// Folder to write ca.pem, ca.key and <identity>.pem/.key into.
+        /// Folder to write ca.pem, ca.key and IDENTITY.pem/.key into.
         #[arg(long)]
         out: PathBuf,
         /// A certificate identity (DNS name) to issue; repeat for each.
@@ -172,7 +172,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum UsersCommand {
-    /// Create a personal API token; prints it once and the [[users]] entry for the
+    /// Create a personal API token; prints it once and the `[[users]]` entry for the
     /// coordinator configuration (which holds only a slow hash of it).
     Token {
         /// The user's name; for study leads, exactly as their studies name them.
@@ -210,7 +210,7 @@ enum TemplateCommand {
 
 #[derive(Subcommand)]
 enum DocumentCommand {
-    /// Check the file and sign it with your secret key (adds to <file>.signatures.toml).
+    /// Check the file and sign it with your secret key (adds to FILE.signatures.toml).
     Sign {
         file: PathBuf,
         #[arg(long)]
