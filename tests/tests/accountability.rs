@@ -16,14 +16,6 @@ use tonic::Code;
 /// The node program, run as its own process.
 const NODE_PROGRAM: &str = env!("CARGO_BIN_EXE_test-node");
 
-fn state_dir(test: &TestAlliance, site_id: &str) -> std::path::PathBuf {
-    test.alliance
-        .root
-        .join("config")
-        .join("state")
-        .join(site_id)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_carry_signed_heads_the_coordinator_keeps_and_a_cut_log_is_caught_by_them()
 -> anyhow::Result<()> {
@@ -80,7 +72,7 @@ async fn answers_carry_signed_heads_the_coordinator_keeps_and_a_cut_log_is_caugh
         .unwrap_err();
     assert_eq!(denied.code(), Code::PermissionDenied);
 
-    let site_a = state_dir(&test, "site-a");
+    let site_a = test.alliance.node_state_dir("site-a");
     let verified = verify_audit(&site_a, &heads)?;
     assert_eq!(verified.heads_checked, heads.len());
     let queries = audit_queries(&site_a)?;
@@ -155,7 +147,7 @@ async fn a_thousand_concurrent_queries_leave_exactly_a_thousand_records_in_a_ver
         }
     }
     assert!(answered > 0);
-    let site_a = state_dir(&test, "site-a");
+    let site_a = test.alliance.node_state_dir("site-a");
     let queries = audit_queries(&site_a)?;
     assert_eq!(queries.len(), 1000);
     let mut ids: Vec<&str> = queries

@@ -538,3 +538,87 @@ async fn a_chain_mixing_severity_thresholds_recovers_no_withheld_band() -> anyho
     }
     test.alliance.stop().await
 }
+
+/// Every way `withheld` cells can be split over the node's reasons (reasons with none left out,
+/// as the audit record keeps them).
+fn splits(withheld: u64) -> Vec<std::collections::BTreeMap<String, u64>> {
+    const REASONS: [&str; 4] = ["complementary", "dominance", "overlap", "threshold"];
+    let mut all = vec![std::collections::BTreeMap::new()];
+    for (index, reason) in REASONS.iter().enumerate() {
+        let last = index == REASONS.len() - 1;
+        all = all
+            .into_iter()
+            .flat_map(|split: std::collections::BTreeMap<String, u64>| {
+                let left = withheld - split.values().sum::<u64>();
+                let counts = if last { left..=left } else { 0..=left };
+                counts.map(move |count| {
+                    let mut split = split.clone();
+                    if count > 0 {
+                        split.insert(reason.to_string(), count);
+                    }
+                    split
+                })
+            })
+            .collect();
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_head_does_not_let_the_study_lead_guess_why_cells_were_withheld()
+-> anyhow::Result<()> {
+    use fedq_node::audit::record::{Event, hash_of};
+    let test = TestAlliance::start().await?;
+    let mut lead = test.coordinator().await?;
+    let result = query(&mut lead, "cohort-by-age-sex", vec![], 0).await?;
+    let mut guessed = 0;
+    for site in &result.sites {
+        // The head every answer carries names its audit record by hash.
+        let head = site
+            .result
+            .as_ref()
+            .and_then(|answer| answer.audit_head.as_ref())
+            .expect("a signed audit head");
+        let audit = test.alliance.node_state_dir(&site.site_id).join("audit");
+        let record = fedq_node::audit::verify::records(&audit)?
+            .into_iter()
+            .find(|record| record.seq == head.count)
+            .expect("the head's record");
+        let Event::Query(event) = &record.event else {
+            panic!("the head's record is the query's")
+        };
+        let withheld: u64 = event.cells_withheld.values().sum();
+        if withheld == 0 {
+            continue;
+        }
+        // The reader's best case: every field of the record but the salt (the time too), and
+        // a guess of how the withheld cells split over the reasons.
+        let matching = |salt: &Option<String>| -> Vec<_> {
+            splits(withheld)
+                .into_iter()
+                .filter(|split| {
+                    let mut guess = record.clone();
+                    guess.salt = salt.clone();
+                    if let Event::Query(event) = &mut guess.event {
+                        event.cells_withheld = split.clone();
+                    }
+                    hash_of(&guess) == head.hash
+                })
+                .collect()
+        };
+        assert_eq!(
+            matching(&record.salt),
+            std::slice::from_ref(&event.cells_withheld),
+            "{}: with the log's salt the guesses find the true split",
+            site.site_id
+        );
+        assert!(
+            matching(&None).is_empty(),
+            "{}: the head's hash gave away why {withheld} cells were withheld",
+            site.site_id
+        );
+        guessed += 1;
+    }
+    assert!(guessed > 0, "no site withheld a cell");
+    test.alliance.stop().await
+}

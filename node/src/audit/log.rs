@@ -378,6 +378,7 @@ impl AuditLog {
             time: now_text(),
             prev: state.tip_hash.clone(),
             event,
+            salt: Some(record::new_salt()),
         };
         let (line, hash) = record::encode(&record);
         state.pending.extend_from_slice(&line);

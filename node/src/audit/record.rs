@@ -19,6 +19,18 @@ pub struct Record {
     /// Hash of record `seq - 1` ([`fedq_proto::audit_head::GENESIS_HASH`] for the first).
     pub prev: String,
     pub event: Event,
+    /// 128 random bits (hex) known only to the log. The record's hash travels in every signed
+    /// audit head, and a reader of an answer knows nearly every field of its record; without
+    /// the salt, hashing guesses of the rest (the time, how the withheld cells split by
+    /// reason) would find the one that matches. Records written before salts have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub salt: Option<String>,
+}
+
+/// A fresh salt for a record, from the operating system's secure generator (through `rand`'s
+/// thread generator, a CSPRNG).
+pub fn new_salt() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
 }
 
 /// What a record is about.
@@ -179,7 +191,42 @@ mod tests {
                 cells_withheld: BTreeMap::from([("threshold".into(), 2)]),
                 total_withheld: true,
             })),
+            salt: Some("5a".repeat(16)),
         }
+    }
+
+    #[test]
+    fn the_hash_covers_a_fresh_salt_so_a_known_content_does_not_give_it() {
+        let (one, two) = (new_salt(), new_salt());
+        assert_eq!(one.len(), 32);
+        assert_ne!(one, two);
+        let salted = |salt: &str| {
+            let mut record = record();
+            record.salt = Some(salt.to_string());
+            hash_of(&record)
+        };
+        assert_ne!(salted(&one), salted(&two));
+        let mut unsalted = record();
+        unsalted.salt = None;
+        assert_ne!(hash_of(&unsalted), salted(&one));
+    }
+
+    #[test]
+    fn a_record_from_before_salts_still_decodes_and_a_null_salt_is_damage() {
+        let mut unsalted = record();
+        unsalted.salt = None;
+        let (line, hash) = encode(&unsalted);
+        let text = String::from_utf8(line).unwrap();
+        assert!(!text.contains("salt"), "{text}");
+        assert_eq!(
+            decode(text.trim_end().as_bytes()),
+            Ok((unsalted, hash.clone()))
+        );
+        let null = text
+            .trim_end()
+            .replace(r#"},"hash""#, r#","salt":null},"hash""#);
+        assert!(null.contains(r#""salt":null}"#), "{null}");
+        assert_eq!(decode(null.as_bytes()), Err(LineProblem::Damaged));
     }
 
     #[test]
