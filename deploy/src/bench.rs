@@ -373,7 +373,7 @@ fn mechanism_costs(
     memory.remember(sets)?;
     let (raw_with_sets, cell_sets) = plan::count_grid_with_sets(query, &numbered)?;
     let overlap_check = time(Box::new(|| {
-        overlap::decide(&raw_with_sets, &cell_sets, 10, &memory, &[], false);
+        overlap::decide(&raw_with_sets, &cell_sets, 10, &memory, &[], false, &[]);
         Ok(())
     }))?;
     // Then an earlier, coarser answer over the same records (each pair of neighbouring cells
@@ -386,7 +386,7 @@ fn mechanism_costs(
         .collect();
     memory.remember(coarser)?;
     let nested_check = time(Box::new(|| {
-        overlap::decide(&raw_with_sets, &cell_sets, 10, &memory, &[], false);
+        overlap::decide(&raw_with_sets, &cell_sets, 10, &memory, &[], false, &[]);
         Ok(())
     }))?;
     let decided = disclosure::apply(&raw, 10);

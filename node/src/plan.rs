@@ -568,6 +568,7 @@ mod tests {
     ) -> BoundQuery {
         BoundQuery {
             dataset: "trauma_admissions".into(),
+            missing_empty: vec![false; axes.len()],
             axes,
             filter,
             strata,
@@ -603,6 +604,7 @@ mod tests {
                     &["plausible", "implausible", "cannot be evaluated"],
                 ),
             ],
+            missing_empty: vec![false; 3],
             filter: None,
             strata: strata(),
             checks: vec![BoundCheck {

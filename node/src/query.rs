@@ -640,6 +640,13 @@ impl QueryEngine {
         // within 1 to k-1 records of a union of an earlier one (see disclosure::sections).
         let mut partitions: Vec<Vec<sections::Part>> = Vec::new();
         let mut curves = None;
+        // Cells empty by the query's own definition (a reader knows they are zero); a
+        // profile's sections are one-way tables of their own, with every level possible.
+        let empty = if template.statistic.is_profile() {
+            Vec::new()
+        } else {
+            query.empty_cells()
+        };
         for computed in computed {
             if matches!(template.statistic, Statistic::Survival { .. }) {
                 let decided =
@@ -673,11 +680,18 @@ impl QueryEngine {
                             memory,
                             &forced,
                             total_dominated,
+                            &empty,
                         );
                         (decided.table, Some(decided.released_sets))
                     }
                     _ => (
-                        disclosure::apply_with(&computed.raw, k, &forced, total_dominated),
+                        disclosure::apply_knowing(
+                            &computed.raw,
+                            k,
+                            &forced,
+                            total_dominated,
+                            &empty,
+                        ),
                         None,
                     ),
                 };

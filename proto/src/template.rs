@@ -637,6 +637,10 @@ pub struct BoundQuery {
     /// The answer's grid: the checked template's axes, less the categories the filter
     /// excludes (see [`BoundStratum::Categories`]). Node and coordinator both use these.
     pub axes: Vec<Axis>,
+    /// Per axis: whether its `missing` level is empty by the query's own definition (the
+    /// filter requires a value of the column), so a reader knows those cells are zero. Not
+    /// set for an axis with a single other level (see `bind`).
+    pub missing_empty: Vec<bool>,
     pub filter: Option<BoundFilter>,
     pub strata: Vec<BoundStratum>,
     /// Profile templates: each check's rule and the columns it reads (a record missing any of
@@ -645,6 +649,23 @@ pub struct BoundQuery {
     /// Logistic templates: the outcome rule and covariates.
     pub regression: Option<BoundRegression>,
     pub statistic: Statistic,
+}
+
+impl BoundQuery {
+    /// Per cell of the grid: whether it is empty by the query's own definition (it lies on a
+    /// `missing` level the filter rules out, see [`BoundQuery::missing_empty`]).
+    pub fn empty_cells(&self) -> Vec<bool> {
+        let shape: Vec<usize> = self.axes.iter().map(|axis| axis.levels.len()).collect();
+        (0..shape.iter().product())
+            .map(|cell| {
+                cell_coordinates(&shape, cell)
+                    .iter()
+                    .zip(&shape)
+                    .zip(&self.missing_empty)
+                    .any(|((&level, &levels), &empty)| empty && level as usize == levels - 1)
+            })
+            .collect()
+    }
 }
 
 /// A logistic regression's outcome rule and covariates, resolved.
@@ -1625,11 +1646,14 @@ impl CheckedTemplate<'_> {
         };
         // A profile counts every category, including those the filter excludes; any other
         // grid leaves out the categories no record of the query can have.
-        let admitted = match &filter {
-            Some(filter) if !self.template.statistic.is_profile() => admitted_categories(filter),
-            _ => BTreeMap::new(),
+        let (admitted, required) = match &filter {
+            Some(filter) if !self.template.statistic.is_profile() => {
+                (admitted_categories(filter), required_columns(filter))
+            }
+            _ => (BTreeMap::new(), BTreeSet::new()),
         };
         let mut axes = self.axes.clone();
+        let mut missing_empty = vec![false; axes.len()];
         let mut strata = Vec::with_capacity(self.template.strata.len() + 2);
         for (stratum, axis) in self.template.strata.iter().zip(&mut axes) {
             let limit = admitted.get(&stratum.column);
@@ -1643,6 +1667,19 @@ impl CheckedTemplate<'_> {
                     .collect();
             }
             strata.push(bound);
+        }
+        for ((stratum, axis), empty) in self
+            .template
+            .strata
+            .iter()
+            .zip(&axes)
+            .zip(&mut missing_empty)
+        {
+            // An axis left with one level beside `missing` is not marked: every line across
+            // it would be that one cell, which the node's rank test (every line sum known)
+            // would take as known, while such a "margin" is the cell itself, which any other
+            // query asking for it protects in turn.
+            *empty = required.contains(stratum.column.as_str()) && axis.levels.len() > 2;
         }
         if let Statistic::Survival { time, event, grid } = &self.template.statistic {
             // The time intervals, then the event: the grid's last two axes.
@@ -1721,6 +1758,7 @@ impl CheckedTemplate<'_> {
         Ok(BoundQuery {
             dataset: self.template.dataset.clone(),
             axes,
+            missing_empty,
             filter,
             strata,
             checks,
@@ -2014,17 +2052,44 @@ fn bind_stratum(
     }
 }
 
-/// For each category column the filter restricts, the categories a record can still have:
-/// conditions every record must meet (the filter itself, or any part of an `all` at any
-/// depth) of the form `column in [...]` or `column = category`. Conditions inside `any` restrict
-/// nothing, and other columns are not listed.
-fn admitted_categories(filter: &BoundFilter) -> BTreeMap<String, BTreeSet<u32>> {
-    fn walk(filter: &BoundFilter, admitted: &mut BTreeMap<String, BTreeSet<u32>>) {
-        let (column, values): (&String, BTreeSet<u32>) = match filter {
-            BoundFilter::All(children) => {
-                children.iter().for_each(|child| walk(child, admitted));
-                return;
+/// The conditions every record of the query meets: the filter itself, or any part of an `all`
+/// at any depth (never a part of an `any`).
+fn required_conditions(filter: &BoundFilter) -> Vec<&BoundFilter> {
+    match filter {
+        BoundFilter::All(children) => children.iter().flat_map(required_conditions).collect(),
+        BoundFilter::Any(_) => Vec::new(),
+        condition => vec![condition],
+    }
+}
+
+/// The columns every record of the query has a value in: a null matches no condition, so a
+/// column a required condition reads is never null among the query's records.
+fn required_columns(filter: &BoundFilter) -> BTreeSet<&str> {
+    required_conditions(filter)
+        .into_iter()
+        .flat_map(|condition| match condition {
+            BoundFilter::Compare { column, .. }
+            | BoundFilter::OneOf { column, .. }
+            | BoundFilter::Between { column, .. } => vec![column.as_str()],
+            BoundFilter::CompareColumns { column, other, .. } => {
+                vec![column.as_str(), other.as_str()]
             }
+            BoundFilter::All(_) | BoundFilter::Any(_) => Vec::new(),
+        })
+        .collect()
+}
+
+/// For each category column the filter restricts, the categories a record can still have:
+/// required conditions (see [`required_conditions`]) of the form `column in [...]` or
+/// `column = category`. Other columns are not listed.
+fn admitted_categories(filter: &BoundFilter) -> BTreeMap<String, BTreeSet<u32>> {
+    let category_of = |value: &Scalar| match value {
+        Scalar::Category(category) => Some(*category),
+        _ => None,
+    };
+    let mut admitted: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for condition in required_conditions(filter) {
+        let (column, values): (&String, BTreeSet<u32>) = match condition {
             BoundFilter::OneOf { column, values } => {
                 (column, values.iter().filter_map(category_of).collect())
             }
@@ -2033,24 +2098,16 @@ fn admitted_categories(filter: &BoundFilter) -> BTreeMap<String, BTreeSet<u32>> 
                 op: CompareOp::Eq,
                 value,
             } => (column, category_of(value).into_iter().collect()),
-            _ => return,
+            _ => continue,
         };
         if values.is_empty() {
-            return; // not a condition on categories
+            continue; // not a condition on categories
         }
         admitted
             .entry(column.clone())
             .and_modify(|earlier| earlier.retain(|category| values.contains(category)))
             .or_insert(values);
     }
-    fn category_of(value: &Scalar) -> Option<u32> {
-        match value {
-            Scalar::Category(category) => Some(*category),
-            _ => None,
-        }
-    }
-    let mut admitted = BTreeMap::new();
-    walk(filter, &mut admitted);
     // Conditions that admit no category together: no record qualifies, and the answer keeps
     // the full grid of zeros rather than a grid of nothing.
     admitted.retain(|_, categories| !categories.is_empty());

@@ -215,8 +215,9 @@ pub fn apply_with(
 }
 
 /// Like [`apply_with`], where the `known` cells' values a reader may already know (their
-/// records were released before, see overlap control): withholding them protects nothing, so
-/// complementary suppression does not count on them.
+/// records were released before, see overlap control, or they are empty by the query's own
+/// definition): withholding them protects nothing, so complementary suppression does not
+/// count on them, and the rank test takes them as known.
 pub fn apply_knowing(
     table: &RawTable,
     k: u32,
@@ -248,6 +249,7 @@ pub fn apply_knowing(
         // A one-cell table's cell is its total.
         withheld[0] = true;
     }
+    let mut unprotectable = false;
     if withheld.contains(&true) || total_forced {
         // Each pass only adds withheld cells, so this ends after at most one pass per cell.
         loop {
@@ -262,8 +264,12 @@ pub fn apply_knowing(
                 continue;
             }
             // Every line holds on its own; now no withheld cell may be solvable from all the
-            // lines together (a bridge between groups of withheld cells).
-            let determined = solvable::determined(&all_lines, &withheld);
+            // lines together (a bridge between groups of withheld cells). A `known` cell is no
+            // unknown to the reader, withheld or not.
+            let unknown: Vec<bool> = (0..counts.len())
+                .map(|cell| withheld[cell] && !known.get(cell).is_some_and(|&known| known))
+                .collect();
+            let determined = solvable::determined(&all_lines, &unknown);
             for &cell in &determined {
                 if let Some(extra) =
                     smallest_released_in_lines_of(cell, &all_lines, counts, &withheld, known)
@@ -275,8 +281,10 @@ pub fn apply_knowing(
             if !changed {
                 if !determined.is_empty() {
                     // Nothing is left to withhold beside a solvable cell: withhold the whole
-                    // table rather than release a solvable one.
+                    // table, and its total (one of the equations), rather than release a
+                    // solvable one.
                     withheld.iter_mut().for_each(|cell| *cell = true);
+                    unprotectable = true;
                 }
                 break;
             }
@@ -291,7 +299,7 @@ pub fn apply_knowing(
         k,
         false,
     );
-    let total = if is_small(total_count, k) || !whole_table_holds {
+    let total = if is_small(total_count, k) || !whole_table_holds || unprotectable {
         // Nothing can protect a small total: everything is withheld.
         withheld.iter_mut().for_each(|cell| *cell = true);
         Outcome::Withheld
@@ -628,5 +636,26 @@ mod tests {
         assert_eq!(effective_k(10, Some(3)), 10);
         assert_eq!(effective_k(10, Some(20)), 20);
         assert_eq!(effective_k(10, None), 10);
+    }
+
+    #[test]
+    fn a_row_empty_by_definition_protects_no_small_cell() {
+        // Rows: two categories the filter admits, then their `missing` row, which the filter
+        // empties. Taken as unknowns, its zeros left the small 3 (row 2, column 1) looking
+        // protected; a reader who knows the row is empty solves it from the margins: column 3
+        // gives the 12, row 1 then the 0 beside it, and column 1 the 3.
+        let raw = grid(&[3, 3], &[0, 0, 12, 3, 12, 0, 0, 0, 0]);
+        let empty = [false, false, false, false, false, false, true, true, true];
+        let lines = lines(&raw.shape);
+        let solvable = |disclosed: &DisclosedTable| {
+            let withheld = hidden(disclosed);
+            let unknown: Vec<bool> = (0..withheld.len())
+                .map(|cell| withheld[cell] && !empty[cell])
+                .collect();
+            solvable::determined(&lines, &unknown)
+        };
+        assert!(solvable(&apply(&raw, 10)).contains(&3));
+        let disclosed = apply_knowing(&raw, 10, &[], false, &empty);
+        assert!(solvable(&disclosed).is_empty(), "{:?}", hidden(&disclosed));
     }
 }

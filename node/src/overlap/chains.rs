@@ -109,7 +109,7 @@ fn ask_table(
         shape: shape.to_vec(),
         counts: sets.iter().map(RoaringBitmap::len).collect(),
     };
-    let decided = decide(&table, &sets, K, memory, &[], false);
+    let decided = decide(&table, &sets, K, memory, &[], false, &[]);
     memory.remember(decided.released_sets).unwrap();
     let count = |outcome: &Outcome| match outcome {
         Outcome::Released(count) => Some(*count),

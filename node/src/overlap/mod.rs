@@ -409,6 +409,7 @@ pub fn decide(
     memory: &OverlapMemory,
     already_forced: &[Option<Reason>],
     total_already_forced: bool,
+    empty: &[bool],
 ) -> Decided {
     let cell_count = table.counts.len();
     let margin_groups = margins(&table.shape);
@@ -417,10 +418,14 @@ pub fn decide(
         .map(|cell| already_forced.get(cell).copied().flatten())
         .collect();
     // A cell whose exact records were released before protects nothing when withheld (its count
-    // is known): complementary suppression must not count on it.
+    // is known), nor does one empty by the query's own definition (`empty`): complementary
+    // suppression must not count on them.
     let known: Vec<bool> = sets
         .iter()
-        .map(|set| !set.is_empty() && memory.known(set))
+        .enumerate()
+        .map(|(cell, set)| {
+            empty.get(cell).is_some_and(|&empty| empty) || (!set.is_empty() && memory.known(set))
+        })
         .collect();
     let cell_keys: Vec<OnceLock<Vec<u32>>> = sets.iter().map(|_| OnceLock::new()).collect();
     let mut verdicts = Verdicts {
@@ -561,7 +566,7 @@ mod tests {
             shape: vec![1],
             counts: vec![50],
         };
-        let first = decide(&everyone, &[set(0..50)], 10, &memory, &[], false);
+        let first = decide(&everyone, &[set(0..50)], 10, &memory, &[], false, &[]);
         assert_eq!(first.table.total, Outcome::Released(50));
         memory.remember(first.released_sets).unwrap();
         // Second answer: everyone but record 7.
@@ -577,6 +582,7 @@ mod tests {
             &memory,
             &[],
             false,
+            &[],
         );
         assert_eq!(second.table.cells, [Outcome::Withheld]);
         assert_eq!(second.table.total, Outcome::Withheld);
@@ -593,7 +599,15 @@ mod tests {
             shape: vec![2],
             counts: vec![30, 29],
         };
-        let decided = decide(&table, &[set(0..30), set(31..60)], 10, &memory, &[], false);
+        let decided = decide(
+            &table,
+            &[set(0..30), set(31..60)],
+            10,
+            &memory,
+            &[],
+            false,
+            &[],
+        );
         assert_eq!(decided.table.total, Outcome::Withheld);
         let released: u64 = decided
             .table
@@ -621,14 +635,14 @@ mod tests {
         // A (records 0-99), then B inside it (0-49): A minus B (50-99) is known by subtraction.
         for records in [set(0..100), set(0..50)] {
             let size = records.len();
-            let decided = decide(&one_cell(size), &[records], 10, &memory, &[], false);
+            let decided = decide(&one_cell(size), &[records], 10, &memory, &[], false, &[]);
             assert_eq!(decided.table.total, Outcome::Released(size));
             memory.remember(decided.released_sets).unwrap();
         }
         // C: 50-98 and record 200, in neither A nor B, but two records from A minus B.
         let mut c = set(50..99);
         c.insert(200);
-        let decided = decide(&one_cell(c.len()), &[c], 10, &memory, &[], false);
+        let decided = decide(&one_cell(c.len()), &[c], 10, &memory, &[], false, &[]);
         assert_eq!(decided.table.cells, [Outcome::Withheld]);
         assert_eq!(decided.table.total, Outcome::Withheld);
     }
@@ -647,7 +661,7 @@ mod tests {
             shape: vec![3],
             counts: sets.iter().map(RoaringBitmap::len).collect(),
         };
-        let decided = decide(&table, &sets, 10, &memory, &[], false);
+        let decided = decide(&table, &sets, 10, &memory, &[], false, &[]);
         let released = |cell: usize| matches!(decided.table.cells[cell], Outcome::Released(_));
         assert!(!(released(0) && released(1)), "{:?}", decided.table.cells);
     }
@@ -662,7 +676,7 @@ mod tests {
                     shape: vec![1],
                     counts: vec![records.len()],
                 };
-                let decided = decide(&table, &[records], 10, &memory, &[], false);
+                let decided = decide(&table, &[records], 10, &memory, &[], false, &[]);
                 memory.remember(decided.released_sets).unwrap();
                 matches!(decided.table.total, Outcome::Released(_))
             })

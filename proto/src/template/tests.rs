@@ -636,6 +636,17 @@ column = "sex"
         }
     );
     assert_eq!(bound.axes[1], checked.axes[1]);
+    // Every record has a mechanism (the filter requires one): the `missing` mechanism row is
+    // empty by definition; sex is only required under `any`.
+    assert_eq!(bound.missing_empty, [true, false]);
+    let empty = bound.empty_cells();
+    assert_eq!(empty.len(), 3 * 4);
+    assert_eq!(
+        (0..empty.len())
+            .filter(|&cell| empty[cell])
+            .collect::<Vec<_>>(),
+        [8, 9, 10, 11]
+    );
     assert_eq!(
         bound.strata[1],
         BoundStratum::Categories {
@@ -643,6 +654,10 @@ column = "sex"
             categories: vec![0, 1, 2],
         }
     );
+    // One mechanism left: its `missing` row is not marked (each column would be one cell).
+    let one = checked.bind(&mechanisms(&["fall"])).unwrap();
+    assert_eq!(one.axes[0].levels, ["fall", MISSING_LEVEL]);
+    assert_eq!(one.missing_empty, [false, false]);
     // Conditions that together admit no category leave the full grid (of zeros).
     let none = checked.bind(&mechanisms(&["road_traffic"])).unwrap();
     assert_eq!(none.axes, checked.axes);
@@ -651,4 +666,5 @@ column = "sex"
     let checked = profile.check(&model, &no_extra()).unwrap();
     let bound = checked.bind(&mechanisms(&["fall"])).unwrap();
     assert_eq!(bound.axes, checked.axes);
+    assert!(!bound.empty_cells().contains(&true));
 }
