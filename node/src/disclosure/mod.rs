@@ -217,7 +217,7 @@ pub fn apply_with(
 /// Like [`apply_with`], where the `known` cells' values a reader may already know (their
 /// records were released before, see overlap control, or they are empty by the query's own
 /// definition): withholding them protects nothing, so complementary suppression does not
-/// count on them, and the rank test takes them as known.
+/// count on them.
 pub fn apply_knowing(
     table: &RawTable,
     k: u32,
@@ -249,7 +249,6 @@ pub fn apply_knowing(
         // A one-cell table's cell is its total.
         withheld[0] = true;
     }
-    let mut unprotectable = false;
     if withheld.contains(&true) || total_forced {
         // Each pass only adds withheld cells, so this ends after at most one pass per cell.
         loop {
@@ -264,12 +263,8 @@ pub fn apply_knowing(
                 continue;
             }
             // Every line holds on its own; now no withheld cell may be solvable from all the
-            // lines together (a bridge between groups of withheld cells). A `known` cell is no
-            // unknown to the reader, withheld or not.
-            let unknown: Vec<bool> = (0..counts.len())
-                .map(|cell| withheld[cell] && !known.get(cell).is_some_and(|&known| known))
-                .collect();
-            let determined = solvable::determined(&all_lines, &unknown);
+            // lines together (a bridge between groups of withheld cells).
+            let determined = solvable::determined(&all_lines, &withheld);
             for &cell in &determined {
                 if let Some(extra) =
                     smallest_released_in_lines_of(cell, &all_lines, counts, &withheld, known)
@@ -281,10 +276,8 @@ pub fn apply_knowing(
             if !changed {
                 if !determined.is_empty() {
                     // Nothing is left to withhold beside a solvable cell: withhold the whole
-                    // table, and its total (one of the equations), rather than release a
-                    // solvable one.
+                    // table rather than release a solvable one.
                     withheld.iter_mut().for_each(|cell| *cell = true);
-                    unprotectable = true;
                 }
                 break;
             }
@@ -299,7 +292,7 @@ pub fn apply_knowing(
         k,
         false,
     );
-    let total = if is_small(total_count, k) || !whole_table_holds || unprotectable {
+    let total = if is_small(total_count, k) || !whole_table_holds {
         // Nothing can protect a small total: everything is withheld.
         withheld.iter_mut().for_each(|cell| *cell = true);
         Outcome::Withheld
