@@ -1655,7 +1655,13 @@ impl CheckedTemplate<'_> {
         let mut axes = self.axes.clone();
         let mut missing_empty = vec![false; axes.len()];
         let mut strata = Vec::with_capacity(self.template.strata.len() + 2);
-        for (stratum, axis) in self.template.strata.iter().zip(&mut axes) {
+        for ((stratum, axis), empty) in self
+            .template
+            .strata
+            .iter()
+            .zip(&mut axes)
+            .zip(&mut missing_empty)
+        {
             let limit = admitted.get(&stratum.column);
             let bound = bind_stratum(stratum, self.dataset, limit);
             if let (Some(_), BoundStratum::Categories { categories, .. }) = (limit, &bound) {
@@ -1666,20 +1672,12 @@ impl CheckedTemplate<'_> {
                     .chain(missing)
                     .collect();
             }
-            strata.push(bound);
-        }
-        for ((stratum, axis), empty) in self
-            .template
-            .strata
-            .iter()
-            .zip(&axes)
-            .zip(&mut missing_empty)
-        {
-            // An axis left with one level beside `missing` is not marked: every line across
-            // it would be that one cell, which the node's rank test (every line sum known)
-            // would take as known, while such a "margin" is the cell itself, which any other
-            // query asking for it protects in turn.
+            // An axis left with one level beside `missing` is not marked: each line across it
+            // would be that one cell and an empty one, which disclosure control could only
+            // satisfy by withholding the table whole, while that line's sum is the cell
+            // itself, which any other query asking for it protects in turn.
             *empty = required.contains(stratum.column.as_str()) && axis.levels.len() > 2;
+            strata.push(bound);
         }
         if let Statistic::Survival { time, event, grid } = &self.template.statistic {
             // The time intervals, then the event: the grid's last two axes.
